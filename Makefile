@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test system stop clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+system:
+	bash scripts/setup-system.sh
+
+demo: $(STAMP) system
+	bash scripts/demo.sh
+
+test: $(STAMP) system
+	$(VENV)/bin/pytest
+
+stop:
+	-COUNTEROPS_HOME=$(CURDIR)/.demo/home $(VENV)/bin/counterops server stop
+	-$(VENV)/bin/counterops fleet down --dir .demo/fleet
+
+clean: stop
+	rm -rf .demo $(VENV) *.egg-info

@@ -1,0 +1,205 @@
+"""The embedded default: a long-lived local Prefect server under $COUNTEROPS_HOME.
+
+Without ``PREFECT_API_URL`` every Python process would start (and migrate) its
+own temporary Prefect server — ≈ 8 s per CLI call here, and the runs vanish
+with it. Instead the CLI starts one ``prefect server start`` in the background
+(SQLite under ``$COUNTEROPS_HOME/prefect``), reuses it for every command, and
+leaves it running so branch IT can open the UI afterwards. With
+``PREFECT_API_URL`` set, that server is used and nothing is started.
+
+This module must not import prefect: it decides the environment prefect is
+imported with.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from inventory.store import counterops_home
+
+DEFAULT_PORT = 4200
+START_TIMEOUT_S = 180.0  # a new database needs ≈ 30 s of migrations on 2 cores
+
+# Settings the server runs with (see shared notes: measured on this machine).
+SERVER_SETTINGS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+    "PREFECT_UI_ENABLED": "true",
+}
+
+
+class ServerError(RuntimeError):
+    """The local Prefect server could not be started or reached; the message says why."""
+
+
+@dataclass
+class ServerInfo:
+    pid: int
+    port: int
+    url: str  # the API URL, e.g. http://127.0.0.1:4200/api
+    log: str
+
+    @property
+    def ui_url(self) -> str:
+        return self.url.removesuffix("/api")
+
+
+def _dir() -> Path:
+    d = counterops_home() / "prefect"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _state_file() -> Path:
+    return _dir() / "server.json"
+
+
+def _read_state() -> ServerInfo | None:
+    try:
+        return ServerInfo(**json.loads(_state_file().read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"{api_url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def status() -> ServerInfo | None:
+    """The running local server, or None."""
+    info = _read_state()
+    if info and _alive(info.pid) and healthy(info.url):
+        return info
+    return None
+
+
+def _free_port(preferred: int) -> int:
+    for port in range(preferred, preferred + 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise ServerError(f"no free port from {preferred} to {preferred + 99}; set COUNTEROPS_PREFECT_PORT")
+
+
+def server_environment(port: int) -> dict[str, str]:
+    home = _dir()
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    env.update(SERVER_SETTINGS)
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_DATABASE_CONNECTION_URL": os.environ.get(
+                "COUNTEROPS_PREFECT_DATABASE_URL", f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+            ),
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(port),
+            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+        }
+    )
+    return env
+
+
+def _prefect_executable() -> list[str]:
+    script = Path(sys.executable).with_name("prefect")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "prefect"]
+
+
+def start(port: int | None = None, timeout: float = START_TIMEOUT_S) -> ServerInfo:
+    """Start the local server unless it already runs; return when its API answers."""
+    with open(_dir() / "server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two CLIs starting at once get one server
+        running = status()
+        if running:
+            return running
+        port = _free_port(port or int(os.environ.get("COUNTEROPS_PREFECT_PORT", DEFAULT_PORT)))
+        log = _dir() / "server.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [*_prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                env=server_environment(port),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlives the CLI, so the UI stays up
+            )
+        info = ServerInfo(pid=proc.pid, port=port, url=f"http://127.0.0.1:{port}/api", log=str(log))
+        _state_file().write_text(json.dumps(asdict(info)))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServerError(f"prefect server exited with status {proc.returncode}; see {log}")
+            if healthy(info.url):
+                return info
+            time.sleep(0.25)
+        stop()
+        raise ServerError(f"prefect server did not answer within {timeout:.0f} s; see {log}")
+
+
+def stop(timeout: float = 20.0) -> bool:
+    """Stop the local server (and its children). Returns False when none ran."""
+    info = _read_state()
+    if info is None or not _alive(info.pid):
+        _state_file().unlink(missing_ok=True)
+        return False
+    try:
+        os.killpg(info.pid, signal.SIGINT)  # prefect shuts down cleanly on SIGINT
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(info.pid):
+        time.sleep(0.1)
+    if _alive(info.pid):
+        os.killpg(info.pid, signal.SIGKILL)
+    _state_file().unlink(missing_ok=True)
+    return True
+
+
+def ensure_api_url() -> str:
+    """The Prefect API every flow of this process talks to, starting the local server if needed.
+
+    Must run before prefect is imported: it sets ``PREFECT_API_URL`` in the
+    environment so threads and subprocesses see the same server.
+    """
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url
+    info = start()
+    os.environ["PREFECT_API_URL"] = info.url
+    os.environ.setdefault("PREFECT_HOME", str(_dir()))
+    for key, value in SERVER_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    return info.url

@@ -1,0 +1,658 @@
+"""counterd: the smart counter's service process (simulated, standard library only).
+
+Runs on the counter's system python as
+``python3 ROOT/opt/smartcounter/releases/<v>/app/counterd.py --root ROOT``
+(``bin/ctl`` starts it that way; the full ROOT in the command line is how the
+simulated fleet finds its processes). It serves a small JSON HTTP API that
+upgrade and inspection tooling uses:
+
+* ``GET /health``, ``GET /metrics`` -- what an inspection reads;
+* ``GET|POST /maintenance`` -- take the counter out of service around an upgrade;
+* ``POST /test/...`` -- test-mode business calls (open card, activate card,
+  transfer, update account) for post-upgrade smoke tests, on ``test_*``
+  tables only;
+* ``POST /card/open`` etc. -- the same calls on the customer tables, refused
+  with 503 while the counter is out of service.
+
+Behaviour flags in ``release.json`` (written by the package builder) let some
+releases misbehave on purpose: ``unhealthy`` (health says "error") and
+``wrong_balance`` (a transfer reports a wrong balance).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+APP_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(APP_DIR))
+
+import counterdb  # noqa: E402  (lives beside this file, found via APP_DIR)
+
+RELEASE_DIR = APP_DIR.parent
+
+PAPER_LOW_PCT = 10
+TEST_CARD_OPENING_BALANCE_CENTS = 100_000
+MAX_TRANSFER_CENTS = 50_000_000
+LATENCY_WINDOW = 1000
+
+ID_NUMBER_RE = re.compile(r"^\d{17}[\dX]$")
+PHONE_RE = re.compile(r"^1[3-9]\d{9}$")
+CARD_NO_RE = re.compile(r"^\d{16}(\d{3})?$")
+
+Json = dict[str, Any]
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": ...}`` with an HTTP status."""
+
+    def __init__(self, status: HTTPStatus, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+    def body(self) -> Json:
+        body: Json = {"error": str(self)}
+        if self.field:
+            body["field"] = self.field
+        return body
+
+
+def invalid(field: str, why: str) -> ApiError:
+    """A 400 whose message starts with the offending field's name."""
+    return ApiError(HTTPStatus.BAD_REQUEST, f"{field}: {why}", field)
+
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class CounterFiles:
+    """Where this counter keeps things under ROOT (ROOT is ``/`` on a real counter)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "etc/smartcounter/counter.json"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "var/lib/smartcounter/counter.db"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "var/lib/smartcounter/state.json"
+
+    @property
+    def peripherals(self) -> Path:
+        return self.root / "var/lib/smartcounter/peripherals.json"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "var/run/smartcounter/counterd.pid"
+
+
+@dataclass(frozen=True)
+class Release:
+    """The release this process runs from: its version and behaviour flags."""
+
+    version: str
+    schema_version: int
+    unhealthy: bool
+    wrong_balance: bool
+
+    @classmethod
+    def load(cls, release_dir: Path) -> "Release":
+        meta = json.loads((release_dir / "release.json").read_text())
+        flags = meta.get("flags", {})
+        return cls(
+            version=(release_dir / "VERSION").read_text().strip(),
+            schema_version=int(meta["schema_version"]),
+            unhealthy=bool(flags.get("unhealthy")),
+            wrong_balance=bool(flags.get("wrong_balance")),
+        )
+
+
+def write_json_atomic(path: Path, doc: Json) -> None:
+    """Replace ``path`` in one step so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class StateStore:
+    """``state.json``: what must survive a restart (start count, maintenance mode)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def _read(self) -> Json:
+        try:
+            return json.loads(self._path.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def get(self) -> Json:
+        with self._lock:
+            return self._read()
+
+    def update(self, change: Callable[[Json], None]) -> Json:
+        """Read-modify-write under the lock; returns the new state."""
+        with self._lock:
+            state = self._read()
+            change(state)
+            write_json_atomic(self._path, state)
+            return state
+
+
+class Metrics:
+    """Request counters and a sliding window of business-call latencies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests_total = 0
+        self.transactions_total = 0
+        self.business_errors_total = 0
+        self._latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+
+    def record(self, *, business: bool, ok: bool, latency_ms: float) -> None:
+        with self._lock:
+            self.requests_total += 1
+            if not business:
+                return
+            self._latencies_ms.append(latency_ms)
+            if ok:
+                self.transactions_total += 1
+            else:
+                self.business_errors_total += 1
+
+    def snapshot(self) -> Json:
+        with self._lock:
+            samples = sorted(self._latencies_ms)
+            return {
+                "requests_total": self.requests_total,
+                "transactions_total": self.transactions_total,
+                "business_errors_total": self.business_errors_total,
+                "latency_ms": latency_summary(samples),
+            }
+
+
+def latency_summary(sorted_ms: list[float]) -> Json:
+    """Mean and nearest-rank percentiles; all zero before the first call."""
+    if not sorted_ms:
+        return {"mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0.0}
+
+    def pct(p: float) -> float:
+        return round(sorted_ms[max(0, math.ceil(p * len(sorted_ms)) - 1)], 3)
+
+    return {
+        "mean": round(sum(sorted_ms) / len(sorted_ms), 3),
+        "p50": pct(0.50),
+        "p95": pct(0.95),
+        "max": round(sorted_ms[-1], 3),
+    }
+
+
+# ------------------------------------------------------------------------ business
+
+
+def require_str(body: Json, field: str, pattern: re.Pattern[str] | None = None, why: str = "") -> str:
+    value = body.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise invalid(field, "required, a non-empty string")
+    value = value.strip()
+    if pattern is not None and not pattern.match(value):
+        raise invalid(field, why)
+    return value
+
+
+def require_amount(body: Json, field: str) -> int:
+    value = body.get(field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(field, "required, an integer number of cents")
+    if not 0 < value <= MAX_TRANSFER_CENTS:
+        raise invalid(field, f"must be between 1 and {MAX_TRANSFER_CENTS}")
+    return value
+
+
+class Ledger:
+    """The four counter services on one set of tables (customer or ``test_``)."""
+
+    def __init__(self, db_path: Path, *, test_mode: bool, wrong_balance: bool, branch: str, outlet: str) -> None:
+        self._db_path = db_path
+        self.test_mode = test_mode
+        self._branch = branch
+        self._outlet = outlet
+        self._p = counterdb.TEST_PREFIX if test_mode else ""
+        self._wrong_balance = wrong_balance
+        # Separate card ranges so numbers opened here never collide with seeded cards.
+        self._card_bin = "6299990" if test_mode else "6217990"
+        self._customer_prefix = "T" if test_mode else "C9"
+
+    def _card(self, conn: sqlite3.Connection, card_no: str, field: str) -> sqlite3.Row:
+        row = conn.execute(f"SELECT * FROM {self._p}cards WHERE card_no = ?", (card_no,)).fetchone()
+        if row is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"{field}: no such card {card_no}", field)
+        return row
+
+    def open_card(self, body: Json) -> Json:
+        name = require_str(body, "customer_name")
+        if len(name) > 40:
+            raise invalid("customer_name", "at most 40 characters")
+        id_number = require_str(body, "id_number", ID_NUMBER_RE, "must be an 18-character resident ID number")
+        phone = require_str(body, "phone", PHONE_RE, "must be an 11-digit mainland mobile number")
+        now = counterdb.utc_now()
+        balance = TEST_CARD_OPENING_BALANCE_CENTS if self.test_mode else 0
+        with counterdb.open_db(self._db_path) as conn, counterdb.transaction(conn):
+            next_id = conn.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {self._p}customers").fetchone()[0]
+            customer_no = f"{self._customer_prefix}{next_id:09d}"
+            cur = conn.execute(
+                f"""INSERT INTO {self._p}customers
+                    (customer_no, name, id_number, phone, address, branch, outlet, created_at, updated_at)
+                    VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)""",
+                (customer_no, name, counterdb.mask_id_number(id_number), phone, self._branch, self._outlet, now, now),
+            )
+            next_card = conn.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {self._p}cards").fetchone()[0]
+            card_no = counterdb.luhn_complete(f"{self._card_bin}{next_card:011d}")
+            conn.execute(
+                f"""INSERT INTO {self._p}cards
+                    (card_no, customer_id, card_type, status, balance_cents, opened_at, activated_at)
+                    VALUES (?, ?, 'debit', 'inactive', ?, ?, NULL)""",
+                (card_no, cur.lastrowid, balance, now),
+            )
+        return {"card_no": card_no, "customer_no": customer_no, "customer_name": name,
+                "status": "inactive", "balance_cents": balance, "test_mode": self.test_mode}
+
+    def activate_card(self, body: Json) -> Json:
+        card_no = require_str(body, "card_no", CARD_NO_RE, "must be a 16- or 19-digit card number")
+        with counterdb.open_db(self._db_path) as conn, counterdb.transaction(conn):
+            card = self._card(conn, card_no, "card_no")
+            if card["status"] not in ("inactive", "active"):
+                raise ApiError(HTTPStatus.CONFLICT, f"card_no: card is {card['status']}, cannot activate", "card_no")
+            if card["status"] == "inactive":
+                conn.execute(
+                    f"UPDATE {self._p}cards SET status = 'active', activated_at = ? WHERE id = ?",
+                    (counterdb.utc_now(), card["id"]),
+                )
+        return {"card_no": card_no, "status": "active", "test_mode": self.test_mode}
+
+    def transfer(self, body: Json) -> Json:
+        from_no = require_str(body, "from_card", CARD_NO_RE, "must be a 16- or 19-digit card number")
+        to_no = require_str(body, "to_card", CARD_NO_RE, "must be a 16- or 19-digit card number")
+        if from_no == to_no:
+            raise invalid("to_card", "must differ from from_card")
+        amount = require_amount(body, "amount_cents")
+        txn_id = uuid.uuid4().hex[:20].upper()
+        now = counterdb.utc_now()
+        with counterdb.open_db(self._db_path) as conn, counterdb.transaction(conn):
+            src = self._card(conn, from_no, "from_card")
+            dst = self._card(conn, to_no, "to_card")
+            for card, field in ((src, "from_card"), (dst, "to_card")):
+                if card["status"] != "active":
+                    raise ApiError(HTTPStatus.CONFLICT, f"{field}: card is {card['status']}", field)
+            if src["balance_cents"] < amount:
+                raise ApiError(HTTPStatus.CONFLICT, "amount_cents: insufficient funds", "amount_cents")
+            from_balance = src["balance_cents"] - amount
+            to_balance = dst["balance_cents"] + amount
+            for card, balance, signed, kind, other in (
+                (src, from_balance, -amount, "transfer_out", to_no),
+                (dst, to_balance, amount, "transfer_in", from_no),
+            ):
+                conn.execute(f"UPDATE {self._p}cards SET balance_cents = ? WHERE id = ?", (balance, card["id"]))
+                conn.execute(
+                    f"""INSERT INTO {self._p}transactions
+                        (txn_id, card_id, txn_type, amount_cents, balance_after_cents, channel, counterparty, created_at)
+                        VALUES (?, ?, ?, ?, ?, 'counter', ?, ?)""",
+                    (txn_id, card["id"], kind, signed, balance, other, now),
+                )
+        if self._wrong_balance:
+            # Release defect on purpose: the stored balance is right, the answer credits instead of debiting.
+            from_balance = src["balance_cents"] + amount
+        return {"txn_id": txn_id, "from_card": from_no, "to_card": to_no, "amount_cents": amount,
+                "from_balance_cents": from_balance, "to_balance_cents": to_balance, "test_mode": self.test_mode}
+
+    def update_account(self, body: Json) -> Json:
+        card_no = require_str(body, "card_no", CARD_NO_RE, "must be a 16- or 19-digit card number")
+        changes: dict[str, str] = {}
+        if "phone" in body:
+            changes["phone"] = require_str(body, "phone", PHONE_RE, "must be an 11-digit mainland mobile number")
+        if "address" in body:
+            changes["address"] = require_str(body, "address")
+            if len(changes["address"]) > 200:
+                raise invalid("address", "at most 200 characters")
+        if not changes:
+            raise invalid("phone", "give phone and/or address to update")
+        with counterdb.open_db(self._db_path) as conn, counterdb.transaction(conn):
+            card = self._card(conn, card_no, "card_no")
+            assignments = ", ".join(f"{column} = ?" for column in changes)
+            conn.execute(
+                f"UPDATE {self._p}customers SET {assignments}, updated_at = ? WHERE id = ?",
+                (*changes.values(), counterdb.utc_now(), card["customer_id"]),
+            )
+            customer = conn.execute(
+                f"SELECT customer_no, name, phone, address, updated_at FROM {self._p}customers WHERE id = ?",
+                (card["customer_id"],),
+            ).fetchone()
+        return {"card_no": card_no, **dict(customer), "test_mode": self.test_mode}
+
+    def reset(self) -> Json:
+        """Empty the test tables (children first, for the foreign keys)."""
+        deleted = {}
+        with counterdb.open_db(self._db_path) as conn, counterdb.transaction(conn):
+            for table in ("transactions", "cards", "customers"):
+                deleted[f"{self._p}{table}"] = conn.execute(f"DELETE FROM {self._p}{table}").rowcount
+        return {"deleted": deleted}
+
+
+# ----------------------------------------------------------------------------- app
+
+DEFAULT_PERIPHERALS: Json = {
+    "receipt_printer": {"status": "ok", "paper_level_pct": 80},
+    "card_reader": {"status": "ok"},
+    "id_card_reader": {"status": "ok"},
+    "camera": {"status": "ok"},
+}
+
+BUSINESS_CALLS = ("card/open", "card/activate", "transfer", "account/update")
+
+
+def business_call(path: str) -> tuple[str, bool] | None:
+    """``/test/transfer`` -> ("transfer", True); None for non-business paths."""
+    test_mode = path.startswith("/test/")
+    call = path.removeprefix("/test/") if test_mode else path.removeprefix("/")
+    return (call, test_mode) if call in BUSINESS_CALLS else None
+
+
+class CounterApp:
+    """Everything a request can ask for; the HTTP handler only translates."""
+
+    def __init__(self, root: Path) -> None:
+        self.files = CounterFiles(root)
+        self.config: Json = json.loads(self.files.config.read_text())
+        self.release = Release.load(RELEASE_DIR)
+        self.state = StateStore(self.files.state)
+        self.metrics = Metrics()
+        self.started_monotonic = time.monotonic()
+        self.started_at = counterdb.utc_now()
+        self.ledgers = {
+            test_mode: Ledger(self.files.db, test_mode=test_mode, wrong_balance=self.release.wrong_balance,
+                              branch=self.config.get("branch", ""), outlet=self.config.get("outlet", ""))
+            for test_mode in (False, True)
+        }
+
+    def record_start(self) -> None:
+        """Count this process start, so /metrics can report restarts."""
+        def bump(state: Json) -> None:
+            state["starts"] = int(state.get("starts", 0)) + 1
+
+        self.state.update(bump)
+
+    def prepare_database(self) -> None:
+        """Create the test tables; a missing database is left for /health to report."""
+        try:
+            with counterdb.open_db(self.files.db) as conn:
+                counterdb.ensure_test_tables(conn)
+        except sqlite3.Error as exc:
+            log(f"database not ready: {exc}")
+
+    # -- read-only documents
+
+    def peripherals(self) -> Json:
+        devices = json.loads(json.dumps(DEFAULT_PERIPHERALS))
+        if self.files.peripherals.exists():
+            for name, value in json.loads(self.files.peripherals.read_text()).items():
+                devices.setdefault(name, {}).update(value if isinstance(value, dict) else {"status": value})
+        return devices
+
+    def _check_peripherals(self) -> tuple[Json, str]:
+        try:
+            devices = self.peripherals()
+        except (OSError, ValueError) as exc:
+            return DEFAULT_PERIPHERALS, f"degraded: unreadable peripherals.json ({exc})"
+        problems = [f"{name} {dev.get('status')}" for name, dev in devices.items() if dev.get("status") != "ok"]
+        paper = devices["receipt_printer"].get("paper_level_pct", 100)
+        if paper < PAPER_LOW_PCT:
+            problems.append(f"receipt_printer paper {paper}%")
+        return devices, ("degraded: " + ", ".join(problems)) if problems else "ok"
+
+    def _check_database(self) -> tuple[int | None, str, str]:
+        """(schema version, database check, schema check)."""
+        try:
+            with counterdb.open_db(self.files.db) as conn:
+                version = counterdb.schema_version(conn)
+                conn.execute("SELECT COUNT(*) FROM customers").fetchone()
+        except sqlite3.Error as exc:
+            return None, f"error: {exc}", "error: database unreadable"
+        expected = self.release.schema_version
+        schema = "ok" if version >= expected else f"error: release {self.release.version} needs schema {expected}, database has {version}"
+        return version, "ok", schema
+
+    def health(self) -> Json:
+        version, db_check, schema_check = self._check_database()
+        devices, peripheral_check = self._check_peripherals()
+        checks = {
+            "database": db_check,
+            "schema": schema_check,
+            "self_test": "error: self test failed (transaction engine did not initialise)" if self.release.unhealthy else "ok",
+            "peripherals": peripheral_check,
+        }
+        if any(value.startswith("error") for value in checks.values()):
+            status = "error"
+        elif peripheral_check != "ok":
+            status = "degraded"
+        else:
+            status = "ok"
+        return {
+            "device_id": self.config.get("device_id"),
+            "branch": self.config.get("branch"),
+            "outlet": self.config.get("outlet"),
+            "version": self.release.version,
+            "status": status,
+            "in_service": self.maintenance()["in_service"],
+            "schema_version": version,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
+            "started_at": self.started_at,
+            "peripherals": devices,
+            "checks": checks,
+        }
+
+    def metrics_doc(self) -> Json:
+        starts = int(self.state.get().get("starts", 1))
+        return {**self.metrics.snapshot(), "restarts": max(0, starts - 1), "started_at": self.started_at}
+
+    def maintenance(self) -> Json:
+        default = {"in_service": True, "reason": None, "since": self.started_at}
+        return self.state.get().get("maintenance", default)
+
+    def set_maintenance(self, body: Json) -> Json:
+        in_service = body.get("in_service")
+        if not isinstance(in_service, bool):
+            raise invalid("in_service", "required, true or false")
+        reason = body.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise invalid("reason", "must be a string")
+        mode = {"in_service": in_service, "reason": None if in_service else (reason or "maintenance"),
+                "since": counterdb.utc_now()}
+
+        def store(state: Json) -> None:
+            state["maintenance"] = mode
+
+        self.state.update(store)
+        log(f"maintenance: in_service={in_service} reason={mode['reason']}")
+        return mode
+
+    # -- dispatch
+
+    def business(self, call: str, *, test_mode: bool, body: Json) -> Json:
+        mode = self.maintenance()
+        if not test_mode and not mode["in_service"]:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"counter out of service: {mode.get('reason')}")
+        ledger = self.ledgers[test_mode]
+        handler = {
+            "card/open": ledger.open_card,
+            "card/activate": ledger.activate_card,
+            "transfer": ledger.transfer,
+            "account/update": ledger.update_account,
+        }[call]
+        return handler(body)
+
+    def handle(self, method: str, path: str, body: Json) -> tuple[HTTPStatus, Json]:
+        """Route one request to (HTTP status, JSON body)."""
+        business = business_call(path)
+        if business is not None:
+            if method != "POST":
+                raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path}: use POST")
+            call, test_mode = business
+            return HTTPStatus.OK, self.business(call, test_mode=test_mode, body=body)
+        routes: dict[tuple[str, str], Callable[[], Json]] = {
+            ("GET", "/health"): self.health,
+            ("GET", "/metrics"): self.metrics_doc,
+            ("GET", "/maintenance"): self.maintenance,
+            ("POST", "/maintenance"): lambda: self.set_maintenance(body),
+            ("POST", "/test/reset"): self.ledgers[True].reset,
+        }
+        if (method, path) in routes:
+            return HTTPStatus.OK, routes[(method, path)]()
+        if any(route_path == path for _, route_path in routes):
+            raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path}: method {method} not allowed")
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {method} {path}")
+
+
+# ---------------------------------------------------------------------------- HTTP
+
+
+def log(message: str) -> None:
+    """One line to stderr, which ``bin/ctl`` appends to counterd.log."""
+    sys.stderr.write(f"{counterdb.utc_now()} counterd[{os.getpid()}] {message}\n")
+    sys.stderr.flush()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """JSON in, JSON out; one log line per request."""
+
+    app: CounterApp  # set on the subclass made in serve()
+    server_version = "counterd"
+    timeout = 30
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def _read_body(self) -> Json:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length == 0:
+            return {}
+        try:
+            body = json.loads(self.rfile.read(length))
+        except ValueError as exc:
+            raise invalid("body", f"not valid JSON ({exc})") from exc
+        if not isinstance(body, dict):
+            raise invalid("body", "must be a JSON object")
+        return body
+
+    def _serve(self, method: str) -> None:
+        started = time.perf_counter()
+        path = self.path.split("?", 1)[0]
+        try:
+            body = self._read_body() if method == "POST" else {}
+            status, doc = self.app.handle(method, path, body)
+        except ApiError as exc:
+            status, doc = exc.status, exc.body()
+        except Exception as exc:  # a bug must answer 500, not drop the connection
+            status, doc = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc!r}"}
+        self._send(status, doc)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self.app.metrics.record(business=business_call(path) is not None, ok=status < 400, latency_ms=elapsed_ms)
+        log(f"{self.client_address[0]} {method} {path} {int(status)} {elapsed_ms:.1f}ms")
+
+    def _send(self, status: HTTPStatus, doc: Json) -> None:
+        payload = json.dumps(doc, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Silenced: _serve logs each request with its latency instead."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log(format % args)
+
+
+def write_pidfile(pidfile: Path) -> None:
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pidfile.with_name(f".{pidfile.name}.tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, pidfile)
+
+
+def remove_own_pidfile(pidfile: Path) -> None:
+    """Remove the pidfile only if it is still ours (a newer process may own it)."""
+    try:
+        if pidfile.read_text().strip() == str(os.getpid()):
+            pidfile.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def serve(root: Path) -> int:
+    app = CounterApp(root)
+    host = app.config.get("http_host", "127.0.0.1")
+    port = int(app.config["http_port"])
+    handler = type("CounterHandler", (Handler,), {"app": app})
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as exc:
+        log(f"cannot listen on {host}:{port}: {exc}")
+        return 1
+    server.daemon_threads = True
+    app.record_start()
+    app.prepare_database()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log(f"received {signal.Signals(signum).name}, shutting down")
+        # shutdown() waits for serve_forever() to return, so it must not run on its thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    write_pidfile(app.files.pidfile)
+    log(f"version {app.release.version} serving on {host}:{port} (root {root})")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        remove_own_pidfile(app.files.pidfile)
+        log("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="smart counter service process")
+    parser.add_argument("--root", required=True, type=Path, help="counter root directory ('/' on a real counter)")
+    args = parser.parse_args(argv)
+    return serve(args.root)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Reaching a smart counter over SSH, safely.
+
+- Host keys are checked against the inventory's ``known_hosts``: an unknown or
+  changed key is refused with a clear error and never added.
+- Every remote command is an argument list; each argument is quoted
+  (``shlex.quote``) before it reaches the counter's shell. Shell features
+  (pipes, ``&&``) go through :func:`sh`, whose script is a constant and whose
+  values travel as positional parameters, never spliced into the script.
+- Connects, commands and transfers all have timeouts; a command that ends
+  without an exit status (killed, link lost) is an error, not an empty success.
+- Uploads and downloads are verified by sha256 on both ends and land
+  atomically (written beside the target, checked, then renamed).
+- One connection per counter, reused for every step of a run (:class:`ConnectionPool`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import select
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+
+import paramiko
+
+from inventory.models import Device, SSHSettings
+
+Arg = str | int | os.PathLike
+
+
+class SSHError(Exception):
+    """Base class: anything that went wrong reaching or talking to a counter."""
+
+    def __init__(self, device_id: str, message: str):
+        super().__init__(f"{device_id}: {message}")
+        self.device_id = device_id
+
+
+class HostKeyUnknown(SSHError):
+    """The counter is not in known_hosts: we never trust a key on first sight."""
+
+
+class HostKeyChanged(SSHError):
+    """The counter presented a different key than known_hosts holds: possible impersonation."""
+
+
+class ConnectFailed(SSHError):
+    """TCP connect, SSH handshake or authentication failed."""
+
+
+class CommandTimeout(SSHError):
+    """A remote command ran past its timeout (it was abandoned)."""
+
+
+class CommandFailed(SSHError):
+    """A remote command exited non-zero, or ended without an exit status."""
+
+    def __init__(self, device_id: str, result: Result):
+        detail = (result.stderr or result.stdout).strip()[-2000:]
+        status = "ended without an exit status" if result.exit_status < 0 else f"exited {result.exit_status}"
+        super().__init__(device_id, f"`{result.command}` {status}" + (f": {detail}" if detail else ""))
+        self.result = result
+
+
+class TransferError(SSHError):
+    """A file did not arrive intact (sha256 differs between the two ends)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    command: str
+    exit_status: int
+    stdout: str
+    stderr: str
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+def quote(argv: Sequence[Arg]) -> str:
+    """The command line that runs ``argv`` on a POSIX shell, every argument quoted."""
+    if not argv:
+        raise ValueError("empty command")
+    return " ".join(shlex.quote(os.fspath(a) if isinstance(a, os.PathLike) else str(a)) for a in argv)
+
+
+def sh(script: str, *args: Arg) -> list[str]:
+    """Run a constant shell ``script`` with ``args`` as ``$1``, ``$2``…
+
+    Values never become part of the script text, so no value can change what
+    the script does: ``sh('cd "$1" && tar -xzf "$2"', dest, package)``.
+    """
+    return ["sh", "-c", script, "sh", *(os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args)]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Everything needed to reach one counter."""
+
+    device_id: str
+    host: str
+    port: int
+    user: str
+    key_file: Path
+    known_hosts: Path
+    connect_timeout: float = 10.0
+    command_timeout: float = 120.0
+
+    @classmethod
+    def for_device(cls, device: Device, ssh: SSHSettings) -> Target:
+        return cls(
+            device_id=device.id,
+            host=device.host,
+            port=device.ssh_port,
+            user=ssh.user,
+            key_file=Path(ssh.key_file),
+            known_hosts=Path(ssh.known_hosts),
+            connect_timeout=ssh.connect_timeout,
+            command_timeout=ssh.command_timeout,
+        )
+
+    @property
+    def known_hosts_name(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+
+@lru_cache(maxsize=16)
+def _load_private_key(path: str, mtime: float) -> paramiko.PKey:
+    return paramiko.PKey.from_path(path)
+
+
+@lru_cache(maxsize=16)
+def _load_known_hosts(path: str, mtime: float) -> paramiko.HostKeys:
+    return paramiko.HostKeys(path)
+
+
+def _file_key(path: Path) -> tuple[str, float]:
+    try:
+        return str(path), path.stat().st_mtime
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist (check ssh.key_file / ssh.known_hosts in the inventory)") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _HashingWriter:
+    """File-like sink that hashes what it writes (for downloads)."""
+
+    def __init__(self, f):
+        self._f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self._f.write(data)
+
+
+class Connection:
+    """One authenticated SSH connection to one counter.
+
+    Safe to share between threads: commands open their own channel; SFTP use
+    is serialised.
+    """
+
+    def __init__(self, target: Target):
+        self.target = target
+        self._transport: paramiko.Transport | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._lock = threading.Lock()
+        self._sftp_lock = threading.Lock()
+
+    # -- connecting ------------------------------------------------------------------
+
+    def open(self) -> Connection:
+        with self._lock:
+            if self._transport is None or not self._transport.is_active():
+                self._transport = self._connect()
+                self._sftp = None
+        return self
+
+    def _connect(self) -> paramiko.Transport:
+        t = self.target
+        known = _load_known_hosts(*_file_key(t.known_hosts)).lookup(t.known_hosts_name)
+        if not known:
+            raise HostKeyUnknown(
+                t.device_id,
+                f"no host key for {t.known_hosts_name} in {t.known_hosts}; refusing to connect. "
+                "Add the counter's key to known_hosts after checking its fingerprint on the counter "
+                "(keys are never added automatically).",
+            )
+        pkey = _load_private_key(*_file_key(t.key_file))
+        try:
+            sock = socket.create_connection((t.host, t.port), timeout=t.connect_timeout)
+        except OSError as e:
+            raise ConnectFailed(t.device_id, f"cannot reach {t.host}:{t.port}: {e}") from e
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ≈ 43 ms per channel open without it
+        transport = paramiko.Transport(sock)
+        transport.banner_timeout = t.connect_timeout
+        transport.handshake_timeout = t.connect_timeout
+        transport.auth_timeout = t.connect_timeout
+        options = transport.get_security_options()
+        offered = [k for k in options.key_types if k in set(known.keys())]
+        if offered:  # ask for the key type we can check, as OpenSSH does
+            options.key_types = offered
+        try:
+            transport.start_client(timeout=t.connect_timeout)
+            self._check_host_key(transport, known)
+            transport.auth_publickey(t.user, pkey)
+        except SSHError:
+            transport.close()
+            raise
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            transport.close()
+            raise ConnectFailed(t.device_id, f"SSH handshake/login to {t.user}@{t.host}:{t.port} failed: {e}") from e
+        transport.set_keepalive(15)
+        return transport
+
+    def _check_host_key(self, transport: paramiko.Transport, known: dict) -> None:
+        t = self.target
+        key = transport.get_remote_server_key()
+        expected = known.get(key.get_name())
+        if expected is None or expected != key:
+            fingerprints = ", ".join(f"{k.get_name()} {k.fingerprint}" for k in known.values())
+            raise HostKeyChanged(
+                t.device_id,
+                f"HOST KEY CHANGED for {t.known_hosts_name}: it presented {key.get_name()} {key.fingerprint}, "
+                f"known_hosts ({t.known_hosts}) holds {fingerprints}. Refusing to connect: someone may be "
+                "impersonating the counter. If the counter was re-imaged, verify the new key on site and "
+                "replace its line in known_hosts.",
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._transport is not None:
+                self._transport.close()
+            self._transport = self._sftp = None
+
+    def __enter__(self) -> Connection:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        if self._transport is None or not self._transport.is_active():
+            self.open()
+        assert self._transport is not None
+        return self._transport
+
+    # -- commands --------------------------------------------------------------------
+
+    def run(
+        self,
+        argv: Sequence[Arg],
+        *,
+        check: bool = True,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+    ) -> Result:
+        """Run ``argv`` (each argument quoted) and return its exit status and output.
+
+        With ``check`` (the default) a non-zero or missing exit status raises
+        :class:`CommandFailed`. Past ``timeout`` seconds the command is
+        abandoned and :class:`CommandTimeout` raised.
+        """
+        command = quote(argv)
+        timeout = self.target.command_timeout if timeout is None else timeout
+        started = time.monotonic()
+        try:
+            chan = self.transport.open_session(timeout=self.target.connect_timeout)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise ConnectFailed(self.target.device_id, f"cannot open a channel: {e}") from e
+        try:
+            chan.exec_command(command)
+            if stdin is not None:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            out, err = self._collect(chan, command, started + timeout)
+            status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        finally:
+            chan.close()
+        result = Result(command, status, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - started)
+        if check and not result.ok:
+            raise CommandFailed(self.target.device_id, result)
+        return result
+
+    def _collect(self, chan: paramiko.Channel, command: str, deadline: float) -> tuple[bytes, bytes]:
+        """Read stdout and stderr until the command ends (exit status, or the channel closes)."""
+        out, err = bytearray(), bytearray()
+
+        def drain() -> None:
+            while chan.recv_ready():
+                out.extend(chan.recv(65536))
+            while chan.recv_stderr_ready():
+                err.extend(chan.recv_stderr(65536))
+
+        while True:
+            drain()
+            if chan.exit_status_ready() or chan.closed:
+                drain()
+                return bytes(out), bytes(err)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CommandTimeout(self.target.device_id, f"`{command}` still running after its timeout; abandoned")
+            select.select([chan], [], [], min(remaining, 0.2))
+
+    # -- files -----------------------------------------------------------------------
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            self._sftp = paramiko.SFTPClient.from_transport(self.transport)
+            assert self._sftp is not None
+            self._sftp.get_channel().settimeout(max(self.target.command_timeout, 30))
+        return self._sftp
+
+    def remote_sha256(self, path: str) -> str | None:
+        """sha256 of a file on the counter, or None when it does not exist."""
+        r = self.run(sh('[ -f "$1" ] || exit 3; sha256sum -- "$1"', path), check=False)
+        if r.exit_status == 3:
+            return None
+        if not r.ok:
+            raise CommandFailed(self.target.device_id, r)
+        return r.stdout.split()[0]
+
+    def put(self, local: str | Path, remote: str, *, mode: int | None = None) -> str:
+        """Upload ``local`` to ``remote`` and return the sha256 both ends agree on."""
+        local = Path(local)
+        expected = sha256_file(local)
+        tmp = f"{remote}.part-{secrets.token_hex(4)}"
+        try:
+            with self._sftp_lock:
+                sftp = self._sftp_client()
+                sftp.put(str(local), tmp, confirm=True)
+                if mode is not None:
+                    sftp.chmod(tmp, mode)
+            got = self.remote_sha256(tmp)
+            if got != expected:
+                raise TransferError(self.target.device_id, f"upload of {local} to {remote}: sha256 on the counter is {got}, expected {expected}")
+            self.run(["mv", "-f", "--", tmp, remote])
+        except BaseException:
+            self.run(["rm", "-f", "--", tmp], check=False, timeout=30)
+            raise
+        return expected
+
+    def get(self, remote: str, local: str | Path) -> str:
+        """Download ``remote`` to ``local`` and return the sha256 both ends agree on."""
+        local = Path(local)
+        expected = self.remote_sha256(remote)
+        if expected is None:
+            raise TransferError(self.target.device_id, f"download of {remote}: no such file on the counter")
+        tmp = local.with_name(f"{local.name}.part-{secrets.token_hex(4)}")
+        try:
+            with open(tmp, "wb") as f, self._sftp_lock:
+                sink = _HashingWriter(f)
+                self._sftp_client().getfo(remote, sink)
+            got = sink.sha256.hexdigest()
+            if got != expected:
+                raise TransferError(self.target.device_id, f"download of {remote}: got sha256 {got}, the counter has {expected}")
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return expected
+
+
+class ConnectionPool:
+    """One reusable connection per counter for the length of a run."""
+
+    def __init__(self, ssh: SSHSettings):
+        self.ssh = ssh
+        self._connections: dict[str, Connection] = {}
+        self._lock = threading.Lock()
+
+    def connection(self, device: Device) -> Connection:
+        with self._lock:
+            conn = self._connections.get(device.id)
+            if conn is None:
+                conn = self._connections[device.id] = Connection(Target.for_device(device, self.ssh))
+        return conn.open()
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._connections = list(self._connections.values()), {}
+        for conn in conns:
+            conn.close()
+
+    def __enter__(self) -> ConnectionPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def remote_path(root: str, *parts: str) -> str:
+    """A path on the counter below its root directory (``/`` on a real counter)."""
+    return str(PurePosixPath(root, *(p.lstrip("/") for p in parts)))

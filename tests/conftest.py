@@ -1,0 +1,21 @@
+"""Shared test set-up: real parts only (sshd fleet, Prefect server, PostgreSQL).
+
+Fixtures live in tests/plugins/*; this file only sets the environment every
+test process needs before anything imports prefect.
+"""
+import os
+import tempfile
+
+# Isolate every test session from the developer's own state.
+_SESSION_HOME = tempfile.mkdtemp(prefix="counterops-test-home-")
+os.environ.setdefault("COUNTEROPS_HOME", _SESSION_HOME)
+os.environ.setdefault("PREFECT_HOME", os.path.join(_SESSION_HOME, "prefect"))
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.pop("COUNTEROPS_DATABASE_URL", None)
+
+pytest_plugins = [
+    "tests.plugins.prefect_server",
+    "tests.plugins.fleet",
+    "tests.plugins.postgres",
+]

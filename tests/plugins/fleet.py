@@ -1,0 +1,57 @@
+"""A real simulated fleet (one sshd + one counter app per counter) for the test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from simfleet import fleet as simfleet
+
+
+@dataclass
+class RunningFleet:
+    dir: Path
+    inventory: Path
+    known_hosts: Path
+    key_file: Path
+    statuses: list
+
+    def root(self, device_id: str) -> Path:
+        return self.dir / "devices" / device_id
+
+
+def traversable_tmpdir(prefix: str) -> Path:
+    """A temp dir the fleet's login user can enter (pytest's own tmp dirs are 0700, root only)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(d, 0o755)
+    return d
+
+
+@pytest.fixture
+def fleet_dir():
+    """An empty directory for a fleet of a test's own, taken down and removed afterwards."""
+    d = traversable_tmpdir("counterops-fleet-")
+    try:
+        yield d / "fleet"
+    finally:
+        simfleet.down(d / "fleet")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fleet() -> RunningFleet:
+    """Four counters in two branches, up once for the session and always taken down."""
+    d = traversable_tmpdir("counterops-test-fleet-")
+    try:
+        statuses = simfleet.up(d, devices=4, branches=2, outlets_per_branch=2, ssh_base_port=26000, http_base_port=27000)
+        yield RunningFleet(d, d / "inventory.yaml", d / "known_hosts", d / "id_ed25519", statuses)
+    finally:
+        simfleet.down(d)
+        left = simfleet.fleet_processes(d)
+        shutil.rmtree(d, ignore_errors=True)
+        assert not left, f"processes left running after fleet down: {left}"
