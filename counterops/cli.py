@@ -139,11 +139,15 @@ def inventory_import(
     operator: Annotated[str | None, typer.Option("--as", help="Who imports (for the audit trail).")] = None,
 ) -> None:
     """Validate an inventory file and import it into the store, all or nothing."""
+    from inventory.loader import InventoryError
     from inventory.store import Store
 
     inv = load_inventory_or_exit(file)
     with Store.open() as store:
-        summary = store.import_inventory(inv, actor=current_operator(operator), source=str(file.resolve()))
+        try:
+            summary = store.import_inventory(inv, actor=current_operator(operator), source=str(file.resolve()))
+        except InventoryError as e:  # clashes with counters already in the store
+            fail(f"{file}: nothing imported:\n{e}", EXIT_BAD_INPUT)
     out.print(f"imported {file}: {summary}")
 
 
@@ -156,7 +160,10 @@ def inventory_list(
     from inventory.store import Store
 
     with Store.open() as store:
-        devices = store.devices(branch=branch)
+        try:
+            devices = store.devices(branch=branch)
+        except KeyError as e:
+            fail(f"--branch: {e.args[0]}", EXIT_BAD_INPUT)
     if as_json:
         print(json.dumps([d.model_dump(mode="json") for d in devices], indent=2, ensure_ascii=False))
         return
@@ -230,10 +237,13 @@ def check(
     from flows.fleet_check import fleet_check
 
     facts = fleet_check(inventory=str(path.resolve()), branch=branch)
-    table = Table("counter", "outlet", "version", "app", "free disk MB", "problem")
+    table = Table("counter", "outlet", "version", "app", "free disk MB")
     for f in facts:
-        table.add_row(f.device_id, f.outlet, f.version or "", f.app_status or "no answer", str(f.free_disk_mb or ""), f.error or "")
+        table.add_row(f.device_id, f.outlet, f.version or "", f.app_status or "[red]no answer[/]", str(f.free_disk_mb or ""))
     out.print(table)
+    for f in facts:
+        if not f.ok:
+            err.print(f"[red]{f.device_id}[/]: {f.error or f'app status {f.app_status}'}", highlight=False, soft_wrap=True)
     ready = sum(f.ok for f in facts)
     out.print(f"{ready} of {len(facts)} counters ready; runs at {api.removesuffix('/api')}")
     if ready != len(facts):

@@ -61,14 +61,14 @@ def look_at_counter(device: Device, ssh: SSHSettings) -> CounterFacts:
             facts.version = read_installed_version(conn, device.root)
             facts.free_disk_mb = read_free_disk_mb(conn, device.root)
     except SSHError as e:
-        facts.error = str(e)
+        facts.error = e.reason
     health = read_health(device)
     if health is not None:
         facts.app_status = health.get("status")
         facts.app_version = health.get("version")
         facts.in_service = health.get("in_service")
     elif facts.error is None:
-        facts.error = f"{device.id}: counter app does not answer on port {device.http_port}"
+        facts.error = f"counter app does not answer on port {device.http_port}"
     return facts
 
 
@@ -76,3 +76,96 @@ def look_at_counter(device: Device, ssh: SSHSettings) -> CounterFacts:
 def precheck_counter(device: Device, ssh: SSHSettings) -> CounterFacts:
     """Precheck one counter: reachable, host key, free disk, installed version, app health."""
     return look_at_counter(device, ssh)
+
+
+# ----------------------------------------------------------------------------- after an upgrade
+
+PERIPHERALS = ("receipt_printer", "card_reader", "id_card_reader", "camera")
+MIN_PAPER_PCT = 10
+
+
+class CheckReport(BaseModel):
+    """The outcome of a functional or business test on one counter."""
+
+    device_id: str
+    name: str  # "functional" | "business"
+    passed: bool
+    problems: list[str] = []
+    latency_ms: dict[str, float] = {}  # per business service, for the evaluation
+
+
+def functional_problems(health: dict | None, expected_version: str) -> list[str]:
+    """What is wrong with a counter's /health document after an upgrade (empty when nothing)."""
+    if health is None:
+        return ["counter app does not answer /health"]
+    problems = []
+    if health.get("status") != "ok":
+        failing = {k: v for k, v in (health.get("checks") or {}).items() if v != "ok"}
+        problems.append(f"health status is {health.get('status')!r}" + (f" ({failing})" if failing else ""))
+    if health.get("version") != expected_version:
+        problems.append(f"app reports version {health.get('version')!r}, expected {expected_version!r}")
+    peripherals = health.get("peripherals") or {}
+    for name in PERIPHERALS:
+        p = peripherals.get(name)
+        if not p or p.get("status") != "ok":
+            problems.append(f"peripheral {name} is {(p or {}).get('status', 'missing')}")
+    paper = (peripherals.get("receipt_printer") or {}).get("paper_level_pct")
+    if isinstance(paper, int | float) and paper < MIN_PAPER_PCT:
+        problems.append(f"receipt paper at {paper}%")
+    return problems
+
+
+def functional_test(device: Device, expected_version: str) -> CheckReport:
+    """System-function test: app healthy, on the expected version, every peripheral working."""
+    problems = functional_problems(read_health(device), expected_version)
+    return CheckReport(device_id=device.id, name="functional", passed=not problems, problems=problems)
+
+
+TEST_CUSTOMER = {"customer_name": "测试客户", "id_number": "110101199003071234", "phone": "13800138000"}
+TRANSFER_CENTS = 2_500
+
+
+def business_test(device: Device, timeout: float = 10.0) -> CheckReport:
+    """Business test in test mode: card opening, activation, transfer, account change.
+
+    Each call is checked against the result the service must give; the test
+    tables are cleared afterwards. Customer tables are never touched (the
+    counter's test mode uses ``test_`` tables).
+    """
+    base = f"http://{device.host}:{device.http_port}"
+    problems: list[str] = []
+    latency: dict[str, float] = {}
+
+    with httpx.Client(base_url=base, timeout=timeout) as client:
+
+        def call(service: str, path: str, body: dict) -> dict:
+            r = client.post(path, json=body)
+            latency[service] = latency.get(service, 0.0) + r.elapsed.total_seconds() * 1000
+            if r.status_code != 200:
+                raise ValueError(f"{service}: HTTP {r.status_code} {r.text[:200]}")
+            return r.json()
+
+        def expect(service: str, got: object, want: object, what: str) -> None:
+            if got != want:
+                problems.append(f"{service}: {what} is {got!r}, expected {want!r}")
+
+        try:
+            a = call("card_opening", "/test/card/open", TEST_CUSTOMER)
+            b = call("card_opening", "/test/card/open", TEST_CUSTOMER | {"phone": "13900139000"})
+            expect("card_opening", a.get("status"), "inactive", "new card status")
+            for card in (a, b):
+                done = call("card_activation", "/test/card/activate", {"card_no": card["card_no"]})
+                expect("card_activation", done.get("status"), "active", "card status")
+            t = call("transfer", "/test/transfer", {"from_card": a["card_no"], "to_card": b["card_no"], "amount_cents": TRANSFER_CENTS})
+            expect("transfer", t.get("from_balance_cents"), a["balance_cents"] - TRANSFER_CENTS, "payer's balance")
+            expect("transfer", t.get("to_balance_cents"), b["balance_cents"] + TRANSFER_CENTS, "payee's balance")
+            u = call("account_change", "/test/account/update", {"card_no": a["card_no"], "phone": "13700137000"})
+            expect("account_change", u.get("phone"), "13700137000", "phone after change")
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            problems.append(str(e) or type(e).__name__)
+        finally:
+            try:
+                client.post("/test/reset", json={})
+            except httpx.HTTPError:
+                pass
+    return CheckReport(device_id=device.id, name="business", passed=not problems, problems=problems, latency_ms=latency)

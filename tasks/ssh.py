@@ -41,6 +41,7 @@ class SSHError(Exception):
     def __init__(self, device_id: str, message: str):
         super().__init__(f"{device_id}: {message}")
         self.device_id = device_id
+        self.reason = message  # the message without the device id
 
 
 class HostKeyUnknown(SSHError):

@@ -80,7 +80,7 @@ def test_check_names_the_counter_whose_app_is_down(fleet, prefect_api):
     try:
         r = run_cli("check", "--inventory", str(fleet.inventory), "--branch", victim.branch)
         assert r.returncode == 1
-        assert victim.id in r.stdout and "does not answer" in r.stdout
+        assert f"{victim.id}: counter app does not answer" in r.stderr
         runs = asyncio.run(_flow_runs(f"fleet-check-{victim.branch}"))
         assert runs and runs[0].state.is_completed()
     finally:

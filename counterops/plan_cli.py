@@ -1,0 +1,56 @@
+"""`counterops plan`: check an upgrade plan against the inventory before anyone is told about it.
+
+Registered in cli.py as a sub-app; cli is imported inside the command, not
+here, because cli imports this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+plan_app = typer.Typer(no_args_is_help=True, help="Upgrade plans: content, time, scope and impact, checked before they are announced.")
+
+
+@plan_app.command("check")
+def plan_check(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="Upgrade plan YAML.")],
+    inventory: Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the impact as JSON.")] = False,
+) -> None:
+    """Validate a plan and the inventory, then show each wave's counters by branch and outlet.
+
+    Problems in both files are reported together, so one run shows everything to fix.
+    """
+    from counterops.cli import EXIT_BAD_INPUT, fail, inventory_path
+    from inventory.loader import InventoryError, load_inventory
+    from inventory.plan import PlanError, impact, load_plan
+    from tasks.notify import check_targets
+
+    inventory_file = inventory_path(inventory)
+    errors: list[str] = []
+    plan = inv = None
+    try:
+        plan = load_plan(plan_file)
+    except PlanError as e:
+        errors += e.errors
+    try:
+        inv = load_inventory(inventory_file)
+    except InventoryError as e:
+        errors += e.errors
+    if plan is not None:
+        unusable = set(check_targets(plan.notify))
+        errors += [
+            f"{plan_file}: notify[{i}]: apprise cannot send to {url!r}; see https://github.com/caronc/apprise/wiki for URL formats"
+            for i, url in enumerate(plan.notify)
+            if url in unusable
+        ]
+    if errors or plan is None or inv is None:
+        fail("\n".join(errors), EXIT_BAD_INPUT)
+    try:
+        result = impact(plan, inv, source=str(plan_file))
+    except PlanError as e:
+        fail(str(e), EXIT_BAD_INPUT)
+    print(result.model_dump_json(indent=2) if as_json else result.render())

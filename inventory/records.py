@@ -1,0 +1,261 @@
+"""The database tables: the fleet (imported from the inventory file) and the run records.
+
+Portable by construction: the same metadata works on SQLite (one operator's
+laptop, the simulated fleet) and PostgreSQL (the bank's shared server). Only
+the store talks to these rows; everyone else gets pydantic models.
+
+The schema itself is created by the Alembic migrations in ``migrations/``;
+a test compares these classes against them, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from inventory.models import EvaluationScope, FaultStatus, InspectionPhase, RunKind, UpgradeStep
+
+# Stable constraint names, so later migrations (and SQLite's batch mode, which
+# recreates tables) can refer to constraints by name on every database.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in, timezone-aware UTC out, on every database.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time zones, so UTC wall
+    time is stored and UTC is attached again on the way out. A naive datetime
+    is refused: its zone would be a guess.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware one, e.g. datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# JSONB on PostgreSQL: indexable and compact; plain JSON text elsewhere. None is SQL NULL.
+JSONType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+ID = String(64)
+
+
+def _one_of(column: str, values: type[Any]) -> CheckConstraint:
+    allowed = ", ".join(f"'{v}'" for v in values)
+    return CheckConstraint(f"{column} IN ({allowed})", name=f"{column}_allowed")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONType, list[Any]: JSONType}
+
+
+# ----------------------------------------------------------------------------- the fleet
+
+
+class BranchRow(Base):
+    __tablename__ = "branches"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(128))
+
+
+class OutletRow(Base):
+    __tablename__ = "outlets"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    branch_id: Mapped[str] = mapped_column(ForeignKey("branches.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(128))
+
+
+class DeviceRow(Base):
+    __tablename__ = "devices"
+    __table_args__ = (
+        # Two counters on one address would let ssh or http reach the wrong one.
+        UniqueConstraint("host", "ssh_port"),
+        UniqueConstraint("host", "http_port"),
+        CheckConstraint("ssh_port BETWEEN 1 AND 65535", name="ssh_port_range"),
+        CheckConstraint("http_port BETWEEN 1 AND 65535", name="http_port_range"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    branch_id: Mapped[str] = mapped_column(ForeignKey("branches.id"), index=True)
+    outlet_id: Mapped[str] = mapped_column(ForeignKey("outlets.id"), index=True)
+    host: Mapped[str] = mapped_column(String(253))
+    ssh_port: Mapped[int] = mapped_column(Integer)
+    http_port: Mapped[int] = mapped_column(Integer)
+    root: Mapped[str] = mapped_column(String(1024))
+    model: Mapped[str | None] = mapped_column(String(128))
+    serial: Mapped[str | None] = mapped_column(ID)
+    location: Mapped[str | None] = mapped_column(String(128))
+    tags: Mapped[list[Any]] = mapped_column()
+
+
+class OperatorRow(Base):
+    __tablename__ = "operators"
+
+    name: Mapped[str] = mapped_column(ID, primary_key=True)
+    full_name: Mapped[str | None] = mapped_column(String(64))
+    roles: Mapped[list[Any]] = mapped_column()  # e.g. ["approver", "hq_it"]
+    branches: Mapped[list[Any]] = mapped_column()  # branch_it scope
+
+
+# ----------------------------------------------------------------------------- run records
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+    __table_args__ = (_one_of("kind", RunKind), Index("ix_runs_kind_started_at", "kind", "started_at"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200))
+    flow_run_id: Mapped[str | None] = mapped_column(String(64), index=True)  # Prefect's UUID
+    initiator: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    started_at: Mapped[datetime] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    params: Mapped[dict[str, Any]] = mapped_column()
+    summary: Mapped[dict[str, Any]] = mapped_column()
+
+
+class DeviceStepRow(Base):
+    """One step of one counter's upgrade; the rows of a run replay what happened where."""
+
+    __tablename__ = "device_steps"
+    __table_args__ = (_one_of("step", UpgradeStep), Index("ix_device_steps_run_id_device_id", "run_id", "device_id"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    wave: Mapped[int] = mapped_column(Integer)
+    step: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    error: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column()
+
+
+class BackupRow(Base):
+    __tablename__ = "backups"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    taken_at: Mapped[datetime] = mapped_column(index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    offsite_path: Mapped[str | None] = mapped_column(String(1024))
+    offsite_sha256: Mapped[str | None] = mapped_column(String(64))
+    verified_at: Mapped[datetime | None] = mapped_column()
+    row_counts: Mapped[dict[str, Any]] = mapped_column()  # table -> rows, to compare after a restore
+
+
+class RestoreDrillRow(Base):
+    __tablename__ = "restore_drills"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    backup_id: Mapped[int] = mapped_column(ForeignKey("backups.id"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    at: Mapped[datetime] = mapped_column()
+    rto_s: Mapped[float | None] = mapped_column()
+    rpo_s: Mapped[float | None] = mapped_column()
+    ok: Mapped[bool] = mapped_column()
+    details: Mapped[dict[str, Any]] = mapped_column()
+
+
+class InspectionRow(Base):
+    __tablename__ = "inspections"
+    __table_args__ = (_one_of("phase", InspectionPhase),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    phase: Mapped[str] = mapped_column(String(16))
+    inspector: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(index=True)
+    ok: Mapped[bool] = mapped_column()
+    findings: Mapped[list[Any]] = mapped_column()
+
+
+class FaultRow(Base):
+    __tablename__ = "faults"
+    __table_args__ = (_one_of("status", FaultStatus),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    branch_id: Mapped[str] = mapped_column(ForeignKey("branches.id"), index=True)
+    outlet_id: Mapped[str] = mapped_column(ForeignKey("outlets.id"))
+    reported_at: Mapped[datetime] = mapped_column()
+    symptom: Mapped[str] = mapped_column(Text)
+    severity: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    fixed_at: Mapped[datetime | None] = mapped_column()
+    resolution: Mapped[str | None] = mapped_column(Text)
+    inspection_id: Mapped[int | None] = mapped_column(ForeignKey("inspections.id"))
+
+
+class EvaluationRow(Base):
+    __tablename__ = "evaluations"
+    __table_args__ = (_one_of("scope", EvaluationScope),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    wave: Mapped[int | None] = mapped_column(Integer)
+    verdict: Mapped[str] = mapped_column(String(32))
+    metrics: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column()
+
+
+class AuditEventRow(Base):
+    """Who did what to which target, and how it ended: the bank's audit trail."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(1024))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    outcome: Mapped[str] = mapped_column(String(32))
+    details: Mapped[dict[str, Any]] = mapped_column()

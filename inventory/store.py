@@ -1,0 +1,486 @@
+"""The database behind Smart Counter Ops: the imported fleet, the run records and the audit trail.
+
+SQLite under ``$COUNTEROPS_HOME`` for one operator; PostgreSQL (set
+``COUNTEROPS_DATABASE_URL``) when several people and flow workers share it.
+``Store.open()`` brings the schema to the current Alembic revision first.
+
+Everything handed out is a pydantic model built inside the session, never an
+ORM object, so nothing lazy-loads after the session is gone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, inspect, insert, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from inventory.models import (
+    AuditEvent,
+    Backup,
+    Branch,
+    Counts,
+    Device,
+    DeviceStep,
+    Evaluation,
+    Fault,
+    FaultStatus,
+    ImportSummary,
+    Inspection,
+    Inventory,
+    InventoryError,
+    Operator,
+    Outlet,
+    Record,
+    RestoreDrill,
+    Run,
+    RunKind,
+    SSHSettings,
+    inventory_problems,
+    item_label,
+)
+from inventory.records import (
+    AuditEventRow,
+    BackupRow,
+    Base,
+    BranchRow,
+    DeviceRow,
+    DeviceStepRow,
+    EvaluationRow,
+    FaultRow,
+    InspectionRow,
+    OperatorRow,
+    OutletRow,
+    RestoreDrillRow,
+    RunRow,
+)
+
+DEFAULT_HOME = "~/.counterops"
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+SCHEMA_HEAD = "0001"  # newest migration; a test keeps it equal to Alembic's head
+SQLITE_BUSY_TIMEOUT_S = 30.0  # flow workers write concurrently; wait for the lock rather than fail
+_MIGRATION_LOCK_KEY = 0x5C0_0001  # PostgreSQL advisory lock: one migrating process at a time
+_SQLITE_BEGIN = "counterops_sqlite_begin"  # execution option read by _sqlite_begin
+
+R = TypeVar("R", bound=Record)
+
+_ROW_OF: dict[type[Record], type[Base]] = {
+    Run: RunRow,
+    DeviceStep: DeviceStepRow,
+    Backup: BackupRow,
+    RestoreDrill: RestoreDrillRow,
+    Inspection: InspectionRow,
+    Fault: FaultRow,
+    Evaluation: EvaluationRow,
+    AuditEvent: AuditEventRow,
+}
+# Model field -> column, where they differ (a device's "branch" is a foreign key column).
+_COLUMN_OF = {"branch": "branch_id", "outlet": "outlet_id"}
+_FIELD_OF = {column: field for field, column in _COLUMN_OF.items()}
+_ADDRESS = ("host", "ssh_port", "http_port")
+# Inventory section, its table and model, in foreign-key order (branches before the outlets in them, ...).
+_FLEET_TABLES: tuple[tuple[str, type[Base], type[Any]], ...] = (
+    ("branches", BranchRow, Branch),
+    ("outlets", OutletRow, Outlet),
+    ("devices", DeviceRow, Device),
+    ("operators", OperatorRow, Operator),
+)
+_TABLE_OF = {section: row_cls for section, row_cls, _ in _FLEET_TABLES}
+_NOUN = {BranchRow: "branch", OutletRow: "outlet", DeviceRow: "device", OperatorRow: "operator"}
+
+
+def counterops_home() -> Path:
+    """``$COUNTEROPS_HOME`` (default ``~/.counterops``), created private to the user if missing."""
+    home = Path(os.environ.get("COUNTEROPS_HOME") or DEFAULT_HOME).expanduser()
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return home
+
+
+def database_url() -> str:
+    """``COUNTEROPS_DATABASE_URL`` when set, else SQLite at ``$COUNTEROPS_HOME/counterops.db``."""
+    url = os.environ.get("COUNTEROPS_DATABASE_URL", "").strip()
+    return _with_driver(url) if url else f"sqlite:///{counterops_home() / 'counterops.db'}"
+
+
+def _with_driver(url: str) -> str:
+    """DBAs hand out ``postgresql://`` URLs, which SQLAlchemy maps to psycopg2; we ship psycopg 3."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
+# ----------------------------------------------------------------------------- engine and schema
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the store's connection settings (used by Store.open and the Alembic CLI)."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Foreign keys are off in SQLite unless asked for, per connection. WAL lets readers
+    (reports, the UI) run while a flow writes. isolation_level=None hands BEGIN to
+    _sqlite_begin: the sqlite3 module's own BEGIN skips DDL, so migrations would not be atomic."""
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    """BEGIN IMMEDIATE for writers: take the write lock up front (waiting up to the busy
+    timeout) instead of failing when a read-then-write transaction finds another writer."""
+    mode = connection.get_execution_options().get(_SQLITE_BEGIN, "DEFERRED")
+    connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _writer(engine: Engine) -> Engine:
+    return engine.execution_options(**{_SQLITE_BEGIN: "IMMEDIATE"})
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The Alembic revision the database is at; None for an empty database."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Migrate to the newest revision. Costs one query when already there, which is the usual case:
+    alembic (0.1 s to import) is only loaded when there is work to do."""
+    if schema_revision(engine) == SCHEMA_HEAD:
+        return
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with _writer(engine).begin() as conn:
+        if conn.dialect.name == "postgresql":  # SQLite's BEGIN IMMEDIATE already serialises migrators
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class Store:
+    """The fleet, run records and audit trail in one database. Use ``Store.open()``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._read = sessionmaker(engine, expire_on_commit=False)
+        self._write = sessionmaker(_writer(engine), expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str | None = None) -> Store:
+        """Connect to ``url`` (default: database_url()) and bring the schema up to date."""
+        engine = make_engine(_with_driver(url) if url else database_url())
+        try:
+            upgrade_schema(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    # ------------------------------------------------------------------------- the fleet
+
+    def import_inventory(self, inv: Inventory, *, actor: str, source: str) -> ImportSummary:
+        """Add or update every branch, outlet, device and operator of ``inv`` in one transaction.
+
+        Entries the store has but ``inv`` lacks are kept. The result must still be a consistent
+        fleet (e.g. no device of the file on an address a kept device uses); otherwise nothing
+        is written and InventoryError lists why. Both outcomes are audited.
+        """
+        try:
+            with self._write.begin() as s:
+                summary = _import(s, inv, source)
+                s.add(_row(AuditEvent(actor=actor, action="inventory.import", target=source, details=summary.model_dump())))
+        except InventoryError as e:
+            self.audit(actor, "inventory.import", source, outcome="rejected", details={"errors": e.errors})
+            raise
+        return summary
+
+    def devices(self, branch: str | None = None, outlet: str | None = None) -> list[Device]:
+        """Devices sorted by id, optionally in one branch/outlet (unknown ones are a KeyError)."""
+        with self._read() as s:
+            query = select(DeviceRow.__table__).order_by(DeviceRow.id)
+            if branch is not None:
+                _must_exist(s, BranchRow, branch)
+                query = query.where(DeviceRow.branch_id == branch)
+            if outlet is not None:
+                _must_exist(s, OutletRow, outlet)
+                query = query.where(DeviceRow.outlet_id == outlet)
+            return [_model(Device, row) for row in s.execute(query).mappings()]
+
+    def device(self, id: str) -> Device:
+        return self._one(Device, DeviceRow, id)
+
+    def operators(self) -> list[Operator]:
+        with self._read() as s:
+            return _all(s, Operator, OperatorRow)
+
+    def operator(self, name: str) -> Operator:
+        return self._one(Operator, OperatorRow, name)
+
+    def inventory(self, ssh: SSHSettings) -> Inventory:
+        """The stored fleet as an Inventory; SSH settings are not stored (they are per machine)."""
+        with self._snapshot() as s:
+            return Inventory(**{section: _all(s, kind, row_cls) for section, row_cls, kind in _FLEET_TABLES}, ssh=ssh)
+
+    def _snapshot(self) -> Session:
+        """A session whose reads all see one moment, so a concurrent import cannot tear them
+        (PostgreSQL's default READ COMMITTED would; a SQLite read transaction already is one)."""
+        s = self._read()
+        if self.engine.dialect.name == "postgresql":
+            s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        return s
+
+    def _one(self, kind: type[Any], row_cls: type[Base], key: str) -> Any:
+        with self._read() as s:
+            row = s.execute(select(row_cls.__table__).where(_primary_key(row_cls) == key)).mappings().first()
+        if row is None:
+            raise KeyError(f"no {_NOUN[row_cls]} {key!r} in the store")
+        return _model(kind, row)
+
+    # ------------------------------------------------------------------------- audit trail
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        *,
+        run_id: int | None = None,
+        outcome: str = "ok",
+        details: dict[str, Any] | None = None,
+    ) -> AuditEvent:
+        """Record who did what to which target and how it ended."""
+        event = AuditEvent(actor=actor, action=action, target=target, run_id=run_id, outcome=outcome, details=details or {})
+        return self.add(event)
+
+    def audit_events(self, limit: int = 100, action: str | None = None) -> list[AuditEvent]:
+        """Newest first."""
+        return self._list(AuditEvent, limit, action=action)
+
+    # ------------------------------------------------------------------------- run records
+
+    def add(self, record: R) -> R:
+        """Insert a run record (Run, DeviceStep, Backup, ...); returns it with its new id."""
+        if record.id is not None:
+            raise ValueError(f"{type(record).__name__} {record.id} is already stored; use update()")
+        with self._write.begin() as s:
+            row = _row(record)
+            s.add(row)
+            s.flush()
+            return type(record).model_validate(row)
+
+    def update(self, kind: type[R], id: int, **changes: Any) -> R:
+        """Change fields of a stored record, e.g. ``update(Run, 7, status="completed", ended_at=now)``;
+        the changed record is validated as a whole before anything is written."""
+        if "id" in changes:
+            raise TypeError("a record's id cannot change")
+        with self._write.begin() as s:
+            row = s.get(_ROW_OF[kind], id)
+            if row is None:
+                raise KeyError(f"no {kind.__name__} {id} in the store")
+            changed = kind.model_validate({**kind.model_validate(row).model_dump(), **changes})
+            for column, value in _values(changed).items():
+                setattr(row, column, value)
+            s.flush()
+            return kind.model_validate(row)
+
+    def get(self, kind: type[R], id: int) -> R:
+        with self._read() as s:
+            row = s.get(_ROW_OF[kind], id)
+            if row is None:
+                raise KeyError(f"no {kind.__name__} {id} in the store")
+            return kind.model_validate(row)
+
+    # Histories come newest first; the parts of one run in the order they were recorded.
+
+    def runs(self, kind: RunKind | None = None, limit: int = 100) -> list[Run]:
+        return self._list(Run, limit, kind=kind)
+
+    def device_steps(self, run_id: int, device_id: str | None = None) -> list[DeviceStep]:
+        return self._list(DeviceStep, None, oldest_first=True, run_id=run_id, device_id=device_id)
+
+    def evaluations(self, run_id: int) -> list[Evaluation]:
+        return self._list(Evaluation, None, oldest_first=True, run_id=run_id)
+
+    def backups(self, device_id: str | None = None, run_id: int | None = None, limit: int = 100) -> list[Backup]:
+        return self._list(Backup, limit, device_id=device_id, run_id=run_id)
+
+    def restore_drills(self, device_id: str | None = None, backup_id: int | None = None, limit: int = 100) -> list[RestoreDrill]:
+        return self._list(RestoreDrill, limit, device_id=device_id, backup_id=backup_id)
+
+    def inspections(self, device_id: str | None = None, run_id: int | None = None, limit: int = 100) -> list[Inspection]:
+        return self._list(Inspection, limit, device_id=device_id, run_id=run_id)
+
+    def faults(self, device_id: str | None = None, status: FaultStatus | None = None, limit: int = 100) -> list[Fault]:
+        return self._list(Fault, limit, device_id=device_id, status=status)
+
+    def _list(self, record_type: type[R], limit: int | None, *, oldest_first: bool = False, **where: Any) -> list[R]:
+        """Records matching the non-None filters, by id (= recording order)."""
+        row_cls = _ROW_OF[record_type]
+        row_id = row_cls.id  # type: ignore[attr-defined]
+        query = (
+            select(row_cls)
+            .where(*(getattr(row_cls, column) == value for column, value in where.items() if value is not None))
+            .order_by(row_id if oldest_first else row_id.desc())
+            .limit(limit)
+        )
+        with self._read() as s:
+            return [record_type.model_validate(row) for row in s.scalars(query)]
+
+
+# ----------------------------------------------------------------------------- rows <-> models
+
+
+def _values(record: Record) -> dict[str, Any]:
+    """Column values of a record: JSON-safe (enums as strings, nested values serialisable),
+    except datetimes, which stay datetimes for the UTC column type."""
+    python, json = record.model_dump(exclude={"id"}), record.model_dump(mode="json", exclude={"id"})
+    return {k: python[k] if isinstance(python[k], datetime) else json[k] for k in python}
+
+
+def _row(record: Record) -> Base:
+    return _ROW_OF[type(record)](**_values(record))
+
+
+def _columns(model: Branch | Outlet | Device | Operator) -> dict[str, Any]:
+    return {_COLUMN_OF.get(k, k): v for k, v in model.model_dump(mode="json").items()}
+
+
+def _model(kind: type[Any], row: Any) -> Any:
+    return kind.model_validate({_FIELD_OF.get(k, k): v for k, v in row.items()})
+
+
+def _primary_key(row_cls: type[Base]) -> Any:
+    return inspect(row_cls).primary_key[0]
+
+
+def _all(s: Session, kind: type[Any], row_cls: type[Base]) -> list[Any]:
+    rows = s.execute(select(row_cls.__table__).order_by(_primary_key(row_cls))).mappings()
+    return [_model(kind, row) for row in rows]
+
+
+def _must_exist(s: Session, row_cls: type[Base], key: str) -> None:
+    if s.get(row_cls, key) is None:
+        raise KeyError(f"no {_NOUN[row_cls]} {key!r} in the store")
+
+
+# ----------------------------------------------------------------------------- import
+
+
+
+
+def _import(s: Session, inv: Inventory, source: str) -> ImportSummary:
+    """Upsert the fleet in bulk statements (10,000 devices must not mean 10,000 ORM flushes)."""
+    stored = {section: _stored(s, row_cls) for section, row_cls, _ in _FLEET_TABLES}
+    problems = _problems_with_store(inv, stored)
+    if problems:
+        raise InventoryError([f"{source}: {p}" for p in problems])
+    counts = {}
+    for section, row_cls, _ in _FLEET_TABLES:
+        wanted = [_columns(item) for item in getattr(inv, section)]
+        if section in ("branches", "outlets"):
+            _keep_known_names(wanted, stored[section])
+        counts[section] = _upsert(s, row_cls, wanted, stored[section])
+    return ImportSummary(**counts)
+
+
+def _stored(s: Session, row_cls: type[Base]) -> dict[str, dict[str, Any]]:
+    key = _primary_key(row_cls).name
+    return {row[key]: dict(row) for row in s.execute(select(row_cls.__table__)).mappings()}
+
+
+def _problems_with_store(inv: Inventory, stored: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Check the fleet as it will be after the import: the file's entries plus those only the store has.
+
+    The file alone was already checked; what can go wrong here is e.g. a device in the file
+    taking the address of a device the file does not mention but the store keeps.
+    """
+    kept: dict[str, list[Any]] = {}
+    for section, row_cls, kind in _FLEET_TABLES:
+        in_file = {getattr(item, _key_field(section)) for item in getattr(inv, section)}
+        kept[section] = [_model(kind, row) for key, row in stored[section].items() if key not in in_file]
+    if not any(kept.values()):
+        return []  # the store holds nothing beyond the file
+    # The store's entries come first: they are the incumbents the file's entries clash with.
+    merged = {section: kept[section] + getattr(inv, section) for section in kept}
+
+    def label(section: str, index: int, key: str) -> str:
+        if index < len(kept[section]):
+            return f"{_NOUN[_TABLE_OF[section]]} {key} (in the store, not in this file)"
+        return item_label(section, index - len(kept[section]), key)
+
+    return inventory_problems(
+        merged["branches"], merged["outlets"], merged["devices"], merged["operators"],
+        branches_listed=True, outlets_listed=True, label=label,
+    )  # fmt: skip
+
+
+def _key_field(section: str) -> str:
+    return "name" if section == "operators" else "id"
+
+
+def _keep_known_names(wanted: list[dict[str, Any]], stored: dict[str, dict[str, Any]]) -> None:
+    """A file without a branches/outlets list only implies ids; do not erase the names the store knows."""
+    for row in wanted:
+        if row["name"] is None and row["id"] in stored:
+            row["name"] = stored[row["id"]]["name"]
+
+
+def _upsert(s: Session, row_cls: type[Base], wanted: list[dict[str, Any]], stored: dict[str, dict[str, Any]]) -> Counts:
+    key = _primary_key(row_cls).name
+    added = [row for row in wanted if row[key] not in stored]
+    changed = [row for row in wanted if row[key] in stored and stored[row[key]] != row]
+    if row_cls is DeviceRow:
+        _vacate_addresses(s, [row for row in changed if _address(row) != _address(stored[row["id"]])])
+    if changed:
+        s.execute(update(row_cls), changed)
+    if added:  # after the updates: a new device may take an address an updated one just left
+        s.execute(insert(row_cls), added)
+    return Counts(added=len(added), updated=len(changed), unchanged=len(wanted) - len(added) - len(changed))
+
+
+def _address(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row[c] for c in _ADDRESS)
+
+
+def _vacate_addresses(s: Session, moving: Iterable[dict[str, Any]]) -> None:
+    """Park devices that change address on a placeholder host first.
+
+    The database checks (host, port) uniqueness after every row, so renumbering in one pass
+    fails whenever a device takes a port another device is about to give up (a swap, or a
+    re-run of ``fleet up`` shifting ports). Parked first, the final values never collide.
+    """
+    parked = [{"id": row["id"], "host": f"moving:{row['id']}"} for row in moving]
+    if parked:
+        s.execute(update(DeviceRow), parked)
