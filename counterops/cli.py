@@ -18,7 +18,10 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from counterops.plan_cli import plan_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Smart Counter Ops: upgrade, inspect, back up and audit smart counters.")
 fleet_app = typer.Typer(no_args_is_help=True, help="The simulated fleet (real sshd + counter app per counter) for demos and tests.")
@@ -27,6 +30,7 @@ server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server us
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(server_app, name="server")
+app.add_typer(plan_app, name="plan")
 
 out = Console()
 err = Console(stderr=True)
@@ -36,7 +40,7 @@ EXIT_BAD_INPUT = 2
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -243,7 +247,7 @@ def check(
     out.print(table)
     for f in facts:
         if not f.ok:
-            err.print(f"[red]{f.device_id}[/]: {f.error or f'app status {f.app_status}'}", highlight=False, soft_wrap=True)
+            err.print(f"[red]{f.device_id}[/]: {escape(f.error or f'app status {f.app_status}')}", highlight=False, soft_wrap=True)
     ready = sum(f.ok for f in facts)
     out.print(f"{ready} of {len(facts)} counters ready; runs at {api.removesuffix('/api')}")
     if ready != len(facts):
