@@ -27,10 +27,16 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Smart Counte
 fleet_app = typer.Typer(no_args_is_help=True, help="The simulated fleet (real sshd + counter app per counter) for demos and tests.")
 inventory_app = typer.Typer(no_args_is_help=True, help="The fleet inventory: branches, outlets, counters, operators.")
 server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server used when PREFECT_API_URL is not set.")
+backups_app = typer.Typer(no_args_is_help=True, help="Backups taken before upgrades (local and off-site copies).")
+runs_app = typer.Typer(no_args_is_help=True, help="Recorded runs and each counter's steps.")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(server_app, name="server")
 app.add_typer(plan_app, name="plan")
+app.add_typer(backups_app, name="backups")
+app.add_typer(runs_app, name="runs")
+
+EXIT_RESUMABLE = 3  # stopped by the maintenance window: run the same plan again to finish
 
 out = Console()
 err = Console(stderr=True)
@@ -252,6 +258,147 @@ def check(
     out.print(f"{ready} of {len(facts)} counters ready; runs at {api.removesuffix('/api')}")
     if ready != len(facts):
         raise typer.Exit(EXIT_FAILED)
+
+
+def load_plan_or_exit(plan_file: Path, inv):
+    """The plan, checked against the inventory (scope, waves) and the notice targets; exit 2 when bad."""
+    from inventory.plan import PlanError, impact, load_plan
+    from tasks.notify import check_targets
+
+    try:
+        plan = load_plan(plan_file)
+        impact(plan, inv, source=str(plan_file))
+    except PlanError as e:
+        fail(str(e), EXIT_BAD_INPUT)
+    bad = check_targets(plan.notify)
+    if bad:
+        fail(f"{plan_file}: notify: apprise cannot send to {', '.join(bad)}", EXIT_BAD_INPUT)
+    return plan
+
+
+@app.command("upgrade")
+def upgrade(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="The upgrade plan.")],
+    inventory: Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")] = None,
+) -> None:
+    """Run an upgrade plan: notify, back up, roll out in waves, test, roll back, evaluate."""
+    path = inventory_path(inventory)
+    inv = load_inventory_or_exit(path)
+    plan = load_plan_or_exit(plan_file, inv)
+    api = prefect_api()
+    from flows.upgrade import upgrade_plan
+    from inventory.store import Store
+
+    state = upgrade_plan(plan=plan, inventory=str(path.resolve()), return_state=True)
+    with Store.open() as store:
+        run = next((r for r in store.runs(limit=50) if r.flow_run_id == str(state.state_details.flow_run_id)), None)
+        if run is not None:
+            print_run(store, run)
+    out.print(f"{state.name}: {state.message or ''}")
+    out.print(f"the run in the Prefect UI: {api.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}")
+    if state.is_completed():
+        return
+    raise typer.Exit(EXIT_RESUMABLE if run is not None and run.summary.get("resumable") else EXIT_FAILED)
+
+
+@app.command("approve")
+def approve(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="The paused flow run: its id, or the plan's name.")],
+    operator: Annotated[str, typer.Option("--as", help="The approver (an operator with the approver role, not the initiator).")],
+    reject: Annotated[bool, typer.Option("--reject", help="Reject the wave instead: the plan halts.")] = False,
+    comment: Annotated[str, typer.Option(help="Why (kept in the audit trail).")] = "",
+) -> None:
+    """Approve (or reject) the wave a paused upgrade waits on: the two-person rule."""
+    prefect_api()
+    from flows.upgrade import approval_problem, find_paused_run
+    from inventory.store import Store
+    from prefect.flow_runs import resume_flow_run
+
+    paused = find_paused_run(run_ref)
+    if paused is None:
+        fail(f"RUN: no paused upgrade run {run_ref!r} (give the flow run id shown in the notice, or the plan's name)", EXIT_BAD_INPUT)
+    plan, inventory_file = paused.parameters["plan"], paused.parameters["inventory"]
+    problem = approval_problem(operator, load_inventory_or_exit(Path(inventory_file)), plan["initiator"])
+    if problem:
+        with Store.open() as store:
+            store.audit(operator, "approve_wave", f"{plan['name']}/{paused.id}", outcome="refused", details={"reason": problem, "via": "cli"})
+        fail(f"--as {operator}: refused: {problem}", EXIT_BAD_INPUT)
+    resume_flow_run(paused.id, run_input={"approver": operator, "approve": not reject, "comment": comment})
+    out.print(f"{'rejected' if reject else 'approved'} by {operator}: run {paused.name} ({paused.id}) resumes")
+
+
+@backups_app.command("list")
+def backups_list(
+    device: Annotated[str | None, typer.Option(help="Only this counter.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=10000)] = 100,
+) -> None:
+    """List backups, newest first."""
+    from inventory.store import Store
+
+    with Store.open() as store:
+        backups = store.backups(device_id=device, limit=limit)
+    rows = [b.model_dump(mode="json") | {"created_at": b.taken_at.isoformat()} for b in backups]
+    if as_json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    table = Table("id", "counter", "created", "size", "sha256", "off-site")
+    for b in backups:
+        table.add_row(str(b.id), b.device_id, b.taken_at.strftime("%Y-%m-%d %H:%M:%S"), f"{b.size_bytes:,}", b.sha256[:16], "yes" if b.offsite_path else "no")
+    out.print(table)
+
+
+def print_run(store, run) -> None:
+    out.print(f"run {run.id} {run.kind} {run.name!r} by {run.initiator}: {run.status} (started {run.started_at:%Y-%m-%d %H:%M:%S} UTC)")
+    steps = store.device_steps(run.id)
+    table = Table("counter", "wave", "steps", "result")
+    by_device: dict[str, list] = {}
+    for s in steps:
+        by_device.setdefault(s.device_id, []).append(s)
+    for device_id, ds in by_device.items():
+        last_failed = next((s for s in reversed(ds) if s.status == "failed"), None)
+        rolled_back = any(s.step == "rollback" and s.status == "ok" for s in ds)
+        result = "rolled back" if rolled_back else ("[red]failed[/]" if last_failed else "ok")
+        if last_failed:
+            result += f" at {last_failed.step}: {escape((last_failed.error or '')[:200])}"
+        table.add_row(device_id, str(ds[0].wave), " → ".join(f"{s.step}" + ("" if s.status == "ok" else f"({s.status})") for s in ds), result)
+    out.print(table)
+
+
+@runs_app.command("list")
+def runs_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Recorded runs, newest first."""
+    from inventory.store import Store
+
+    with Store.open() as store:
+        runs = store.runs(limit=100)
+    if as_json:
+        print(json.dumps([r.model_dump(mode="json", exclude={"params"}) for r in runs], indent=2, ensure_ascii=False))
+        return
+    table = Table("id", "kind", "name", "initiator", "status", "started")
+    for r in runs:
+        table.add_row(str(r.id), r.kind, r.name, r.initiator, r.status, f"{r.started_at:%Y-%m-%d %H:%M:%S}")
+    out.print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, or a plan name (its latest run).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Each counter's steps in one run."""
+    from inventory.store import Store
+
+    with Store.open() as store:
+        runs = store.runs(limit=1000)
+        run = next((r for r in runs if str(r.id) == run_ref or r.name == run_ref or r.flow_run_id == run_ref), None)
+        if run is None:
+            fail(f"RUN: no run {run_ref!r}; `counterops runs list` shows them", EXIT_BAD_INPUT)
+        if as_json:
+            steps = [s.model_dump(mode="json") for s in store.device_steps(run.id)]
+            print(json.dumps({"run": run.model_dump(mode="json"), "steps": steps}, indent=2, ensure_ascii=False))
+            return
+        print_run(store, run)
 
 
 def main() -> None:

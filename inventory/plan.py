@@ -50,7 +50,7 @@ __all__ = [
     "Wave",
     "WaveImpact",
     "check_package",
-    "failure_threshold_passed",
+    "wave_within_limits",
     "impact",
     "load_plan",
     "plan_waves",
@@ -528,7 +528,7 @@ def _interleave(groups: Iterable[Sequence[T]]) -> list[T]:
     return [item for _, _, item in keyed]
 
 
-def failure_threshold_passed(wave: Wave, failed: int, total: int) -> bool:
+def wave_within_limits(wave: Wave, failed: int, total: int) -> bool:
     """True when ``failed`` of the wave's ``total`` counters is within the wave's limits, so the
     rollout may go on; False means stop. Both limits apply when both are set."""
     if not 0 <= failed <= total:

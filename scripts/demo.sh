@@ -1,17 +1,53 @@
 #!/usr/bin/env bash
-# The demo: bring up 20 simulated counters in 4 branches, show them, precheck
-# them all through a Prefect flow on the local Prefect server, take them down.
+# The demo: the main job on the embedded default.
+#   1. bring up 12 simulated counters in 3 branches (real sshd + counter app each)
+#   2. import the inventory, check the plan (scope, waves, impact)
+#   3. run the upgrade plan to 1.2.0: canary, then a pilot wave that needs a second
+#      person's approval (given here by li.na, since zhang.wei initiated it), then the rest
+#   4. show the records, and where to open the run in the Prefect UI
+# The fleet is taken down at the end; the Prefect server stays up for the UI (`make stop`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=.venv/bin
-DIR=${DEMO_DIR:-.demo/fleet}
+BIN=$PWD/.venv/bin
+DIR=${DEMO_DIR:-$PWD/.demo/fleet}
 export COUNTEROPS_HOME=${COUNTEROPS_HOME:-$PWD/.demo/home}
+export COUNTEROPS_INVENTORY=$DIR/inventory.yaml
+started=$(date +%s)
 
-trap '$BIN/counterops fleet down --dir "$DIR"' EXIT
-$BIN/counterops fleet up --devices "${DEMO_DEVICES:-20}" --branches "${DEMO_BRANCHES:-4}" --dir "$DIR"
+trap '$BIN/counterops fleet down --dir "$DIR" >/dev/null' EXIT
+$BIN/counterops fleet down --dir "$DIR" --remove >/dev/null
+$BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
+$BIN/counterops inventory import "$COUNTEROPS_INVENTORY" --as zhang.wei
+
+PLAN=$DIR/plan-1.2.0.yaml
+cat > "$PLAN" <<YAML
+name: demo-smartcounter-1.2.0
+target_version: "1.2.0"
+package: packages/smartcounter-1.2.0.tar.gz     # sha256 from packages/SHA256SUMS
+waves:
+  - {name: canary, size: 1, max_failures: 0}
+  - {name: pilot, size: "25%", max_failure_ratio: 0.1, approval: true, soak_seconds: 5}
+  - {name: rest, size: "100%", max_failure_ratio: 0.05}
+parallelism: 4
+max_unavailable_per_outlet: 1
+maintenance_window: always
+initiator: zhang.wei
+YAML
+$BIN/counterops plan check "$PLAN"
+
+# li.na approves the pilot wave as soon as the run waits for it (two-person rule).
+(
+    for _ in $(seq 1 240); do
+        if $BIN/counterops approve demo-smartcounter-1.2.0 --as li.na --comment "canary healthy" 2>/dev/null; then exit 0; fi
+        sleep 1
+    done
+) &
+approver=$!
+$BIN/counterops upgrade "$PLAN"
+wait $approver || true
+
+$BIN/counterops backups list --limit 5
 $BIN/counterops fleet status --dir "$DIR"
-$BIN/counterops inventory import "$DIR/inventory.yaml" --as zhang.wei
-$BIN/counterops inventory list --branch BR01
-$BIN/counterops check --inventory "$DIR/inventory.yaml"
 $BIN/counterops server status
-echo "The Prefect UI stays up for you: see the URL above; 'make stop' stops it."
+echo "Demo finished in $(( $(date +%s) - started )) s. Open the UI URL above → Runs → demo-smartcounter-1.2.0"
+echo "(artifacts: wave progress, every counter's final state, the evaluation). 'make stop' stops the server."

@@ -58,6 +58,7 @@ DEFAULT_OPERATORS = [
     {"name": "zhang.wei", "full_name": "张伟", "roles": ["hq_it"]},
     {"name": "li.na", "full_name": "李娜", "roles": ["approver", "hq_it"]},
     {"name": "wang.fang", "full_name": "王芳", "roles": ["branch_it"], "branches": ["BR01"]},
+    {"name": "chen.jie", "full_name": "陈杰", "roles": ["approver"]},
 ]
 
 

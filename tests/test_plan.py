@@ -26,7 +26,7 @@ from inventory.plan import (
     UpgradePlan,
     Wave,
     check_package,
-    failure_threshold_passed,
+    wave_within_limits,
     impact,
     load_plan,
     plan_waves,
@@ -329,13 +329,13 @@ def test_a_wave_is_capped_at_what_is_left_and_may_end_up_empty(tmp_path, package
         ({"max_failure_ratio": 0}, 0, 0, True),
     ],
 )
-def test_failure_threshold_passed_means_the_rollout_may_go_on(limits, failed, total, passed):
-    assert failure_threshold_passed(Wave(name="w", size=1, **limits), failed, total) is passed
+def test_wave_within_limits_means_the_rollout_may_go_on(limits, failed, total, passed):
+    assert wave_within_limits(Wave(name="w", size=1, **limits), failed, total) is passed
 
 
 def test_failure_threshold_refuses_impossible_counts():
     with pytest.raises(ValueError, match="failed must be from 0 to total"):
-        failure_threshold_passed(Wave(name="w", size=1), 3, 2)
+        wave_within_limits(Wave(name="w", size=1), 3, 2)
 
 
 # ----------------------------------------------------------------------------- impact

@@ -1,0 +1,270 @@
+"""The upgrade plan, end to end — the bank's upgrade procedure as one Prefect flow.
+
+    notify the branches in advance
+    for each wave (canary first):
+        wait for a second person's approval        (waves with approval: true)
+        upgrade its counters                        (precheck → drain → backup → install →
+                                                     functional test → business test → back in service,
+                                                     rolled back on any failure)
+        soak, evaluate the wave, notify
+        halt the plan when the wave's failures pass its threshold
+    evaluate the upgrade and report to head office
+
+Never more than ``parallelism`` counters at once, never more than
+``max_unavailable_per_outlet`` counters of one outlet out of service, never a
+counter started outside the maintenance window.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+from collections import Counter
+from datetime import UTC, datetime
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from inventory.loader import load_inventory
+from inventory.models import Evaluation, EvaluationScope, Inventory, Role, Run, RunKind
+from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan_waves, resolve_scope, wave_within_limits
+from inventory.store import Store
+from tasks.evaluate import report_markdown, verdict, watch_health, wave_metrics
+from tasks.notify import Notice, NotifyError, send_notice
+from tasks.rollout import CounterOutcome, upgrade_counter
+from tasks.ssh import ConnectionPool
+
+APPROVAL_TIMEOUT_S = 24 * 3600
+
+
+class WaveApproval(RunInput):
+    """What an approver submits (Prefect UI form or `counterops approve`)."""
+
+    approver: str
+    approve: bool = True
+    comment: str = ""
+
+
+def approval_problem(approver: str, inventory: Inventory, initiator: str) -> str | None:
+    """Why ``approver`` may not approve this plan (None when they may): the two-person rule."""
+    operator = next((o for o in inventory.operators if o.name == approver), None)
+    if operator is None:
+        return f"{approver!r} is not an operator in the inventory"
+    if Role.APPROVER not in operator.roles:
+        return f"{approver!r} does not have the approver role (roles: {', '.join(operator.roles)})"
+    if approver == initiator:
+        return f"{approver!r} initiated this plan; a second person must approve it"
+    return None
+
+
+@task(name="notify", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def notify(urls: list[str], notice: Notice) -> None:
+    send_notice(urls, notice)
+
+
+def _artifact_key(*parts: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def _run_name() -> str:
+    plan = flow_run.parameters.get("plan")
+    name = plan.get("name") if isinstance(plan, dict) else getattr(plan, "name", None)
+    return name or "upgrade"
+
+
+@flow(name="upgrade-plan", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=256), log_prints=True)
+def upgrade_plan(plan: UpgradePlan, inventory: str):
+    """Run an upgrade plan on the counters of ``inventory`` (a YAML file on the machine running the flow)."""
+    log = get_run_logger()
+    plan = check_package(plan)
+    inv = load_inventory(inventory)
+    waves = plan_waves(plan, resolve_scope(plan, inv))
+    announced = impact(plan, inv)
+
+    with Store.open() as store, ConnectionPool(inv.ssh) as pool:
+        store.import_inventory(inv, actor=plan.initiator, source=inventory)  # the records name the counters as this run saw them
+        run = store.add(Run(kind=RunKind.UPGRADE, name=plan.name, initiator=plan.initiator,
+                            flow_run_id=str(flow_run.id), params=plan.model_dump(mode="json")))
+        store.audit(plan.initiator, "start_upgrade", plan.name, run_id=run.id, details={"target_version": plan.target_version})
+
+        # Branches are told in advance: no counter is touched unless this notice went out.
+        notify(plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
+
+        outcomes: list[CounterOutcome] = []
+        wave_reports: list[dict] = []
+        halted: str | None = None
+        resumable = False
+        for index, planned in enumerate(waves):
+            if planned.wave.approval:
+                halted = wait_for_approval(plan, inv, store, run.id, planned, index)
+                if halted:
+                    break
+            done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool)
+            outcomes += done
+            soak = watch_health([inv.device(o.device_id) for o in done if o.status == "upgraded"], planned.wave.soak_seconds)
+            failed = sum(o.failed for o in done)
+            within = wave_within_limits(planned.wave, failed, len(planned.devices)) and not soak["unhealthy"]
+            metrics = wave_metrics(done, soak)
+            wave_reports.append({"name": planned.wave.name, "metrics": metrics, "verdict": verdict(metrics, within)})
+            store.add(Evaluation(run_id=run.id, scope=EvaluationScope.WAVE, wave=index, verdict=wave_reports[-1]["verdict"], metrics=metrics))
+            summary = (f"wave {planned.wave.name}: {metrics['upgraded']} upgraded, {metrics['already_current']} already on "
+                       f"{plan.target_version}, {metrics['rolled_back']} rolled back, {metrics['failed']} failed")
+            log.info(summary)
+            if not within:
+                halted = f"wave {planned.wave.name} passed its failure threshold ({failed} of {len(planned.devices)} failed)"
+            elif not_started:
+                resumable = True
+                halted = (f"the maintenance window closed; {len(not_started)} counters of wave {planned.wave.name} not started. "
+                          "Run the same plan again in the next window: finished counters are skipped")
+            _notify_quietly(plan, Notice(f"{plan.name}: {summary}", summary, "success" if within else "failure"))
+            if halted:
+                _notify_quietly(plan, Notice(f"{plan.name} HALTED", f"{halted}. No further counter will be touched.", "failure"))
+                break
+
+        overall_metrics = wave_metrics(outcomes, {"checks": sum(w["metrics"]["soak_checks"] for w in wave_reports),
+                                                  "unhealthy": sum(w["metrics"]["soak_unhealthy"] for w in wave_reports)})
+        in_scope = sum(len(w.devices) for w in waves)
+        complete = not halted and len(outcomes) == in_scope and not any(o.failed for o in outcomes)
+        overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, complete)}
+        store.add(Evaluation(run_id=run.id, scope=EvaluationScope.OVERALL, verdict=overall["verdict"], metrics=overall_metrics))
+        report = report_markdown(plan.name, plan.target_version, wave_reports, overall, halted)
+        create_markdown_artifact(key=_artifact_key(plan.name, "evaluation"), markdown=report, description="Upgrade evaluation")
+        publish_final_table(plan, waves, outcomes)
+        status = "succeeded" if complete else "halted" if halted else "failed"
+        store.update(Run, run.id, status=status, ended_at=datetime.now(UTC),
+                     summary={"halted": halted, "resumable": resumable, "verdict": overall["verdict"], **overall_metrics})
+        _notify_quietly(plan, Notice(f"{plan.name}: {status}", report, "success" if complete else "failure"))
+
+    if not complete:
+        return Failed(message=halted or "not every counter in scope ended on the target version with both tests passed",
+                      data=[o.model_dump(mode="json") for o in outcomes])
+    return Completed(message=f"{len(outcomes)} counters on {plan.target_version}", data=[o.model_dump(mode="json") for o in outcomes])
+
+
+def find_paused_run(ref: str):
+    """The paused upgrade-plan flow run ``ref`` names: its id, or the plan's name (newest paused run)."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(uuid.UUID(ref))
+            return run if run.state and run.state.is_paused() else None
+        except ValueError:
+            pass
+        except Exception as e:  # not found
+            if "404" in str(e) or "not found" in str(e).lower():
+                return None
+            raise
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[ref]),
+                                          state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))),
+            sort=FlowRunSort.START_TIME_DESC, limit=1,
+        )
+        return runs[0] if runs else None
+
+
+def _notify_quietly(plan: UpgradePlan, notice: Notice) -> None:
+    """Progress notices must not stop an upgrade half-way: a failed one is logged and the plan goes on."""
+    try:
+        notify(plan.notify, notice)
+    except NotifyError as e:
+        get_run_logger().warning(str(e))
+
+
+def wait_for_approval(plan: UpgradePlan, inv: Inventory, store: Store, run_id: int, planned: PlannedWave, index: int) -> str | None:
+    """Pause until an approver who is not the initiator approves; returns why the plan stops, or None."""
+    log = get_run_logger()
+    target = f"{plan.name}/{planned.wave.name}"
+    _notify_quietly(plan, Notice(f"{plan.name}: approval needed", f"Wave {planned.wave.name} ({len(planned.devices)} counters) "
+                                 f"waits for an approver other than {plan.initiator}: counterops approve {flow_run.id} --as NAME"))
+    attempt = 0
+    while True:
+        decision = pause_flow_run(wait_for_input=WaveApproval, timeout=APPROVAL_TIMEOUT_S, poll_interval=1, key=f"approve-{index}-{attempt}")
+        attempt += 1
+        problem = approval_problem(decision.approver, inv, plan.initiator)
+        if problem:
+            store.audit(decision.approver, "approve_wave", target, run_id=run_id, outcome="refused", details={"reason": problem})
+            log.warning(f"approval refused: {problem}; waiting for a valid approver")
+            continue
+        outcome = "ok" if decision.approve else "rejected"
+        store.audit(decision.approver, "approve_wave", target, run_id=run_id, outcome=outcome, details={"comment": decision.comment})
+        if not decision.approve:
+            return f"wave {planned.wave.name} rejected by {decision.approver}" + (f": {decision.comment}" if decision.comment else "")
+        log.info(f"wave {planned.wave.name} approved by {decision.approver}")
+        return None
+
+
+def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index: int, store: Store, run_id: int,
+                  pool: ConnectionPool) -> tuple[list[CounterOutcome], list[str]]:
+    """Upgrade the wave's counters: at most ``parallelism`` at once and ``max_unavailable_per_outlet``
+    per outlet; none started once the window closes or the wave's failure threshold is passed.
+    Returns the outcomes and the ids of counters not started."""
+    total = len(planned.devices)
+    progress = create_progress_artifact(0.0, key=_artifact_key(plan.name, "wave", str(index), planned.wave.name),
+                                        description=f"Wave {planned.wave.name}: {total} counters")
+    pending = list(planned.devices)
+    running: dict[concurrent.futures.Future, object] = {}
+    busy: Counter[str] = Counter()
+    outcomes: list[CounterOutcome] = []
+    while pending or running:
+        failed = sum(o.failed for o in outcomes)
+        may_start = plan.window_is_open(datetime.now(UTC)) and wave_within_limits(planned.wave, failed, total)
+        if may_start:
+            for device in list(pending):
+                if len(running) >= plan.parallelism:
+                    break
+                if busy[device.outlet] >= plan.max_unavailable_per_outlet:
+                    continue
+                future = upgrade_counter.with_options(
+                    task_run_name=device.id, tags={f"branch:{device.branch}", f"outlet:{device.outlet}", f"wave:{planned.wave.name}"}
+                ).submit(device, plan, inv.ssh, run_id, index, pool, store)
+                running[future.wrapped_future] = (future, device)
+                busy[device.outlet] += 1
+                pending.remove(device)
+        if not running:
+            break  # window closed or threshold passed: the rest of the wave is not started
+        finished, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
+        for wrapped in finished:
+            future, device = running.pop(wrapped)
+            busy[device.outlet] -= 1
+            outcomes.append(_outcome(future, device, index))
+        update_progress_artifact(progress, 100.0 * len(outcomes) / total,
+                                 description=f"Wave {planned.wave.name}: {len(outcomes)} of {total} done, "
+                                             f"{sum(o.failed for o in outcomes)} failed")
+    return outcomes, [d.id for d in pending]
+
+
+def _outcome(future, device, index: int) -> CounterOutcome:
+    """The task's outcome; a crash inside the task (a bug, not a counter fault) counts as a failure."""
+    result = future.result(raise_on_failure=False)
+    if isinstance(result, CounterOutcome):
+        return result
+    now = datetime.now(UTC)
+    return CounterOutcome(device_id=device.id, branch=device.branch, outlet=device.outlet, wave=index, status="failed",
+                          failed_step="internal", error=f"task crashed: {result!r}", started_at=now, ended_at=now)
+
+
+def publish_final_table(plan: UpgradePlan, waves: list[PlannedWave], outcomes: list[CounterOutcome]) -> None:
+    """Each counter in scope with its final state and failing step — branch IT's view."""
+    by_id = {o.device_id: o for o in outcomes}
+    rows = []
+    for index, planned in enumerate(waves):
+        for d in planned.devices:
+            o = by_id.get(d.id)
+            rows.append({
+                "counter": d.id, "branch": d.branch, "outlet": d.outlet, "wave": planned.wave.name,
+                "state": o.status if o else "not started", "version": (o.version or "") if o else "",
+                "failed step": (o.failed_step or "") if o else "", "error": ((o.error or "")[:300]) if o else "",
+            })
+    create_table_artifact(key=_artifact_key(plan.name, "counters"), table=rows, description=f"{plan.name}: every counter's final state")

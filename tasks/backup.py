@@ -1,0 +1,488 @@
+"""Backing up a counter's data before an upgrade, and putting it back.
+
+The bank's rules: a counter's data is backed up before it is upgraded, every
+backup is kept off-site as well, and a restore must be verifiable.
+
+A backup is taken on the counter, into a private staging directory under its
+``tmp``: every SQLite database (``*.db``) is copied with SQLite's online backup
+API, so the copy is consistent even while the app writes; each copy must pass
+``PRAGMA integrity_check`` and the customer tables' rows are counted. The copy
+is archived (``tar.gz``, paths relative to the counter's root, e.g.
+``var/lib/smartcounter/counter.db``), downloaded, copied off-site, both copies
+read back and checked against one sha256, and only then given their final
+names and recorded. A restore uploads a verified copy, unpacks and checks it
+on the counter (integrity, row counts equal to the backup's) and only then
+swaps each path in whole.
+
+What runs on the counter is :data:`COUNTER_HELPER`, a constant Python script
+(standard library only: the counter has ``/usr/bin/python3`` but no ``sqlite3``
+command) fed on stdin, with every value as an argument. The archives hold
+customer data: they are 0600 in 0700 directories, and nothing here logs a row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from inventory.models import Backup, Device, utcnow
+from inventory.store import Store, counterops_home
+from tasks.ssh import CommandFailed, Connection, SSHError, remote_path, sh, sha256_file
+
+COUNTER_PYTHON = "/usr/bin/python3"
+ARCHIVE = "backup.tar.gz"  # name of the archive inside a staging directory on the counter
+Source = Literal["local", "offsite"]
+
+COUNTER_HELPER = r'''
+"""counterops backup helper: run on the counter as `python3 - COMMAND ARGS...`.
+
+snapshot ROOT STAGING PATH...  copy each ROOT/PATH to STAGING/tree/PATH, check it, archive it
+                               to STAGING/backup.tar.gz; print the customer tables' row counts
+check TREE                     check every database under TREE; print the row counts
+swap ROOT TREE PATH...         replace each ROOT/PATH with TREE/PATH
+"""
+import json, os, shutil, sqlite3, sys, tarfile, tempfile, urllib.parse
+
+CUSTOMER_TABLES = ("customers", "cards", "transactions")
+JOURNALS = (".db-journal", ".db-wal", ".db-shm")
+
+
+def open_db(path, mode):
+    return sqlite3.connect("file:%s?mode=%s" % (urllib.parse.quote(path), mode), uri=True, timeout=30)
+
+
+def copy_file(src, dst):
+    """A database through SQLite's backup API (a consistent copy while the app writes),
+    any other file as it is."""
+    if not src.endswith(".db"):
+        try:
+            shutil.copy2(src, dst)
+        except FileNotFoundError:
+            pass  # a temporary file renamed over its target while we listed: the target is copied
+        return
+    # Read-write, not read-only: after a crash, a hot journal must be rolled back (as any
+    # reader would) before the database shows what was committed.
+    try:
+        source, target = open_db(src, "rw"), sqlite3.connect(dst)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+            source.close()
+    except sqlite3.Error as e:
+        sys.exit("%s: %s" % (src, e))
+    shutil.copymode(src, dst)
+
+
+def skip_journals(directory, names):
+    """A live journal belongs to the live database; the backup API's copy holds what is committed."""
+    return [name for name in names if name.endswith(JOURNALS)]
+
+
+def databases(tree):
+    found = []
+    for directory, subdirs, files in os.walk(tree):
+        subdirs.sort()
+        found += [os.path.join(directory, name) for name in sorted(files) if name.endswith(".db")]
+    return found
+
+
+def check(tree):
+    """integrity_check every database under TREE; the customer tables' row counts, summed."""
+    counts = {}
+    for path in databases(tree):
+        name = os.path.relpath(path, tree)
+        try:
+            db = open_db(path, "ro")
+            try:
+                verdict = [row[0] for row in db.execute("PRAGMA integrity_check")]
+                if verdict != ["ok"]:
+                    sys.exit("%s: integrity_check: %s" % (name, "; ".join(verdict[:3])))
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                for table in CUSTOMER_TABLES:
+                    if table in tables:
+                        rows = db.execute('SELECT COUNT(*) FROM "%s"' % table).fetchone()[0]
+                        counts[table] = counts.get(table, 0) + rows
+            finally:
+                db.close()
+        except sqlite3.Error as e:
+            sys.exit("%s: %s" % (name, e))
+    return counts
+
+
+def snapshot(root, staging, paths):
+    tree = os.path.join(staging, "tree")
+    for path in paths:
+        src, dst = os.path.join(root, path), os.path.join(tree, path)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True, ignore=skip_journals, copy_function=copy_file)
+        elif os.path.isfile(src):
+            copy_file(src, dst)
+        else:
+            sys.exit("%s: no such file or directory on the counter" % path)
+    counts = check(tree)
+    with tarfile.open(os.path.join(staging, "backup.tar.gz"), "w:gz") as tar:
+        for path in paths:
+            tar.add(os.path.join(tree, path), arcname=path)
+    return counts
+
+
+def swap(root, tree, paths):
+    """Each ROOT/PATH is at every moment either the old or the restored one, whole.
+
+    The restored copies are first moved beside their live paths (the slow part, which may
+    copy across file systems) into private holders; then each live path is renamed into its
+    holder and the restored one renamed in. If that fails, the live path is put back, and a
+    holder that still keeps live data is left for a human rather than deleted.
+    """
+    holders = []
+    try:
+        for path in paths:
+            live = os.path.join(root, path)
+            holders.append(tempfile.mkdtemp(prefix=".counterops-restore-", dir=os.path.dirname(live)))
+            shutil.move(os.path.join(tree, path), os.path.join(holders[-1], "new"))
+        for path, holder in zip(paths, holders):
+            replace(os.path.join(root, path), holder)
+    except BaseException:
+        for holder in holders:
+            shutil.rmtree(os.path.join(holder, "new"), ignore_errors=True)
+            try:
+                os.rmdir(holder)
+            except OSError:
+                print("kept the replaced data in %s" % holder, file=sys.stderr)
+        raise
+    for holder in holders:
+        shutil.rmtree(holder)
+    return {}
+
+
+def replace(live, holder):
+    old, new = os.path.join(holder, "old"), os.path.join(holder, "new")
+    if os.path.lexists(live):
+        os.rename(live, old)
+    try:
+        os.rename(new, live)
+    except OSError:
+        if os.path.lexists(old):
+            os.rename(old, live)
+        raise
+
+
+def main(command, *args):
+    os.umask(0o077)
+    if command == "snapshot":
+        return snapshot(args[0], args[1], args[2:])
+    if command == "check":
+        return check(args[0])
+    if command == "swap":
+        return swap(args[0], args[1], args[2:])
+    sys.exit("unknown command %r" % command)
+
+
+try:
+    print(json.dumps(main(*sys.argv[1:])))
+except (OSError, shutil.Error, sqlite3.Error) as e:
+    sys.exit("%s: %s" % (type(e).__name__, e))
+'''
+
+
+class BackupError(Exception):
+    """A backup or restore failed; ``stage`` says where ("snapshot", "offsite", "check", ...),
+    so a run record tells a full disk on the counter from a lost off-site mount."""
+
+    def __init__(self, device_id: str, stage: str, reason: str):
+        super().__init__(f"{device_id}: {stage}: {reason}")
+        self.device_id = device_id
+        self.stage = stage
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- the stores
+
+
+def backup_dirs() -> tuple[Path, Path]:
+    """The local and the off-site backup store, created 0700 if missing (they hold customer data).
+
+    ``$COUNTEROPS_BACKUP_DIR`` (default ``$COUNTEROPS_HOME/backups``) and
+    ``$COUNTEROPS_OFFSITE_DIR`` (default ``$COUNTEROPS_HOME/offsite``; a real
+    deployment points it at another site's mount).
+    """
+    return _store_dir("COUNTEROPS_BACKUP_DIR", "backups"), _store_dir("COUNTEROPS_OFFSITE_DIR", "offsite")
+
+
+def _store_dir(variable: str, default_name: str) -> Path:
+    configured = os.environ.get(variable, "").strip()
+    path = Path(configured).expanduser() if configured else counterops_home() / default_name
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def _device_dir(store_dir: Path, device_id: str) -> Path:
+    path = store_dir / device_id
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _write_verified_copy(src: Path, dst: Path, sha256: str) -> None:
+    """Copy ``src`` to ``dst`` (0600), fsync it, drop it from the page cache and read it back:
+    a copy on another site's mount only counts once what is on its disk checks out."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "wb") as out, open(src, "rb") as data:
+        shutil.copyfileobj(data, out, 1 << 20)
+        out.flush()
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    got = sha256_file(dst)
+    if got != sha256:
+        raise OSError(f"{dst} reads back with sha256 {got}, expected {sha256}")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Give a verified file its final name, durably (the directory entry is fsynced too)."""
+    os.rename(tmp, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# ----------------------------------------------------------------------------- verifying copies
+
+
+def verify_backup(backup: Backup) -> list[str]:
+    """What is wrong with a backup's copies: each line names a missing or changed copy.
+    An empty list means both the local and the off-site copy match the recorded sha256."""
+    return [problem for _, path, problem in _copies(backup) if problem]
+
+
+def _copies(backup: Backup) -> list[tuple[Source, Path | None, str | None]]:
+    """(which, where, what is wrong with it or None) for the local and the off-site copy."""
+    offsite = None if backup.offsite_path is None else Path(backup.offsite_path)
+    return [
+        ("local", Path(backup.path), _copy_problem("local", Path(backup.path), backup.sha256)),
+        (
+            "offsite",
+            offsite,
+            "no off-site copy recorded"
+            if offsite is None
+            else _copy_problem("off-site", offsite, backup.offsite_sha256 or backup.sha256),
+        ),
+    ]
+
+
+def _copy_problem(label: str, path: Path, expected: str) -> str | None:
+    try:
+        got = sha256_file(path)
+    except FileNotFoundError:
+        return f"{label} copy {path} is missing"
+    except OSError as e:
+        return f"{label} copy {path} cannot be read: {e.strerror or e}"
+    if got != expected:
+        return f"{label} copy {path} has sha256 {got}, the backup recorded {expected}"
+    return None
+
+
+def _good_copy(backup: Backup) -> tuple[Source, Path]:
+    """The local copy if it verifies, else the off-site one; BackupError when neither does."""
+    copies = _copies(backup)
+    for source, path, problem in copies:
+        if problem is None and path is not None:
+            return source, path
+    raise BackupError(backup.device_id, "verify", f"no intact copy of backup {backup.id}: " + "; ".join(p for _, _, p in copies if p))
+
+
+# ----------------------------------------------------------------------------- on the counter
+
+
+def _reason(e: Exception) -> str:
+    """The useful part of an error: a failed remote command's own message, not its command line."""
+    if isinstance(e, CommandFailed):
+        return (e.result.stderr or e.result.stdout).strip()[-2000:] or e.reason
+    if isinstance(e, SSHError):
+        return e.reason
+    return str(e) or type(e).__name__
+
+
+@contextmanager
+def _stage(device_id: str, stage: str) -> Iterator[None]:
+    """Any failure inside becomes a BackupError naming the device and ``stage``."""
+    try:
+        yield
+    except BackupError:
+        raise
+    except Exception as e:
+        raise BackupError(device_id, stage, _reason(e)) from e
+
+
+@contextmanager
+def _counter_staging(conn: Connection, device: Device, purpose: str) -> Iterator[str]:
+    """A fresh private directory under the counter's ``tmp``, removed afterwards whatever
+    happened: it holds a copy of customer data. (Removal after a failure is best effort:
+    the first error is the one to report, and a lost link cannot remove anything.)"""
+    with _stage(device.id, f"{purpose} staging"):
+        template = remote_path(device.root, "tmp", f"counterops-{purpose}.XXXXXX")
+        staging = conn.run(["mktemp", "-d", template]).stdout.strip()
+    try:
+        yield staging
+    except BaseException:
+        with suppress(SSHError):
+            conn.run(["rm", "-rf", "--", staging], check=False, timeout=60)
+        raise
+    with _stage(device.id, "cleanup"):
+        conn.run(["rm", "-rf", "--", staging], timeout=60)
+
+
+def _helper(conn: Connection, command: str, *args: str) -> dict[str, int]:
+    """Run COUNTER_HELPER's ``command`` on the counter; its JSON answer (row counts, or {})."""
+    result = conn.run([COUNTER_PYTHON, "-", command, *args], stdin=COUNTER_HELPER.encode())
+    return json.loads(result.stdout)
+
+
+def _relative_paths(paths: Sequence[str]) -> list[str]:
+    """The paths as the playbook lists them: below the counter's root, none inside another
+    (a path inside another would be archived and swapped twice)."""
+    if isinstance(paths, str) or not paths:
+        raise ValueError(f"paths must be a non-empty list of paths, got {paths!r}")
+    checked = [PurePosixPath(p) for p in paths]
+    for p in checked:
+        if p.is_absolute() or ".." in p.parts or not p.parts:
+            raise ValueError(f"backup path {str(p)!r} must be relative to the counter's root, without '..'")
+    if len(set(checked)) < len(checked):
+        raise ValueError(f"backup paths list a path twice: {paths!r}")
+    for p in checked:
+        for other in checked:
+            if p != other and p.is_relative_to(other):
+                raise ValueError(f"backup path {str(p)!r} is inside {str(other)!r}")
+    return [str(p) for p in checked]
+
+
+# ----------------------------------------------------------------------------- backup
+
+
+def take_backup(
+    conn: Connection,
+    device: Device,
+    paths: Sequence[str],
+    *,
+    store: Store,
+    run_id: int | None = None,
+) -> Backup:
+    """Back up ``paths`` (relative to the counter's root) and record the backup; returns the record.
+
+    The archive lands as ``<device_id>/<YYYYmmddTHHMMSSZ>-<sha8>.tar.gz`` in the
+    local and the off-site store; both copies are checked against the sha256 the
+    counter computed before they get that name, so a name in a store is always
+    a whole, verified backup. Raises BackupError (naming the stage) on any
+    failure, leaving nothing in the stores and no staging on the counter.
+    """
+    paths = _relative_paths(paths)
+    with _stage(device.id, "stores"):
+        local_dir, offsite_dir = (_device_dir(d, device.id) for d in backup_dirs())
+    taken_at = utcnow()
+    partial = f".{taken_at:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}.partial"
+    local_tmp, offsite_tmp = local_dir / partial, offsite_dir / partial
+    published: list[Path] = []
+    try:
+        with _counter_staging(conn, device, "backup") as staging:
+            with _stage(device.id, "snapshot"):
+                row_counts = _helper(conn, "snapshot", device.root, staging, *paths)
+            with _stage(device.id, "download"):
+                sha256 = conn.get(f"{staging}/{ARCHIVE}", local_tmp)
+                local_tmp.chmod(0o600)
+        with _stage(device.id, "offsite"):
+            _write_verified_copy(local_tmp, offsite_tmp, sha256)
+        with _stage(device.id, "record"):
+            name = f"{taken_at:%Y%m%dT%H%M%SZ}-{sha256[:8]}.tar.gz"
+            for tmp, final in ((local_tmp, local_dir / name), (offsite_tmp, offsite_dir / name)):
+                _publish(tmp, final)
+                published.append(final)
+            return store.add(
+                Backup(
+                    device_id=device.id,
+                    run_id=run_id,
+                    taken_at=taken_at,
+                    path=str(published[0]),
+                    sha256=sha256,
+                    size_bytes=published[0].stat().st_size,
+                    offsite_path=str(published[1]),
+                    offsite_sha256=sha256,
+                    verified_at=utcnow(),
+                    row_counts=row_counts,
+                )
+            )
+    except BaseException:
+        for path in (local_tmp, offsite_tmp, *published):
+            path.unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- restore
+
+
+def _expect_counts(device_id: str, got: dict[str, int], backup: Backup) -> None:
+    if got != backup.row_counts:
+        raise BackupError(device_id, "check", f"restored row counts {got} differ from backup {backup.id}'s {backup.row_counts}")
+
+
+def restore_backup(conn: Connection, device: Device, backup: Backup, paths: Sequence[str]) -> Source:
+    """Put ``paths`` on the counter back as they were in ``backup``; returns the copy used.
+
+    The caller has stopped the counter app. The local copy is used if it
+    verifies, else the off-site one; with neither intact, BackupError is raised
+    before anything reaches the counter. The restored data is checked on the
+    counter (integrity, row counts equal to the backup's) before it replaces
+    the live paths, each in one rename, so live data is never half-replaced.
+    """
+    paths = _relative_paths(paths)
+    source, archive = _good_copy(backup)
+    with _counter_staging(conn, device, "restore") as staging:
+        uploaded, tree = f"{staging}/{ARCHIVE}", f"{staging}/tree"
+        with _stage(device.id, "upload"):
+            if conn.put(archive, uploaded, mode=0o600) != backup.sha256:
+                raise BackupError(device.id, "upload", f"{archive} changed after it was verified")
+        with _stage(device.id, "unpack"):
+            conn.run(sh('mkdir -- "$2" && tar -xzpf "$1" -C "$2" --no-same-owner', uploaded, tree))
+        with _stage(device.id, "check"):
+            _expect_counts(device.id, _helper(conn, "check", tree), backup)
+        with _stage(device.id, "swap"):
+            _helper(conn, "swap", device.root, tree, *paths)
+    return source
+
+
+def restore_to_scratch(backup: Backup, scratch_dir: Path) -> dict:
+    """Restore drill: unpack a verified copy into an empty LOCAL ``scratch_dir`` and check it
+    (integrity, row counts equal to the backup's) without going near the counter.
+
+    Runs COUNTER_HELPER's own check with the local Python, so a drill proves what
+    a restore on the counter would check. ``scratch_dir`` then holds customer
+    data: the caller removes it. Returns source, row_counts, integrity and seconds.
+    """
+    started = time.monotonic()
+    source, archive = _good_copy(backup)
+    scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if any(scratch_dir.iterdir()):
+        raise ValueError(f"{scratch_dir} is not empty: a drill must count only what the backup holds")
+    with _stage(backup.device_id, "unpack"), tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(scratch_dir, filter="data")
+    with _stage(backup.device_id, "check"):
+        checked = subprocess.run(
+            [sys.executable, "-", "check", str(scratch_dir)],
+            input=COUNTER_HELPER, capture_output=True, text=True, timeout=600,
+        )
+        if checked.returncode != 0:
+            raise BackupError(backup.device_id, "check", checked.stderr.strip()[-2000:])
+        row_counts = json.loads(checked.stdout)
+        _expect_counts(backup.device_id, row_counts, backup)
+    return {"source": source, "row_counts": row_counts, "integrity": "ok", "seconds": round(time.monotonic() - started, 3)}

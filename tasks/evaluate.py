@@ -1,0 +1,122 @@
+"""Evaluating an upgrade, as the bank asks: stability, efficiency, customer experience.
+
+Stability: how many counters ended upgraded, rolled back or failed, and how
+healthy the upgraded ones stayed during the soak. Efficiency: time per
+counter and counters per minute. Customer experience: the business test's
+latency before and after, business error counts, restarts.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+from inventory.models import Device
+from tasks.checks import read_health
+from tasks.rollout import CounterOutcome
+
+
+def watch_health(devices: Sequence[Device], seconds: float) -> dict:
+    """Poll each counter's /health for ``seconds`` (the soak); count healthy and unhealthy answers."""
+    checks = unhealthy = 0
+    sick: set[str] = set()
+    if not devices or seconds <= 0:
+        return {"seconds": 0, "checks": 0, "unhealthy": 0, "unhealthy_devices": []}
+    interval = min(5.0, max(0.5, seconds / 10))
+    deadline = time.monotonic() + seconds
+    while True:
+        for d in devices:
+            health = read_health(d, timeout=2.0) or {}
+            checks += 1
+            if health.get("status") != "ok":
+                unhealthy += 1
+                sick.add(d.id)
+        if time.monotonic() + interval > deadline:
+            break
+        time.sleep(interval)
+    return {"seconds": seconds, "checks": checks, "unhealthy": unhealthy, "unhealthy_devices": sorted(sick)}
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 2) if values else None
+
+
+def _delta(outcomes: Sequence[CounterOutcome], key: str) -> int:
+    total = 0
+    for o in outcomes:
+        b, a = o.before.get(key), o.after.get(key)
+        if isinstance(a, int) and isinstance(b, int):
+            total += max(0, a - b)
+    return total
+
+
+def wave_metrics(outcomes: Sequence[CounterOutcome], soak: dict | None = None) -> dict:
+    """Before/after figures of one wave (or of the whole plan when given every outcome)."""
+    by_status: dict[str, int] = {}
+    for o in outcomes:
+        by_status[o.status] = by_status.get(o.status, 0) + 1
+    worked = [o for o in outcomes if o.status == "upgraded"]
+    durations = [(o.ended_at - o.started_at).total_seconds() for o in worked if o.ended_at]
+    before = [o.before["business_latency_ms"] for o in worked if "business_latency_ms" in o.before]
+    after = [o.after["business_latency_ms"] for o in worked if "business_latency_ms" in o.after]
+    latency_before, latency_after = _mean(before), _mean(after)
+    change = None
+    if latency_before and latency_after is not None:
+        change = round(100 * (latency_after - latency_before) / latency_before, 1)
+    span = [o for o in outcomes if o.ended_at]
+    wall = (max(o.ended_at for o in span) - min(o.started_at for o in span)).total_seconds() if span else 0.0
+    soak = soak or {}
+    return {
+        "counters": len(outcomes),
+        "upgraded": by_status.get("upgraded", 0),
+        "already_current": by_status.get("already_current", 0),
+        "rolled_back": by_status.get("rolled_back", 0),
+        "failed": by_status.get("failed", 0),
+        "success_rate": round((len(outcomes) - sum(o.failed for o in outcomes)) / len(outcomes), 3) if outcomes else None,
+        "mean_counter_s": _mean(durations),
+        "max_counter_s": round(max(durations), 2) if durations else None,
+        "wall_s": round(wall, 2),
+        "counters_per_minute": round(len(worked) / wall * 60, 1) if wall > 0 else None,
+        "business_latency_ms_before": latency_before,
+        "business_latency_ms_after": latency_after,
+        "business_latency_change_pct": change,
+        "new_business_errors": _delta(worked, "business_errors_total"),
+        "soak_checks": soak.get("checks", 0),
+        "soak_unhealthy": soak.get("unhealthy", 0),
+        "soak_unhealthy_devices": soak.get("unhealthy_devices", []),
+    }
+
+
+def verdict(metrics: dict, within_limits: bool) -> str:
+    """``stable`` (nothing failed, healthy through the soak), ``acceptable`` (failures within the
+    wave's limits), or ``unstable`` (limits passed, or counters unhealthy after the upgrade)."""
+    if not within_limits or metrics["soak_unhealthy"]:
+        return "unstable"
+    if metrics["rolled_back"] or metrics["failed"]:
+        return "acceptable"
+    return "stable"
+
+
+def report_markdown(plan_name: str, target: str, waves: list[dict], overall: dict, halted: str | None) -> str:
+    """The evaluation head office reads: one table per wave and the overall verdict."""
+    lines = [f"# Upgrade evaluation: {plan_name} → {target}", ""]
+    lines.append(f"**Overall verdict: {overall['verdict']}**" + (f" — halted: {halted}" if halted else ""))
+    lines.append("")
+    rows = [
+        ("Counters", "counters"), ("Upgraded", "upgraded"), ("Already on target", "already_current"),
+        ("Rolled back", "rolled_back"), ("Failed (not restored)", "failed"), ("Success rate", "success_rate"),
+        ("Mean time per counter (s)", "mean_counter_s"), ("Counters per minute", "counters_per_minute"),
+        ("Business latency before (ms)", "business_latency_ms_before"), ("Business latency after (ms)", "business_latency_ms_after"),
+        ("Latency change (%)", "business_latency_change_pct"), ("New business errors", "new_business_errors"),
+        ("Soak checks / unhealthy", None),
+    ]
+    header = "| | " + " | ".join(w["name"] for w in waves) + " | overall |"
+    lines += [header, "|---" * (len(waves) + 2) + "|"]
+    for label, key in rows:
+        cells = []
+        for m in [w["metrics"] for w in waves] + [overall["metrics"]]:
+            cells.append(f"{m['soak_checks']} / {m['soak_unhealthy']}" if key is None else ("—" if m.get(key) is None else str(m[key])))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| wave | verdict |", "|---|---|"] + [f"| {w['name']} | {w['verdict']} |" for w in waves]
+    return "\n".join(lines)

@@ -1,0 +1,324 @@
+"""Upgrading one counter, step by step, as the bank's manual says.
+
+precheck → drain → backup → install → functional test → business test →
+back into service. A failure at any step after drain rolls the counter back:
+previous release, data restored from its verified backup, restart, health
+checked, back into service on the old version. Every step is recorded in the
+store (``device_steps``) with its times, so the run can be audited and the
+outlet limit verified afterwards.
+
+The whole pipeline is ONE Prefect task run per counter: the Prefect server
+needs ≈ 50–70 ms to take in a task run, so per-step task runs would not scale
+to thousands of counters; the steps live in our own records instead.
+
+Resuming: the decision is made from the counter's real state (read over SSH)
+and from our records, never from Prefect's result cache. A counter already on
+the target version that passes both tests is left alone; a counter whose
+previous attempt died mid-install is first put back exactly as its verified
+backup was, then upgraded afresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from inventory.models import Backup, Device, DeviceStep, RunKind, SSHSettings, UpgradeStep
+from inventory.plan import UpgradePlan
+from inventory.store import Store
+from playbooks import load_playbook
+from tasks.backup import restore_backup, take_backup
+from tasks.checks import business_test, functional_test, read_health
+from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, run_steps
+from tasks.ssh import ConnectionPool, SSHError
+from tasks.ssh import sh as shell
+
+MIN_FREE_DISK_FACTOR = 4  # free space wanted on the counter, in package sizes (upload + unpack + backup)
+HTTP_TIMEOUT_S = 5.0
+
+Status = Literal["upgraded", "already_current", "rolled_back", "failed"]
+
+
+class CounterOutcome(BaseModel):
+    """How one counter ended; the wave's verdict and the final table are built from these."""
+
+    device_id: str
+    branch: str
+    outlet: str
+    wave: int
+    status: Status
+    from_version: str | None = None
+    version: str | None = None  # the version it runs at the end
+    failed_step: str | None = None
+    error: str | None = None
+    backup_id: int | None = None
+    rollback_error: str | None = None
+    before: dict = {}  # metrics before the upgrade (business latency, error counts, restarts)
+    after: dict = {}
+    started_at: datetime
+    ended_at: datetime | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("rolled_back", "failed")
+
+
+class _StepFailure(Exception):
+    def __init__(self, step: UpgradeStep, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+class _Recorder:
+    """Writes each step's start and end to ``device_steps``."""
+
+    def __init__(self, store: Store, run_id: int, device_id: str, wave: int):
+        self.store, self.run_id, self.device_id, self.wave = store, run_id, device_id, wave
+
+    @contextmanager
+    def step(self, step: UpgradeStep, **details) -> Iterator[dict]:
+        row = self.store.add(DeviceStep(run_id=self.run_id, device_id=self.device_id, wave=self.wave, step=step, details=details))
+        extra: dict = {}
+        try:
+            yield extra
+        except Exception as e:
+            self.store.update(DeviceStep, row.id, status="failed", ended_at=datetime.now(UTC), error=str(e)[:2000], details=details | extra)
+            raise
+        self.store.update(DeviceStep, row.id, status="ok", ended_at=datetime.now(UTC), details=details | extra)
+
+
+def read_metrics(device: Device) -> dict:
+    """The counter app's ``/metrics`` (empty when it does not answer)."""
+    try:
+        r = httpx.get(f"http://{device.host}:{device.http_port}/metrics", timeout=HTTP_TIMEOUT_S)
+        r.raise_for_status()
+        return r.json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def set_in_service(device: Device, in_service: bool, reason: str) -> None:
+    """Take the counter out of service (maintenance mode) or put it back; verified by reading it back."""
+    base = f"http://{device.host}:{device.http_port}"
+    with httpx.Client(base_url=base, timeout=HTTP_TIMEOUT_S) as client:
+        client.post("/maintenance", json={"in_service": in_service, "reason": reason}).raise_for_status()
+        now = client.get("/maintenance").json()
+    if now.get("in_service") is not in_service:
+        raise RuntimeError(f"maintenance mode did not change: counter says in_service={now.get('in_service')}")
+
+
+def _snapshot(device: Device, business: dict | None = None) -> dict:
+    m = read_metrics(device)
+    snap = {
+        "business_errors_total": m.get("business_errors_total"),
+        "restarts": m.get("restarts"),
+        "latency_ms_p95": (m.get("latency_ms") or {}).get("p95"),
+    }
+    if business is not None:
+        snap["business_latency_ms"] = round(sum(business.values()), 2)
+    return snap
+
+
+def unfinished_install(store: Store, plan_name: str, device_id: str, current_run_id: int) -> tuple[Backup, str] | None:
+    """An earlier run of this plan whose install on this counter started and never finished.
+
+    That counter may hold half-migrated data, or even the new release with
+    untested data: it is put back from that run's verified backup, on the
+    version it had then, before anything else happens to it. Returns the
+    backup and that version.
+    """
+    for run in store.runs(kind=RunKind.UPGRADE, limit=50):
+        if run.name != plan_name or run.id == current_run_id:
+            continue
+        steps = store.device_steps(run.id, device_id)
+        installs = [s for s in steps if s.step == UpgradeStep.INSTALL]
+        settled = any(s.step == UpgradeStep.ROLLBACK and s.status == "ok" for s in steps)
+        if installs and installs[-1].status == "running" and not settled:
+            backups = store.backups(device_id=device_id, run_id=run.id, limit=1)
+            prechecks = [s for s in steps if s.step == UpgradeStep.PRECHECK and s.status == "ok"]
+            if backups and prechecks:
+                return backups[0], prechecks[-1].details["installed_version"]
+    return None
+
+
+def upgrade_counter_pipeline(
+    device: Device,
+    plan: UpgradePlan,
+    ssh: SSHSettings,
+    *,
+    run_id: int,
+    wave: int,
+    store: Store,
+    pool: ConnectionPool,
+) -> CounterOutcome:
+    """Run the upgrade procedure on one counter and return how it ended (never raises for the counter's faults)."""
+    playbook = load_playbook(plan.playbook)
+    rec = _Recorder(store, run_id, device.id, wave)
+    out = CounterOutcome(device_id=device.id, branch=device.branch, outlet=device.outlet, wave=wave, status="failed",
+                         started_at=datetime.now(UTC))
+    reason = f"upgrade {plan.name}"
+    drained = False
+    backup: Backup | None = None
+    vars: dict[str, str] = {}
+
+    def fail(step: UpgradeStep, message: str) -> CounterOutcome:
+        out.failed_step, out.error = step.value, message
+        out.ended_at = datetime.now(UTC)
+        return out
+
+    # 1. precheck — look before touching anything
+    try:
+        with rec.step(UpgradeStep.PRECHECK) as found:
+            conn = pool.connection(device)
+            facts = read_facts(conn, playbook, device_vars(device))
+            out.from_version = out.version = facts["installed_version"]
+            found["installed_version"] = out.from_version
+            free_mb = int(conn.run(shell('df -Pk -- "$1" | tail -n 1', device.root)).stdout.split()[3]) // 1024
+            need_mb = MIN_FREE_DISK_FACTOR * Path(plan.package).stat().st_size // (1024 * 1024) + 1
+            found["free_disk_mb"] = free_mb
+            if free_mb < need_mb:
+                raise RuntimeError(f"only {free_mb} MB free on the counter, {need_mb} MB needed")
+            leftover = unfinished_install(store, plan.name, device.id, run_id)
+            if leftover is not None:
+                backup_then, version_then = leftover
+                found["recovered_from_backup"] = backup_then.id
+                _recover(conn, device, plan, playbook, backup_then, version_then)
+                out.from_version = out.version = found["installed_version"] = read_facts(conn, playbook, device_vars(device))["installed_version"]
+            health = read_health(device)
+            if health is None:
+                raise RuntimeError("counter app does not answer /health")
+            found["app_status"] = health.get("status")
+    except (SSHError, OSError, RuntimeError, ValueError, StepFailed) as e:
+        return fail(UpgradeStep.PRECHECK, str(e))
+
+    if out.from_version == plan.target_version:
+        return _confirm_current(device, plan, rec, out, reason)
+
+    before_business = business_test(device)
+    out.before = _snapshot(device, before_business.latency_ms)
+
+    try:
+        # 2. drain — out of service for customers, test mode still answers
+        with rec.step(UpgradeStep.DRAIN):
+            set_in_service(device, False, reason)
+            drained = True
+        # 3. backup — verified on both ends, second copy off-site, recorded
+        with rec.step(UpgradeStep.BACKUP) as found:
+            backup = take_backup(conn, device, playbook.backup.paths, store=store, run_id=run_id)
+            out.backup_id = found["backup_id"] = backup.id
+        # 4. install — the playbook, step by step
+        vars = playbook_vars(device, version=plan.target_version, previous_version=out.from_version,
+                             package=Path(plan.package), package_sha256=plan.package_sha256 or "")
+        with rec.step(UpgradeStep.INSTALL) as found:
+            found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, playbook.install, vars)]
+        out.version = plan.target_version
+        # 5. system-function test
+        with rec.step(UpgradeStep.FUNCTIONAL_TEST) as found:
+            report = functional_test(device, plan.target_version)
+            found["problems"] = report.problems
+            if not report.passed:
+                raise RuntimeError("; ".join(report.problems))
+        # 6. business test: card opening, activation, transfer, account change
+        with rec.step(UpgradeStep.BUSINESS_TEST) as found:
+            report = business_test(device)
+            found |= {"problems": report.problems, "latency_ms": report.latency_ms}
+            if not report.passed:
+                raise RuntimeError("; ".join(report.problems))
+            out.after = _snapshot(device, report.latency_ms)
+        # 7. back into service
+        with rec.step(UpgradeStep.RESTORE_SERVICE):
+            set_in_service(device, True, reason)
+    except Exception as e:  # any failure after drain: roll back, whatever it was
+        failed_step = _last_step(store, run_id, device.id)
+        out.failed_step, out.error = failed_step, _describe(e)
+        if drained:
+            _roll_back(device, plan, playbook, rec, out, conn, backup, vars, reason)
+        out.ended_at = datetime.now(UTC)
+        return out
+
+    out.status = "upgraded"
+    out.ended_at = datetime.now(UTC)
+    return out
+
+
+def _describe(e: Exception) -> str:
+    return e.message if isinstance(e, StepFailed) else str(e)
+
+
+def _last_step(store: Store, run_id: int, device_id: str) -> str:
+    steps = store.device_steps(run_id, device_id)
+    failed = [s for s in steps if s.status == "failed"]
+    return (failed[-1] if failed else steps[-1]).step.value
+
+
+def _confirm_current(device: Device, plan: UpgradePlan, rec: _Recorder, out: CounterOutcome, reason: str) -> CounterOutcome:
+    """Already on the target version: prove it works (both tests), make sure it serves customers, touch nothing else."""
+    try:
+        with rec.step(UpgradeStep.FUNCTIONAL_TEST, already_current=True) as found:
+            report = functional_test(device, plan.target_version)
+            found["problems"] = report.problems
+            if not report.passed:
+                raise RuntimeError("; ".join(report.problems))
+        with rec.step(UpgradeStep.BUSINESS_TEST, already_current=True) as found:
+            report = business_test(device)
+            found |= {"problems": report.problems, "latency_ms": report.latency_ms}
+            if not report.passed:
+                raise RuntimeError("; ".join(report.problems))
+            out.after = _snapshot(device, report.latency_ms)
+        health = read_health(device) or {}
+        if health.get("in_service") is False:  # left drained by an interrupted run
+            with rec.step(UpgradeStep.RESTORE_SERVICE, already_current=True):
+                set_in_service(device, True, reason)
+    except Exception as e:
+        out.failed_step, out.error = _last_step(rec.store, rec.run_id, device.id), str(e)
+        out.ended_at = datetime.now(UTC)
+        return out
+    out.status = "already_current"
+    out.ended_at = datetime.now(UTC)
+    return out
+
+
+def _roll_back(device, plan, playbook, rec: _Recorder, out: CounterOutcome, conn, backup: Backup | None, vars: dict, reason: str) -> None:
+    """Previous release, data from the verified backup, restart, health checked, back into service."""
+    if not vars:
+        vars = playbook_vars(device, version=plan.target_version, previous_version=out.from_version or "",
+                             package=Path(plan.package), package_sha256=plan.package_sha256 or "0" * 64)
+
+    def restore_data() -> None:
+        if backup is None:
+            return  # failed before the backup: the install never ran, the data is untouched
+        restore_backup(conn, device, backup, playbook.backup.paths)
+
+    try:
+        with rec.step(UpgradeStep.ROLLBACK, failed_step=out.failed_step) as found:
+            found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, playbook.rollback, vars, restore_data=restore_data)]
+            health = read_health(device) or {}
+            if health.get("version") != out.from_version or health.get("status") != "ok":
+                raise RuntimeError(f"after rollback the counter reports {health.get('version')!r} / {health.get('status')!r}")
+            set_in_service(device, True, reason)
+        out.status, out.version = "rolled_back", out.from_version
+    except Exception as e:
+        out.status, out.rollback_error = "failed", _describe(e)
+
+
+def _recover(conn, device: Device, plan: UpgradePlan, playbook, backup: Backup, version_then: str) -> None:
+    """Put a counter caught mid-install back exactly as it was: its old release, the data of its verified backup."""
+    vars = playbook_vars(device, version=plan.target_version, previous_version=version_then,
+                         package=Path(plan.package), package_sha256=plan.package_sha256 or "0" * 64)
+    run_steps(conn, device, playbook.rollback, vars, restore_data=lambda: restore_backup(conn, device, backup, playbook.backup.paths))
+
+
+@task(name="upgrade-counter", cache_policy=NO_CACHE, retries=0)
+def upgrade_counter(
+    device: Device, plan: UpgradePlan, ssh: SSHSettings, run_id: int, wave: int, pool: ConnectionPool, store: Store
+) -> CounterOutcome:
+    """One counter through the whole upgrade procedure (one task run per counter)."""
+    return upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool)

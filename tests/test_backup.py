@@ -1,0 +1,362 @@
+"""Backups and restores against real counters: real sshd, real files, real SQLite, a real store.
+
+Backups (which only read a counter) use the session fleet; restores, which
+overwrite a counter's data, use counters of this module's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import sqlite3
+import stat
+import tarfile
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+
+import httpx
+import pytest
+
+from inventory.loader import load_inventory
+from inventory.models import Device, Run, RunKind
+from inventory.store import Store
+from simfleet import fleet as simfleet
+from tasks.backup import BackupError, backup_dirs, restore_backup, restore_to_scratch, take_backup, verify_backup
+from tasks.ssh import Connection, Target, remote_path, sh
+from tests.plugins.fleet import traversable_tmpdir
+
+DATA = "var/lib/smartcounter"
+PATHS = [DATA]
+CUSTOMER_TABLES = ("customers", "cards", "transactions")
+SPACED = "notes with spaces.txt"
+OPEN_CARD = {"customer_name": "测试用户", "id_number": "11010119900307123X", "phone": "13800138000"}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def counter_db(device: Device) -> Path:
+    return Path(device.root, DATA, "counter.db")
+
+
+def read_db(db: Path, sql: str) -> list[tuple]:
+    """Read a counter's database directly, read-only (no journal is created beside it)."""
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def row_counts(db: Path) -> dict[str, int]:
+    return {t: read_db(db, f"SELECT COUNT(*) FROM {t}")[0][0] for t in CUSTOMER_TABLES}
+
+
+def table_digests(db: Path) -> dict[str, str]:
+    """sha256 of each customer table's schema and every row: any change to the data shows."""
+    digests = {}
+    for table in CUSTOMER_TABLES:
+        rows = read_db(db, f"SELECT * FROM {table} ORDER BY id")
+        schema = read_db(db, f"SELECT sql FROM sqlite_master WHERE tbl_name = '{table}' ORDER BY name")
+        digests[table] = hashlib.sha256(repr((schema, rows)).encode()).hexdigest()
+    return digests
+
+
+def tree_state(directory: Path) -> dict[str, tuple[int, int, str]]:
+    """(mode, mtime_ns, sha256) of every file below ``directory``: proves nothing touched it."""
+    return {
+        str(p.relative_to(directory)): (p.stat().st_mode, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def mode(path: Path | str) -> int:
+    return stat.S_IMODE(Path(path).stat().st_mode)
+
+
+def ctl(conn: Connection, device: Device, action: str) -> None:
+    conn.run([remote_path(device.root, "opt/smartcounter/current/bin/ctl"), action], timeout=60)
+
+
+def damage(path: str | None) -> None:
+    """Flip bytes in the middle of a backup copy (its size stays the same)."""
+    assert path is not None
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 16)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def stores(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    monkeypatch.setenv("COUNTEROPS_BACKUP_DIR", str(tmp_path / "backups"))
+    monkeypatch.setenv("COUNTEROPS_OFFSITE_DIR", str(tmp_path / "offsite"))
+    return tmp_path / "backups", tmp_path / "offsite"
+
+
+@pytest.fixture
+def store(tmp_path, stores):
+    with Store.open(f"sqlite:///{tmp_path}/s.db") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def session_conn(fleet):
+    """A connection to a counter of the session fleet, which these tests only read."""
+    inv = load_inventory(fleet.inventory)
+    with Connection(Target.for_device(inv.devices[0], inv.ssh)) as conn:
+        yield inv, conn
+
+
+@pytest.fixture
+def session_counter(session_conn, store) -> tuple[Device, Connection]:
+    inv, conn = session_conn
+    store.import_inventory(inv, actor="test", source="session fleet")
+    return inv.devices[0], conn
+
+
+@pytest.fixture(scope="module")
+def own_inv():
+    """Two counters of this module's own: restores overwrite their data."""
+    d = traversable_tmpdir("counterops-backup-fleet-")
+    try:
+        simfleet.up(d, devices=2, branches=1, ssh_base_port=31200, http_base_port=31700)
+        yield load_inventory(d / "inventory.yaml")
+    finally:
+        simfleet.down(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def running_counter(own_inv, store):
+    store.import_inventory(own_inv, actor="test", source="own fleet")
+    device = own_inv.devices[0]
+    with Connection(Target.for_device(device, own_inv.ssh)) as conn:
+        yield device, conn
+
+
+@pytest.fixture
+def stopped_counter(own_inv, store):
+    """A counter whose app is stopped, as it is during a rollback; started again afterwards."""
+    store.import_inventory(own_inv, actor="test", source="own fleet")
+    device = own_inv.devices[1]
+    with Connection(Target.for_device(device, own_inv.ssh)) as conn:
+        ctl(conn, device, "stop")
+        yield device, conn
+        ctl(conn, device, "start")
+
+
+# ----------------------------------------------------------------------------- backup
+
+
+def test_a_backup_is_verified_private_off_site_and_recorded(session_counter, store, stores):
+    device, conn = session_counter
+    tmp_before = sorted(Path(device.root, "tmp").iterdir())
+    data_before = tree_state(Path(device.root, DATA))
+
+    run = store.add(Run(kind=RunKind.UPGRADE, name="backup test", initiator="zhang.wei"))
+    started = time.monotonic()
+    backup = take_backup(conn, device, PATHS, store=store, run_id=run.id)
+    print(f"backup of one counter: {time.monotonic() - started:.2f} s, {backup.size_bytes} bytes")
+
+    assert backup.id is not None and store.backups(device_id=device.id) == [backup]
+    assert backup.run_id == run.id and backup.verified_at is not None
+    local, offsite = Path(backup.path), Path(backup.offsite_path or "")
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{8}\.tar\.gz", local.name)
+    assert local.name.endswith(f"-{backup.sha256[:8]}.tar.gz") and local.name.startswith(f"{backup.taken_at:%Y%m%dT%H%M%SZ}")
+    assert local == stores[0] / device.id / local.name and offsite == stores[1] / device.id / local.name
+    for copy in (local, offsite):
+        assert mode(copy) == 0o600 and sha256(copy) == backup.sha256 == backup.offsite_sha256
+        assert mode(copy.parent) == mode(copy.parent.parent) == 0o700
+    assert backup.size_bytes == local.stat().st_size
+    assert sorted(p.name for p in local.parent.iterdir()) == [local.name], "no partial files left"
+    assert backup_dirs() == stores
+    assert verify_backup(backup) == []
+
+    assert backup.row_counts == row_counts(counter_db(device))
+    assert all(n > 0 for n in backup.row_counts.values())
+    with tarfile.open(local) as tar:
+        names = tar.getnames()
+    assert DATA in names and f"{DATA}/counter.db" in names
+    assert all(n == DATA or n.startswith(f"{DATA}/") for n in names), "paths are stored relative to the root"
+    assert not any(n.endswith("-journal") for n in names)
+
+    assert sorted(Path(device.root, "tmp").iterdir()) == tmp_before, "the staging dir was removed"
+    assert tree_state(Path(device.root, DATA)) == data_before, "a backup only reads the counter"
+
+
+def test_a_failed_backup_names_device_and_stage_and_leaves_nothing(session_counter, store, stores):
+    device, conn = session_counter
+    tmp_before = sorted(Path(device.root, "tmp").iterdir())
+    with pytest.raises(BackupError) as e:
+        take_backup(conn, device, [DATA, "var/lib/no such dir"], store=store)
+    assert e.value.stage == "snapshot" and str(e.value).startswith(f"{device.id}: snapshot: ")
+    assert "var/lib/no such dir: no such file or directory" in str(e.value)
+    assert [p for s in stores for p in s.rglob("*") if p.is_file()] == []
+    assert store.backups() == []
+    assert sorted(Path(device.root, "tmp").iterdir()) == tmp_before
+
+
+def test_a_backup_that_cannot_be_recorded_leaves_no_archive(session_conn, store, stores):
+    inv, conn = session_conn  # the device is not in this store: the record is refused
+    with pytest.raises(BackupError) as e:
+        take_backup(conn, inv.devices[0], PATHS, store=store)
+    assert e.value.stage == "record" and "FOREIGN KEY" in str(e.value)
+    assert [p for s in stores for p in s.rglob("*") if p.is_file()] == []
+
+
+def test_an_unusable_store_directory_is_a_backup_error(session_counter, store, stores, monkeypatch, tmp_path):
+    device, conn = session_counter
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("COUNTEROPS_OFFSITE_DIR", str(tmp_path / "a file"))
+    with pytest.raises(BackupError) as e:
+        take_backup(conn, device, PATHS, store=store)
+    assert e.value.stage == "stores" and store.backups() == []
+
+
+@pytest.mark.parametrize("paths", [["/var/lib/smartcounter"], ["var/lib/../../etc"], ["var/lib", DATA], "var/lib"])
+def test_paths_outside_the_root_or_overlapping_are_refused(session_counter, store, paths):
+    device, conn = session_counter
+    with pytest.raises(ValueError):
+        take_backup(conn, device, paths, store=store)
+
+
+def test_a_backup_while_the_app_writes_is_consistent(running_counter, store, stores):
+    """Each card is opened with its customer in one transaction: a consistent copy has as many new
+    cards as new customers, whatever moment it caught. A plain file copy could tear them apart."""
+    device, conn = running_counter
+    before = row_counts(counter_db(device))
+    stop, opened = threading.Event(), []
+
+    def open_cards() -> None:
+        with httpx.Client(base_url=f"http://{device.host}:{device.http_port}", timeout=10) as http:
+            while not stop.is_set():
+                http.post("/card/open", json=OPEN_CARD).raise_for_status()
+                opened.append(1)
+
+    writer = threading.Thread(target=open_cards)
+    writer.start()
+    try:
+        backups = []
+        for _ in range(3):
+            backups.append(take_backup(conn, device, PATHS, store=store))
+    finally:
+        stop.set()
+        writer.join()
+
+    seen = [b.row_counts["cards"] - before["cards"] for b in backups]
+    assert seen[-1] > seen[0] > 0, f"the app wrote during the backups ({len(opened)} cards opened)"
+    for b in backups:
+        assert b.row_counts["cards"] - before["cards"] == b.row_counts["customers"] - before["customers"]
+        assert b.row_counts["transactions"] == before["transactions"]
+        assert restore_to_scratch(b, stores[0].parent / f"drill-{b.id}")["integrity"] == "ok"
+
+
+# ----------------------------------------------------------------------------- restore
+
+
+def test_restore_brings_back_the_data_exactly(stopped_counter, store, stores):
+    device, conn = stopped_counter
+    data = Path(device.root, DATA)
+    spaced = remote_path(device.root, DATA, SPACED)
+    conn.run(sh('printf "%s" "$2" > "$1"', spaced, "kept across the round trip\n"))
+    backup = take_backup(conn, device, PATHS, store=store)
+    digests, files = table_digests(counter_db(device)), sorted(p.name for p in data.iterdir())
+
+    with closing(sqlite3.connect(counter_db(device))) as db, db:
+        db.execute("DELETE FROM cards WHERE id % 3 = 0")
+        db.execute("ALTER TABLE customers ADD COLUMN nickname TEXT")
+    (data / "added.txt").write_text("not in the backup\n")
+    Path(spaced).unlink()
+    assert table_digests(counter_db(device)) != digests
+
+    started = time.monotonic()
+    assert restore_backup(conn, device, backup, PATHS) == "local"
+    print(f"restore of one counter: {time.monotonic() - started:.2f} s")
+
+    assert table_digests(counter_db(device)) == digests
+    assert sorted(p.name for p in data.iterdir()) == files and not (data / "added.txt").exists()
+    assert Path(spaced).read_text() == "kept across the round trip\n"
+    assert row_counts(counter_db(device)) == backup.row_counts
+    assert list(Path(device.root, "tmp").iterdir()) == [], "staging and upload were removed"
+    assert not list(data.parent.glob(".counterops-restore-*")), "the replaced data was removed"
+    ctl(conn, device, "start")
+    health = httpx.get(f"http://{device.host}:{device.http_port}/health", timeout=5).json()
+    assert health["status"] == "ok", health
+
+
+def test_a_corrupt_database_is_refused_and_restored_from_the_last_good_backup(stopped_counter, store, stores):
+    device, conn = stopped_counter
+    good = take_backup(conn, device, PATHS, store=store)
+    digests = table_digests(counter_db(device))
+    (page_size,), (index_root,) = read_db(counter_db(device), "PRAGMA page_size")[0], read_db(
+        counter_db(device), "SELECT rootpage FROM sqlite_master WHERE name = 'transactions_card'"
+    )[0]
+    with open(counter_db(device), "r+b") as f:  # scramble the index's cell pointers
+        f.seek(page_size * (index_root - 1) + 8)
+        f.write(b"\x00" * 32)
+
+    with pytest.raises(BackupError, match="counter.db: (integrity_check: |database disk image is malformed)") as e:
+        take_backup(conn, device, PATHS, store=store)
+    assert e.value.stage == "snapshot" and store.backups() == [good]
+    assert restore_backup(conn, device, good, PATHS) == "local"
+    assert table_digests(counter_db(device)) == digests
+    assert read_db(counter_db(device), "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_restore_uses_the_off_site_copy_when_the_local_one_is_damaged(stopped_counter, store, stores):
+    device, conn = stopped_counter
+    backup = take_backup(conn, device, PATHS, store=store)
+    digests = table_digests(counter_db(device))
+    with closing(sqlite3.connect(counter_db(device))) as db, db:
+        db.execute("DELETE FROM transactions")
+
+    damage(backup.path)
+    problems = verify_backup(backup)
+    assert len(problems) == 1 and problems[0].startswith(f"local copy {backup.path} has sha256")
+    assert restore_backup(conn, device, backup, PATHS) == "offsite"
+    assert table_digests(counter_db(device)) == digests
+
+
+def test_restore_without_an_intact_copy_raises_and_leaves_the_counter_alone(stopped_counter, store, stores):
+    device, conn = stopped_counter
+    backup = take_backup(conn, device, PATHS, store=store)
+    with closing(sqlite3.connect(counter_db(device))) as db, db:
+        db.execute("DELETE FROM cards WHERE id % 2 = 0")
+    before = tree_state(Path(device.root))
+
+    damage(backup.path)
+    Path(backup.offsite_path or "").unlink()
+    problems = verify_backup(backup)
+    assert problems[0].startswith("local copy") and problems[1:] == [f"off-site copy {backup.offsite_path} is missing"]
+    with pytest.raises(BackupError) as e:
+        restore_backup(conn, device, backup, PATHS)
+    assert e.value.stage == "verify" and device.id in str(e.value) and "no intact copy" in str(e.value)
+    assert tree_state(Path(device.root)) == before, "nothing reached the counter"
+
+
+def test_restore_to_scratch_checks_a_copy_locally_without_the_counter(session_counter, store, stores, tmp_path):
+    device, conn = session_counter
+    backup = take_backup(conn, device, PATHS, store=store)
+    counter_before = tree_state(Path(device.root, DATA)), sorted(Path(device.root, "tmp").iterdir())
+
+    drill = restore_to_scratch(backup, tmp_path / "drill")
+    assert drill["source"] == "local" and drill["integrity"] == "ok" and drill["row_counts"] == backup.row_counts
+    assert 0 < drill["seconds"] < 60
+    assert row_counts(tmp_path / "drill" / DATA / "counter.db") == backup.row_counts
+
+    damage(backup.path)
+    assert restore_to_scratch(backup, tmp_path / "drill2")["source"] == "offsite"
+    with pytest.raises(BackupError, match="restored row counts .* differ") as e:
+        restore_to_scratch(backup.model_copy(update={"row_counts": {"cards": 1}}), tmp_path / "drill3")
+    assert e.value.stage == "check"
+    with pytest.raises(ValueError, match="not empty"):
+        restore_to_scratch(backup, tmp_path / "drill")
+    assert (tree_state(Path(device.root, DATA)), sorted(Path(device.root, "tmp").iterdir())) == counter_before
