@@ -241,11 +241,17 @@ def test_a_backup_while_the_app_writes_is_consistent(running_counter, store, sto
                 http.post("/card/open", json=OPEN_CARD).raise_for_status()
                 opened.append(1)
 
+    def wait_for_more_cards(than: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(opened) <= than and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     writer = threading.Thread(target=open_cards)
     writer.start()
     try:
         backups = []
         for _ in range(3):
+            wait_for_more_cards(len(opened))  # the app really writes between (and during) the backups
             backups.append(take_backup(conn, device, PATHS, store=store))
     finally:
         stop.set()
