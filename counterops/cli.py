@@ -19,7 +19,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from counterops.plan_cli import plan_app
 
@@ -113,7 +113,7 @@ def fleet_status(fleet_dir: FleetDir, as_json: Annotated[bool, typer.Option("--j
     elif not statuses:
         out.print(f"no fleet in {fleet_dir}")
     else:
-        table = Table("counter", "branch", "outlet", "ssh", "http", "sshd", "app", "version", "in service")
+        table = Table(Column("counter", no_wrap=True), "branch", "outlet", "ssh", "http", "sshd", "app", "version", "in service")
         for s in statuses:
             table.add_row(
                 s.id, s.branch, s.outlet, str(s.ssh_port), str(s.http_port),

@@ -16,6 +16,8 @@ started=$(date +%s)
 
 trap '$BIN/counterops fleet down --dir "$DIR" >/dev/null' EXIT
 $BIN/counterops fleet down --dir "$DIR" --remove >/dev/null
+# A new fleet each time: start its records afresh too (the Prefect server keeps earlier runs for the UI).
+rm -rf "$COUNTEROPS_HOME"/counterops.db* "$COUNTEROPS_HOME"/backups "$COUNTEROPS_HOME"/offsite
 $BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
 $BIN/counterops inventory import "$COUNTEROPS_INVENTORY" --as zhang.wei
 

@@ -128,6 +128,22 @@ def run_record(name: str):
         return run, store.device_steps(run.id)
 
 
+async def _ui_view(flow_run_id, expected_tasks: int):
+    """Task runs (polled: they reach the API asynchronously) and artifacts of a flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        deadline = time.monotonic() + 30
+        while True:
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200)
+            if sum(t.name.startswith("SC-") for t in tasks) >= expected_tasks or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.3)
+        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        return tasks, artifacts
+
+
 async def _flow_run(name: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
@@ -191,6 +207,15 @@ def test_happy_path_to_1_2_0_in_three_waves(small_fleet, prefect_api, receiver):
     # what branch IT sees in the Prefect UI
     fr = flow_run("happy-1.2.0")
     assert fr is not None and fr.state.is_completed()
+    tasks, artifacts = asyncio.run(_ui_view(fr.id, len(inv.devices)))
+    counter_tasks = {t.name: t for t in tasks if t.name.startswith("SC-")}
+    assert set(counter_tasks) == {d.id for d in inv.devices}  # one task run per counter, named after it
+    for d in inv.devices:
+        assert {f"branch:{d.branch}", f"outlet:{d.outlet}"} <= set(counter_tasks[d.id].tags)
+    kinds = Counter(a.type for a in artifacts)
+    assert kinds["progress"] == 3 and kinds["table"] >= 1 and kinds["markdown"] >= 1
+    evaluation = next(a for a in artifacts if a.key == "happy-1-2-0-evaluation")
+    assert "Overall verdict: stable" in evaluation.data
     shown = cli("runs", "show", "happy-1.2.0")
     assert shown.returncode == 0 and "business_test" in shown.stdout
 
