@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test system stop clean
+.PHONY: demo test serve stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,14 +11,17 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-system:
+demo: $(STAMP)
 	bash scripts/setup-system.sh
-
-demo: $(STAMP) system
 	bash scripts/demo.sh
 
-test: $(STAMP) system
+test: $(STAMP)
+	bash scripts/setup-system.sh --for-tests
 	$(VENV)/bin/pytest
+
+serve: $(STAMP)
+	bash scripts/setup-system.sh
+	bash scripts/serve.sh
 
 stop:
 	-COUNTEROPS_HOME=$(CURDIR)/.demo/home $(VENV)/bin/counterops server stop

@@ -81,8 +81,8 @@ def fleet_up(
     devices: Annotated[int, typer.Option(min=1, max=1000, help="Number of counters.")] = 4,
     branches: Annotated[int, typer.Option(min=1, help="Number of branches the counters are spread over.")] = 2,
     outlets: Annotated[int | None, typer.Option(min=1, help="Outlets per branch (default: chosen from the size).")] = None,
-    ssh_port: Annotated[int, typer.Option(min=1024, max=32000, help="First SSH port to try.")] = 22000,
-    http_port: Annotated[int, typer.Option(min=1024, max=32000, help="First HTTP port to try.")] = 24000,
+    ssh_port: Annotated[int, typer.Option(min=1024, max=32700, help="First SSH port to try (below 32768, clear of the kernel's client ports).")] = 22000,
+    http_port: Annotated[int, typer.Option(min=1024, max=32700, help="First HTTP port to try.")] = 24000,
 ) -> None:
     """Bring up a fleet of simulated counters; return when all answer."""
     import time

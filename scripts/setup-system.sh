@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Installs the system parts the demo and the tests run for real:
-# OpenSSH's server (one sshd per simulated counter) and PostgreSQL (store tests).
+# OpenSSH's server (one sshd per simulated counter); with --for-tests also
+# PostgreSQL (store and Prefect-on-PostgreSQL tests) and Chromium (the UI check).
 # Idempotent; needs root only when something is missing.
 set -euo pipefail
 
 missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
-compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
+if [ "${1:-}" = "--for-tests" ]; then
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
+    command -v chromium >/dev/null || missing+=(chromium)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

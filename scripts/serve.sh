@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Serve the deployments locally, as head-office IT would on its own server:
+# a Prefect server (the embedded default), the process work pool, every
+# deployment of deployments/prefect.yaml, and a worker in the foreground
+# (Ctrl-C stops it). Uses the demo fleet (.demo/fleet, brought up when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=$PWD/.venv/bin
+DIR=${DEMO_DIR:-$PWD/.demo/fleet}
+export COUNTEROPS_HOME=${COUNTEROPS_HOME:-$PWD/.demo/home}
+export COUNTEROPS_CHECKOUT=$PWD
+export COUNTEROPS_INVENTORY=${COUNTEROPS_INVENTORY:-$DIR/inventory.yaml}
+export COUNTEROPS_WORK_POOL=${COUNTEROPS_WORK_POOL:-counterops}
+
+[ -f "$COUNTEROPS_INVENTORY" ] || $BIN/counterops fleet up --devices 12 --branches 3 --outlets 2 --dir "$DIR"
+$BIN/counterops server start
+eval "$($BIN/python - <<'PY'
+from counterops import localserver
+print(f"export PREFECT_API_URL={localserver.status().url}")
+PY
+)"
+$BIN/prefect work-pool create "$COUNTEROPS_WORK_POOL" --type process --overwrite >/dev/null
+$BIN/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+echo "Worker starting on pool $COUNTEROPS_WORK_POOL; trigger a drill with:"
+echo "  PREFECT_API_URL=$PREFECT_API_URL $BIN/prefect deployment run 'backup-restore-drill/weekly-drill' --watch"
+exec $BIN/prefect worker start --pool "$COUNTEROPS_WORK_POOL"

@@ -1,0 +1,202 @@
+"""deployments/prefect.yaml for real: deploy, start a process worker, trigger a deployment
+through the API, wait for Completed, read its artifacts back — on SQLite and on PostgreSQL.
+And branch IT's view: the Prefect UI page of the finished run, rendered by headless Chromium.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from inventory.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+DRILL = "backup-restore-drill/weekly-drill"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _create_database(pg_url: str, name: str) -> str:
+    """A fresh database on the throwaway cluster; returns its URL (psycopg driver)."""
+    url = make_url(pg_url)
+    with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname="postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+class Stack:
+    """A Prefect API, our store and the environment every process of the test shares."""
+
+    def __init__(self, api: str, env: dict[str, str]):
+        self.api, self.env = api, env
+
+    def run(self, *cmd: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stack(request, fleet, prefect_api):
+    env = dict(os.environ) | {
+        "COUNTEROPS_CHECKOUT": str(REPO),
+        "COUNTEROPS_INVENTORY": str(fleet.inventory),
+        "COUNTEROPS_WORK_POOL": f"counterops-test-{request.param}",
+        "PREFECT_API_URL": prefect_api,
+    }
+    if request.param == "sqlite":
+        yield Stack(prefect_api, env)
+        return
+    # PostgreSQL for both: the Prefect server's database and our store.
+    pg_url = request.getfixturevalue("pg_url")
+    home = Path(tempfile.mkdtemp(prefix="counterops-pg-home-"))
+    prefect_db = make_url(_create_database(pg_url, "prefect_deploy_test")).set(drivername="postgresql+asyncpg")
+    port = _free_port()
+    env |= {
+        "COUNTEROPS_HOME": str(home),
+        "COUNTEROPS_DATABASE_URL": _create_database(pg_url, "counterops_deploy_test"),
+        "COUNTEROPS_PREFECT_DATABASE_URL": prefect_db.render_as_string(hide_password=False),
+        "COUNTEROPS_PREFECT_PORT": str(port),
+        "PREFECT_HOME": str(home / "prefect"),
+    }
+    env.pop("PREFECT_API_URL")
+    server_env = dict(env)
+    started = subprocess.run([str(BIN / "counterops"), "server", "start"], env=server_env, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    try:
+        yield Stack(env["PREFECT_API_URL"], env)
+    finally:
+        subprocess.run([str(BIN / "counterops"), "server", "stop"], env=server_env, capture_output=True, timeout=120)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def worker(stack):
+    """A real `prefect worker start` on the stack's process pool, stopped with SIGINT (its clean way out)."""
+    pool = stack.env["COUNTEROPS_WORK_POOL"]
+    created = stack.run(str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process", "--overwrite")
+    assert created.returncode == 0, created.stdout + created.stderr
+    log = open(Path(tempfile.mkdtemp()) / "worker.log", "w+")
+    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "4"],
+                            env=stack.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.seek(0)
+        print(log.read()[-3000:])
+
+
+EXPECTED_DEPLOYMENTS = {
+    "upgrade-plan/upgrade": None,
+    "fleet-check/fleet-check": None,
+    "daily-inspection/pre-open": "30 8 * * *",
+    "daily-inspection/in-business": "0 13 * * *",
+    "daily-inspection/post-close": "30 18 * * *",
+    "periodic-maintenance/monthly": "0 22 1 * *",
+    DRILL: "0 23 * * 0",
+    "fault-report/monthly-report": "0 9 1 * *",
+}
+
+
+async def _schedules(api: str) -> dict[str, list[tuple[str, str]]]:
+    """Each expected deployment's cron schedules (read_deployment_by_name fails for a missing one)."""
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api=api) as client:
+        found = {}
+        for name in EXPECTED_DEPLOYMENTS:
+            deployment = await client.read_deployment_by_name(name)
+            found[name] = [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules]
+        return found
+
+
+async def _run_deployment_and_read_back(api: str, name: str, parameters: dict, timeout: float):
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with PrefectClient(api=api) as client:
+        deployment = await client.read_deployment_by_name(name)
+        run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = await client.read_flow_run(run.id)
+            if run.state and run.state.is_final():
+                break
+            await asyncio.sleep(1)
+        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        return run, artifacts
+
+
+def test_deploy_all_then_a_worker_runs_the_drill_deployment(stack, worker, fleet):
+    deployed = stack.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE), timeout=300)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    schedules = asyncio.run(_schedules(stack.api))
+    for name, cron in EXPECTED_DEPLOYMENTS.items():
+        assert schedules[name] == ([(cron, "Asia/Shanghai")] if cron else []), name
+
+    run, artifacts = asyncio.run(_run_deployment_and_read_back(stack.api, DRILL, {"sample": 2}, timeout=300))
+    assert run.state.is_completed(), f"{run.state}: see the worker log above"
+    assert {a.type for a in artifacts} >= {"table", "markdown"}
+    with Store.open(stack.env.get("COUNTEROPS_DATABASE_URL")) as store:
+        drills = store.restore_drills(limit=50)
+    assert sum(d.ok for d in drills) >= 2  # the worker's flow run wrote to this stack's store
+
+    # Branch IT's view: each artifact's page in the Prefect UI, rendered by headless Chromium,
+    # shows its content and the run it belongs to.
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it")
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    ui = stack.api.removesuffix("/api")
+    for artifact in artifacts:
+        text = rendered_text(chromium, f"{ui}/artifacts/artifact/{artifact.id}")
+        assert run.name in text, f"artifact page {artifact.key} does not name its run"
+        assert shown_content(artifact) in text, f"artifact page {artifact.key} does not show its content"
+
+
+def shown_content(artifact) -> str:
+    """A piece of the artifact's own content its page must show: a markdown heading, a table's first cell."""
+    import json
+
+    if artifact.type == "markdown":
+        return next(line for line in artifact.data.splitlines() if line.strip()).lstrip("# ").strip()
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    return str(next(iter(rows[0].values())))
+
+
+def rendered_text(chromium: str, url: str) -> str:
+    """The visible text of a page after its scripts ran (the UI is a single-page app)."""
+    import re
+
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run", f"--user-data-dir={tempfile.mkdtemp()}", "--virtual-time-budget=40000",
+         "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
