@@ -18,12 +18,11 @@ counter started outside the maintenance window.
 from __future__ import annotations
 
 import concurrent.futures
-import re
 from collections import Counter
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
@@ -37,6 +36,7 @@ from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan
 from inventory.store import Store
 from tasks.evaluate import report_markdown, verdict, watch_health, wave_metrics
 from tasks.notify import Notice, NotifyError, send_notice
+from tasks.report import artifact_key, publish_final_table
 from tasks.rollout import CounterOutcome, upgrade_counter
 from tasks.ssh import ConnectionPool
 
@@ -66,10 +66,6 @@ def approval_problem(approver: str, inventory: Inventory, initiator: str) -> str
 @task(name="notify", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def notify(urls: list[str], notice: Notice) -> None:
     send_notice(urls, notice)
-
-
-def _artifact_key(*parts: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
 def _run_name() -> str:
@@ -134,7 +130,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
         overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, complete)}
         store.add(Evaluation(run_id=run.id, scope=EvaluationScope.OVERALL, verdict=overall["verdict"], metrics=overall_metrics))
         report = report_markdown(plan.name, plan.target_version, wave_reports, overall, halted)
-        create_markdown_artifact(key=_artifact_key(plan.name, "evaluation"), markdown=report, description="Upgrade evaluation")
+        create_markdown_artifact(key=artifact_key(plan.name, "evaluation"), markdown=report, description="Upgrade evaluation")
         publish_final_table(plan, waves, outcomes)
         status = "succeeded" if complete else "halted" if halted else "failed"
         store.update(Run, run.id, status=status, ended_at=datetime.now(UTC),
@@ -211,7 +207,7 @@ def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index
     per outlet; none started once the window closes or the wave's failure threshold is passed.
     Returns the outcomes and the ids of counters not started."""
     total = len(planned.devices)
-    progress = create_progress_artifact(0.0, key=_artifact_key(plan.name, "wave", str(index), planned.wave.name),
+    progress = create_progress_artifact(0.0, key=artifact_key(plan.name, "wave", str(index), planned.wave.name),
                                         description=f"Wave {planned.wave.name}: {total} counters")
     pending = list(planned.devices)
     running: dict[concurrent.futures.Future, object] = {}
@@ -253,18 +249,3 @@ def _outcome(future, device, index: int) -> CounterOutcome:
     now = datetime.now(UTC)
     return CounterOutcome(device_id=device.id, branch=device.branch, outlet=device.outlet, wave=index, status="failed",
                           failed_step="internal", error=f"task crashed: {result!r}", started_at=now, ended_at=now)
-
-
-def publish_final_table(plan: UpgradePlan, waves: list[PlannedWave], outcomes: list[CounterOutcome]) -> None:
-    """Each counter in scope with its final state and failing step — branch IT's view."""
-    by_id = {o.device_id: o for o in outcomes}
-    rows = []
-    for index, planned in enumerate(waves):
-        for d in planned.devices:
-            o = by_id.get(d.id)
-            rows.append({
-                "counter": d.id, "branch": d.branch, "outlet": d.outlet, "wave": planned.wave.name,
-                "state": o.status if o else "not started", "version": (o.version or "") if o else "",
-                "failed step": (o.failed_step or "") if o else "", "error": ((o.error or "")[:300]) if o else "",
-            })
-    create_table_artifact(key=_artifact_key(plan.name, "counters"), table=rows, description=f"{plan.name}: every counter's final state")

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from inventory.plan import PlannedWave, UpgradePlan
 from tasks.checks import CounterFacts
+from tasks.rollout import CounterOutcome
+
+
+def artifact_key(*parts: str) -> str:
+    """Artifact keys may hold only lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
 def publish_fleet_check(facts: list[CounterFacts], key: str = "fleet-check") -> None:
@@ -36,3 +45,18 @@ def publish_fleet_check(facts: list[CounterFacts], key: str = "fleet-check") -> 
     if bad:
         lines += ["", "## Counters that need attention", ""] + [f"- **{f.device_id}** ({f.outlet}): {f.error or f.app_status}" for f in bad]
     create_markdown_artifact(key=f"{key}-summary", markdown="\n".join(lines))
+
+
+def publish_final_table(plan: UpgradePlan, waves: list[PlannedWave], outcomes: list[CounterOutcome]) -> None:
+    """Each counter in scope with its final state and failing step — branch IT's view."""
+    by_id = {o.device_id: o for o in outcomes}
+    rows = []
+    for planned in waves:
+        for d in planned.devices:
+            o = by_id.get(d.id)
+            rows.append({
+                "counter": d.id, "branch": d.branch, "outlet": d.outlet, "wave": planned.wave.name,
+                "state": o.status if o else "not started", "version": (o.version or "") if o else "",
+                "failed step": (o.failed_step or "") if o else "", "error": ((o.error or "")[:300]) if o else "",
+            })
+    create_table_artifact(key=artifact_key(plan.name, "counters"), table=rows, description=f"{plan.name}: every counter's final state")

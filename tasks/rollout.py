@@ -35,10 +35,11 @@ from inventory.models import Backup, Device, DeviceStep, RunKind, SSHSettings, U
 from inventory.plan import UpgradePlan
 from inventory.store import Store
 from playbooks import load_playbook
+from playbooks.schema import Playbook
 from tasks.backup import restore_backup, take_backup
 from tasks.checks import business_test, functional_test, read_health
 from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, run_steps
-from tasks.ssh import ConnectionPool, SSHError
+from tasks.ssh import Connection, ConnectionPool, SSHError
 from tasks.ssh import sh as shell
 
 MIN_FREE_DISK_FACTOR = 4  # free space wanted on the counter, in package sizes (upload + unpack + backup)
@@ -286,7 +287,8 @@ def _confirm_current(device: Device, plan: UpgradePlan, rec: _Recorder, out: Cou
     return out
 
 
-def _roll_back(device, plan, playbook, rec: _Recorder, out: CounterOutcome, conn, backup: Backup | None, vars: dict, reason: str) -> None:
+def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Recorder, out: CounterOutcome, conn: Connection,
+               backup: Backup | None, vars: dict[str, str], reason: str) -> None:
     """Previous release, data from the verified backup, restart, health checked, back into service."""
     if not vars:
         vars = playbook_vars(device, version=plan.target_version, previous_version=out.from_version or "",
@@ -309,7 +311,7 @@ def _roll_back(device, plan, playbook, rec: _Recorder, out: CounterOutcome, conn
         out.status, out.rollback_error = "failed", _describe(e)
 
 
-def _recover(conn, device: Device, plan: UpgradePlan, playbook, backup: Backup, version_then: str) -> None:
+def _recover(conn: Connection, device: Device, plan: UpgradePlan, playbook: Playbook, backup: Backup, version_then: str) -> None:
     """Put a counter caught mid-install back exactly as it was: its old release, the data of its verified backup."""
     vars = playbook_vars(device, version=plan.target_version, previous_version=version_then,
                          package=Path(plan.package), package_sha256=plan.package_sha256 or "0" * 64)
