@@ -19,3 +19,10 @@ pytest_plugins = [
     "tests.plugins.fleet",
     "tests.plugins.postgres",
 ]
+
+
+def pytest_unconfigure(config):
+    """The session's home (store, backups, Prefect database) goes when the session ends."""
+    import shutil
+
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
