@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from counterops.cli_maintenance import faults_app, inspect_command, maintain_command
 from counterops.plan_cli import plan_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Smart Counter Ops: upgrade, inspect, back up and audit smart counters.")
@@ -35,6 +36,9 @@ app.add_typer(server_app, name="server")
 app.add_typer(plan_app, name="plan")
 app.add_typer(backups_app, name="backups")
 app.add_typer(runs_app, name="runs")
+app.add_typer(faults_app, name="faults")
+app.command("inspect")(inspect_command)
+app.command("maintain")(maintain_command)
 
 EXIT_RESUMABLE = 3  # stopped by the maintenance window: run the same plan again to finish
 

@@ -1,0 +1,153 @@
+"""`counterops inspect`, `maintain` and `faults`: inspections, maintenance and faults from the command line.
+
+Registered in cli.py (``app.command("inspect")(inspect_command)``, ``app.command("maintain")(maintain_command)``,
+``app.add_typer(faults_app, name="faults")``); cli is imported inside the commands, not here, because
+cli imports this module. Exit status as everywhere: 0 done, 1 faults left standing or the run failed,
+2 bad input naming the option.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Column, Table
+
+maintenance_app = typer.Typer(help="Daily inspections and periodic maintenance, run now as Prefect flows.")
+faults_app = typer.Typer(no_args_is_help=True, help="Faults found by inspections and maintenance: list them, report on them.")
+
+PHASES = ("pre-open", "in-business", "post-close")
+
+InventoryOption = Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")]
+OperatorOption = Annotated[str | None, typer.Option("--as", help="Who runs it, for the records (default: $COUNTEROPS_OPERATOR or your login).")]
+NotifyOption = Annotated[list[str] | None, typer.Option("--notify", help="Apprise URL for escalations and summaries (repeat for more).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def checked_notify(urls: list[str] | None) -> list[str]:
+    """The --notify URLs, refused (exit 2) when apprise cannot send to one: an escalation must not vanish."""
+    from counterops.cli import EXIT_BAD_INPUT, fail
+    from tasks.notify import check_targets
+
+    bad = check_targets(urls or [])
+    if bad:
+        fail(f"--notify: apprise cannot send to {', '.join(bad)}", EXIT_BAD_INPUT)
+    return urls or []
+
+
+@maintenance_app.command("inspect")
+def inspect_command(
+    phase: Annotated[str, typer.Option(help=f"Which daily inspection: {', '.join(PHASES)}.")],
+    inventory: InventoryOption = None,
+    operator: OperatorOption = None,
+    notify: NotifyOption = None,
+) -> None:
+    """Inspect every counter now: fix what is simple, record every fault, escalate the rest to the branch."""
+    from counterops.cli import EXIT_BAD_INPUT, EXIT_FAILED, current_operator, fail, inventory_path, load_inventory_or_exit, out, prefect_api
+
+    if phase not in PHASES:
+        fail(f"--phase {phase}: must be one of {', '.join(PHASES)}", EXIT_BAD_INPUT)
+    path = inventory_path(inventory)
+    load_inventory_or_exit(path)
+    urls = checked_notify(notify)
+    api = prefect_api()
+    from flows.inspection import daily_inspection
+
+    results = daily_inspection(phase=phase, inventory=str(path.resolve()), inspector=current_operator(operator), notify=urls)
+    table = Table("counter", "outlet", "result", "found / fixed", "faults")
+    for r in results:
+        result = "[red]needs attention[/]" if not r.ok else "fixed" if any(f.resolution for f in r.findings) else "ok"
+        seen = [f"{f.symptom}: {f.detail}" for f in r.findings if f.standing] + [f"fixed {f.symptom}: {f.resolution}" for f in r.findings if f.resolution]
+        faults = ", ".join(f"#{s.fault.id} {s.fault.symptom} ({s.fault.status})" for s in r.standing)
+        table.add_row(r.device_id, r.outlet, result, escape("\n".join(seen)), escape(faults))
+    out.print(table)
+    standing = [r for r in results if not r.ok]
+    out.print(f"{len(results) - len(standing)} of {len(results)} counters fine after the {phase} inspection; runs at {api.removesuffix('/api')}")
+    if standing:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@maintenance_app.command("maintain")
+def maintain_command(inventory: InventoryOption = None, operator: OperatorOption = None, notify: NotifyOption = None) -> None:
+    """Periodic maintenance now: logs, temp files, database check and vacuum (one counter per outlet at a time), paper levels."""
+    from counterops.cli import EXIT_FAILED, current_operator, fail, inventory_path, load_inventory_or_exit, out, prefect_api
+
+    path = inventory_path(inventory)
+    load_inventory_or_exit(path)
+    urls = checked_notify(notify)
+    prefect_api()
+    from flows.maintenance import periodic_maintenance
+    from tasks.maintenance import paper_level
+
+    state = periodic_maintenance(inventory=str(path.resolve()), notify=urls, inspector=current_operator(operator), return_state=True)
+    if not state.is_completed():
+        fail(state.message or "periodic maintenance failed")
+    results = state.result()
+    table = Table("counter", "outlet", "result", "database", "paper %", "problems")
+    for r in results:
+        database = "; ".join(f.detail for f in r.findings if f.check == "database")
+        paper = paper_level(r)
+        problems = "; ".join(f"{f.symptom}: {f.detail}" for f in r.findings if f.standing)
+        table.add_row(r.device_id, r.outlet, "ok" if r.ok else "[red]needs attention[/]", escape(database), "" if paper is None else str(paper), escape(problems))
+    out.print(table)
+    out.print(state.message)
+    if not all(r.ok for r in results):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@faults_app.command("list")
+def faults_list(
+    open_only: Annotated[bool, typer.Option("--open", help="Only faults not fixed yet (open or escalated).")] = False,
+    device: Annotated[str | None, typer.Option(help="Only this counter.")] = None,
+    as_json: JsonOption = False,
+    limit: Annotated[int, typer.Option(min=1, max=10000)] = 100,
+) -> None:
+    """List faults, newest first."""
+    from counterops.cli import EXIT_BAD_INPUT, fail, out
+    from inventory.models import FaultStatus
+    from inventory.store import Store
+
+    statuses = (FaultStatus.OPEN, FaultStatus.ESCALATED) if open_only else (None,)
+    with Store.open() as store:
+        if device is not None:
+            try:
+                store.device(device)
+            except KeyError as e:
+                fail(f"--device: {e.args[0]}", EXIT_BAD_INPUT)
+        faults = sorted((f for s in statuses for f in store.faults(device_id=device, status=s, limit=limit)), key=lambda f: -(f.id or 0))[:limit]
+    if as_json:
+        print(json.dumps([f.model_dump(mode="json") for f in faults], indent=2, ensure_ascii=False))
+        return
+    table = Table("id", Column("counter", no_wrap=True), "symptom", "severity", "status", "reported (UTC)", "fixed (UTC)")
+    for f in faults:
+        table.add_row(str(f.id), f.device_id, escape(f.symptom), f.severity, f.status, f"{f.reported_at:%Y-%m-%d %H:%M}",
+                      f"{f.fixed_at:%Y-%m-%d %H:%M}" if f.fixed_at else "")
+    out.print(table)
+    out.print(f"{len(faults)} faults" + (" not fixed yet" if open_only else ""))
+
+
+@faults_app.command("report")
+def faults_report(
+    days: Annotated[int, typer.Option(min=1, max=3660, help="The period: the last N days.")] = 30,
+    as_json: JsonOption = False,
+    operator: OperatorOption = None,
+    notify: NotifyOption = None,
+) -> None:
+    """The fault report (a fault-report flow run): counts, recurring symptoms, mean time to repair."""
+    from counterops.cli import current_operator, out, prefect_api
+
+    urls = checked_notify(notify)
+    prefect_api()
+    from rich.markdown import Markdown
+
+    from flows.fault_report import fault_report
+    from tasks.faults import fault_report_markdown
+
+    report = fault_report(period_days=days, notify=urls, initiator=current_operator(operator))
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    else:
+        out.print(Markdown(fault_report_markdown(report)))

@@ -1,0 +1,41 @@
+"""Fault report — the faults of a period analysed for head office.
+
+    counts by symptom, counter, outlet and branch
+    counters with the same symptom 3+ times in the period: a root cause is needed, not another repair
+    mean time to repair, over the faults fixed (overall and per symptom)
+    table and markdown artifacts; the report sent to head office
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from inventory.models import Run, RunKind
+from inventory.store import Store
+from tasks.faults import FaultReport, build_fault_report, deliver, fault_report_markdown, publish_fault_report
+from tasks.notify import Notice
+
+
+def _run_name() -> str:
+    return f"fault-report-{flow_run.parameters.get('period_days', 30)}d"
+
+
+@flow(name="fault-report", flow_run_name=_run_name, log_prints=True)
+def fault_report(period_days: int = 30, notify: list[str] = [], initiator: str = "deployment") -> FaultReport:
+    """Analyse the faults reported in the last ``period_days`` and send the report to head office (``notify``, apprise URLs)."""
+    with Store.open() as store:
+        run = store.add(Run(kind=RunKind.REPORT, name=f"fault-report-{period_days}d", initiator=initiator,
+                            flow_run_id=str(flow_run.id), params={"period_days": period_days}))
+        report = build_fault_report(store.faults(limit=None), period_days)
+        publish_fault_report(report)
+        store.update(Run, run.id, status="succeeded", ended_at=datetime.now(UTC),
+                     summary=report.model_dump(mode="json", include={"faults", "fixed", "unfixed", "mttr_minutes"})
+                     | {"recurring": len(report.recurring)})
+    if notify:
+        kind = "warning" if report.recurring else "info"
+        deliver(notify, Notice(f"Fault report: the last {period_days} days", fault_report_markdown(report), kind))
+    print(f"{report.faults} faults in {period_days} days, {len(report.recurring)} recurring; MTTR {report.mttr_minutes} min")
+    return report

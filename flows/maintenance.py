@@ -1,0 +1,64 @@
+"""Periodic maintenance — the bank's monthly maintenance round.
+
+    for each counter (one task run each; ONE counter of an outlet at a time):
+        rotate its logs, clean its temp files
+        out of service → database integrity check → vacuum → check again → back in service
+        read its health and receipt paper
+        record it like an inspection (phase maintenance); problems become faults, escalated to the branch
+    publish the maintenance and consumables tables; send the summary (paper to refill) to ``notify``
+
+Not started while another run that takes counters out of service is in progress.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prefect import allow_failure, flow
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from inventory.loader import load_inventory
+from inventory.models import Run, RunKind
+from inventory.store import Store
+from tasks.faults import deliver
+from tasks.inspect import CounterInspection, work_in_progress
+from tasks.maintenance import maintain_counter, maintenance_notice, outlet_turns, publish_maintenance
+from tasks.ssh import ConnectionPool
+
+
+@flow(name="periodic-maintenance", flow_run_name="periodic-maintenance", task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
+def periodic_maintenance(inventory: str, notify: list[str] = [], inspector: str = "deployment") -> State:
+    """Maintain every counter of ``inventory``, one per outlet at a time; the summary goes to ``notify`` (apprise URLs)."""
+    inv = load_inventory(inventory)
+    with Store.open() as store, ConnectionPool(inv.ssh) as pool:
+        store.import_inventory(inv, actor=inspector, source=inventory)
+        busy = work_in_progress(store)
+        if busy:
+            return Failed(message=f"maintenance not started: {busy}")
+        run = store.add(Run(kind=RunKind.MAINTENANCE, name="periodic-maintenance", initiator=inspector,
+                            flow_run_id=str(flow_run.id), params={"inventory": inventory}))
+        last_in_outlet: dict[str, PrefectFuture[CounterInspection]] = {}
+        futures = []
+        try:
+            for d in outlet_turns(inv.devices):
+                before = last_in_outlet.get(d.outlet)
+                future = maintain_counter.with_options(task_run_name=d.id, tags={f"branch:{d.branch}", f"outlet:{d.outlet}"}).submit(
+                    d, inspector, run.id, store, pool, notify, wait_for=[allow_failure(before)] if before else None)
+                last_in_outlet[d.outlet] = future
+                futures.append(future)
+            results = [f.result() for f in futures]
+        except BaseException:  # recorded as ended, so it does not hold back the inspections' fixes
+            store.update(Run, run.id, status="failed", ended_at=datetime.now(UTC))
+            raise
+        publish_maintenance(results)
+        attention = sum(not r.ok for r in results)
+        store.update(Run, run.id, status="succeeded", ended_at=datetime.now(UTC),
+                     summary={"counters": len(results), "need_attention": attention})
+    if notify:
+        deliver(notify, maintenance_notice(results))
+    message = f"{len(results)} counters maintained, {attention} need attention"
+    print(message)
+    return Completed(message=message, data=results)

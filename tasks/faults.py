@@ -1,0 +1,298 @@
+"""Faults: reported with time, place, counter and symptom; fixed; analysed for recurring causes.
+
+The bank's rules, as kept here:
+
+- every problem an inspection or a maintenance visit finds is a fault (time, branch, outlet,
+  counter, symptom, severity). Symptoms come from one catalogue, so the same problem always
+  has the same name and can be counted;
+- a counter has at most one unfixed fault per symptom: finding it again adds no duplicate;
+- a fault cleared by a first-line fix is closed at once, the fix being its resolution;
+- any other fault is escalated to the branch by notice. It stays escalated until a later check
+  no longer finds it (fixed on site), which closes it; a symptom that comes back afterwards is
+  a new fault, which is what makes recurrences countable;
+- a notice that cannot be delivered leaves the fault open (nobody has been told): the next
+  inspection tries again.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from inventory.models import Device, Fault, FaultStatus, utcnow
+from inventory.store import Store
+from tasks.notify import Notice, send_notice
+
+RECURRING_AT = 3  # the same symptom this often on one counter in a report's period calls for a root cause
+UNFIXED = (FaultStatus.OPEN, FaultStatus.ESCALATED)
+
+
+class Symptom(StrEnum):
+    UNREACHABLE = "unreachable over SSH"
+    HOST_KEY_REFUSED = "SSH host key refused"
+    CLOCK_DRIFT = "clock drift"
+    DISK_LOW = "disk space low"
+    APP_DOWN = "counter app does not answer"
+    APP_ERROR = "counter app reports an error"
+    PRINTER_FAULT = "receipt printer not working"
+    PAPER_LOW = "receipt paper low"
+    CARD_READER_FAULT = "card reader not working"
+    ID_READER_FAULT = "ID card reader not working"
+    CAMERA_FAULT = "camera not working"
+    LEFT_IN_MAINTENANCE = "left in maintenance mode"
+    NOT_BACK_IN_SERVICE = "not back in service after maintenance"
+    STALE_TEMP_FILES = "stale temp files"
+    LOG_ROTATION_FAILED = "log rotation failed"
+    DATABASE_DAMAGED = "database integrity check failed"
+    DATABASE_MAINTENANCE_FAILED = "database maintenance failed"
+
+
+@dataclass(frozen=True)
+class Kind:
+    check: str  # the check that finds this symptom (and, coming back clean, clears it)
+    severity: str
+
+
+CATALOGUE: dict[str, Kind] = {  # keyed by Symptom, which are strings: a stored fault's symptom looks up as is
+    Symptom.UNREACHABLE: Kind("ssh", "high"),
+    Symptom.HOST_KEY_REFUSED: Kind("ssh", "critical"),  # possibly someone impersonating the counter
+    Symptom.CLOCK_DRIFT: Kind("clock", "medium"),
+    Symptom.DISK_LOW: Kind("disk", "high"),
+    Symptom.APP_DOWN: Kind("app", "high"),
+    Symptom.APP_ERROR: Kind("app", "high"),
+    Symptom.PRINTER_FAULT: Kind("receipt_printer", "medium"),
+    Symptom.PAPER_LOW: Kind("receipt_printer", "medium"),
+    Symptom.CARD_READER_FAULT: Kind("card_reader", "high"),
+    Symptom.ID_READER_FAULT: Kind("id_card_reader", "high"),
+    Symptom.CAMERA_FAULT: Kind("camera", "medium"),
+    Symptom.LEFT_IN_MAINTENANCE: Kind("service", "medium"),
+    Symptom.NOT_BACK_IN_SERVICE: Kind("service", "critical"),
+    Symptom.STALE_TEMP_FILES: Kind("temp_files", "low"),
+    Symptom.LOG_ROTATION_FAILED: Kind("logs", "low"),
+    Symptom.DATABASE_DAMAGED: Kind("database", "critical"),
+    Symptom.DATABASE_MAINTENANCE_FAILED: Kind("database", "high"),
+}
+
+
+class Finding(BaseModel):
+    """One check's result on one counter: what was looked at and seen; a problem when ``symptom`` is set.
+
+    Clean results are kept too, so an inspection record says what was checked, not only what
+    was wrong, and a fault whose check came back clean can be closed.
+    """
+
+    check: str
+    detail: str
+    symptom: Symptom | None = None
+    resolution: str | None = None  # the first-line fix that cleared the symptom
+    data: dict[str, Any] = {}  # measured values: paper %, free MB, drift s, out-of-service times
+
+    @property
+    def standing(self) -> bool:
+        """A problem still there after the first-line fix (if any)."""
+        return self.symptom is not None and self.resolution is None
+
+
+class StandingFault(BaseModel):
+    """A counter's unfixed fault and what the latest check saw of it."""
+
+    fault: Fault
+    detail: str
+
+
+def unfixed_faults(store: Store, device_id: str) -> list[Fault]:
+    """The counter's open and escalated faults (at most one per symptom, so the store's default limit holds them all)."""
+    return [f for status in UNFIXED for f in store.faults(device_id=device_id, status=status)]
+
+
+def record_faults(store: Store, device: Device, inspection_id: int, found_at: datetime, findings: list[Finding],
+                  cleared_by: str) -> list[StandingFault]:
+    """Bring the counter's faults in line with what was just found; returns the faults left standing.
+
+    A symptom found with no unfixed fault opens one; one the first-line fix cleared is closed
+    with that fix as resolution; an unfixed fault whose check ran and came back clean (or fixed)
+    is closed as cleared on site, by ``cleared_by``.
+    """
+    unfixed = {f.symptom: f for f in unfixed_faults(store, device.id)}
+    now = utcnow()
+    standing: list[StandingFault] = []
+    for finding in findings:
+        if finding.symptom is None:
+            continue
+        fault = unfixed.pop(finding.symptom, None) or store.add(Fault(
+            device_id=device.id, branch_id=device.branch, outlet_id=device.outlet, reported_at=found_at,
+            symptom=finding.symptom, severity=CATALOGUE[finding.symptom].severity, inspection_id=inspection_id))
+        if finding.resolution is not None:
+            store.update(Fault, fault.id, status=FaultStatus.FIXED, fixed_at=now, resolution=finding.resolution)
+        else:
+            standing.append(StandingFault(fault=fault, detail=finding.detail))
+    clean_checks = _clean_checks(findings)
+    for symptom, fault in unfixed.items():
+        kind = CATALOGUE.get(symptom)
+        if kind is not None and kind.check in clean_checks:
+            store.update(Fault, fault.id, status=FaultStatus.FIXED, fixed_at=now,
+                         resolution=f"no longer found by {cleared_by}: cleared on site")
+    return standing
+
+
+def _clean_checks(findings: Iterable[Finding]) -> set[str]:
+    """Checks that ran and left nothing standing: only these may clear a fault (a check that did
+    not run, or still sees one of its symptoms, says nothing about its other symptoms)."""
+    ran = {f.check for f in findings}
+    return ran - {f.check for f in findings if f.standing}
+
+
+def escalate(device: Device, standing: list[StandingFault], urls: list[str], context: str, store: Store) -> list[StandingFault]:
+    """Tell the branch about the counter's faults nobody has been told about yet, and mark them escalated.
+
+    One notice per counter, naming it, its place and each symptom. Raises NotifyError when the
+    notice did not go out: those faults stay open for the next inspection to try again. Without
+    notice targets nothing is escalated.
+    """
+    untold = [s for s in standing if s.fault.status == FaultStatus.OPEN]
+    if not untold or not urls:
+        return standing
+    send_notice(urls, fault_notice(device, untold, context))
+    told = {s.fault.id: store.update(Fault, s.fault.id, status=FaultStatus.ESCALATED) for s in untold}
+    return [StandingFault(fault=told.get(s.fault.id, s.fault), detail=s.detail) for s in standing]
+
+
+@task(name="notify", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def deliver(urls: list[str], notice: Notice) -> None:
+    """A notice that is a run's whole point (a report, a summary): its own task run, retried."""
+    send_notice(urls, notice)
+
+
+def fault_notice(device: Device, faults: list[StandingFault], context: str) -> Notice:
+    symptoms = ", ".join(s.fault.symptom for s in faults)
+    lines = [f"Counter {device.id}, branch {device.branch}, outlet {device.outlet} ({context}):", ""]
+    lines += [f"- fault #{s.fault.id} [{s.fault.severity}] {s.fault.symptom}: {s.detail} "
+              f"(reported {s.fault.reported_at:%Y-%m-%d %H:%M:%S} UTC)" for s in faults]
+    lines += ["", "The first-line fix could not clear these: please send someone to the counter."]
+    return Notice(f"Fault at counter {device.id}: {symptoms}", "\n".join(lines), "warning")
+
+
+# ----------------------------------------------------------------------------- the fault report
+
+
+class Recurring(BaseModel):
+    """The same symptom on one counter, often enough to need a root cause rather than another repair."""
+
+    device_id: str
+    branch: str
+    outlet: str
+    symptom: str
+    faults: int
+    first: datetime
+    last: datetime
+
+
+class FaultReport(BaseModel):
+    period_days: int
+    since: datetime
+    until: datetime
+    faults: int
+    fixed: int
+    unfixed: int
+    by_symptom: dict[str, int]
+    by_counter: dict[str, int]
+    by_outlet: dict[str, int]
+    by_branch: dict[str, int]
+    recurring: list[Recurring]  # needs root-cause analysis
+    mttr_minutes: float | None  # mean time to repair over the period's fixed faults
+    mttr_minutes_by_symptom: dict[str, float]
+
+
+def build_fault_report(faults: Iterable[Fault], period_days: int, until: datetime | None = None) -> FaultReport:
+    """Counts by symptom, counter, outlet and branch; recurring symptoms; mean time to repair —
+    over the faults reported in the ``period_days`` before ``until`` (default now)."""
+    until = until or utcnow()
+    since = until - timedelta(days=period_days)
+    period = [f for f in faults if since <= f.reported_at <= until]
+    repair_minutes: dict[str, list[float]] = {}
+    for f in period:
+        if f.status == FaultStatus.FIXED and f.fixed_at is not None:
+            repair_minutes.setdefault(f.symptom, []).append((f.fixed_at - f.reported_at).total_seconds() / 60)
+    return FaultReport(
+        period_days=period_days, since=since, until=until, faults=len(period),
+        fixed=sum(len(ms) for ms in repair_minutes.values()),
+        unfixed=sum(f.status in UNFIXED for f in period),
+        by_symptom=_ranked(f.symptom for f in period),
+        by_counter=_ranked(f.device_id for f in period),
+        by_outlet=_ranked(f.outlet_id for f in period),
+        by_branch=_ranked(f.branch_id for f in period),
+        recurring=_recurring(period),
+        mttr_minutes=_mean([m for ms in repair_minutes.values() for m in ms]),
+        mttr_minutes_by_symptom={s: _mean(ms) or 0.0 for s, ms in sorted(repair_minutes.items())},
+    )
+
+
+def _ranked(keys: Iterable[str]) -> dict[str, int]:
+    return dict(Counter(keys).most_common())
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 2) if values else None
+
+
+def _recurring(faults: list[Fault]) -> list[Recurring]:
+    groups: dict[tuple[str, str], list[Fault]] = {}
+    for f in faults:
+        groups.setdefault((f.device_id, f.symptom), []).append(f)
+    found = [
+        Recurring(device_id=device_id, branch=fs[0].branch_id, outlet=fs[0].outlet_id, symptom=symptom, faults=len(fs),
+                  first=min(f.reported_at for f in fs), last=max(f.reported_at for f in fs))
+        for (device_id, symptom), fs in groups.items() if len(fs) >= RECURRING_AT
+    ]
+    return sorted(found, key=lambda r: (-r.faults, r.device_id, r.symptom))
+
+
+def fault_report_markdown(report: FaultReport) -> str:
+    """The report head office reads: headline figures, what needs a root cause, where faults happen."""
+    mttr = "no fault fixed" if report.mttr_minutes is None else _duration(report.mttr_minutes)
+    lines = [
+        f"# Fault report: {report.since:%Y-%m-%d} – {report.until:%Y-%m-%d} ({report.period_days} days)",
+        "",
+        f"{report.faults} faults: {report.fixed} fixed, {report.unfixed} still open or escalated. Mean time to repair: {mttr}.",
+        "",
+        "## Needs a root cause",
+        "",
+    ]
+    lines += [f"- **{r.device_id}** ({r.outlet}): {r.symptom} × {r.faults} ({r.first:%m-%d} – {r.last:%m-%d})" for r in report.recurring] or [
+        f"Nothing recurred {RECURRING_AT} or more times on one counter."]
+    for title, counts in (("symptom", report.by_symptom), ("branch", report.by_branch), ("outlet", report.by_outlet),
+                          ("counter", report.by_counter)):
+        lines += ["", f"## By {title}", "", f"| {title} | faults |", "|---|---|"]
+        lines += [f"| {key} | {n} |" for key, n in counts.items()]
+    return "\n".join(lines)
+
+
+def _duration(minutes: float) -> str:
+    if minutes < 1:
+        return f"{minutes * 60:.0f} s"
+    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def publish_fault_report(report: FaultReport) -> None:
+    """The report as artifacts: the markdown, a table per symptom (with its MTTR) and the recurring ones."""
+    create_markdown_artifact(key="fault-report", markdown=fault_report_markdown(report), description="Fault report to head office")
+    create_table_artifact(
+        key="fault-report-symptoms",
+        table=[{"symptom": s, "faults": n, "MTTR min": report.mttr_minutes_by_symptom.get(s, "")} for s, n in report.by_symptom.items()],
+        description="Faults per symptom and their mean time to repair",
+    )
+    create_table_artifact(
+        key="fault-report-recurring",
+        table=[r.model_dump(mode="json") for r in report.recurring],
+        description=f"Counters with one symptom {RECURRING_AT}+ times: root cause needed",
+    )

@@ -1,0 +1,301 @@
+"""The daily inspection of one counter: before opening, during business, after closing.
+
+Each check records what it saw (a :class:`~tasks.faults.Finding`):
+
+    reachable over SSH, host key checked  → clock drift against ours, free disk
+    the counter app's /health             → app status, each peripheral, receipt paper
+    after closing, also                   → back in service for tomorrow, no stale temp files
+
+Simple problems get a first-line fix — the app down: ``ctl start``; left in maintenance mode:
+back in service; stale temp files: removed — and then the counter is looked at again: a fix
+counts only when the second look no longer finds the problem. While another run that takes
+counters out of service is in progress, nothing is fixed (an inspection must not restart an app
+an upgrade has just stopped); its problems go to the branch instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import NamedTuple
+
+import httpx
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from inventory.models import Device, Inspection, InspectionPhase, RunKind, utcnow
+from inventory.store import Store
+from tasks.checks import HEALTH_TIMEOUT_S, MIN_PAPER_PCT, read_free_disk_mb, read_health
+from tasks.faults import Finding, StandingFault, Symptom, escalate, record_faults
+from tasks.notify import NotifyError
+from tasks.rollout import set_in_service
+from tasks.ssh import Connection, ConnectionPool, HostKeyChanged, HostKeyUnknown, SSHError, remote_path, sh
+
+CLOCK_DRIFT_MAX_S = 30
+MIN_FREE_DISK_MB = 512
+STALE_TEMP_MIN = 24 * 60  # a temp file untouched for a day is a leftover
+CTL = "opt/smartcounter/current/bin/ctl"
+PERIPHERAL_SYMPTOMS = {
+    "receipt_printer": Symptom.PRINTER_FAULT,
+    "card_reader": Symptom.CARD_READER_FAULT,
+    "id_card_reader": Symptom.ID_READER_FAULT,
+    "camera": Symptom.CAMERA_FAULT,
+}
+# Runs that take counters out of service. One still "running" after this long died without
+# recording its end, and no longer holds the inspection back.
+BUSY_KINDS = (RunKind.UPGRADE, RunKind.MAINTENANCE, RunKind.DRILL)
+BUSY_RUN_MAX_AGE = timedelta(hours=12)
+
+# Files and symlinks under $1 untouched for over $2 minutes, NUL-separated; never leaves the file system.
+_FIND_STALE = 'cd -- "$1" 2>/dev/null || exit 0; find . -xdev -mindepth 1 \\( -type f -o -type l \\) -mmin +"$2" -print0'
+# The same, deleted; then the directories they leave empty (if those are stale too).
+_REMOVE_STALE = _FIND_STALE + ' -delete && find . -xdev -mindepth 1 -depth -type d -empty -mmin +"$2" -delete'
+
+
+class CounterInspection(BaseModel):
+    """How one counter came out of an inspection (or a maintenance visit)."""
+
+    device_id: str
+    branch: str
+    outlet: str
+    inspection_id: int
+    ok: bool  # nothing left standing
+    findings: list[Finding]
+    standing: list[StandingFault]  # its unfixed faults after this visit, with their status
+
+
+# ----------------------------------------------------------------------------- the checks
+
+
+def reach(pool: ConnectionPool, device: Device) -> tuple[Connection | None, Finding]:
+    """Log in over SSH with the host key checked; a refused key is its own, critical symptom."""
+    try:
+        conn = pool.connection(device)
+    except (HostKeyUnknown, HostKeyChanged) as e:
+        return None, Finding(check="ssh", symptom=Symptom.HOST_KEY_REFUSED, detail=e.reason)
+    except SSHError as e:
+        return None, Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=e.reason)
+    return conn, Finding(check="ssh", detail=f"reached {device.host}:{device.ssh_port}, host key checked")
+
+
+def check_clock(conn: Connection) -> Finding:
+    """The counter's clock against ours: receipts, logs and audit trails need the right time."""
+    before = time.time()
+    theirs = int(conn.run(["date", "+%s"]).stdout.strip())
+    drift = theirs - (before + time.time()) / 2
+    detail = f"{drift:+.0f} s against ours"
+    if abs(drift) > CLOCK_DRIFT_MAX_S:
+        return Finding(check="clock", symptom=Symptom.CLOCK_DRIFT, detail=f"{detail} (more than {CLOCK_DRIFT_MAX_S} s)", data={"drift_s": round(drift)})
+    return Finding(check="clock", detail=detail, data={"drift_s": round(drift)})
+
+
+def check_disk(conn: Connection, device: Device) -> Finding:
+    free_mb = read_free_disk_mb(conn, device.root)
+    if free_mb < MIN_FREE_DISK_MB:
+        return Finding(check="disk", symptom=Symptom.DISK_LOW, detail=f"{free_mb} MB free, {MIN_FREE_DISK_MB} MB wanted",
+                       data={"free_mb": free_mb})
+    return Finding(check="disk", detail=f"{free_mb} MB free", data={"free_mb": free_mb})
+
+
+def stale_temp_files(conn: Connection, device: Device) -> list[str]:
+    out = conn.run(sh(_FIND_STALE, remote_path(device.root, "tmp"), STALE_TEMP_MIN)).stdout
+    return [name for name in out.split("\0") if name]
+
+
+def check_temp_files(conn: Connection, device: Device) -> Finding:
+    """After closing: leftovers under the counter's tmp (e.g. from an interrupted job) fill its disk over time."""
+    stale = stale_temp_files(conn, device)
+    detail = f"{len(stale)} files under tmp untouched for over a day"
+    return Finding(check="temp_files", symptom=Symptom.STALE_TEMP_FILES if stale else None, detail=detail, data={"stale_files": len(stale)})
+
+
+def check_app(health: dict | None, device: Device) -> Finding:
+    """The counter app answers /health and its own checks (database, schema, self test) pass."""
+    if health is None:
+        return Finding(check="app", symptom=Symptom.APP_DOWN, detail=f"no answer on http port {device.http_port}")
+    status, version = health.get("status"), health.get("version")
+    if status == "error":
+        failing = {name: result for name, result in (health.get("checks") or {}).items() if str(result).startswith("error")}
+        return Finding(check="app", symptom=Symptom.APP_ERROR, detail=f"version {version}: {failing}", data={"status": status})
+    return Finding(check="app", detail=f"version {version}, status {status}", data={"status": status, "version": version})
+
+
+def check_peripherals(health: dict) -> list[Finding]:
+    """Each peripheral the customer uses works, and the receipt printer has paper."""
+    peripherals = health.get("peripherals") or {}
+    findings = []
+    for name, symptom in PERIPHERAL_SYMPTOMS.items():
+        status = (peripherals.get(name) or {}).get("status", "missing")
+        findings.append(Finding(check=name, symptom=None if status == "ok" else symptom, detail=f"status {status}"))
+    paper = (peripherals.get("receipt_printer") or {}).get("paper_level_pct")
+    if isinstance(paper, int | float):
+        low = paper < MIN_PAPER_PCT
+        findings.append(Finding(check="receipt_printer", symptom=Symptom.PAPER_LOW if low else None,
+                                detail=f"paper at {paper}%" + (f" (below {MIN_PAPER_PCT}%)" if low else ""),
+                                data={"paper_level_pct": paper}))
+    return findings
+
+
+def check_back_in_service(health: dict, device: Device) -> Finding:
+    """After closing: a counter left in maintenance mode would not serve customers tomorrow."""
+    if health.get("in_service") is not False:
+        return Finding(check="service", detail="in service")
+    reason = read_maintenance(device).get("reason")
+    return Finding(check="service", symptom=Symptom.LEFT_IN_MAINTENANCE, detail=f"out of service after closing (reason: {reason})")
+
+
+def read_maintenance(device: Device) -> dict:
+    """The counter's maintenance mode (in_service, reason, since); empty when it does not answer."""
+    try:
+        r = httpx.get(f"http://{device.host}:{device.http_port}/maintenance", timeout=HEALTH_TIMEOUT_S)
+        r.raise_for_status()
+        return r.json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def look(device: Device, phase: InspectionPhase, pool: ConnectionPool) -> list[Finding]:
+    """Every check of ``phase`` on the counter, each with what it saw."""
+    conn, reached = reach(pool, device)
+    findings = [reached]
+    if conn is not None:
+        try:
+            findings += [check_clock(conn), check_disk(conn, device)]
+            if phase == InspectionPhase.POST_CLOSE:
+                findings.append(check_temp_files(conn, device))
+        except SSHError as e:
+            findings.append(Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=f"lost the counter while inspecting: {e.reason}"))
+    health = read_health(device)
+    findings.append(check_app(health, device))
+    if health is not None:
+        findings += check_peripherals(health)
+        if phase == InspectionPhase.POST_CLOSE:
+            findings.append(check_back_in_service(health, device))
+    return findings
+
+
+# ----------------------------------------------------------------------------- first-line fixes
+
+
+def restart_app(device: Device, pool: ConnectionPool) -> str:
+    """``ctl start`` over SSH; it returns once the app answers /health (or fails)."""
+    said = pool.connection(device).run([remote_path(device.root, CTL), "start"], timeout=60).stdout.strip()
+    return f"restarted the counter app (ctl start: {said})"
+
+
+def put_back_in_service(device: Device, pool: ConnectionPool) -> str:
+    set_in_service(device, True, "post-close inspection: back in service for tomorrow")
+    return "put back in service so it opens tomorrow"
+
+
+def remove_stale_temp_files(conn: Connection, device: Device) -> int:
+    """Delete files under the counter's tmp untouched for over a day (and the directories they leave empty)."""
+    out = conn.run(sh(_REMOVE_STALE, remote_path(device.root, "tmp"), STALE_TEMP_MIN)).stdout
+    return out.count("\0")
+
+
+def clean_temp_files(device: Device, pool: ConnectionPool) -> str:
+    return f"removed {remove_stale_temp_files(pool.connection(device), device)} stale temp files"
+
+
+FIRST_LINE_FIXES: dict[str, Callable[[Device, ConnectionPool], str]] = {
+    Symptom.APP_DOWN: restart_app,
+    Symptom.LEFT_IN_MAINTENANCE: put_back_in_service,
+    Symptom.STALE_TEMP_FILES: clean_temp_files,
+}
+
+
+class Attempt(NamedTuple):
+    ran: bool  # the fix ran to its end (whether it cleared the problem is for the second look to say)
+    said: str  # what it did, or why it failed
+
+
+def try_fix(device: Device, pool: ConnectionPool, symptom: str) -> Attempt:
+    """Apply the symptom's first-line fix."""
+    try:
+        return Attempt(True, FIRST_LINE_FIXES[symptom](device, pool))
+    except SSHError as e:
+        return Attempt(False, f"first-line fix failed: {e.reason}")
+    except (httpx.HTTPError, RuntimeError) as e:
+        return Attempt(False, f"first-line fix failed: {e}")
+
+
+def look_and_fix(device: Device, phase: InspectionPhase, pool: ConnectionPool, hands_off: str | None) -> list[Finding]:
+    """Look; fix what is simple; look again. Returns the second look plus the problems it proved fixed."""
+    first = look(device, phase, pool)
+    fixable = [f for f in first if f.standing and f.symptom in FIRST_LINE_FIXES]
+    if not fixable:
+        return first
+    if hands_off:
+        return [_noted(f, f"not fixed: {hands_off}") if f in fixable else f for f in first]
+    attempts = {f.symptom: try_fix(device, pool, f.symptom) for f in fixable}
+    second = look(device, phase, pool)
+    still = {f.symptom for f in second if f.standing}
+    fixed = [f.model_copy(update={"resolution": attempts[f.symptom].said}) for f in fixable
+             if attempts[f.symptom].ran and f.symptom not in still]
+    return fixed + [_unfixed(f, attempts[f.symptom]) if f.standing and f.symptom in attempts else f for f in second]
+
+
+def _unfixed(finding: Finding, attempt: Attempt) -> Finding:
+    return _noted(finding, f"still there after the first-line fix ({attempt.said})" if attempt.ran else attempt.said)
+
+
+def _noted(finding: Finding, note: str) -> Finding:
+    return finding.model_copy(update={"detail": f"{finding.detail}; {note}"})
+
+
+# ----------------------------------------------------------------------------- one counter, recorded
+
+
+def work_in_progress(store: Store) -> str | None:
+    """A run that takes counters out of service and has not ended, in words; None when there is none."""
+    now = utcnow()
+    for run in store.runs(limit=50):
+        if run.kind in BUSY_KINDS and run.status == "running" and now - run.started_at < BUSY_RUN_MAX_AGE:
+            return f"{run.kind} run {run.name!r} (started {run.started_at:%Y-%m-%d %H:%M} UTC) is in progress"
+    return None
+
+
+def record_visit(device: Device, phase: InspectionPhase, inspector: str, started: datetime, findings: list[Finding], *,
+                 run_id: int, store: Store, notify: list[str]) -> CounterInspection:
+    """Store the inspection (time, phase, who, what was found), bring the counter's faults in line
+    and escalate to the branch what is left standing."""
+    context = f"{phase} inspection by {inspector}"
+    inspection = store.add(Inspection(device_id=device.id, run_id=run_id, phase=phase, inspector=inspector, started_at=started,
+                                      ok=not any(f.standing for f in findings), findings=[f.model_dump(mode="json") for f in findings]))
+    standing = record_faults(store, device, inspection.id, started, findings, cleared_by=f"the {context}")
+    try:
+        standing = escalate(device, standing, notify, context, store)
+    except NotifyError as e:
+        get_run_logger().warning(f"{e}; the faults stay open and the next inspection tells the branch again")
+    return CounterInspection(device_id=device.id, branch=device.branch, outlet=device.outlet, inspection_id=inspection.id,
+                             ok=inspection.ok, findings=findings, standing=standing)
+
+
+@task(name="inspect-counter", cache_policy=NO_CACHE, retries=0)
+def inspect_counter(device: Device, phase: InspectionPhase, inspector: str, run_id: int, store: Store, pool: ConnectionPool,
+                    notify: list[str], hands_off: str | None) -> CounterInspection:
+    """One counter's inspection: look, fix what is simple, look again, record, tell the branch the rest."""
+    started = utcnow()
+    findings = look_and_fix(device, phase, pool, hands_off)
+    return record_visit(device, phase, inspector, started, findings, run_id=run_id, store=store, notify=notify)
+
+
+def publish_inspection(key: str, results: list[CounterInspection], description: str) -> None:
+    """Branch IT's table: each counter, what was found, what was fixed, which faults are left and their state."""
+    rows = [
+        {
+            "counter": r.device_id,
+            "branch": r.branch,
+            "outlet": r.outlet,
+            "result": "needs attention" if not r.ok else "fixed" if any(f.resolution for f in r.findings) else "ok",
+            "found": "; ".join(f"{f.symptom}: {f.detail}" for f in r.findings if f.standing),
+            "fixed": "; ".join(f"{f.symptom}: {f.resolution}" for f in r.findings if f.resolution),
+            "faults": ", ".join(f"#{s.fault.id} {s.fault.symptom} ({s.fault.status})" for s in r.standing),
+        }
+        for r in results
+    ]
+    create_table_artifact(key=key, table=rows, description=description)

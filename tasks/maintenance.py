@@ -1,0 +1,273 @@
+"""Periodic maintenance of one counter, and the consumables report.
+
+    logs      each var/log/smartcounter/*.log over 1 MiB gzipped beside it and truncated; newest 5 archives kept
+    temp      files under tmp untouched for over a day removed
+    database  out of service → integrity_check → VACUUM (only when intact) → integrity_check again and the
+              customer tables' row counts compared → back in service, whatever happened in between
+    health    the app and its peripherals; the receipt paper level feeds the consumables report
+
+Only the database work sends customers away (SQLite rewrites the whole file while it vacuums), so
+only it runs out of service; a counter someone had already taken out of service is left that way.
+A damaged database is left exactly as found, for a person to look at. The flow lets one counter
+per outlet at a time through here, so an outlet never loses two counters to maintenance at once.
+
+What runs on the counter is :data:`MAINTENANCE_HELPER`, a constant Python script fed on stdin
+(the counter has ``/usr/bin/python3`` but no ``sqlite3`` command), every value an argument.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from itertools import zip_longest
+
+import httpx
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from inventory.models import Device, InspectionPhase, utcnow
+from inventory.store import Store
+from tasks.backup import COUNTER_PYTHON
+from tasks.checks import read_health
+from tasks.faults import Finding, Symptom
+from tasks.inspect import CounterInspection, check_app, check_peripherals, reach, record_visit, remove_stale_temp_files
+from tasks.notify import Notice
+from tasks.rollout import set_in_service
+from tasks.ssh import CommandFailed, Connection, ConnectionPool, SSHError, remote_path
+
+LOG_DIR = "var/log/smartcounter"
+DATABASE = "var/lib/smartcounter/counter.db"
+ROTATE_OVER_BYTES = 1 << 20
+ROTATED_KEPT = 5
+HELPER_TIMEOUT_S = 900  # VACUUM rewrites the whole database
+MAINTENANCE_REASON = "periodic maintenance: database check and vacuum"
+REFILL_PAPER_PCT = 30  # the consumables report asks for paper below this
+
+MAINTENANCE_HELPER = r'''
+"""counterops maintenance helper: run on the counter as `python3 - COMMAND ARGS...`; prints JSON.
+
+rotate LOG_DIR OVER_BYTES KEEP  gzip each *.log larger than OVER_BYTES to NAME.log.STAMP.gz beside it, then
+                                truncate it (the app keeps it open: copytruncate); keep the newest KEEP archives
+database DB                     integrity_check; only when intact VACUUM, integrity_check again; the
+                                customer tables' row counts and the file's size before and after
+"""
+import gzip, json, os, shutil, sqlite3, sys, time, urllib.parse
+
+CUSTOMER_TABLES = ("customers", "cards", "transactions")
+
+
+def rotate(log_dir, over_bytes, keep):
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    rotated, removed = [], []
+    for name in sorted(os.listdir(log_dir)):
+        path = os.path.join(log_dir, name)
+        if not name.endswith(".log") or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        size = os.path.getsize(path)
+        if size > int(over_bytes):
+            archive = "%s.%s.gz" % (path, stamp)
+            with open(path, "rb") as src, gzip.open(archive + ".part", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(archive + ".part", archive)
+            with open(path, "r+b") as log:
+                log.truncate(0)
+            rotated.append({"log": name, "bytes": size})
+        archives = sorted(n for n in os.listdir(log_dir) if n.startswith(name + ".") and n.endswith(".gz"))
+        for old in archives[:-int(keep)]:
+            os.remove(os.path.join(log_dir, old))
+            removed.append(old)
+    return {"rotated": rotated, "removed": removed}
+
+
+def integrity(db):
+    return [row[0] for row in db.execute("PRAGMA integrity_check")][:5]
+
+
+def row_counts(db):
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return {t: db.execute('SELECT COUNT(*) FROM "%s"' % t).fetchone()[0] for t in CUSTOMER_TABLES if t in tables}
+
+
+def database(path):
+    db = sqlite3.connect("file:%s?mode=rw" % urllib.parse.quote(path), uri=True, timeout=60, isolation_level=None)
+    try:
+        found = {"integrity_before": integrity(db), "bytes_before": os.path.getsize(path),
+                 "free_pages_before": db.execute("PRAGMA freelist_count").fetchone()[0]}
+        if found["integrity_before"] != ["ok"]:
+            return found  # damaged: left exactly as it is
+        found["rows_before"] = row_counts(db)
+        db.execute("VACUUM")
+        found.update(integrity_after=integrity(db), rows_after=row_counts(db), bytes_after=os.path.getsize(path),
+                     free_pages_after=db.execute("PRAGMA freelist_count").fetchone()[0])
+        return found
+    finally:
+        db.close()
+
+
+def main(command, *args):
+    if command == "rotate":
+        return rotate(*args)
+    if command == "database":
+        return database(*args)
+    sys.exit("unknown command %r" % command)
+
+
+try:
+    print(json.dumps(main(*sys.argv[1:])))
+except (OSError, sqlite3.Error) as e:
+    sys.exit("%s: %s" % (type(e).__name__, e))
+'''
+
+
+def _helper(conn: Connection, command: str, *args: str | int) -> dict:
+    result = conn.run([COUNTER_PYTHON, "-", command, *args], stdin=MAINTENANCE_HELPER.encode(), timeout=HELPER_TIMEOUT_S)
+    return json.loads(result.stdout)
+
+
+def rotate_logs(conn: Connection, device: Device) -> Finding:
+    try:
+        done = _helper(conn, "rotate", remote_path(device.root, LOG_DIR), ROTATE_OVER_BYTES, ROTATED_KEPT)
+    except CommandFailed as e:
+        return Finding(check="logs", symptom=Symptom.LOG_ROTATION_FAILED, detail=e.reason)
+    rotated = ", ".join(f"{r['log']} ({r['bytes'] // 1024} KiB)" for r in done["rotated"]) or f"none over {ROTATE_OVER_BYTES // 1024} KiB"
+    return Finding(check="logs", detail=f"rotated: {rotated}; {len(done['removed'])} old archives removed", data=done)
+
+
+def clean_temp(conn: Connection, device: Device) -> Finding:
+    removed = remove_stale_temp_files(conn, device)
+    return Finding(check="temp_files", detail=f"removed {removed} files untouched for over a day", data={"removed": removed})
+
+
+def check_and_vacuum(conn: Connection, device: Device) -> Finding:
+    """Vacuum only an intact database, and prove it intact afterwards with every customer row still there."""
+    try:
+        db = _helper(conn, "database", remote_path(device.root, DATABASE))
+    except SSHError as e:
+        return Finding(check="database", symptom=Symptom.DATABASE_MAINTENANCE_FAILED, detail=e.reason)
+    if db["integrity_before"] != ["ok"]:
+        return Finding(check="database", symptom=Symptom.DATABASE_DAMAGED, data=db,
+                       detail=f"integrity_check: {'; '.join(db['integrity_before'])}; left untouched, not vacuumed")
+    if db["integrity_after"] != ["ok"] or db["rows_after"] != db["rows_before"]:
+        return Finding(check="database", symptom=Symptom.DATABASE_DAMAGED, data=db,
+                       detail=f"after VACUUM: integrity_check {db['integrity_after']}, customer rows {db['rows_before']} → {db['rows_after']}")
+    return Finding(check="database", data=db, detail=f"intact; vacuumed {db['bytes_before'] // 1024} → {db['bytes_after'] // 1024} KiB, "
+                                                     f"customer rows unchanged ({sum(db['rows_after'].values())})")
+
+
+def back_in_service(device: Device, out_since: datetime) -> Finding:
+    """Put the counter back in service; the finding keeps the times it was out (the outlet rule is checked on them)."""
+    window = {"out_of_service_from": out_since.isoformat()}
+    try:
+        set_in_service(device, True, MAINTENANCE_REASON)
+    except (httpx.HTTPError, RuntimeError) as e:
+        return Finding(check="service", symptom=Symptom.NOT_BACK_IN_SERVICE, data=window,
+                       detail=f"out of service since {out_since:%H:%M:%S} UTC; putting it back failed: {e}")
+    back = utcnow()
+    return Finding(check="service", data=window | {"back_in_service_at": back.isoformat()},
+                   detail=f"out of service {(back - out_since).total_seconds():.1f} s for the database work, back in service")
+
+
+def maintain_database(conn: Connection, device: Device) -> list[Finding]:
+    """The database work, out of service: the 'database' finding and, when it took the counter out, the 'service' one."""
+    health = read_health(device)
+    if health is None:
+        return [Finding(check="database", symptom=Symptom.DATABASE_MAINTENANCE_FAILED,
+                        detail="not maintained: the counter app does not answer, so customers could not be sent away first")]
+    if health.get("in_service") is False:
+        database = check_and_vacuum(conn, device)
+        return [database.model_copy(update={"detail": f"{database.detail}; the counter was already out of service and is left so"})]
+    out_since = utcnow()
+    try:
+        set_in_service(device, False, MAINTENANCE_REASON)
+        database = check_and_vacuum(conn, device)
+    except (httpx.HTTPError, RuntimeError) as e:
+        database = Finding(check="database", symptom=Symptom.DATABASE_MAINTENANCE_FAILED,
+                           detail=f"not maintained: could not take the counter out of service: {e}")
+    finally:
+        service = back_in_service(device, out_since)
+    return [database, service]
+
+
+def maintain(device: Device, pool: ConnectionPool) -> list[Finding]:
+    """Every maintenance step on the counter, each with what it did or found."""
+    conn, reached = reach(pool, device)
+    findings = [reached]
+    if conn is not None:
+        try:
+            findings += [rotate_logs(conn, device), clean_temp(conn, device)]
+        except SSHError as e:
+            findings.append(Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=f"lost the counter during maintenance: {e.reason}"))
+        findings += maintain_database(conn, device)
+    health = read_health(device)
+    findings.append(check_app(health, device))
+    if health is not None:
+        findings += check_peripherals(health)
+    return findings
+
+
+@task(name="maintain-counter", cache_policy=NO_CACHE, retries=0)
+def maintain_counter(device: Device, inspector: str, run_id: int, store: Store, pool: ConnectionPool,
+                     notify: list[str]) -> CounterInspection:
+    """One counter's periodic maintenance, recorded like an inspection (phase maintenance); problems become faults."""
+    started = utcnow()
+    findings = maintain(device, pool)
+    return record_visit(device, InspectionPhase.MAINTENANCE, inspector, started, findings, run_id=run_id, store=store, notify=notify)
+
+
+def outlet_turns(devices: list[Device]) -> list[Device]:
+    """The counters in the order to start them: the first of every outlet, then the second of every outlet, …
+
+    Each counter waits for the one before it in its outlet, so starting them in turns lets
+    the outlets work side by side from the start."""
+    by_outlet: dict[str, list[Device]] = {}
+    for d in devices:
+        by_outlet.setdefault(d.outlet, []).append(d)
+    return [d for turn in zip_longest(*by_outlet.values()) for d in turn if d is not None]
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def paper_level(result: CounterInspection) -> float | None:
+    return next((f.data["paper_level_pct"] for f in result.findings if "paper_level_pct" in f.data), None)
+
+
+def _data(result: CounterInspection, check: str) -> dict:
+    return next((f.data for f in result.findings if f.check == check and f.data), {})
+
+
+def publish_maintenance(results: list[CounterInspection]) -> None:
+    """Two tables: what maintenance did on each counter, and the receipt paper across the fleet (lowest first)."""
+    rows = []
+    for r in results:
+        db, service = _data(r, "database"), _data(r, "service")
+        rows.append({
+            "counter": r.device_id, "branch": r.branch, "outlet": r.outlet, "result": "ok" if r.ok else "needs attention",
+            "logs rotated": len(_data(r, "logs").get("rotated", [])), "temp files removed": _data(r, "temp_files").get("removed", ""),
+            "database": "; ".join(f.detail for f in r.findings if f.check == "database"),
+            "KiB before → after": f"{db['bytes_before'] // 1024} → {db['bytes_after'] // 1024}" if "bytes_after" in db else "",
+            "out of service": f"{service.get('out_of_service_from', '')} – {service.get('back_in_service_at', 'NOT BACK')}" if service else "",
+            "problems": "; ".join(f"{f.symptom}: {f.detail}" for f in r.findings if f.standing),
+        })
+    create_table_artifact(key="maintenance", table=rows, description="Periodic maintenance: each counter")
+    create_table_artifact(key="consumables", table=consumables(results), description=f"Receipt paper, lowest first; refill below {REFILL_PAPER_PCT}%")
+
+
+def consumables(results: list[CounterInspection]) -> list[dict]:
+    """Each counter's receipt paper level, lowest first (unknown last), with whether to refill it."""
+    levels = [(r, paper_level(r)) for r in results]
+    levels.sort(key=lambda rl: (rl[1] is None, rl[1] or 0))
+    return [{"counter": r.device_id, "branch": r.branch, "outlet": r.outlet, "paper %": "unknown" if p is None else p,
+             "refill": p is None or p < REFILL_PAPER_PCT} for r, p in levels]
+
+
+def maintenance_notice(results: list[CounterInspection]) -> Notice:
+    """The summary head office and the branches get: problems left, and where paper must be refilled."""
+    attention = [r for r in results if not r.ok]
+    refill = [row for row in consumables(results) if row["refill"]]
+    lines = [f"{len(results)} counters maintained, {len(attention)} need attention."]
+    lines += [f"- {r.device_id} ({r.outlet}): " + "; ".join(f"{f.symptom}: {f.detail}" for f in r.findings if f.standing) for r in attention]
+    lines += ["", f"Receipt paper to refill (below {REFILL_PAPER_PCT}%): " + (", ".join(f"{row['counter']} ({row['paper %']}%)" for row in refill) or "none")]
+    return Notice("Periodic maintenance done" if not attention else "Periodic maintenance: counters need attention",
+                  "\n".join(lines), "success" if not attention else "warning")
