@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from counterops.cli_drill import drill_command
 from counterops.cli_maintenance import faults_app, inspect_command, maintain_command
 from counterops.plan_cli import plan_app
 
@@ -39,6 +40,7 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(faults_app, name="faults")
 app.command("inspect")(inspect_command)
 app.command("maintain")(maintain_command)
+app.command("drill")(drill_command)
 
 EXIT_RESUMABLE = 3  # stopped by the maintenance window: run the same plan again to finish
 

@@ -16,7 +16,6 @@ import typer
 from rich.markup import escape
 from rich.table import Column, Table
 
-maintenance_app = typer.Typer(help="Daily inspections and periodic maintenance, run now as Prefect flows.")
 faults_app = typer.Typer(no_args_is_help=True, help="Faults found by inspections and maintenance: list them, report on them.")
 
 PHASES = ("pre-open", "in-business", "post-close")
@@ -38,7 +37,6 @@ def checked_notify(urls: list[str] | None) -> list[str]:
     return urls or []
 
 
-@maintenance_app.command("inspect")
 def inspect_command(
     phase: Annotated[str, typer.Option(help=f"Which daily inspection: {', '.join(PHASES)}.")],
     inventory: InventoryOption = None,
@@ -70,7 +68,6 @@ def inspect_command(
         raise typer.Exit(EXIT_FAILED)
 
 
-@maintenance_app.command("maintain")
 def maintain_command(inventory: InventoryOption = None, operator: OperatorOption = None, notify: NotifyOption = None) -> None:
     """Periodic maintenance now: logs, temp files, database check and vacuum (one counter per outlet at a time), paper levels."""
     from counterops.cli import EXIT_FAILED, current_operator, fail, inventory_path, load_inventory_or_exit, out, prefect_api
