@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.plugins.prefect_server",
     "tests.plugins.fleet",
     "tests.plugins.postgres",
+    "tests.plugins.notices",
 ]
 
 

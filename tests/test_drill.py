@@ -28,7 +28,6 @@ from tasks.drill import drill_sample
 from tasks.ssh import ConnectionPool
 from tests.test_backup import damage
 from tests.test_check_flow import _artifacts, _task_runs
-from tests.test_upgrade import NoticeReceiver
 
 # `counterops drill` once cli.py registers drill_command; until then its own typer app, run the same way.
 DRILL_CLI = [str(Path(sys.executable).with_name("counterops")), "drill"]
@@ -65,13 +64,6 @@ def home(tmp_path, monkeypatch) -> Path:
     for variable in ("COUNTEROPS_BACKUP_DIR", "COUNTEROPS_OFFSITE_DIR", "COUNTEROPS_DATABASE_URL"):
         monkeypatch.delenv(variable, raising=False)
     return tmp_path / "home"
-
-
-@pytest.fixture
-def receiver():
-    r = NoticeReceiver()
-    yield r
-    r.server.shutdown()
 
 
 def test_a_drill_with_fresh_backups_restores_every_counter_and_changes_none(fleet, prefect_api, home):

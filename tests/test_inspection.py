@@ -22,7 +22,6 @@ from inventory.loader import load_inventory
 from inventory.models import Device, Fault, FaultStatus, InspectionPhase, utcnow
 from inventory.store import Store
 from simfleet import fleet as simfleet
-from tests.test_upgrade import NoticeReceiver
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
 
@@ -45,13 +44,6 @@ def home(tmp_path, monkeypatch):
     """A store of this test's own, for the CLI's subprocesses and for reading the records back here."""
     monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
-
-
-@pytest.fixture
-def receiver():
-    r = NoticeReceiver()
-    yield r
-    r.server.shutdown()
 
 
 @pytest.fixture

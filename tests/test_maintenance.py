@@ -18,7 +18,6 @@ from inventory.loader import load_inventory
 from inventory.models import InspectionPhase
 from inventory.store import Store
 from simfleet import fleet as simfleet
-from tests.test_upgrade import NoticeReceiver
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
 CUSTOMER_TABLES = ("customers", "cards", "transactions")
@@ -30,13 +29,6 @@ def outlets(fleet_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
     simfleet.up(fleet_dir, devices=4, branches=2, outlets_per_branch=1, ssh_base_port=32200, http_base_port=32300)
     return fleet_dir / "inventory.yaml"
-
-
-@pytest.fixture
-def receiver():
-    r = NoticeReceiver()
-    yield r
-    r.server.shutdown()
 
 
 def leave_free_pages(db_path: Path) -> None:

@@ -14,11 +14,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -29,43 +27,13 @@ from inventory.loader import load_inventory
 from inventory.models import UpgradeStep
 from inventory.store import Store
 from simfleet import fleet as simfleet
+from tests.plugins.notices import NoticeReceiver
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
 CUSTOMER_TABLES = ("customers", "cards", "transactions")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-class NoticeReceiver:
-    """A real HTTP endpoint that apprise's json:// posts notices to; keeps them with their arrival time."""
-
-    def __init__(self):
-        received = self.received = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append((datetime.now().astimezone(), json.loads(body)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"json://127.0.0.1:{self.server.server_address[1]}/notices"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def titles(self) -> list[str]:
-        return [n["title"] for _, n in self.received]
-
-
-@pytest.fixture
-def receiver():
-    r = NoticeReceiver()
-    yield r
-    r.server.shutdown()
 
 
 @pytest.fixture
