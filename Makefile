@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test serve stop clean
+.PHONY: demo test bench serve stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/setup-system.sh --for-tests
 	$(VENV)/bin/pytest
+
+bench: $(STAMP)
+	bash scripts/setup-system.sh
+	$(VENV)/bin/python bench/run.py
 
 serve: $(STAMP)
 	bash scripts/setup-system.sh
