@@ -48,6 +48,7 @@ import json  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sqlite3  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -717,6 +718,8 @@ def main() -> int:
     except BlockingIOError:
         raise SystemExit(f"another bench runs in {WORK}; wait for it or set BENCH_WORK") from None
 
+    # SIGTERM (a killed `make bench`) unwinds like Ctrl-C, so the fleet and the Prefect server are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     for old in sorted((WORK / "runs").glob("*T*Z"))[:-4]:  # keep the logs of the last few benches only
         shutil.rmtree(old, ignore_errors=True)
