@@ -23,7 +23,8 @@ profiles one more `ours` run (our per-step records, Prefect's task-run times, py
 Prints a table, writes every figure to bench/results/<UTC time>-d<devices>-p<parallel>.json
 and ends with one line of JSON. Environment (defaults): BENCH_DEVICES (50), BENCH_PARALLEL (10),
 BENCH_ROUNDS (2), BENCH_WAYS (ours,ansible,pyinfra,floor), BENCH_PROFILE (1),
-BENCH_WORK (/tmp/counterops-bench: fleet, bench-private COUNTEROPS_HOME, logs),
+BENCH_WORK (bench/.work, or /tmp/counterops-bench when the checkout is private: fleet,
+bench-private COUNTEROPS_HOME, logs),
 BENCH_SSH_PORT (26000), BENCH_HTTP_PORT (28000), BENCH_PREFECT_PORT (4300),
 BENCH_KEEP (0; 1 leaves the fleet and the Prefect server running), BENCH_RUN_TIMEOUT (1800 s).
 Exit status 1 when a run failed (the goals are reported, not enforced).
@@ -78,7 +79,15 @@ ALL_WAYS = ("ours", "ansible", "pyinfra", "floor")
 WAYS = [w.strip() for w in (os.environ.get("BENCH_WAYS") or ",".join(ALL_WAYS)).split(",") if w.strip()]
 PROFILE = os.environ.get("BENCH_PROFILE", "1") != "0"
 KEEP = os.environ.get("BENCH_KEEP", "0") == "1"
-WORK = Path(os.environ.get("BENCH_WORK") or "/tmp/counterops-bench").resolve()
+def _default_work() -> Path:
+    """bench/.work when every user can traverse to it (the fleet's login must), else /tmp/counterops-bench."""
+    here = BENCH / ".work"
+    if all(p.stat().st_mode & 0o001 for p in [BENCH, *BENCH.parents]):
+        return here
+    return Path("/tmp/counterops-bench")
+
+
+WORK = Path(os.environ.get("BENCH_WORK") or _default_work()).resolve()
 SSH_PORT = _int("BENCH_SSH_PORT", 26000)
 HTTP_PORT = _int("BENCH_HTTP_PORT", 28000)
 PREFECT_PORT = _int("BENCH_PREFECT_PORT", 4300)
@@ -771,6 +780,8 @@ def main() -> int:
                     done = run_pyinfra(run_dir, exes["pyinfra"])
                 else:
                     done = run_floor(run_dir)
+                if not INVENTORY.exists():
+                    raise SystemExit(f"{FLEET} disappeared during the run: something else removed it; set BENCH_WORK")
                 problems = [] if done["exit_code"] == 0 else [f"command exited {done['exit_code']} (see {run_dir / 'output.log'})"]
                 problems += verify(way, run_dir)
                 ok = not problems
