@@ -26,8 +26,8 @@ from inventory.models import Device, Run, RunKind
 from inventory.store import Store
 from playbooks import load_playbook
 from tasks.drill import CounterDrill, DrillSummary, drill_counter, drill_notice, drill_sample, publish_drill
-from tasks.faults import deliver
 from tasks.notify import NotifyError
+from tasks.report import deliver
 from tasks.ssh import ConnectionPool
 
 UPGRADE_PLAYBOOK = "smartcounter-upgrade"  # the drill backs up what an upgrade would have to restore

@@ -15,8 +15,9 @@ from prefect.runtime import flow_run
 
 from inventory.models import Run, RunKind
 from inventory.store import Store
-from tasks.faults import FaultReport, build_fault_report, deliver, fault_report_markdown, publish_fault_report
+from tasks.faults import FaultReport, build_fault_report, fault_report_markdown, publish_fault_report
 from tasks.notify import Notice
+from tasks.report import deliver
 
 
 def _run_name() -> str:

@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from inventory.loader import load_inventory
 from inventory.models import Run, RunKind
 from inventory.store import Store
-from tasks.faults import deliver
+from tasks.report import deliver
 from tasks.inspect import CounterInspection, work_in_progress
 from tasks.maintenance import maintain_counter, maintenance_notice, outlet_turns, publish_maintenance
 from tasks.ssh import ConnectionPool

@@ -21,9 +21,8 @@ import concurrent.futures
 from collections import Counter
 from datetime import UTC, datetime
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
@@ -35,8 +34,8 @@ from inventory.models import Evaluation, EvaluationScope, Inventory, Role, Run, 
 from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan_waves, resolve_scope, wave_within_limits
 from inventory.store import Store
 from tasks.evaluate import report_markdown, verdict, watch_health, wave_metrics
-from tasks.notify import Notice, NotifyError, send_notice
-from tasks.report import artifact_key, publish_final_table
+from tasks.notify import Notice, NotifyError
+from tasks.report import artifact_key, deliver, publish_final_table
 from tasks.rollout import CounterOutcome, upgrade_counter
 from tasks.ssh import ConnectionPool
 
@@ -63,11 +62,6 @@ def approval_problem(approver: str, inventory: Inventory, initiator: str) -> str
     return None
 
 
-@task(name="notify", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def notify(urls: list[str], notice: Notice) -> None:
-    send_notice(urls, notice)
-
-
 def _run_name() -> str:
     plan = flow_run.parameters.get("plan")
     name = plan.get("name") if isinstance(plan, dict) else getattr(plan, "name", None)
@@ -90,7 +84,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
         store.audit(plan.initiator, "start_upgrade", plan.name, run_id=run.id, details={"target_version": plan.target_version})
 
         # Branches are told in advance: no counter is touched unless this notice went out.
-        notify(plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
+        deliver(plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
 
         outcomes: list[CounterOutcome] = []
         wave_reports: list[dict] = []
@@ -173,7 +167,7 @@ def find_paused_run(ref: str):
 def _notify_quietly(plan: UpgradePlan, notice: Notice) -> None:
     """Progress notices must not stop an upgrade half-way: a failed one is logged and the plan goes on."""
     try:
-        notify(plan.notify, notice)
+        deliver(plan.notify, notice)
     except NotifyError as e:
         get_run_logger().warning(str(e))
 

@@ -42,14 +42,19 @@ def read_free_disk_mb(conn: Connection, root: str) -> int:
     return int(r.stdout.split()[3]) // 1024
 
 
-def read_health(device: Device, timeout: float = HEALTH_TIMEOUT_S) -> dict | None:
-    """The counter app's ``/health`` document, or None when it does not answer."""
+def read_app(device: Device, path: str, timeout: float = HEALTH_TIMEOUT_S) -> dict | None:
+    """A JSON document of the counter app (``/health``, ``/metrics``…), or None when it does not answer."""
     try:
-        r = httpx.get(f"http://{device.host}:{device.http_port}/health", timeout=timeout)
+        r = httpx.get(f"http://{device.host}:{device.http_port}{path}", timeout=timeout)
         r.raise_for_status()
         return r.json()
     except (httpx.HTTPError, ValueError):
         return None
+
+
+def read_health(device: Device, timeout: float = HEALTH_TIMEOUT_S) -> dict | None:
+    """The counter app's ``/health`` document, or None when it does not answer."""
+    return read_app(device, "/health", timeout)
 
 
 def look_at_counter(device: Device, ssh: SSHSettings) -> CounterFacts:

@@ -24,9 +24,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from inventory.models import Device, Fault, FaultStatus, utcnow
@@ -165,12 +163,6 @@ def escalate(device: Device, standing: list[StandingFault], urls: list[str], con
     send_notice(urls, fault_notice(device, untold, context))
     told = {s.fault.id: store.update(Fault, s.fault.id, status=FaultStatus.ESCALATED) for s in untold}
     return [StandingFault(fault=told.get(s.fault.id, s.fault), detail=s.detail) for s in standing]
-
-
-@task(name="notify", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def deliver(urls: list[str], notice: Notice) -> None:
-    """A notice that is a run's whole point (a report, a summary): its own task run, retried."""
-    send_notice(urls, notice)
 
 
 def fault_notice(device: Device, faults: list[StandingFault], context: str) -> Notice:

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from inventory.models import Device, Inspection, InspectionPhase, RunKind, utcnow
 from inventory.store import Store
-from tasks.checks import HEALTH_TIMEOUT_S, MIN_PAPER_PCT, read_free_disk_mb, read_health
+from tasks.checks import MIN_PAPER_PCT, read_app, read_free_disk_mb, read_health
 from tasks.faults import Finding, StandingFault, Symptom, escalate, record_faults
 from tasks.notify import NotifyError
 from tasks.rollout import set_in_service
@@ -149,12 +149,7 @@ def check_back_in_service(health: dict, device: Device) -> Finding:
 
 def read_maintenance(device: Device) -> dict:
     """The counter's maintenance mode (in_service, reason, since); empty when it does not answer."""
-    try:
-        r = httpx.get(f"http://{device.host}:{device.http_port}/maintenance", timeout=HEALTH_TIMEOUT_S)
-        r.raise_for_status()
-        return r.json()
-    except (httpx.HTTPError, ValueError):
-        return {}
+    return read_app(device, "/maintenance") or {}
 
 
 def look(device: Device, phase: InspectionPhase, pool: ConnectionPool) -> list[Finding]:

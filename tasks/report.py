@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import re
 
+from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from inventory.plan import PlannedWave, UpgradePlan
 from tasks.checks import CounterFacts
+from tasks.notify import Notice, send_notice
 from tasks.rollout import CounterOutcome
+
+
+@task(name="notify", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def deliver(urls: list[str], notice: Notice) -> None:
+    """A notice as its own task run, retried: visible in the run, and a transient failure is not final.
+
+    Kept out of tasks/notify.py so that validating notice URLs (plan check) does not import prefect.
+    """
+    send_notice(urls, notice)
 
 
 def artifact_key(*parts: str) -> str:

@@ -37,7 +37,7 @@ from inventory.store import Store
 from playbooks import load_playbook
 from playbooks.schema import Playbook
 from tasks.backup import restore_backup, take_backup
-from tasks.checks import business_test, functional_test, read_health
+from tasks.checks import business_test, functional_test, read_app, read_health
 from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, run_steps
 from tasks.ssh import Connection, ConnectionPool, SSHError
 from tasks.ssh import sh as shell
@@ -98,12 +98,7 @@ class _Recorder:
 
 def read_metrics(device: Device) -> dict:
     """The counter app's ``/metrics`` (empty when it does not answer)."""
-    try:
-        r = httpx.get(f"http://{device.host}:{device.http_port}/metrics", timeout=HTTP_TIMEOUT_S)
-        r.raise_for_status()
-        return r.json()
-    except (httpx.HTTPError, ValueError):
-        return {}
+    return read_app(device, "/metrics", HTTP_TIMEOUT_S) or {}
 
 
 def set_in_service(device: Device, in_service: bool, reason: str) -> None:
