@@ -489,7 +489,7 @@ def records_profile(records: dict, started_at: float, seconds: float, prefect: d
     }
     if prefect:
         flow = prefect["flow_run"]
-        tasks = {t["name"]: t for t in prefect["task_runs"]}
+        tasks = {t["name"].split(" ")[0]: t for t in prefect["task_runs"]}  # "DEVICE [OUTLET]"
         before, after = [], []
         for device_id, rows in by_device.items():
             t = tasks.get(device_id)

@@ -35,7 +35,7 @@ from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan
 from inventory.store import Store
 from tasks.evaluate import report_markdown, verdict, watch_health, wave_metrics
 from tasks.notify import Notice, NotifyError
-from tasks.report import artifact_key, deliver, publish_final_table
+from tasks.report import artifact_key, deliver, publish_final_table, tag_flow_run
 from tasks.rollout import CounterOutcome, upgrade_counter
 from tasks.ssh import ConnectionPool
 
@@ -82,6 +82,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
         run = store.add(Run(kind=RunKind.UPGRADE, name=plan.name, initiator=plan.initiator,
                             flow_run_id=str(flow_run.id), params=plan.model_dump(mode="json")))
         store.audit(plan.initiator, "start_upgrade", plan.name, run_id=run.id, details={"target_version": plan.target_version})
+        tag_flow_run(f"branch:{b}" for b in sorted({d.branch for w in waves for d in w.devices}))
 
         # Branches are told in advance: no counter is touched unless this notice went out.
         deliver(plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
@@ -216,9 +217,8 @@ def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index
                     break
                 if busy[device.outlet] >= plan.max_unavailable_per_outlet:
                     continue
-                future = upgrade_counter.with_options(
-                    task_run_name=device.id, tags={f"branch:{device.branch}", f"outlet:{device.outlet}", f"wave:{planned.wave.name}"}
-                ).submit(device, plan, inv.ssh, run_id, index, pool, store)
+                future = upgrade_counter.with_options(task_run_name=f"{device.id} [{device.outlet}]").submit(
+                    device, plan, inv.ssh, run_id, index, pool, store)
                 running[future.wrapped_future] = (future, device)
                 busy[device.outlet] += 1
                 pending.remove(device)

@@ -7,9 +7,9 @@ from prefect import task
 from pydantic import BaseModel
 
 from inventory.models import Device, SSHSettings
+from tasks.counter_app import read_health, request
 from tasks.ssh import Connection, SSHError, Target, remote_path, sh
 
-HEALTH_TIMEOUT_S = 5.0
 
 
 class CounterFacts(BaseModel):
@@ -40,21 +40,6 @@ def read_installed_version(conn: Connection, root: str) -> str:
 def read_free_disk_mb(conn: Connection, root: str) -> int:
     r = conn.run(sh('df -Pk -- "$1" | tail -n 1', remote_path(root, "var/lib/smartcounter")))
     return int(r.stdout.split()[3]) // 1024
-
-
-def read_app(device: Device, path: str, timeout: float = HEALTH_TIMEOUT_S) -> dict | None:
-    """A JSON document of the counter app (``/health``, ``/metrics``…), or None when it does not answer."""
-    try:
-        r = httpx.get(f"http://{device.host}:{device.http_port}{path}", timeout=timeout)
-        r.raise_for_status()
-        return r.json()
-    except (httpx.HTTPError, ValueError):
-        return None
-
-
-def read_health(device: Device, timeout: float = HEALTH_TIMEOUT_S) -> dict | None:
-    """The counter app's ``/health`` document, or None when it does not answer."""
-    return read_app(device, "/health", timeout)
 
 
 def look_at_counter(device: Device, ssh: SSHSettings) -> CounterFacts:
@@ -137,40 +122,37 @@ def business_test(device: Device, timeout: float = 10.0) -> CheckReport:
     tables are cleared afterwards. Customer tables are never touched (the
     counter's test mode uses ``test_`` tables).
     """
-    base = f"http://{device.host}:{device.http_port}"
     problems: list[str] = []
     latency: dict[str, float] = {}
 
-    with httpx.Client(base_url=base, timeout=timeout) as client:
+    def call(service: str, path: str, body: dict) -> dict:
+        r = request(device, "POST", path, json=body, timeout=timeout)
+        latency[service] = latency.get(service, 0.0) + r.elapsed.total_seconds() * 1000
+        if r.status_code != 200:
+            raise ValueError(f"{service}: HTTP {r.status_code} {r.text[:200]}")
+        return r.json()
 
-        def call(service: str, path: str, body: dict) -> dict:
-            r = client.post(path, json=body)
-            latency[service] = latency.get(service, 0.0) + r.elapsed.total_seconds() * 1000
-            if r.status_code != 200:
-                raise ValueError(f"{service}: HTTP {r.status_code} {r.text[:200]}")
-            return r.json()
+    def expect(service: str, got: object, want: object, what: str) -> None:
+        if got != want:
+            problems.append(f"{service}: {what} is {got!r}, expected {want!r}")
 
-        def expect(service: str, got: object, want: object, what: str) -> None:
-            if got != want:
-                problems.append(f"{service}: {what} is {got!r}, expected {want!r}")
-
+    try:
+        a = call("card_opening", "/test/card/open", TEST_CUSTOMER)
+        b = call("card_opening", "/test/card/open", TEST_CUSTOMER | {"phone": "13900139000"})
+        expect("card_opening", a.get("status"), "inactive", "new card status")
+        for card in (a, b):
+            done = call("card_activation", "/test/card/activate", {"card_no": card["card_no"]})
+            expect("card_activation", done.get("status"), "active", "card status")
+        t = call("transfer", "/test/transfer", {"from_card": a["card_no"], "to_card": b["card_no"], "amount_cents": TRANSFER_CENTS})
+        expect("transfer", t.get("from_balance_cents"), a["balance_cents"] - TRANSFER_CENTS, "payer's balance")
+        expect("transfer", t.get("to_balance_cents"), b["balance_cents"] + TRANSFER_CENTS, "payee's balance")
+        u = call("account_change", "/test/account/update", {"card_no": a["card_no"], "phone": "13700137000"})
+        expect("account_change", u.get("phone"), "13700137000", "phone after change")
+    except (httpx.HTTPError, ValueError, KeyError) as e:
+        problems.append(str(e) or type(e).__name__)
+    finally:
         try:
-            a = call("card_opening", "/test/card/open", TEST_CUSTOMER)
-            b = call("card_opening", "/test/card/open", TEST_CUSTOMER | {"phone": "13900139000"})
-            expect("card_opening", a.get("status"), "inactive", "new card status")
-            for card in (a, b):
-                done = call("card_activation", "/test/card/activate", {"card_no": card["card_no"]})
-                expect("card_activation", done.get("status"), "active", "card status")
-            t = call("transfer", "/test/transfer", {"from_card": a["card_no"], "to_card": b["card_no"], "amount_cents": TRANSFER_CENTS})
-            expect("transfer", t.get("from_balance_cents"), a["balance_cents"] - TRANSFER_CENTS, "payer's balance")
-            expect("transfer", t.get("to_balance_cents"), b["balance_cents"] + TRANSFER_CENTS, "payee's balance")
-            u = call("account_change", "/test/account/update", {"card_no": a["card_no"], "phone": "13700137000"})
-            expect("account_change", u.get("phone"), "13700137000", "phone after change")
-        except (httpx.HTTPError, ValueError, KeyError) as e:
-            problems.append(str(e) or type(e).__name__)
-        finally:
-            try:
-                client.post("/test/reset", json={})
-            except httpx.HTTPError:
-                pass
+            request(device, "POST", "/test/reset", json={}, timeout=timeout)
+        except httpx.HTTPError:
+            pass
     return CheckReport(device_id=device.id, name="business", passed=not problems, problems=problems, latency_ms=latency)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 from inventory.models import Device
-from tasks.checks import read_health
+from tasks.counter_app import read_health
 from tasks.rollout import CounterOutcome
 
 

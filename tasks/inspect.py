@@ -28,10 +28,10 @@ from pydantic import BaseModel
 
 from inventory.models import Device, Inspection, InspectionPhase, RunKind, utcnow
 from inventory.store import Store
-from tasks.checks import MIN_PAPER_PCT, read_app, read_free_disk_mb, read_health
+from tasks.checks import MIN_PAPER_PCT, read_free_disk_mb
+from tasks.counter_app import read_app, read_health, set_in_service
 from tasks.faults import Finding, StandingFault, Symptom, escalate, record_faults
 from tasks.notify import NotifyError
-from tasks.rollout import set_in_service
 from tasks.ssh import Connection, ConnectionPool, HostKeyChanged, HostKeyUnknown, SSHError, remote_path, sh
 
 CLOCK_DRIFT_MAX_S = 30

@@ -29,11 +29,10 @@ from prefect.cache_policies import NO_CACHE
 from inventory.models import Device, InspectionPhase, utcnow
 from inventory.store import Store
 from tasks.backup import COUNTER_PYTHON
-from tasks.checks import read_health
+from tasks.counter_app import read_health, set_in_service
 from tasks.faults import Finding, Symptom
 from tasks.inspect import CounterInspection, check_app, check_peripherals, reach, record_visit, remove_stale_temp_files
 from tasks.notify import Notice
-from tasks.rollout import set_in_service
 from tasks.ssh import CommandFailed, Connection, ConnectionPool, SSHError, remote_path
 
 LOG_DIR = "var/log/smartcounter"

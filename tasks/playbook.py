@@ -34,6 +34,7 @@ from playbooks.schema import (
     UploadStep,
     WaitForStep,
 )
+from tasks import counter_app
 from tasks.ssh import Connection, SSHError, remote_path
 
 RELEASES_DIR = "opt/smartcounter/releases"
@@ -281,10 +282,10 @@ def _http_check(
     device: Device, spec: HttpSpec, vars: Mapping[str, str], *, transport_errors_are_observations: bool = False
 ) -> tuple[bool, str]:
     """Send the request; passed when the answer is 2xx and every expected field matches."""
-    url = httpx.URL(scheme="http", host=device.host, port=device.http_port, path=spec.path)
+    url = counter_app.url(device, spec.path)
     body = render_json(spec.body, vars) if spec.body is not None else None
     try:
-        response = httpx.request(spec.method, url, json=body, timeout=spec.timeout_s)
+        response = counter_app.request(device, spec.method, spec.path, json=body, timeout=spec.timeout_s)
     except httpx.TransportError as e:
         if not transport_errors_are_observations:
             raise

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 
 from inventory.plan import PlannedWave, UpgradePlan
 from tasks.checks import CounterFacts
@@ -21,6 +23,19 @@ def deliver(urls: list[str], notice: Notice) -> None:
     Kept out of tasks/notify.py so that validating notice URLs (plan check) does not import prefect.
     """
     send_notice(urls, notice)
+
+
+def tag_flow_run(tags: Iterable[str]) -> None:
+    """Add tags (``branch:BR01``…) to the running flow run, so branch IT can filter runs by them in the UI.
+
+    The flow run is tagged, not each counter's task run: Prefect asks the
+    server for a concurrency slot for every tagged task run, one round trip
+    per counter. Counter task runs are named after the counter and its outlet.
+    """
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    ctx.client.update_flow_run(ctx.flow_run.id, tags=sorted(set(ctx.flow_run.tags or []) | set(tags)))
 
 
 def artifact_key(*parts: str) -> str:

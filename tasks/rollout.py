@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
@@ -37,13 +36,13 @@ from inventory.store import Store
 from playbooks import load_playbook
 from playbooks.schema import Playbook
 from tasks.backup import restore_backup, take_backup
-from tasks.checks import business_test, functional_test, read_app, read_health
+from tasks.checks import business_test, functional_test
+from tasks.counter_app import read_health, read_metrics, set_in_service
 from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, run_steps
 from tasks.ssh import Connection, ConnectionPool, SSHError
 from tasks.ssh import sh as shell
 
 MIN_FREE_DISK_FACTOR = 4  # free space wanted on the counter, in package sizes (upload + unpack + backup)
-HTTP_TIMEOUT_S = 5.0
 
 Status = Literal["upgraded", "already_current", "rolled_back", "failed"]
 
@@ -94,21 +93,6 @@ class _Recorder:
             self.store.update(DeviceStep, row.id, status="failed", ended_at=datetime.now(UTC), error=str(e)[:2000], details=details | extra)
             raise
         self.store.update(DeviceStep, row.id, status="ok", ended_at=datetime.now(UTC), details=details | extra)
-
-
-def read_metrics(device: Device) -> dict:
-    """The counter app's ``/metrics`` (empty when it does not answer)."""
-    return read_app(device, "/metrics", HTTP_TIMEOUT_S) or {}
-
-
-def set_in_service(device: Device, in_service: bool, reason: str) -> None:
-    """Take the counter out of service (maintenance mode) or put it back; verified by reading it back."""
-    base = f"http://{device.host}:{device.http_port}"
-    with httpx.Client(base_url=base, timeout=HTTP_TIMEOUT_S) as client:
-        client.post("/maintenance", json={"in_service": in_service, "reason": reason}).raise_for_status()
-        now = client.get("/maintenance").json()
-    if now.get("in_service") is not in_service:
-        raise RuntimeError(f"maintenance mode did not change: counter says in_service={now.get('in_service')}")
 
 
 def _snapshot(device: Device, business: dict | None = None) -> dict:
