@@ -13,6 +13,8 @@ from __future__ import annotations
 import getpass
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -238,6 +240,23 @@ def prefect_api() -> str:
         fail(str(e))
 
 
+@contextmanager
+def flow_in_this_process() -> Iterator[None]:
+    """Settings for a flow this command runs in its own process: no heartbeat thread.
+
+    A sync flow joins its heartbeat thread at exit, which sleeps in 1 s steps:
+    up to a second added to every command. Heartbeats only serve zombie-run
+    detection, which needs a server automation we do not set up; a command
+    stopped by Ctrl-C or SIGTERM still marks its run Crashed, and a counter's
+    truth is its own state and our records (run the plan again to resume).
+    Deployed runs (worker) keep Prefect's default.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 @app.command("check")
 def check(
     inventory: Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")] = None,
@@ -252,7 +271,8 @@ def check(
     api = prefect_api()
     from flows.fleet_check import fleet_check
 
-    facts = fleet_check(inventory=str(path.resolve()), branch=branch)
+    with flow_in_this_process():
+        facts = fleet_check(inventory=str(path.resolve()), branch=branch)
     table = Table("counter", "outlet", "version", "app", "free disk MB")
     for f in facts:
         table.add_row(f.device_id, f.outlet, f.version or "", f.app_status or "[red]no answer[/]", str(f.free_disk_mb or ""))
@@ -295,7 +315,8 @@ def upgrade(
     from flows.upgrade import upgrade_plan
     from inventory.store import Store
 
-    state = upgrade_plan(plan=plan, inventory=str(path.resolve()), return_state=True)
+    with flow_in_this_process():
+        state = upgrade_plan(plan=plan, inventory=str(path.resolve()), return_state=True)
     with Store.open() as store:
         run = next((r for r in store.runs(limit=50) if r.flow_run_id == str(state.state_details.flow_run_id)), None)
         if run is not None:

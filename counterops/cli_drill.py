@@ -25,7 +25,7 @@ def drill_command(
     use_latest: Annotated[bool, typer.Option("--use-latest", help="Drill each counter's newest stored backup instead of taking a fresh one.")] = False,
 ) -> None:
     """Restore counters' backups into a scratch directory here, verify them, and print RTO and RPO."""
-    from counterops.cli import current_operator, fail, inventory_path, load_inventory_or_exit, out, prefect_api
+    from counterops.cli import current_operator, fail, flow_in_this_process, inventory_path, load_inventory_or_exit, out, prefect_api
 
     path = inventory_path(inventory)
     load_inventory_or_exit(path)
@@ -33,8 +33,9 @@ def drill_command(
     from flows.drill import backup_restore_drill
     from tasks.drill import DrillSummary
 
-    state = backup_restore_drill(inventory=str(path.resolve()), sample=sample, use_latest=use_latest,
-                                 initiator=current_operator(None), return_state=True)
+    with flow_in_this_process():
+        state = backup_restore_drill(inventory=str(path.resolve()), sample=sample, use_latest=use_latest,
+                                     initiator=current_operator(None), return_state=True)
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, DrillSummary):
         fail(f"the drill did not finish: {state.message or summary!r}")

@@ -44,7 +44,8 @@ def inspect_command(
     notify: NotifyOption = None,
 ) -> None:
     """Inspect every counter now: fix what is simple, record every fault, escalate the rest to the branch."""
-    from counterops.cli import EXIT_BAD_INPUT, EXIT_FAILED, current_operator, fail, inventory_path, load_inventory_or_exit, out, prefect_api
+    from counterops.cli import (EXIT_BAD_INPUT, EXIT_FAILED, current_operator, fail, flow_in_this_process, inventory_path,
+                                load_inventory_or_exit, out, prefect_api)
 
     if phase not in PHASES:
         fail(f"--phase {phase}: must be one of {', '.join(PHASES)}", EXIT_BAD_INPUT)
@@ -54,7 +55,8 @@ def inspect_command(
     api = prefect_api()
     from flows.inspection import daily_inspection
 
-    results = daily_inspection(phase=phase, inventory=str(path.resolve()), inspector=current_operator(operator), notify=urls)
+    with flow_in_this_process():
+        results = daily_inspection(phase=phase, inventory=str(path.resolve()), inspector=current_operator(operator), notify=urls)
     table = Table("counter", "outlet", "result", "found / fixed", "faults")
     for r in results:
         result = "[red]needs attention[/]" if not r.ok else "fixed" if any(f.resolution for f in r.findings) else "ok"
@@ -70,7 +72,7 @@ def inspect_command(
 
 def maintain_command(inventory: InventoryOption = None, operator: OperatorOption = None, notify: NotifyOption = None) -> None:
     """Periodic maintenance now: logs, temp files, database check and vacuum (one counter per outlet at a time), paper levels."""
-    from counterops.cli import EXIT_FAILED, current_operator, fail, inventory_path, load_inventory_or_exit, out, prefect_api
+    from counterops.cli import EXIT_FAILED, current_operator, fail, flow_in_this_process, inventory_path, load_inventory_or_exit, out, prefect_api
 
     path = inventory_path(inventory)
     load_inventory_or_exit(path)
@@ -79,7 +81,8 @@ def maintain_command(inventory: InventoryOption = None, operator: OperatorOption
     from flows.maintenance import periodic_maintenance
     from tasks.maintenance import paper_level
 
-    state = periodic_maintenance(inventory=str(path.resolve()), notify=urls, inspector=current_operator(operator), return_state=True)
+    with flow_in_this_process():
+        state = periodic_maintenance(inventory=str(path.resolve()), notify=urls, inspector=current_operator(operator), return_state=True)
     if not state.is_completed():
         fail(state.message or "periodic maintenance failed")
     results = state.result()
@@ -134,7 +137,7 @@ def faults_report(
     notify: NotifyOption = None,
 ) -> None:
     """The fault report (a fault-report flow run): counts, recurring symptoms, mean time to repair."""
-    from counterops.cli import current_operator, out, prefect_api
+    from counterops.cli import current_operator, flow_in_this_process, out, prefect_api
 
     urls = checked_notify(notify)
     prefect_api()
@@ -143,7 +146,8 @@ def faults_report(
     from flows.fault_report import fault_report
     from tasks.faults import fault_report_markdown
 
-    report = fault_report(period_days=days, notify=urls, initiator=current_operator(operator))
+    with flow_in_this_process():
+        report = fault_report(period_days=days, notify=urls, initiator=current_operator(operator))
     if as_json:
         print(report.model_dump_json(indent=2))
     else:

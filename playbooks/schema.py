@@ -8,13 +8,15 @@ one of:
                   ``{variable}`` placeholders are filled in, then the element
                   is quoted as one argument. Shell scripts (``sh -c``) must be
                   constant: values reach them as ``$1``, ``$2``…
-``upload``        a local file to the counter, sha256-verified on both ends.
+``upload``        a local file to the counter, sha256-verified on both ends
+                  (and against ``sha256:`` when given).
 ``http``          a request to the counter app, its JSON answer compared.
 ``wait_for``      an ``http`` or ``run`` check repeated until it passes.
 ``restore_data``  a hook: the caller's restore-from-backup callback.
 
 ``run`` and ``upload`` steps may have ``skip_if: {run: [...]}``: when that
-command exits 0 the state is already right and the step is skipped.
+command exits 0 the state is already right and the step is skipped (for a
+``run`` step the check and the command go to the counter in one round trip).
 
 Variables are a fixed set (:data:`VARIABLES`); the runner derives the paths
 from ``root`` and ``version`` so the YAML stays short. Facts are read before
@@ -240,6 +242,7 @@ class UploadSpec(_Model):
     src: Template  # a file on the machine running the playbook
     dest: Template  # the path on the counter
     mode: FileMode = "0644"
+    sha256: Template | None = None  # the digest the file must have, e.g. "{package_sha256}" (checked on both ends)
 
 
 class WaitForSpec(_Model):

@@ -35,7 +35,7 @@ from playbooks.schema import (
     WaitForStep,
 )
 from tasks import counter_app
-from tasks.ssh import Connection, SSHError, remote_path
+from tasks.ssh import CommandFailed, Connection, Result, SSHError, quote, remote_path
 
 RELEASES_DIR = "opt/smartcounter/releases"
 CURRENT_LINK = "opt/smartcounter/current"
@@ -175,11 +175,29 @@ class StepError(Exception):
 
 def read_facts(conn: Connection, playbook: Playbook, vars: Mapping[str, str]) -> dict[str, str]:
     """Read the playbook's facts from the counter (``vars``: at least :func:`device_vars`)."""
-    facts = {}
-    for name, fact in playbook.facts.items():
-        out = conn.run([render(a, vars) for a in fact.run]).stdout.strip()
-        facts[name] = out.rstrip("/").rsplit("/", 1)[-1] if fact.parse == "basename" else out
+    facts, _ = read_facts_and(conn, playbook, vars)
     return facts
+
+
+def read_facts_and(
+    conn: Connection, playbook: Playbook, vars: Mapping[str, str], *also: Sequence[str]
+) -> tuple[dict[str, str], list[Result]]:
+    """The playbook's facts, and the results of ``also`` (more read-only commands): one round trip.
+
+    A fact whose command fails raises CommandFailed, as reading it alone would.
+    """
+    names = list(playbook.facts)
+    commands = [[render(a, vars) for a in playbook.facts[n].run] for n in names] + [list(a) for a in also]
+    if not commands:
+        return {}, []
+    results = conn.run_each(commands)
+    facts = {}
+    for name, r in zip(names, results, strict=False):
+        if not r.ok:
+            raise CommandFailed(conn.target.device_id, r)
+        out = r.stdout.strip()
+        facts[name] = out.rstrip("/").rsplit("/", 1)[-1] if playbook.facts[name].parse == "basename" else out
+    return facts, results[len(names):]
 
 
 # ----------------------------------------------------------------------------- steps
@@ -225,20 +243,26 @@ def run_steps(
 def _run_step(
     conn: Connection, device: Device, step: Step, vars: Mapping[str, str], restore_data: Callable[[], None] | None
 ) -> tuple[Literal["ok", "skipped"], str]:
-    if isinstance(step, RunStep | UploadStep) and step.skip_if is not None:
-        check = conn.run([render(a, vars) for a in step.skip_if.run], check=False)
-        if check.ok:
-            return "skipped", f"already done: `{check.command}` exited 0"
+    skip_if = [render(a, vars) for a in step.skip_if.run] if isinstance(step, RunStep | UploadStep) and step.skip_if else None
     match step:
         case RunStep():
-            r = conn.run([render(a, vars) for a in step.run], timeout=step.timeout_s)
+            argv = [render(a, vars) for a in step.run]
+            if skip_if is None:
+                r = conn.run(argv, timeout=step.timeout_s)
+            elif (r := conn.run_unless(skip_if, argv, timeout=step.timeout_s)) is None:
+                return "skipped", f"already done: `{quote(skip_if)}` exited 0"
             return "ok", _tail(r.stdout or r.stderr)
         case UploadStep():
+            if skip_if is not None and (check := conn.run(skip_if, check=False)).ok:
+                return "skipped", f"already done: `{check.command}` exited 0"
             src, dest = Path(render(step.upload.src, vars)), render(step.upload.dest, vars)
+            want = render(step.upload.sha256, vars) if step.upload.sha256 is not None else None
+            if want is not None and not SHA256_PATTERN.fullmatch(want):
+                raise StepError(f"upload.sha256 must render to 64 lowercase hex digits, got {want!r}")
             if not src.is_file():
                 raise StepError(f"{src}: no such local file to upload")
-            sha256 = conn.put(src, dest, mode=int(step.upload.mode, 8))
-            return "ok", f"{src.name} -> {dest} (sha256 {sha256})"
+            sha256 = conn.put(src, dest, mode=int(step.upload.mode, 8), sha256=want)
+            return "ok", f"{src.name} -> {dest} (sha256 {sha256}" + (", as expected)" if want else ")")
         case HttpStep():
             passed, observation = _http_check(device, step.http, vars)
             if not passed:

@@ -38,7 +38,7 @@ from playbooks.schema import Playbook
 from tasks.backup import restore_backup, take_backup
 from tasks.checks import business_test, functional_test
 from tasks.counter_app import read_health, read_metrics, set_in_service
-from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, run_steps
+from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, read_facts_and, run_steps
 from tasks.ssh import Connection, ConnectionPool, SSHError
 from tasks.ssh import sh as shell
 
@@ -158,10 +158,12 @@ def upgrade_counter_pipeline(
     try:
         with rec.step(UpgradeStep.PRECHECK) as found:
             conn = pool.connection(device)
-            facts = read_facts(conn, playbook, device_vars(device))
+            facts, (df,) = read_facts_and(conn, playbook, device_vars(device), shell('df -Pk -- "$1" | tail -n 1', device.root))
             out.from_version = out.version = facts["installed_version"]
             found["installed_version"] = out.from_version
-            free_mb = int(conn.run(shell('df -Pk -- "$1" | tail -n 1', device.root)).stdout.split()[3]) // 1024
+            if not df.ok:
+                raise RuntimeError(f"cannot read free disk space: `{df.command}` exited {df.exit_status}: {df.stdout.strip()[-300:]}")
+            free_mb = int(df.stdout.split()[3]) // 1024
             need_mb = MIN_FREE_DISK_FACTOR * Path(plan.package).stat().st_size // (1024 * 1024) + 1
             found["free_disk_mb"] = free_mb
             if free_mb < need_mb:

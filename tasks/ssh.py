@@ -33,6 +33,7 @@ import paramiko
 from inventory.models import Device, SSHSettings
 
 Arg = str | int | os.PathLike
+EOF_GRACE_S = 2.0  # after the exit status, how long to wait for the rest of a command's output
 
 
 class SSHError(Exception):
@@ -152,11 +153,27 @@ def _file_key(path: Path) -> tuple[str, float]:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    """sha256 of a local file, read in full (for verifying: never cached)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@lru_cache(maxsize=64)
+def _source_sha256(path: str, _size: int, _mtime_ns: int) -> str:
+    """sha256 of a file about to be uploaded, cached by (path, size, mtime): one package goes to
+    many counters. Safe to cache: the digest the counter computes over the bytes it received
+    must equal it, so a file changed in place without a new mtime still fails the upload."""
+    return sha256_file(Path(path))
+
+
+# $1 the uploaded file, $2 its digest here, $3 where it goes: exit 3 (digest on stdout) when it differs
+_CHECK_AND_MOVE = """
+set -e
+sum=$(sha256sum -- "$1")
+sum=${sum%% *}
+if [ "$sum" != "$2" ]; then echo "$sum"; rm -f -- "$1"; exit 3; fi
+mv -f -- "$1" "$3"
+"""
 
 
 class _HashingWriter:
@@ -279,7 +296,45 @@ class Connection:
         :class:`CommandFailed`. Past ``timeout`` seconds the command is
         abandoned and :class:`CommandTimeout` raised.
         """
-        command = quote(argv)
+        return self._exec(quote(argv), check=check, timeout=timeout, stdin=stdin)
+
+    def run_unless(self, unless: Sequence[Arg], argv: Sequence[Arg], *, timeout: float | None = None) -> Result | None:
+        """Run ``argv`` unless ``unless`` exits 0 (the state is already right): one round trip for both.
+
+        Returns None when ``unless`` passed and nothing ran; otherwise ``argv``'s
+        result (a failure raises :class:`CommandFailed`, as :meth:`run` does).
+        """
+        marker = f"counterops-skip-{secrets.token_hex(8)}"
+        line = f"if {quote(unless)} </dev/null >/dev/null 2>&1; then echo {marker}; exit 0; fi; exec {quote(argv)}"
+        r = self._exec(line, check=False, timeout=timeout, shown=quote(argv))
+        if r.ok and r.stdout.strip() == marker:
+            return None
+        if not r.ok:
+            raise CommandFailed(self.target.device_id, r)
+        return r
+
+    def run_each(self, commands: Sequence[Sequence[Arg]], *, timeout: float | None = None) -> list[Result]:
+        """Run several short commands one after another in one round trip; each gets its own
+        exit status and output (stderr is folded into stdout). Nothing raises for a command's
+        own failure: look at each result's ``exit_status``."""
+        marker = f"counterops-end-{secrets.token_hex(8)}"
+        line = "; ".join(f"{quote(argv)} </dev/null 2>&1; printf '\\n{marker} %d\\n' $?" for argv in commands)
+        whole = self._exec(line, check=False, timeout=timeout)
+        out: list[Result] = []
+        rest = whole.stdout
+        for argv in commands:
+            text, sep, rest = rest.partition(f"\n{marker} ")
+            if not sep:  # the session ended early: this command and the next have no status
+                out.append(Result(quote(argv), -1, text, whole.stderr, whole.duration_s))
+                rest = ""
+                continue
+            status, _, rest = rest.partition("\n")
+            out.append(Result(quote(argv), int(status) if status.strip().lstrip("-").isdigit() else -1, text, "", whole.duration_s))
+        return out
+
+    def _exec(
+        self, command: str, *, check: bool, timeout: float | None, stdin: bytes | None = None, shown: str | None = None
+    ) -> Result:
         timeout = self.target.command_timeout if timeout is None else timeout
         started = time.monotonic()
         try:
@@ -291,11 +346,11 @@ class Connection:
             if stdin is not None:
                 chan.sendall(stdin)
             chan.shutdown_write()
-            out, err = self._collect(chan, command, started + timeout)
+            out, err = self._collect(chan, shown or command, started + timeout)
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
         finally:
             chan.close()
-        result = Result(command, status, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - started)
+        result = Result(shown or command, status, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - started)
         if check and not result.ok:
             raise CommandFailed(self.target.device_id, result)
         return result
@@ -310,15 +365,21 @@ class Connection:
             while chan.recv_stderr_ready():
                 err.extend(chan.recv_stderr(65536))
 
+        eof_by: float | None = None
         while True:
             drain()
-            if chan.exit_status_ready() or chan.closed:
+            # Done once the output has ended (EOF) and the exit status is in, or the channel closed.
+            # The exit status alone is not enough: sshd may send it before the last of the output.
+            # A daemon the command started may hold the output open: then wait EOF_GRACE_S at most.
+            if chan.exit_status_ready() and eof_by is None:
+                eof_by = time.monotonic() + EOF_GRACE_S
+            if chan.closed or (eof_by is not None and (chan.eof_received or time.monotonic() >= eof_by)):
                 drain()
                 return bytes(out), bytes(err)
-            remaining = deadline - time.monotonic()
+            remaining = (eof_by if eof_by is not None else deadline) - time.monotonic()
             if remaining <= 0:
                 raise CommandTimeout(self.target.device_id, f"`{command}` still running after its timeout; abandoned")
-            select.select([chan], [], [], min(remaining, 0.2))
+            select.select([chan], [], [], max(0.0, min(remaining, 0.2)))
 
     # -- files -----------------------------------------------------------------------
 
@@ -338,10 +399,18 @@ class Connection:
             raise CommandFailed(self.target.device_id, r)
         return r.stdout.split()[0]
 
-    def put(self, local: str | Path, remote: str, *, mode: int | None = None) -> str:
-        """Upload ``local`` to ``remote`` and return the sha256 both ends agree on."""
+    def put(self, local: str | Path, remote: str, *, mode: int | None = None, sha256: str | None = None) -> str:
+        """Upload ``local`` to ``remote`` and return the sha256 both ends agree on.
+
+        With ``sha256`` the file must also have that digest: a local file that
+        does not is refused before anything is sent. The file is written beside
+        ``remote`` and moved into place only once its digest on the counter is right.
+        """
         local = Path(local)
-        expected = sha256_file(local)
+        st = local.stat()
+        expected = _source_sha256(str(local), st.st_size, st.st_mtime_ns)
+        if sha256 is not None and expected != sha256:
+            raise TransferError(self.target.device_id, f"upload of {local}: its sha256 here is {expected}, expected {sha256}; nothing was sent")
         tmp = f"{remote}.part-{secrets.token_hex(4)}"
         try:
             with self._sftp_lock:
@@ -349,10 +418,11 @@ class Connection:
                 sftp.put(str(local), tmp, confirm=True)
                 if mode is not None:
                     sftp.chmod(tmp, mode)
-            got = self.remote_sha256(tmp)
-            if got != expected:
-                raise TransferError(self.target.device_id, f"upload of {local} to {remote}: sha256 on the counter is {got}, expected {expected}")
-            self.run(["mv", "-f", "--", tmp, remote])
+            r = self.run(sh(_CHECK_AND_MOVE, tmp, expected, remote), check=False)  # one round trip: digest, then rename
+            if r.exit_status == 3:
+                raise TransferError(self.target.device_id, f"upload of {local} to {remote}: sha256 on the counter is {r.stdout.strip()}, expected {expected}")
+            if not r.ok:
+                raise CommandFailed(self.target.device_id, r)
         except BaseException:
             self.run(["rm", "-f", "--", tmp], check=False, timeout=30)
             raise

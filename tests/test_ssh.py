@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -91,6 +92,52 @@ def test_upload_and_download_are_verified_by_sha256(conn, inv, tmp_path):
     assert ".part-" not in leftovers
     assert not list(tmp_path.glob("*.part-*"))
     conn.run(["rm", "-f", "--", remote])
+
+
+def test_upload_with_a_required_digest_refuses_a_different_file_before_sending_it(conn, inv, tmp_path):
+    src = tmp_path / "package.tar.gz"
+    src.write_bytes(b"not the release")
+    remote = remote_path(inv.devices[0].root, "tmp", "package.tar.gz")
+    with pytest.raises(TransferError, match="nothing was sent"):
+        conn.put(src, remote, sha256="0" * 64)
+    listing = conn.run(sh('ls -a -- "$1"', remote_path(inv.devices[0].root, "tmp"))).stdout
+    assert "package.tar.gz" not in listing
+    assert conn.put(src, remote, sha256=hashlib.sha256(b"not the release").hexdigest()) == hashlib.sha256(b"not the release").hexdigest()
+    conn.run(["rm", "-f", "--", remote])
+
+
+def test_run_unless_skips_when_the_state_is_already_right_in_one_round_trip(conn, inv):
+    marker = remote_path(inv.devices[0].root, "tmp", "run unless 'marker'")
+    conn.run(["rm", "-f", "--", marker])
+    assert conn.run_unless(["test", "-e", marker], ["touch", "--", marker]) is not None  # not there: it ran
+    assert conn.run(["test", "-e", marker], check=False).ok
+    assert conn.run_unless(["test", "-e", marker], ["sh", "-c", "echo ran; exit 9"]) is None  # there: nothing ran
+    with pytest.raises(CommandFailed) as e:
+        conn.run_unless(["false"], ["sh", "-c", "echo boom >&2; exit 4"])
+    assert "exited 4" in str(e.value) and "boom" in str(e.value) and "counterops-skip" not in str(e.value)
+    r = conn.run_unless(["false"], ["printf", "%s|", *HOSTILE])
+    assert r is not None and r.stdout == "|".join(HOSTILE) + "|"
+    conn.run(["rm", "-f", "--", marker])
+
+
+def test_run_each_gives_every_command_its_own_status_and_output(conn):
+    results = conn.run_each([["printf", "a\nb"], ["sh", "-c", "echo err >&2; exit 3"], ["printf", "%s", "$(id); it's"], ["true"]])
+    assert [(r.exit_status, r.stdout) for r in results] == [(0, "a\nb"), (3, "err\n"), (0, "$(id); it's"), (0, "")]
+    assert results[1].command == quote(["sh", "-c", "echo err >&2; exit 3"])
+
+
+def test_the_whole_output_arrives_even_when_the_exit_status_comes_first(conn):
+    # sshd may send the exit status before the last output: all of it must still be read
+    for _ in range(50):
+        r = conn.run(["sh", "-c", 'head -c 70000 /dev/zero | tr "\\0" x; echo; echo done'])
+        assert len(r.stdout) == 70006 and r.stdout.endswith("x\ndone\n")
+
+
+def test_a_daemon_holding_the_output_open_does_not_hang_the_command(conn):
+    started = time.monotonic()
+    r = conn.run(["sh", "-c", "sleep 30 & echo started"])
+    assert r.stdout == "started\n" and time.monotonic() - started < 10
+    conn.run(["pkill", "-f", "^sleep 30$"], check=False)
 
 
 def test_download_of_a_missing_file_fails_clearly(conn, inv, tmp_path):
