@@ -18,6 +18,7 @@ counter started outside the maintenance window.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -28,6 +29,7 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from inventory.loader import load_inventory
 from inventory.models import Evaluation, EvaluationScope, Inventory, Role, Run, RunKind
@@ -40,6 +42,7 @@ from tasks.rollout import CounterOutcome, upgrade_counter
 from tasks.ssh import ConnectionPool
 
 APPROVAL_TIMEOUT_S = 24 * 3600
+PROGRESS_EVERY_S = 1.0  # how often a wave's progress artifact is updated (and when it ends)
 
 
 class WaveApproval(RunInput):
@@ -208,6 +211,7 @@ def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index
     running: dict[concurrent.futures.Future, object] = {}
     busy: Counter[str] = Counter()
     outcomes: list[CounterOutcome] = []
+    next_progress, shown = time.monotonic() + PROGRESS_EVERY_S, 0
     while pending or running:
         failed = sum(o.failed for o in outcomes)
         may_start = plan.window_is_open(datetime.now(UTC)) and wave_within_limits(planned.wave, failed, total)
@@ -217,8 +221,9 @@ def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index
                     break
                 if busy[device.outlet] >= plan.max_unavailable_per_outlet:
                     continue
+                # quote(): Prefect would walk every field of these models looking for futures, per counter
                 future = upgrade_counter.with_options(task_run_name=f"{device.id} [{device.outlet}]").submit(
-                    device, plan, inv.ssh, run_id, index, pool, store)
+                    quote(device), quote(plan), quote(inv.ssh), run_id, index, quote(pool), quote(store))
                 running[future.wrapped_future] = (future, device)
                 busy[device.outlet] += 1
                 pending.remove(device)
@@ -229,10 +234,19 @@ def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index
             future, device = running.pop(wrapped)
             busy[device.outlet] -= 1
             outcomes.append(_outcome(future, device, index))
-        update_progress_artifact(progress, 100.0 * len(outcomes) / total,
-                                 description=f"Wave {planned.wave.name}: {len(outcomes)} of {total} done, "
-                                             f"{sum(o.failed for o in outcomes)} failed")
+        if time.monotonic() >= next_progress:  # an API call each: not per counter on big waves
+            next_progress = time.monotonic() + PROGRESS_EVERY_S
+            shown = _show_progress(progress, planned, outcomes, total)
+    if shown != len(outcomes):
+        _show_progress(progress, planned, outcomes, total)
     return outcomes, [d.id for d in pending]
+
+
+def _show_progress(progress, planned: PlannedWave, outcomes: list[CounterOutcome], total: int) -> int:
+    update_progress_artifact(progress, 100.0 * len(outcomes) / total,
+                             description=f"Wave {planned.wave.name}: {len(outcomes)} of {total} done, "
+                                         f"{sum(o.failed for o in outcomes)} failed")
+    return len(outcomes)
 
 
 def _outcome(future, device, index: int) -> CounterOutcome:

@@ -379,7 +379,12 @@ class Connection:
             remaining = (eof_by if eof_by is not None else deadline) - time.monotonic()
             if remaining <= 0:
                 raise CommandTimeout(self.target.device_id, f"`{command}` still running after its timeout; abandoned")
-            select.select([chan], [], [], max(0.0, min(remaining, 0.2)))
+            if chan.eof_received:
+                # The output is over and its pipe stays readable for good: select would spin (thousands of
+                # times a command under load) until the exit status comes. Wait for that instead.
+                chan.status_event.wait(min(remaining, 0.2))
+            else:
+                select.select([chan], [], [], max(0.0, min(remaining, 0.2)))
 
     # -- files -----------------------------------------------------------------------
 
