@@ -141,6 +141,8 @@ def drill_counter(
         return drill.model_copy(update={"errors": [f"fresh backup failed at {e.stage}: {e.reason}"]})
     except SSHError as e:
         return drill.model_copy(update={"errors": [f"fresh backup failed: {e.reason}"]})
+    finally:
+        pool.release(device)
     if backup is None:
         return drill.model_copy(update={"errors": ["no backup stored for this counter: nothing to restore"]})
     drill = restore_drill(backup, drill)

@@ -275,7 +275,10 @@ def inspect_counter(device: Device, phase: InspectionPhase, inspector: str, run_
                     notify: list[str], hands_off: str | None) -> CounterInspection:
     """One counter's inspection: look, fix what is simple, look again, record, tell the branch the rest."""
     started = utcnow()
-    findings = look_and_fix(device, phase, pool, hands_off)
+    try:
+        findings = look_and_fix(device, phase, pool, hands_off)
+    finally:
+        pool.release(device)
     return record_visit(device, phase, inspector, started, findings, run_id=run_id, store=store, notify=notify)
 
 

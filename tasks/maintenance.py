@@ -210,7 +210,10 @@ def maintain_counter(device: Device, inspector: str, run_id: int, store: Store, 
                      notify: list[str]) -> CounterInspection:
     """One counter's periodic maintenance, recorded like an inspection (phase maintenance); problems become faults."""
     started = utcnow()
-    findings = maintain(device, pool)
+    try:
+        findings = maintain(device, pool)
+    finally:
+        pool.release(device)
     return record_visit(device, InspectionPhase.MAINTENANCE, inspector, started, findings, run_id=run_id, store=store, notify=notify)
 
 

@@ -304,4 +304,7 @@ def upgrade_counter(
     device: Device, plan: UpgradePlan, ssh: SSHSettings, run_id: int, wave: int, pool: ConnectionPool, store: Store
 ) -> CounterOutcome:
     """One counter through the whole upgrade procedure (one task run per counter)."""
-    return upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool)
+    try:
+        return upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool)
+    finally:
+        pool.release(device)

@@ -468,6 +468,14 @@ class ConnectionPool:
                 conn = self._connections[device.id] = Connection(Target.for_device(device, self.ssh))
         return conn.open()
 
+    def release(self, device: Device) -> None:
+        """Close this counter's connection once its work is done: an open paramiko transport
+        keeps a thread that wakes ten times a second, and a big run holds hundreds."""
+        with self._lock:
+            conn = self._connections.pop(device.id, None)
+        if conn is not None:
+            conn.close()
+
     def close(self) -> None:
         with self._lock:
             conns, self._connections = list(self._connections.values()), {}

@@ -179,7 +179,12 @@ def test_connections_are_reused_within_a_run(inv):
         for _ in range(5):
             assert pool.connection(device).run(["true"]).ok
         assert pool.connection(device) is first and first.transport is transport
-    assert not transport.is_active()
+        other = pool.connection(inv.devices[3]).transport
+        pool.release(device)  # this counter is done: its connection (and transport thread) goes
+        assert not transport.is_active() and other.is_active()
+        again = pool.connection(device)
+        assert again is not first and again.run(["true"]).ok
+    assert not other.is_active() and not again.transport.is_active()
 
 
 def test_the_login_is_a_dedicated_unprivileged_user(conn, inv):
