@@ -184,7 +184,8 @@ def test_connections_are_reused_within_a_run(inv):
         assert not transport.is_active() and other.is_active()
         again = pool.connection(device)
         assert again is not first and again.run(["true"]).ok
-    assert not other.is_active() and not again.transport.is_active()
+        renewed = again.transport
+    assert not other.is_active() and not renewed.is_active()
 
 
 def test_the_login_is_a_dedicated_unprivileged_user(conn, inv):
