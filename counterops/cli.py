@@ -10,9 +10,11 @@ commands start fast.
 
 from __future__ import annotations
 
+import atexit
 import getpass
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -429,7 +431,28 @@ def runs_show(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+        code: object = 0
+    except SystemExit as e:
+        code = e.code
+    exit_now(code)
+
+
+def exit_now(code: object) -> NoReturn:
+    """Exit without tearing the interpreter down: the exit handlers run (Prefect's workers hand in
+    their last logs and events, logging flushes), then the process ends. Tearing down what Prefect,
+    pydantic and SQLAlchemy built costs ≈ 0.5 s of CPU on every command, for nothing."""
+    if code is not None and not isinstance(code, int):  # SystemExit("message"): print it, status 1
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

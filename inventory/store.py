@@ -11,7 +11,9 @@ ORM object, so nothing lazy-loads after the session is gone.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -183,7 +185,17 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._read = sessionmaker(engine, expire_on_commit=False)
-        self._write = sessionmaker(_writer(engine), expire_on_commit=False)
+        self._writer = sessionmaker(_writer(engine), expire_on_commit=False)
+        # SQLite allows one writer; its busy handler makes the others sleep and retry (1, 2, 5, 10…
+        # ms). Threads of this process queue on a lock instead and get the database the moment it
+        # is free. (Other processes still meet the busy timeout.)
+        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A write transaction: committed at the end, rolled back on an exception."""
+        with self._write_lock or nullcontext(), self._writer.begin() as s:
+            yield s
 
     @classmethod
     def open(cls, url: str | None = None) -> Store:
@@ -218,7 +230,7 @@ class Store:
         is written and InventoryError lists why. Both outcomes are audited.
         """
         try:
-            with self._write.begin() as s:
+            with self._write() as s:
                 summary = _import(s, inv, source)
                 s.add(_row(AuditEvent(actor=actor, action="inventory.import", target=source, details=summary.model_dump())))
         except InventoryError as e:
@@ -294,7 +306,7 @@ class Store:
         """Insert a run record (Run, DeviceStep, Backup, ...); returns it with its new id."""
         if record.id is not None:
             raise ValueError(f"{type(record).__name__} {record.id} is already stored; use update()")
-        with self._write.begin() as s:
+        with self._write() as s:
             row = _row(record)
             s.add(row)
             s.flush()
@@ -305,7 +317,7 @@ class Store:
         the changed record is validated as a whole before anything is written."""
         if "id" in changes:
             raise TypeError("a record's id cannot change")
-        with self._write.begin() as s:
+        with self._write() as s:
             row = s.get(_ROW_OF[kind], id)
             if row is None:
                 raise KeyError(f"no {kind.__name__} {id} in the store")
