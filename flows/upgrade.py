@@ -38,7 +38,7 @@ from inventory.store import Store
 from tasks.evaluate import report_markdown, verdict, watch_health, wave_metrics
 from tasks.notify import Notice, NotifyError
 from tasks.report import artifact_key, deliver, publish_final_table, tag_flow_run
-from tasks.rollout import CounterOutcome, upgrade_counter
+from tasks.rollout import CounterOutcome, Leftover, unfinished_installs, upgrade_counter
 from tasks.ssh import ConnectionPool
 
 APPROVAL_TIMEOUT_S = 24 * 3600
@@ -86,6 +86,8 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
                             flow_run_id=str(flow_run.id), params=plan.model_dump(mode="json")))
         store.audit(plan.initiator, "start_upgrade", plan.name, run_id=run.id, details={"target_version": plan.target_version})
         tag_flow_run(f"branch:{b}" for b in sorted({d.branch for w in waves for d in w.devices}))
+        # counters an earlier run of this plan left mid-install: put back from their backup first
+        leftovers = unfinished_installs(store, plan.name, run.id, (d.id for w in waves for d in w.devices))
 
         # Branches are told in advance: no counter is touched unless this notice went out.
         deliver(plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
@@ -99,7 +101,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
                 halted = wait_for_approval(plan, inv, store, run.id, planned, index)
                 if halted:
                     break
-            done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool)
+            done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool, leftovers)
             outcomes += done
             soak = watch_health([inv.device(o.device_id) for o in done if o.status == "upgraded"], planned.wave.soak_seconds)
             failed = sum(o.failed for o in done)
@@ -200,7 +202,7 @@ def wait_for_approval(plan: UpgradePlan, inv: Inventory, store: Store, run_id: i
 
 
 def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index: int, store: Store, run_id: int,
-                  pool: ConnectionPool) -> tuple[list[CounterOutcome], list[str]]:
+                  pool: ConnectionPool, leftovers: dict[str, Leftover]) -> tuple[list[CounterOutcome], list[str]]:
     """Upgrade the wave's counters: at most ``parallelism`` at once and ``max_unavailable_per_outlet``
     per outlet; none started once the window closes or the wave's failure threshold is passed.
     Returns the outcomes and the ids of counters not started."""
@@ -223,7 +225,7 @@ def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index
                     continue
                 # quote(): Prefect would walk every field of these models looking for futures, per counter
                 future = upgrade_counter.with_options(task_run_name=f"{device.id} [{device.outlet}]").submit(
-                    quote(device), quote(plan), quote(inv.ssh), run_id, index, quote(pool), quote(store))
+                    quote(device), quote(plan), quote(inv.ssh), run_id, index, quote(pool), quote(store), quote(leftovers.get(device.id)))
                 running[future.wrapped_future] = (future, device)
                 busy[device.outlet] += 1
                 pending.remove(device)

@@ -20,7 +20,7 @@ backup was, then upgraded afresh.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,26 +107,40 @@ def _snapshot(device: Device, business: dict | None = None) -> dict:
     return snap
 
 
-def unfinished_install(store: Store, plan_name: str, device_id: str, current_run_id: int) -> tuple[Backup, str] | None:
-    """An earlier run of this plan whose install on this counter started and never finished.
+Leftover = tuple[Backup, str]  # the verified backup to put back, and the version the counter had then
 
-    That counter may hold half-migrated data, or even the new release with
+
+def unfinished_installs(store: Store, plan_name: str, current_run_id: int, device_ids: Iterable[str]) -> dict[str, Leftover]:
+    """Counters an earlier run of this plan left mid-install, with what to put them back to.
+
+    Such a counter may hold half-migrated data, or even the new release with
     untested data: it is put back from that run's verified backup, on the
-    version it had then, before anything else happens to it. Returns the
-    backup and that version.
+    version it had then, before anything else happens to it. For each counter
+    the newest earlier run that got as far as its install (or that already
+    put it back) decides; runs are read once per plan run, not per counter.
     """
-    for run in store.runs(kind=RunKind.UPGRADE, limit=50):
-        if run.name != plan_name or run.id == current_run_id:
+    wanted, decided, found = set(device_ids), set(), {}
+    for run in store.runs(kind=RunKind.UPGRADE, limit=50):  # newest first
+        if run.name != plan_name or run.id == current_run_id or not wanted - decided:
             continue
-        steps = store.device_steps(run.id, device_id)
-        installs = [s for s in steps if s.step == UpgradeStep.INSTALL]
-        settled = any(s.step == UpgradeStep.ROLLBACK and s.status == "ok" for s in steps)
-        if installs and installs[-1].status == "running" and not settled:
-            backups = store.backups(device_id=device_id, run_id=run.id, limit=1)
-            prechecks = [s for s in steps if s.step == UpgradeStep.PRECHECK and s.status == "ok"]
-            if backups and prechecks:
-                return backups[0], prechecks[-1].details["installed_version"]
-    return None
+        by_device: dict[str, list[DeviceStep]] = {}
+        for step in store.device_steps(run.id):
+            by_device.setdefault(step.device_id, []).append(step)
+        for device_id, steps in by_device.items():
+            if device_id not in wanted or device_id in decided:
+                continue
+            installs = [s for s in steps if s.step == UpgradeStep.INSTALL]
+            recovered = any(s.step == UpgradeStep.PRECHECK and s.status == "ok" and "recovered_from_backup" in s.details for s in steps)
+            if not installs and not recovered:
+                continue  # this run never reached the install here: an older run may have
+            decided.add(device_id)
+            rolled_back = any(s.step == UpgradeStep.ROLLBACK and s.status == "ok" for s in steps)
+            if installs and installs[-1].status == "running" and not rolled_back:
+                backups = store.backups(device_id=device_id, run_id=run.id, limit=1)
+                prechecks = [s for s in steps if s.step == UpgradeStep.PRECHECK and s.status == "ok"]
+                if backups and prechecks:
+                    found[device_id] = (backups[0], prechecks[-1].details["installed_version"])
+    return found
 
 
 def upgrade_counter_pipeline(
@@ -138,8 +152,12 @@ def upgrade_counter_pipeline(
     wave: int,
     store: Store,
     pool: ConnectionPool,
+    leftover: Leftover | None = None,
 ) -> CounterOutcome:
-    """Run the upgrade procedure on one counter and return how it ended (never raises for the counter's faults)."""
+    """Run the upgrade procedure on one counter and return how it ended (never raises for the counter's faults).
+
+    ``leftover``: what an earlier run left this counter mid-install with (see unfinished_installs).
+    """
     playbook = load_playbook(plan.playbook)
     rec = _Recorder(store, run_id, device.id, wave)
     out = CounterOutcome(device_id=device.id, branch=device.branch, outlet=device.outlet, wave=wave, status="failed",
@@ -168,7 +186,6 @@ def upgrade_counter_pipeline(
             found["free_disk_mb"] = free_mb
             if free_mb < need_mb:
                 raise RuntimeError(f"only {free_mb} MB free on the counter, {need_mb} MB needed")
-            leftover = unfinished_install(store, plan.name, device.id, run_id)
             if leftover is not None:
                 backup_then, version_then = leftover
                 found["recovered_from_backup"] = backup_then.id
@@ -301,10 +318,11 @@ def _recover(conn: Connection, device: Device, plan: UpgradePlan, playbook: Play
 
 @task(name="upgrade-counter", cache_policy=NO_CACHE, retries=0)
 def upgrade_counter(
-    device: Device, plan: UpgradePlan, ssh: SSHSettings, run_id: int, wave: int, pool: ConnectionPool, store: Store
+    device: Device, plan: UpgradePlan, ssh: SSHSettings, run_id: int, wave: int, pool: ConnectionPool, store: Store,
+    leftover: Leftover | None = None,
 ) -> CounterOutcome:
     """One counter through the whole upgrade procedure (one task run per counter)."""
     try:
-        return upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool)
+        return upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool, leftover=leftover)
     finally:
         pool.release(device)
