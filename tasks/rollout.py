@@ -21,7 +21,6 @@ backup was, then upgraded afresh.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,14 +110,6 @@ def _snapshot(device: Device, business: dict | None = None) -> dict:
 Leftover = tuple[Backup, str]  # the verified backup to put back, and the version the counter had then
 
 
-_BACKGROUND = ThreadPoolExecutor(max_workers=32, thread_name_prefix="baseline")
-
-
-def _baseline(device: Device) -> dict:
-    """Before the upgrade: business-test latency, business errors and restarts so far."""
-    return _snapshot(device, business_test(device).latency_ms)
-
-
 def unfinished_installs(store: Store, plan_name: str, current_run_id: int, device_ids: Iterable[str]) -> dict[str, Leftover]:
     """Counters an earlier run of this plan left mid-install, with what to put them back to.
 
@@ -181,11 +172,6 @@ def upgrade_counter_pipeline(
         out.ended_at = datetime.now(UTC)
         return out
 
-    # The "before" figures (a business test, /metrics) go over HTTP while the precheck works over
-    # SSH: test mode touches no customer data, and they are only used once the precheck has passed.
-    # Not while a counter left mid-install is being put back: its app is stopped and restarted then.
-    baseline = _BACKGROUND.submit(_baseline, device) if leftover is None else None
-
     # 1. precheck — look before touching anything
     try:
         with rec.step(UpgradeStep.PRECHECK) as found:
@@ -210,16 +196,13 @@ def upgrade_counter_pipeline(
                 raise RuntimeError("counter app does not answer /health")
             found["app_status"] = health.get("status")
     except (SSHError, OSError, RuntimeError, ValueError, StepFailed) as e:
-        if baseline is not None:
-            wait([baseline])  # leave no business test running on a counter this run gives up on
         return fail(UpgradeStep.PRECHECK, str(e))
 
     if out.from_version == plan.target_version:
-        if baseline is not None:
-            baseline.result()  # one business test at a time: each clears the test tables when done
         return _confirm_current(device, plan, rec, out, reason)
 
-    out.before = baseline.result() if baseline is not None else _baseline(device)
+    before_business = business_test(device)
+    out.before = _snapshot(device, before_business.latency_ms)
 
     try:
         # 2. drain — out of service for customers, test mode still answers
