@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from inventory.loader import load_inventory
 from inventory.models import Run, RunKind
 from inventory.store import Store
-from tasks.report import deliver
+from tasks.report import deliver, tag_flow_run
 from tasks.inspect import CounterInspection, work_in_progress
 from tasks.maintenance import maintain_counter, maintenance_notice, outlet_turns, publish_maintenance
 from tasks.ssh import ConnectionPool
@@ -40,12 +40,13 @@ def periodic_maintenance(inventory: str, notify: list[str] = [], inspector: str 
             return Failed(message=f"maintenance not started: {busy}")
         run = store.add(Run(kind=RunKind.MAINTENANCE, name="periodic-maintenance", initiator=inspector,
                             flow_run_id=str(flow_run.id), params={"inventory": inventory}))
+        tag_flow_run(f"branch:{b}" for b in sorted({d.branch for d in inv.devices}))
         last_in_outlet: dict[str, PrefectFuture[CounterInspection]] = {}
         futures = []
         try:
             for d in outlet_turns(inv.devices):
                 before = last_in_outlet.get(d.outlet)
-                future = maintain_counter.with_options(task_run_name=d.id, tags={f"branch:{d.branch}", f"outlet:{d.outlet}"}).submit(
+                future = maintain_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]").submit(
                     d, inspector, run.id, store, pool, notify, wait_for=[allow_failure(before)] if before else None)
                 last_in_outlet[d.outlet] = future
                 futures.append(future)

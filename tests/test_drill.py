@@ -95,11 +95,7 @@ def test_a_drill_with_fresh_backups_restores_every_counter_and_changes_none(flee
 
     run_id = flow_run_id(r.stdout)
     tasks = asyncio.run(_task_runs(run_id, expected=len(inv.devices)))
-    assert sorted(t.name for t in tasks if t.name.startswith("SC-")) == sorted(live)
-    for t in tasks:
-        if t.name in live:
-            device = inv.device(t.name)
-            assert {f"branch:{device.branch}", f"outlet:{device.outlet}"} <= set(t.tags)
+    assert sorted(t.name for t in tasks if t.name.startswith("SC-")) == sorted(f"{d} [{inv.device(d).outlet}]" for d in live)
     assert {(a.key, a.type) for a in asyncio.run(_artifacts(run_id))} >= {("backup-restore-drill", "table"),
                                                                           ("backup-restore-drill-report", "markdown")}
 
