@@ -356,7 +356,7 @@ class Connection:
         return result
 
     def _collect(self, chan: paramiko.Channel, command: str, deadline: float) -> tuple[bytes, bytes]:
-        """Read stdout and stderr until the command ends (exit status, or the channel closes)."""
+        """Read stdout and stderr until the command ends: output at EOF and exit status in (or the channel closed)."""
         out, err = bytearray(), bytearray()
 
         def drain() -> None:

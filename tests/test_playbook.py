@@ -149,7 +149,7 @@ def own_fleet():
     """Counters of this module's own, which its tests upgrade and roll back (the session fleet stays untouched)."""
     d = traversable_tmpdir("counterops-playbook-fleet-")
     try:
-        simfleet.up(d, devices=4, branches=1, ssh_base_port=29100, http_base_port=29600)
+        simfleet.up(d, devices=5, branches=1, ssh_base_port=29100, http_base_port=29600)
         yield d
     finally:
         simfleet.down(d)
@@ -281,3 +281,18 @@ def test_a_package_name_full_of_shell_metacharacters_is_passed_literally(counter
     assert name not in conn.run(["ls", "-A", "--", remote_path(device.root, "tmp")]).stdout
     assert conn.run(["test", "-e", marker], check=False).exit_status == 1, "a value ran as a command on the counter"
     assert not (Path.cwd() / marker).exists() and not (tmp_path / marker).exists()
+
+
+def test_a_package_without_the_plans_sha256_is_refused_before_anything_reaches_the_counter(counter, playbook, own_fleet, tmp_path):
+    device, conn = counter
+    package = tmp_path / "smartcounter-1.2.0.tar.gz"
+    shutil.copy(own_fleet / "packages" / "smartcounter-1.1.0.tar.gz", package)  # the wrong release under the right name
+    variables = _vars(own_fleet, device, "1.2.0", package=package)  # package_sha256: the real 1.2.0's
+
+    with pytest.raises(StepFailed) as failed:
+        run_steps(conn, device, playbook.install, variables)
+
+    assert failed.value.step_name == "upload package" and "nothing was sent" in str(failed.value)
+    assert variables["package_sha256"] in str(failed.value)
+    assert "smartcounter-1.2.0" not in conn.run(["ls", "-A", "--", remote_path(device.root, "tmp")]).stdout
+    assert _current(device) == "releases/1.0.0" and _health(device)["version"] == "1.0.0"
