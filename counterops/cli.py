@@ -449,7 +449,9 @@ def main() -> None:
 def exit_now(code: object) -> NoReturn:
     """Exit without tearing the interpreter down: the exit handlers run (Prefect's workers hand in
     their last logs and events, logging flushes), then the process ends. Tearing down what Prefect,
-    pydantic and SQLAlchemy built costs ≈ 0.5 s of CPU on every command, for nothing."""
+    pydantic and SQLAlchemy built costs ≈ 0.5 s of CPU on every command, for nothing. Threads still
+    running are not waited for: every command finishes its own work (flows shut their task runners
+    down, pools close) before it returns."""
     if code is not None and not isinstance(code, int):  # SystemExit("message"): print it, status 1
         print(code, file=sys.stderr)
         code = 1
