@@ -11,7 +11,6 @@ from tasks.counter_app import read_health, request
 from tasks.ssh import Connection, SSHError, Target, remote_path, sh
 
 
-
 class CounterFacts(BaseModel):
     """What a precheck found on one counter."""
 
@@ -37,9 +36,18 @@ def read_installed_version(conn: Connection, root: str) -> str:
     return r.stdout.strip().rstrip("/").rsplit("/", 1)[-1]
 
 
+def free_disk_command(path: str) -> list[str]:
+    """The command whose output :func:`free_disk_mb` reads: the file system holding ``path``."""
+    return sh('df -Pk -- "$1" | tail -n 1', path)
+
+
+def free_disk_mb(df_output: str) -> int:
+    """MB available, from :func:`free_disk_command`'s output."""
+    return int(df_output.split()[3]) // 1024
+
+
 def read_free_disk_mb(conn: Connection, root: str) -> int:
-    r = conn.run(sh('df -Pk -- "$1" | tail -n 1', remote_path(root, "var/lib/smartcounter")))
-    return int(r.stdout.split()[3]) // 1024
+    return free_disk_mb(conn.run(free_disk_command(remote_path(root, "var/lib/smartcounter"))).stdout)
 
 
 def look_at_counter(device: Device, ssh: SSHSettings) -> CounterFacts:

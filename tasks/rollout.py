@@ -36,11 +36,10 @@ from inventory.store import Store
 from playbooks import load_playbook
 from playbooks.schema import Playbook
 from tasks.backup import restore_backup, take_backup
-from tasks.checks import business_test, functional_test
+from tasks.checks import business_test, free_disk_command, free_disk_mb, functional_test
 from tasks.counter_app import read_health, read_metrics, set_in_service
 from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, read_facts_and, run_steps
 from tasks.ssh import Connection, ConnectionPool, SSHError
-from tasks.ssh import sh as shell
 
 MIN_FREE_DISK_FACTOR = 4  # free space wanted on the counter, in package sizes (upload + unpack + backup)
 
@@ -176,12 +175,12 @@ def upgrade_counter_pipeline(
     try:
         with rec.step(UpgradeStep.PRECHECK) as found:
             conn = pool.connection(device)
-            facts, (df,) = read_facts_and(conn, playbook, device_vars(device), shell('df -Pk -- "$1" | tail -n 1', device.root))
+            facts, (df,) = read_facts_and(conn, playbook, device_vars(device), free_disk_command(device.root))
             out.from_version = out.version = facts["installed_version"]
             found["installed_version"] = out.from_version
             if not df.ok:
                 raise RuntimeError(f"cannot read free disk space: `{df.command}` exited {df.exit_status}: {df.stdout.strip()[-300:]}")
-            free_mb = int(df.stdout.split()[3]) // 1024
+            free_mb = free_disk_mb(df.stdout)
             need_mb = MIN_FREE_DISK_FACTOR * Path(plan.package).stat().st_size // (1024 * 1024) + 1
             found["free_disk_mb"] = free_mb
             if free_mb < need_mb:
