@@ -61,6 +61,11 @@ def read_metrics(device: Device) -> dict:
     return read_app(device, "/metrics") or {}
 
 
+def read_maintenance(device: Device) -> dict:
+    """The counter's maintenance mode (in_service, reason, since); empty when it does not answer."""
+    return read_app(device, "/maintenance") or {}
+
+
 def set_in_service(device: Device, in_service: bool, reason: str) -> None:
     """Take the counter out of service (maintenance mode) or put it back; verified by the answer.
 
@@ -74,6 +79,6 @@ def set_in_service(device: Device, in_service: bool, reason: str) -> None:
     except ValueError:
         now = {}
     if not isinstance(now, dict) or "in_service" not in now:
-        now = read_app(device, "/maintenance") or {}
+        now = read_maintenance(device)
     if now.get("in_service") is not in_service:
         raise RuntimeError(f"maintenance mode did not change: counter says in_service={now.get('in_service')}")

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from inventory.models import Device, Inspection, InspectionPhase, RunKind, utcnow
 from inventory.store import Store
 from tasks.checks import MIN_PAPER_PCT, read_free_disk_mb
-from tasks.counter_app import read_app, read_health, set_in_service
+from tasks.counter_app import read_health, read_maintenance, set_in_service
 from tasks.faults import Finding, StandingFault, Symptom, escalate, record_faults
 from tasks.notify import NotifyError
 from tasks.ssh import Connection, ConnectionPool, HostKeyChanged, HostKeyUnknown, SSHError, remote_path, sh
@@ -145,11 +145,6 @@ def check_back_in_service(health: dict, device: Device) -> Finding:
         return Finding(check="service", detail="in service")
     reason = read_maintenance(device).get("reason")
     return Finding(check="service", symptom=Symptom.LEFT_IN_MAINTENANCE, detail=f"out of service after closing (reason: {reason})")
-
-
-def read_maintenance(device: Device) -> dict:
-    """The counter's maintenance mode (in_service, reason, since); empty when it does not answer."""
-    return read_app(device, "/maintenance") or {}
 
 
 def look(device: Device, phase: InspectionPhase, pool: ConnectionPool) -> list[Finding]:
