@@ -27,7 +27,7 @@ from inventory.store import Store
 from playbooks import load_playbook
 from tasks.drill import CounterDrill, DrillSummary, drill_counter, drill_notice, drill_sample, publish_drill
 from tasks.notify import NotifyError
-from tasks.report import deliver, tag_flow_run
+from tasks.report import deliver, tag_branches
 from tasks.ssh import ConnectionPool
 
 UPGRADE_PLAYBOOK = "smartcounter-upgrade"  # the drill backs up what an upgrade would have to restore
@@ -53,7 +53,7 @@ def backup_restore_drill(
         store.import_inventory(inv, actor=initiator, source=inventory)  # the records name the counters as this run saw them
         run = store.add(Run(kind=RunKind.DRILL, name="backup-restore-drill", initiator=initiator, flow_run_id=str(flow_run.id),
                             params={"inventory": inventory, "sample": sample, "use_latest": use_latest}))
-        tag_flow_run(f"branch:{b}" for b in sorted({d.branch for d in devices}))
+        tag_branches(devices)
         futures = [
             drill_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]")
             .submit(d, paths, use_latest, run.id, store, pool)

@@ -7,7 +7,7 @@ from prefect.runtime import flow_run
 
 from inventory.loader import load_inventory
 from tasks.checks import CounterFacts, precheck_counter
-from tasks.report import publish_fleet_check, tag_flow_run
+from tasks.report import publish_fleet_check, tag_branches
 
 
 def _run_name() -> str:
@@ -19,7 +19,7 @@ def fleet_check(inventory: str, branch: str | None = None) -> list[CounterFacts]
     """Precheck each counter (SSH with host key, version, free disk, app health) and publish the table."""
     inv = load_inventory(inventory)
     devices = inv.devices_in(branch=branch)
-    tag_flow_run(f"branch:{b}" for b in sorted({d.branch for d in devices}))
+    tag_branches(devices)
     futures = [precheck_counter.with_options(task_run_name=f"precheck-{d.id} [{d.outlet}]").submit(d, inv.ssh) for d in devices]
     facts = [f.result() for f in futures]
     publish_fleet_check(facts)

@@ -27,7 +27,7 @@ from inventory.loader import load_inventory
 from inventory.models import InspectionPhase, Run, RunKind
 from inventory.store import Store
 from tasks.inspect import CounterInspection, inspect_counter, publish_inspection, work_in_progress
-from tasks.report import artifact_key, tag_flow_run
+from tasks.report import artifact_key, tag_branches
 from tasks.ssh import ConnectionPool
 
 Phase = Literal["pre-open", "in-business", "post-close"]
@@ -47,7 +47,7 @@ def daily_inspection(phase: Phase, inventory: str, inspector: str = "deployment"
         store.import_inventory(inv, actor=inspector, source=inventory)  # faults name the counters as this run saw them
         run = store.add(Run(kind=RunKind.INSPECTION, name=f"inspection-{phase}", initiator=inspector,
                             flow_run_id=str(flow_run.id), params={"phase": phase, "inventory": inventory}))
-        tag_flow_run(f"branch:{b}" for b in sorted({d.branch for d in inv.devices}))
+        tag_branches(inv.devices)
         hands_off = work_in_progress(store)
         if hands_off:
             log.warning(f"{hands_off}: nothing will be fixed, every problem goes to the branch")

@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from inventory.loader import load_inventory
 from inventory.models import Run, RunKind
 from inventory.store import Store
-from tasks.report import deliver, tag_flow_run
+from tasks.report import deliver, tag_branches
 from tasks.inspect import CounterInspection, work_in_progress
 from tasks.maintenance import maintain_counter, maintenance_notice, outlet_turns, publish_maintenance
 from tasks.ssh import ConnectionPool
@@ -40,7 +40,7 @@ def periodic_maintenance(inventory: str, notify: list[str] = [], inspector: str 
             return Failed(message=f"maintenance not started: {busy}")
         run = store.add(Run(kind=RunKind.MAINTENANCE, name="periodic-maintenance", initiator=inspector,
                             flow_run_id=str(flow_run.id), params={"inventory": inventory}))
-        tag_flow_run(f"branch:{b}" for b in sorted({d.branch for d in inv.devices}))
+        tag_branches(inv.devices)
         last_in_outlet: dict[str, PrefectFuture[CounterInspection]] = {}
         futures = []
         try:

@@ -37,7 +37,7 @@ from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan
 from inventory.store import Store
 from tasks.evaluate import report_markdown, verdict, watch_health, wave_metrics
 from tasks.notify import Notice, NotifyError
-from tasks.report import artifact_key, deliver, publish_final_table, tag_flow_run
+from tasks.report import artifact_key, deliver, publish_final_table, tag_branches
 from tasks.rollout import CounterOutcome, Leftover, unfinished_installs, upgrade_counter
 from tasks.ssh import ConnectionPool
 
@@ -85,7 +85,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
         run = store.add(Run(kind=RunKind.UPGRADE, name=plan.name, initiator=plan.initiator,
                             flow_run_id=str(flow_run.id), params=plan.model_dump(mode="json")))
         store.audit(plan.initiator, "start_upgrade", plan.name, run_id=run.id, details={"target_version": plan.target_version})
-        tag_flow_run(f"branch:{b}" for b in sorted({d.branch for w in waves for d in w.devices}))
+        tag_branches(d for w in waves for d in w.devices)
         # counters an earlier run of this plan left mid-install: put back from their backup first
         leftovers = unfinished_installs(store, plan.name, run.id, (d.id for w in waves for d in w.devices))
 

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
+from inventory.models import Device
 from inventory.plan import PlannedWave, UpgradePlan
 from tasks.checks import CounterFacts
 from tasks.notify import Notice, send_notice
@@ -25,8 +26,9 @@ def deliver(urls: list[str], notice: Notice) -> None:
     send_notice(urls, notice)
 
 
-def tag_flow_run(tags: Iterable[str]) -> None:
-    """Add tags (``branch:BR01``…) to the running flow run, so branch IT can filter runs by them in the UI.
+def tag_branches(devices: Iterable[Device]) -> None:
+    """Tag the running flow run ``branch:<id>`` for each branch of ``devices``, so branch IT can
+    filter runs by branch in the UI.
 
     The flow run is tagged, not each counter's task run: Prefect asks the
     server for a concurrency slot for every tagged task run, one round trip
@@ -35,7 +37,8 @@ def tag_flow_run(tags: Iterable[str]) -> None:
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None:
         return
-    ctx.client.update_flow_run(ctx.flow_run.id, tags=sorted(set(ctx.flow_run.tags or []) | set(tags)))
+    tags = {f"branch:{d.branch}" for d in devices}
+    ctx.client.update_flow_run(ctx.flow_run.id, tags=sorted(set(ctx.flow_run.tags or []) | tags))
 
 
 def artifact_key(*parts: str) -> str:
