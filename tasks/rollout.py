@@ -120,7 +120,9 @@ def unfinished_installs(store: Store, plan_name: str, current_run_id: int, devic
     """
     wanted, decided, found = set(device_ids), set(), {}
     for run in store.runs(kind=RunKind.UPGRADE, limit=50):  # newest first
-        if run.name != plan_name or run.id == current_run_id or not wanted - decided:
+        if decided >= wanted:
+            break
+        if run.name != plan_name or run.id == current_run_id:
             continue
         by_device: dict[str, list[DeviceStep]] = {}
         for step in store.device_steps(run.id):
