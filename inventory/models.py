@@ -502,6 +502,7 @@ class Run(Record):
     ended_at: UTCDatetime | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     summary: dict[str, Any] = Field(default_factory=dict)
+    heartbeat_at: UTCDatetime | None = None
 
 
 class DeviceStep(Record):
@@ -527,6 +528,9 @@ class Backup(Record):
     offsite_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     verified_at: UTCDatetime | None = None
     row_counts: dict[str, int] = Field(default_factory=dict)
+    # what the backup holds: {database path: {table: {columns, rows, max_id, sha256}}}; None for
+    # backups taken before fingerprints existed (they are never restored without a decision)
+    fingerprint: dict[str, Any] | None = None
 
 
 class RestoreDrill(Record):
@@ -561,6 +565,7 @@ class Fault(Record):
     fixed_at: UTCDatetime | None = None
     resolution: str | None = None
     inspection_id: int | None = None
+    details: dict[str, Any] | None = None
 
 
 class Evaluation(Record):

@@ -152,6 +152,7 @@ class RunRow(Base):
     ended_at: Mapped[datetime | None] = mapped_column()
     params: Mapped[dict[str, Any]] = mapped_column()
     summary: Mapped[dict[str, Any]] = mapped_column()
+    heartbeat_at: Mapped[datetime | None] = mapped_column()  # refreshed while the run works
 
 
 class DeviceStepRow(Base):
@@ -186,6 +187,7 @@ class BackupRow(Base):
     offsite_sha256: Mapped[str | None] = mapped_column(String(64))
     verified_at: Mapped[datetime | None] = mapped_column()
     row_counts: Mapped[dict[str, Any]] = mapped_column()  # table -> rows, to compare after a restore
+    fingerprint: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # what the backup holds, per database and table
 
 
 class RestoreDrillRow(Base):
@@ -231,6 +233,20 @@ class FaultRow(Base):
     fixed_at: Mapped[datetime | None] = mapped_column()
     resolution: Mapped[str | None] = mapped_column(Text)
     inspection_id: Mapped[int | None] = mapped_column(ForeignKey("inspections.id"))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class DeviceLeaseRow(Base):
+    """A counter taken by a run: no other run works on it until the lease is released,
+    or the holding run stops beating (killed, server gone)."""
+
+    __tablename__ = "device_leases"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    holder: Mapped[str] = mapped_column(String(200))
+    acquired_at: Mapped[datetime] = mapped_column()
 
 
 class EvaluationRow(Base):

@@ -26,7 +26,7 @@ from inventory.store import Store
 from simfleet import fleet as simfleet
 from tasks.backup import BackupError, backup_dirs, restore_backup, restore_to_scratch, take_backup, verify_backup
 from tasks.ssh import Connection, Target, remote_path, sh
-from tests.plugins.fleet import traversable_tmpdir
+from tests.plugins.fleet import port, traversable_tmpdir
 
 DATA = "var/lib/smartcounter"
 PATHS = [DATA]
@@ -127,7 +127,7 @@ def own_inv():
     """Two counters of this module's own: restores overwrite their data."""
     d = traversable_tmpdir("counterops-backup-fleet-")
     try:
-        simfleet.up(d, devices=2, branches=1, ssh_base_port=31200, http_base_port=31700)
+        simfleet.up(d, devices=2, branches=1, ssh_base_port=port(31200), http_base_port=port(31700))
         yield load_inventory(d / "inventory.yaml")
     finally:
         simfleet.down(d)

@@ -22,6 +22,7 @@ from inventory.loader import load_inventory
 from inventory.models import Device, Fault, FaultStatus, InspectionPhase, utcnow
 from inventory.store import Store
 from simfleet import fleet as simfleet
+from tests.plugins.fleet import port
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
 
@@ -49,7 +50,7 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture
 def pair(fleet_dir, home):
     """Two counters in one outlet, healthy and in service; returns the inventory file."""
-    simfleet.up(fleet_dir, devices=2, branches=1, outlets_per_branch=1, ssh_base_port=32000, http_base_port=32500)
+    simfleet.up(fleet_dir, devices=2, branches=1, outlets_per_branch=1, ssh_base_port=port(32000), http_base_port=port(32500))
     return fleet_dir / "inventory.yaml"
 
 

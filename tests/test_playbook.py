@@ -27,7 +27,7 @@ from tasks.playbook import (
     run_steps,
 )
 from tasks.ssh import Connection, Target, remote_path
-from tests.plugins.fleet import traversable_tmpdir
+from tests.plugins.fleet import port, traversable_tmpdir
 
 UPGRADE = "smartcounter-upgrade"
 
@@ -149,7 +149,7 @@ def own_fleet():
     """Counters of this module's own, which its tests upgrade and roll back (the session fleet stays untouched)."""
     d = traversable_tmpdir("counterops-playbook-fleet-")
     try:
-        simfleet.up(d, devices=5, branches=1, ssh_base_port=29100, http_base_port=29600)
+        simfleet.up(d, devices=5, branches=1, ssh_base_port=port(29100), http_base_port=port(29600))
         yield d
     finally:
         simfleet.down(d)

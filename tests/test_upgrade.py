@@ -27,6 +27,7 @@ from inventory.loader import load_inventory
 from inventory.models import UpgradeStep
 from inventory.store import Store
 from simfleet import fleet as simfleet
+from tests.plugins.fleet import port
 from tests.plugins.notices import NoticeReceiver
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
@@ -39,7 +40,7 @@ CUSTOMER_TABLES = ("customers", "cards", "transactions")
 @pytest.fixture
 def small_fleet(fleet_dir):
     """Eight counters on 1.0.0: two branches, two outlets each, two counters per outlet."""
-    simfleet.up(fleet_dir, devices=8, branches=2, outlets_per_branch=2, ssh_base_port=30000, http_base_port=30500)
+    simfleet.up(fleet_dir, devices=8, branches=2, outlets_per_branch=2, ssh_base_port=port(30000), http_base_port=port(30500))
     return fleet_dir
 
 

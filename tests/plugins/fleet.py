@@ -13,6 +13,14 @@ import pytest
 from simfleet import fleet as simfleet
 
 
+PORT_OFFSET = int(os.environ.get("COUNTEROPS_TEST_PORT_OFFSET", "0"))  # lets two test sessions run side by side
+
+
+def port(n: int) -> int:
+    """A test fleet's base port, shifted by ``COUNTEROPS_TEST_PORT_OFFSET``."""
+    return n + PORT_OFFSET
+
+
 @dataclass
 class RunningFleet:
     dir: Path
@@ -48,7 +56,7 @@ def fleet() -> RunningFleet:
     """Four counters in two branches, up once for the session and always taken down."""
     d = traversable_tmpdir("counterops-test-fleet-")
     try:
-        statuses = simfleet.up(d, devices=4, branches=2, outlets_per_branch=2, ssh_base_port=26000, http_base_port=27000)
+        statuses = simfleet.up(d, devices=4, branches=2, outlets_per_branch=2, ssh_base_port=port(26000), http_base_port=port(27000))
         yield RunningFleet(d, d / "inventory.yaml", d / "known_hosts", d / "id_ed25519", statuses)
     finally:
         simfleet.down(d)
