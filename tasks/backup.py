@@ -48,10 +48,14 @@ COUNTER_HELPER = r'''
 
 snapshot ROOT STAGING PATH...  copy each ROOT/PATH to STAGING/tree/PATH, check it, archive it
                                to STAGING/backup.tar.gz; print the customer tables' row counts
+                               and the copy's data fingerprint
 check TREE                     check every database under TREE; print the row counts
+fingerprint ROOT COLUMNS PATH...  the data fingerprint of the databases under each ROOT/PATH, the
+                               customer tables read over COLUMNS ({database: {table: [column...]}},
+                               "{}" for all their columns)
 swap ROOT TREE PATH...         replace each ROOT/PATH with TREE/PATH
 """
-import json, os, shutil, sqlite3, sys, tarfile, tempfile, urllib.parse
+import hashlib, json, os, shutil, sqlite3, sys, tarfile, tempfile, urllib.parse
 
 CUSTOMER_TABLES = ("customers", "cards", "transactions")
 JOURNALS = (".db-journal", ".db-wal", ".db-shm")
@@ -120,6 +124,56 @@ def check(tree):
     return counts
 
 
+def blob(value):
+    return value.hex()
+
+
+def table_fingerprint(db, table, columns):
+    """Rows, highest rowid and one sha256 over every row (in rowid order) of TABLE, read over COLUMNS."""
+    live = [row[1] for row in db.execute('PRAGMA table_info("%s")' % table)]
+    missing = [c for c in columns if c not in live]
+    if missing:
+        return {"columns": columns, "missing_columns": missing}
+    digest, rows = hashlib.sha256(), 0
+    listed = ", ".join('"%s"' % c for c in columns)
+    for row in db.execute('SELECT %s FROM "%s" ORDER BY rowid' % (listed, table)):
+        digest.update(json.dumps(row, default=blob, ensure_ascii=False).encode())
+        digest.update(b"\n")
+        rows += 1
+    max_id = db.execute('SELECT MAX(rowid) FROM "%s"' % table).fetchone()[0]
+    return {"columns": columns, "rows": rows, "max_id": max_id, "sha256": digest.hexdigest()}
+
+
+def fingerprint(base, paths, wanted):
+    """The customer tables of every database under each BASE/PATH, keyed by the database's path
+    relative to BASE: {database: {table: {columns, rows, max_id, sha256}}}. A table listed in
+    WANTED is read over the columns listed there (the columns a backup had); others over all theirs.
+    Read in one transaction per database, so a writer cannot tear the picture."""
+    result = {}
+    for path in paths:
+        top = os.path.join(base, path)
+        found = [top] if os.path.isfile(top) and top.endswith(".db") else databases(top)
+        for file in found:
+            name = os.path.relpath(file, base)
+            tables_wanted = wanted.get(name, {})
+            try:
+                db = open_db(file, "rw")  # rw: a hot journal is rolled back first, as any reader would
+                try:
+                    db.execute("BEGIN")
+                    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                    result[name] = {
+                        table: table_fingerprint(db, table, tables_wanted.get(table) or
+                                                 [row[1] for row in db.execute('PRAGMA table_info("%s")' % table)])
+                        for table in CUSTOMER_TABLES if table in tables
+                    }
+                    db.execute("ROLLBACK")
+                finally:
+                    db.close()
+            except sqlite3.Error as e:
+                sys.exit("%s: %s" % (name, e))
+    return result
+
+
 def snapshot(root, staging, paths):
     tree = os.path.join(staging, "tree")
     for path in paths:
@@ -135,7 +189,7 @@ def snapshot(root, staging, paths):
     with tarfile.open(os.path.join(staging, "backup.tar.gz"), "w:gz") as tar:
         for path in paths:
             tar.add(os.path.join(tree, path), arcname=path)
-    return counts
+    return {"row_counts": counts, "fingerprint": fingerprint(tree, paths, {})}
 
 
 def swap(root, tree, paths):
@@ -185,6 +239,8 @@ def main(command, *args):
         return snapshot(args[0], args[1], args[2:])
     if command == "check":
         return check(args[0])
+    if command == "fingerprint":
+        return fingerprint(args[0], args[2:], json.loads(args[1]))
     if command == "swap":
         return swap(args[0], args[1], args[2:])
     sys.exit("unknown command %r" % command)
@@ -206,6 +262,17 @@ class BackupError(Exception):
         self.device_id = device_id
         self.stage = stage
         self.reason = reason
+
+
+class DataChangedSinceBackup(BackupError):
+    """The counter's live customer data is not what ``backup`` holds: restoring it would lose
+    whatever changed since (a card opened after a crash, a row edited by hand). Nothing was restored."""
+
+    def __init__(self, device_id: str, backup: Backup, changes: list[str]):
+        super().__init__(device_id, "compare", f"data changed since backup {backup.id} was taken "
+                                               f"({backup.taken_at:%Y-%m-%d %H:%M:%S} UTC): " + "; ".join(changes))
+        self.backup = backup
+        self.changes = changes
 
 
 # ----------------------------------------------------------------------------- the stores
@@ -397,7 +464,7 @@ def take_backup(
     try:
         with _counter_staging(conn, device, "backup") as staging:
             with _stage(device.id, "snapshot"):
-                row_counts = _helper(conn, "snapshot", device.root, staging, *paths)
+                taken = _helper(conn, "snapshot", device.root, staging, *paths)
             with _stage(device.id, "download"):
                 sha256 = conn.get(f"{staging}/{ARCHIVE}", local_tmp)
                 local_tmp.chmod(0o600)
@@ -419,13 +486,69 @@ def take_backup(
                     offsite_path=str(published[1]),
                     offsite_sha256=sha256,
                     verified_at=utcnow(),
-                    row_counts=row_counts,
+                    row_counts=taken["row_counts"],
+                    fingerprint=taken["fingerprint"],
                 )
             )
     except BaseException:
         for path in (local_tmp, offsite_tmp, *published):
             path.unlink(missing_ok=True)
         raise
+
+
+# ----------------------------------------------------------------------------- has the data changed?
+
+
+def data_changes(recorded: dict | None, live: dict) -> list[str]:
+    """What differs between a backup's fingerprint and the live data's, one line each; [] when
+    the live customer data is exactly what the backup holds.
+
+    Rows are compared over the columns the backup had, so a release's own additive migration
+    (a new column, a new table that holds no customer rows) is not a change; a changed value,
+    a row added or removed, a column dropped, or a database or customer table appearing or
+    vanishing is. A backup without a fingerprint cannot be compared: that is a change too.
+    """
+    if recorded is None:
+        return ["the backup has no data fingerprint (taken before fingerprints were recorded), so "
+                "the live data cannot be proven unchanged"]
+    changes = []
+    for db, tables in recorded.items():
+        if db not in live:
+            changes.append(f"{db} is gone")
+            continue
+        for table, then in tables.items():
+            now = live[db].get(table)
+            if now is None:
+                changes.append(f"{db}: table {table} is gone")
+            elif now.get("missing_columns"):
+                changes.append(f"{db}: {table} lost column(s) {', '.join(now['missing_columns'])}")
+            elif now["rows"] != then["rows"] or now["max_id"] != then["max_id"]:
+                changes.append(f"{db}: {table} has {now['rows']} rows (highest id {now['max_id']}), "
+                               f"the backup {then['rows']} (highest id {then['max_id']})")
+            elif now["sha256"] != then["sha256"]:
+                changes.append(f"{db}: {table} has as many rows as the backup but some of their values changed")
+        changes += [f"{db}: table {table} is new since the backup" for table in live[db].keys() - tables.keys()]
+    changes += [f"{db} is new since the backup" for db in live.keys() - recorded.keys() if live[db]]
+    return changes
+
+
+def data_changed_since(conn: Connection, device: Device, backup: Backup, paths: Sequence[str]) -> list[str]:
+    """What changed in the counter's live customer data since ``backup`` was taken ([] when nothing).
+    One command on the counter; the rows are read there, only digests come back."""
+    paths = _relative_paths(paths)
+    if backup.fingerprint is None:
+        return data_changes(None, {})
+    columns = {db: {table: fp["columns"] for table, fp in tables.items()} for db, tables in backup.fingerprint.items()}
+    with _stage(device.id, "compare"):
+        live = _helper(conn, "fingerprint", device.root, json.dumps(columns), *paths)
+    return data_changes(backup.fingerprint, live)
+
+
+def check_unchanged_since(conn: Connection, device: Device, backup: Backup, paths: Sequence[str]) -> None:
+    """DataChangedSinceBackup when the live data is not what ``backup`` holds."""
+    changes = data_changed_since(conn, device, backup, paths)
+    if changes:
+        raise DataChangedSinceBackup(device.id, backup, changes)
 
 
 # ----------------------------------------------------------------------------- restore
@@ -436,17 +559,24 @@ def _expect_counts(device_id: str, got: dict[str, int], backup: Backup) -> None:
         raise BackupError(device_id, "check", f"restored row counts {got} differ from backup {backup.id}'s {backup.row_counts}")
 
 
-def restore_backup(conn: Connection, device: Device, backup: Backup, paths: Sequence[str]) -> Source:
+def restore_backup(conn: Connection, device: Device, backup: Backup, paths: Sequence[str], *,
+                   over_changed_data: bool = False) -> Source:
     """Put ``paths`` on the counter back as they were in ``backup``; returns the copy used.
 
-    The caller has stopped the counter app. The local copy is used if it
-    verifies, else the off-site one; with neither intact, BackupError is raised
-    before anything reaches the counter. The restored data is checked on the
-    counter (integrity, row counts equal to the backup's) before it replaces
-    the live paths, each in one rename, so live data is never half-replaced.
+    The caller has stopped the counter app. Never over newer data: unless
+    ``over_changed_data`` (a decision two people took, see tasks/hold.py), the
+    live customer data must be what the backup holds (its fingerprint), else
+    DataChangedSinceBackup is raised and nothing is touched; it is compared
+    once more right before the swap. The local copy is used if it verifies,
+    else the off-site one; with neither intact, BackupError is raised before
+    anything reaches the counter. The restored data is checked on the counter
+    (integrity, row counts equal to the backup's) before it replaces the live
+    paths, each in one rename, so live data is never half-replaced.
     """
     paths = _relative_paths(paths)
     source, archive = _good_copy(backup)
+    if not over_changed_data:
+        check_unchanged_since(conn, device, backup, paths)
     with _counter_staging(conn, device, "restore") as staging:
         uploaded, tree = f"{staging}/{ARCHIVE}", f"{staging}/tree"
         with _stage(device.id, "upload"):
@@ -456,6 +586,8 @@ def restore_backup(conn: Connection, device: Device, backup: Backup, paths: Sequ
             conn.run(sh('mkdir -- "$2" && tar -xzpf "$1" -C "$2" --no-same-owner', uploaded, tree))
         with _stage(device.id, "check"):
             _expect_counts(device.id, _helper(conn, "check", tree), backup)
+        if not over_changed_data:
+            check_unchanged_since(conn, device, backup, paths)  # nothing may have changed while this ran
         with _stage(device.id, "swap"):
             _helper(conn, "swap", device.root, tree, *paths)
     return source

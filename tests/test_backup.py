@@ -11,6 +11,8 @@ import re
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -24,7 +26,7 @@ from inventory.loader import load_inventory
 from inventory.models import Device, Run, RunKind
 from inventory.store import Store
 from simfleet import fleet as simfleet
-from tasks.backup import BackupError, backup_dirs, restore_backup, restore_to_scratch, take_backup, verify_backup
+from tasks.backup import BackupError, DataChangedSinceBackup, backup_dirs, data_changed_since, restore_backup, restore_to_scratch, take_backup, verify_backup
 from tasks.ssh import Connection, Target, remote_path, sh
 from tests.plugins.fleet import port, traversable_tmpdir
 
@@ -283,8 +285,15 @@ def test_restore_brings_back_the_data_exactly(stopped_counter, store, stores):
     Path(spaced).unlink()
     assert table_digests(counter_db(device)) != digests
 
+    # Never over newer data: without a decision the changed live data is refused, untouched.
+    with pytest.raises(DataChangedSinceBackup) as refused:
+        restore_backup(conn, device, backup, PATHS)
+    assert refused.value.stage == "compare" and device.id in str(refused.value)
+    assert any("cards has" in c for c in refused.value.changes), refused.value.changes
+    assert table_digests(counter_db(device)) != digests and (data / "added.txt").exists(), "nothing was touched"
+
     started = time.monotonic()
-    assert restore_backup(conn, device, backup, PATHS) == "local"
+    assert restore_backup(conn, device, backup, PATHS, over_changed_data=True) == "local"
     print(f"restore of one counter: {time.monotonic() - started:.2f} s")
 
     assert table_digests(counter_db(device)) == digests
@@ -327,7 +336,7 @@ def test_restore_uses_the_off_site_copy_when_the_local_one_is_damaged(stopped_co
     damage(backup.path)
     problems = verify_backup(backup)
     assert len(problems) == 1 and problems[0].startswith(f"local copy {backup.path} has sha256")
-    assert restore_backup(conn, device, backup, PATHS) == "offsite"
+    assert restore_backup(conn, device, backup, PATHS, over_changed_data=True) == "offsite"
     assert table_digests(counter_db(device)) == digests
 
 
@@ -366,3 +375,78 @@ def test_restore_to_scratch_checks_a_copy_locally_without_the_counter(session_co
     with pytest.raises(ValueError, match="not empty"):
         restore_to_scratch(backup, tmp_path / "drill")
     assert (tree_state(Path(device.root, DATA)), sorted(Path(device.root, "tmp").iterdir())) == counter_before
+
+
+# ----------------------------------------------------------------------------- never over newer data
+
+
+def open_card(device: Device, name: str = "New Customer") -> dict:
+    """A real customer served at the counter: a card opened through its business API."""
+    r = httpx.post(f"http://{device.host}:{device.http_port}/card/open", timeout=10,
+                   json={"customer_name": name, "id_number": "110101199001011234", "phone": "13800138000"})
+    r.raise_for_status()
+    return r.json()
+
+
+def test_a_backup_records_a_fingerprint_and_unchanged_data_matches_it(running_counter, store, stores):
+    device, conn = running_counter
+    backup = take_backup(conn, device, PATHS, store=store)
+    db = "var/lib/smartcounter/counter.db"
+    assert set(backup.fingerprint) == {db} and set(backup.fingerprint[db]) == {"customers", "cards", "transactions"}
+    cards = backup.fingerprint[db]["cards"]
+    assert cards["rows"] == backup.row_counts["cards"] and re.fullmatch(r"[0-9a-f]{64}", cards["sha256"])
+    assert store.backups(device_id=device.id, limit=1)[0].fingerprint == backup.fingerprint, "stored with the backup"
+    assert data_changed_since(conn, device, backup, PATHS) == []
+
+
+def test_a_card_opened_through_the_business_api_since_the_backup_is_a_change(running_counter, store, stores):
+    device, conn = running_counter
+    backup = take_backup(conn, device, PATHS, store=store)
+    opened = open_card(device)
+    changes = data_changed_since(conn, device, backup, PATHS)
+    assert any("customers has" in c for c in changes) and any("cards has" in c for c in changes), changes
+    ctl(conn, device, "stop")
+    try:
+        before = table_digests(counter_db(device))
+        with pytest.raises(DataChangedSinceBackup) as refused:
+            restore_backup(conn, device, backup, PATHS)
+        assert refused.value.backup == backup and "cards has" in str(refused.value)
+        assert table_digests(counter_db(device)) == before, "nothing restored"
+        assert read_db(counter_db(device), f"SELECT COUNT(*) FROM cards WHERE card_no = '{opened['card_no']}'") == [(1,)]
+    finally:
+        ctl(conn, device, "start")
+
+
+def test_a_value_edited_in_the_database_is_a_change_even_with_the_same_row_counts(stopped_counter, store, stores):
+    device, conn = stopped_counter
+    backup = take_backup(conn, device, PATHS, store=store)
+    with closing(sqlite3.connect(counter_db(device))) as db, db:
+        db.execute("UPDATE customers SET phone = '13900000000' WHERE id = (SELECT MIN(id) FROM customers)")
+    changes = data_changed_since(conn, device, backup, PATHS)
+    assert changes == ["var/lib/smartcounter/counter.db: customers has as many rows as the backup but some of their values changed"]
+    with pytest.raises(DataChangedSinceBackup):
+        restore_backup(conn, device, backup, PATHS)
+    assert read_db(counter_db(device), "SELECT phone FROM customers ORDER BY id LIMIT 1") == [("13900000000",)]
+
+
+def test_the_releases_own_migration_is_not_a_change(stopped_counter, store, stores):
+    """1.2.0's migration adds customers.risk_level and an audit_log table: the customer rows, over the
+    columns the backup had, are the same, so a rollback may restore the backup."""
+    device, conn = stopped_counter
+    backup = take_backup(conn, device, PATHS, store=store)
+    digests = table_digests(counter_db(device))
+    migrate = Path(__file__).resolve().parents[1] / "simfleet/counter/app/counterdb.py"
+    code = (f"import sys; sys.path.insert(0, {str(migrate.parent)!r}); import counterdb; from pathlib import Path\n"
+            f"with counterdb.open_db(Path({str(counter_db(device))!r})) as c: counterdb.migrate(c, 2)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert "risk_level" in [r[1] for r in read_db(counter_db(device), "PRAGMA table_info(customers)")]
+    assert data_changed_since(conn, device, backup, PATHS) == []
+    restore_backup(conn, device, backup, PATHS)
+    assert table_digests(counter_db(device)) == digests
+
+
+def test_a_backup_without_a_fingerprint_is_never_restored_without_a_decision(stopped_counter, store, stores):
+    device, conn = stopped_counter
+    backup = take_backup(conn, device, PATHS, store=store).model_copy(update={"fingerprint": None})
+    with pytest.raises(DataChangedSinceBackup, match="no data fingerprint"):
+        restore_backup(conn, device, backup, PATHS)
