@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from counterops.cli_decide import decide_command, held_command
 from counterops.cli_drill import drill_command
 from counterops.cli_maintenance import faults_app, inspect_command, maintain_command
 from counterops.plan_cli import plan_app
@@ -46,6 +47,8 @@ app.add_typer(faults_app, name="faults")
 app.command("inspect")(inspect_command)
 app.command("maintain")(maintain_command)
 app.command("drill")(drill_command)
+app.command("held")(held_command)
+app.command("decide")(decide_command)
 
 EXIT_RESUMABLE = 3  # stopped by the maintenance window: run the same plan again to finish
 

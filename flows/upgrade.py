@@ -103,6 +103,12 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
                     break
             done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool, leftovers)
             outcomes += done
+            for o in done:
+                if o.status == "held":  # its data changed since the backup: out of service until someone decides
+                    log.warning(f"{o.device_id}: {o.rollback_error or o.error}")
+                    _notify_quietly(plan, Notice(f"{plan.name}: {o.device_id} held, needs a decision",
+                                                 f"{o.device_id} ({o.outlet}) is out of service: {o.rollback_error or o.error}",
+                                                 "failure"))
             soak = watch_health([inv.device(o.device_id) for o in done if o.status == "upgraded"], planned.wave.soak_seconds)
             failed = sum(o.failed for o in done)
             within = wave_within_limits(planned.wave, failed, len(planned.devices)) and not soak["unhealthy"]
@@ -110,7 +116,8 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
             wave_reports.append({"name": planned.wave.name, "metrics": metrics, "verdict": verdict(metrics, within)})
             store.add(Evaluation(run_id=run.id, scope=EvaluationScope.WAVE, wave=index, verdict=wave_reports[-1]["verdict"], metrics=metrics))
             summary = (f"wave {planned.wave.name}: {metrics['upgraded']} upgraded, {metrics['already_current']} already on "
-                       f"{plan.target_version}, {metrics['rolled_back']} rolled back, {metrics['failed']} failed")
+                       f"{plan.target_version}, {metrics['rolled_back']} rolled back, {metrics['failed']} failed"
+                       + (f", {metrics['held']} held for a decision" if metrics['held'] else ""))
             log.info(summary)
             if not within:
                 halted = f"wave {planned.wave.name} passed its failure threshold ({failed} of {len(planned.devices)} failed)"
@@ -126,7 +133,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
         overall_metrics = wave_metrics(outcomes, {"checks": sum(w["metrics"]["soak_checks"] for w in wave_reports),
                                                   "unhealthy": sum(w["metrics"]["soak_unhealthy"] for w in wave_reports)})
         in_scope = sum(len(w.devices) for w in waves)
-        complete = not halted and len(outcomes) == in_scope and not any(o.failed for o in outcomes)
+        complete = not halted and len(outcomes) == in_scope and all(o.done for o in outcomes)
         overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, complete)}
         store.add(Evaluation(run_id=run.id, scope=EvaluationScope.OVERALL, verdict=overall["verdict"], metrics=overall_metrics))
         report = report_markdown(plan.name, plan.target_version, wave_reports, overall, halted)
@@ -138,7 +145,11 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
         _notify_quietly(plan, Notice(f"{plan.name}: {status}", report, "success" if complete else "failure"))
 
     if not complete:
-        return Failed(message=halted or "not every counter in scope ended on the target version with both tests passed",
+        held_ids = [o.device_id for o in outcomes if o.status == "held"]
+        why = halted or "not every counter in scope ended on the target version with both tests passed"
+        if held_ids:
+            why += f"; held for a decision (data changed since backup): {', '.join(held_ids)}"
+        return Failed(message=why,
                       data=[o.model_dump(mode="json") for o in outcomes])
     return Completed(message=f"{len(outcomes)} counters on {plan.target_version}", data=[o.model_dump(mode="json") for o in outcomes])
 

@@ -73,6 +73,7 @@ def wave_metrics(outcomes: Sequence[CounterOutcome], soak: dict | None = None) -
         "already_current": by_status.get("already_current", 0),
         "rolled_back": by_status.get("rolled_back", 0),
         "failed": by_status.get("failed", 0),
+        "held": by_status.get("held", 0),
         "success_rate": round((len(outcomes) - sum(o.failed for o in outcomes)) / len(outcomes), 3) if outcomes else None,
         "mean_counter_s": _mean(durations),
         "max_counter_s": round(max(durations), 2) if durations else None,
@@ -93,7 +94,7 @@ def verdict(metrics: dict, within_limits: bool) -> str:
     wave's limits), or ``unstable`` (limits passed, or counters unhealthy after the upgrade)."""
     if not within_limits or metrics["soak_unhealthy"]:
         return "unstable"
-    if metrics["rolled_back"] or metrics["failed"]:
+    if metrics["rolled_back"] or metrics["failed"] or metrics.get("held"):
         return "acceptable"
     return "stable"
 
@@ -105,7 +106,8 @@ def report_markdown(plan_name: str, target: str, waves: list[dict], overall: dic
     lines.append("")
     rows = [
         ("Counters", "counters"), ("Upgraded", "upgraded"), ("Already on target", "already_current"),
-        ("Rolled back", "rolled_back"), ("Failed (not restored)", "failed"), ("Success rate", "success_rate"),
+        ("Rolled back", "rolled_back"), ("Failed (not restored)", "failed"),
+        ("Held: data changed since backup", "held"), ("Success rate", "success_rate"),
         ("Mean time per counter (s)", "mean_counter_s"), ("Counters per minute", "counters_per_minute"),
         ("Business latency before (ms)", "business_latency_ms_before"), ("Business latency after (ms)", "business_latency_ms_after"),
         ("Latency change (%)", "business_latency_change_pct"), ("New business errors", "new_business_errors"),

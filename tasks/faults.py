@@ -53,6 +53,7 @@ class Symptom(StrEnum):
     LOG_ROTATION_FAILED = "log rotation failed"
     DATABASE_DAMAGED = "database integrity check failed"
     DATABASE_MAINTENANCE_FAILED = "database maintenance failed"
+    DATA_CHANGED_SINCE_BACKUP = "data changed since backup: needs a decision"
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ CATALOGUE: dict[str, Kind] = {  # keyed by Symptom, which are strings: a stored 
     Symptom.LOG_ROTATION_FAILED: Kind("logs", "low"),
     Symptom.DATABASE_DAMAGED: Kind("database", "critical"),
     Symptom.DATABASE_MAINTENANCE_FAILED: Kind("database", "high"),
+    # never cleared by an inspection (no check is called "decision"): only `counterops decide` closes it
+    Symptom.DATA_CHANGED_SINCE_BACKUP: Kind("decision", "critical"),
 }
 
 

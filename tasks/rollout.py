@@ -35,15 +35,17 @@ from inventory.plan import UpgradePlan
 from inventory.store import Store
 from playbooks import load_playbook
 from playbooks.schema import Playbook
-from tasks.backup import restore_backup, take_backup
+from tasks.backup import BackupError, DataChangedSinceBackup, data_changed_since, restore_backup, take_backup
 from tasks.checks import business_test, free_disk_command, free_disk_mb, functional_test
 from tasks.counter_app import read_health, read_metrics, set_in_service
+from tasks.hold import held, held_reason, hold
 from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, read_facts_and, run_steps
 from tasks.ssh import Connection, ConnectionPool, SSHError
 
 MIN_FREE_DISK_FACTOR = 4  # free space wanted on the counter, in package sizes (upload + unpack + backup)
 
-Status = Literal["upgraded", "already_current", "rolled_back", "failed"]
+# held: data changed since its backup, so it was not restored; out of service until someone decides
+Status = Literal["upgraded", "already_current", "rolled_back", "failed", "held"]
 
 
 class CounterOutcome(BaseModel):
@@ -67,7 +69,18 @@ class CounterOutcome(BaseModel):
 
     @property
     def failed(self) -> bool:
+        """The release failed here (counts towards the wave's failure threshold)."""
         return self.status in ("rolled_back", "failed")
+
+    @property
+    def done(self) -> bool:
+        """On the target version with both tests passed. A held counter is neither done nor a
+        failure of the release: the plan goes on without it, and never claims it."""
+        return self.status in ("upgraded", "already_current")
+
+
+class Held(Exception):
+    """The counter was held for a decision (tasks/hold.py); the message says why and how to free it."""
 
 
 class _StepFailure(Exception):
@@ -131,7 +144,9 @@ def unfinished_installs(store: Store, plan_name: str, current_run_id: int, devic
             if device_id not in wanted or device_id in decided:
                 continue
             installs = [s for s in steps if s.step == UpgradeStep.INSTALL]
-            recovered = any(s.step == UpgradeStep.PRECHECK and s.status == "ok" and "recovered_from_backup" in s.details for s in steps)
+            # put back by an earlier rerun, or held for a decision instead (never recovered again by a plan)
+            recovered = any(s.step == UpgradeStep.PRECHECK and ((s.status == "ok" and "recovered_from_backup" in s.details)
+                                                                 or "held_for_decision" in s.details) for s in steps)
             if not installs and not recovered:
                 continue  # this run never reached the install here: an older run may have
             decided.add(device_id)
@@ -173,6 +188,11 @@ def upgrade_counter_pipeline(
         out.ended_at = datetime.now(UTC)
         return out
 
+    # 0. a counter held for a decision is not touched by any plan
+    standing_hold = held(store, device.id)
+    if standing_hold is not None:
+        return _held(rec, out, held_reason(standing_hold), held_for_decision=(standing_hold.details or {}).get("backup_id"))
+
     # 1. precheck — look before touching anything
     try:
         with rec.step(UpgradeStep.PRECHECK) as found:
@@ -189,6 +209,14 @@ def upgrade_counter_pipeline(
                 raise RuntimeError(f"only {free_mb} MB free on the counter, {need_mb} MB needed")
             if leftover is not None:
                 backup_then, version_then = leftover
+                changes = data_changed_since(conn, device, backup_then, playbook.backup.paths)
+                if changes:  # e.g. put back in service by hand after the crash, and a customer served
+                    found["held_for_decision"] = backup_then.id
+                    fault = hold(store, device, backup_then, changes, actor=plan.initiator, run_id=run_id, context={
+                        "run_id": run_id, "plan": plan.name, "target_version": plan.target_version,
+                        "version_then": version_then, "installed_version": out.from_version,
+                        "situation": f"an earlier run of {plan.name} left the install unfinished"})
+                    raise Held(held_reason(fault))
                 found["recovered_from_backup"] = backup_then.id
                 _recover(conn, device, plan, playbook, backup_then, version_then)
                 out.from_version = out.version = found["installed_version"] = read_facts(conn, playbook, device_vars(device))["installed_version"]
@@ -196,7 +224,10 @@ def upgrade_counter_pipeline(
             if health is None:
                 raise RuntimeError("counter app does not answer /health")
             found["app_status"] = health.get("status")
-    except (SSHError, OSError, RuntimeError, ValueError, StepFailed) as e:
+    except Held as e:
+        out.status = "held"
+        return fail(UpgradeStep.PRECHECK, str(e))
+    except (SSHError, OSError, RuntimeError, ValueError, StepFailed, BackupError) as e:
         return fail(UpgradeStep.PRECHECK, str(e))
 
     if out.from_version == plan.target_version:
@@ -249,6 +280,24 @@ def upgrade_counter_pipeline(
     return out
 
 
+def _held(rec: _Recorder, out: CounterOutcome, message: str, **details) -> CounterOutcome:
+    """Record that the counter was left alone because it is held for a decision."""
+    now = datetime.now(UTC)
+    rec.store.add(DeviceStep(run_id=rec.run_id, device_id=rec.device_id, wave=rec.wave, step=UpgradeStep.PRECHECK,
+                             status="held", started_at=now, ended_at=now, error=message, details=details))
+    out.status, out.failed_step, out.error, out.ended_at = "held", UpgradeStep.PRECHECK.value, message, now
+    return out
+
+
+def _data_changed(e: BaseException) -> DataChangedSinceBackup | None:
+    """The DataChangedSinceBackup behind ``e`` (a playbook step wraps its callback's errors), if any."""
+    while e is not None:
+        if isinstance(e, DataChangedSinceBackup):
+            return e
+        e = e.__cause__
+    return None
+
+
 def _describe(e: Exception) -> str:
     return e.message if isinstance(e, StepFailed) else str(e)
 
@@ -298,6 +347,22 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
             return  # failed before the backup: the install never ran, the data is untouched
         restore_backup(conn, device, backup, playbook.backup.paths)
 
+    def hold_for_decision(changed: DataChangedSinceBackup) -> None:
+        fault = hold(rec.store, device, changed.backup, changed.changes, actor=plan.initiator, run_id=rec.run_id, context={
+            "run_id": rec.run_id, "plan": plan.name, "target_version": plan.target_version,
+            "version_then": out.from_version, "failed_step": out.failed_step,
+            "situation": f"the upgrade failed at {out.failed_step} and its rollback would have restored the backup"})
+        out.status, out.rollback_error = "held", held_reason(fault)
+
+    if backup is not None:  # never over newer data: look before stopping anything
+        try:
+            changes = data_changed_since(conn, device, backup, playbook.backup.paths)
+        except BackupError:
+            changes = []  # cannot compare now: the restore compares again and refuses if it still cannot
+        if changes:
+            hold_for_decision(DataChangedSinceBackup(device.id, backup, changes))
+            return
+
     try:
         with rec.step(UpgradeStep.ROLLBACK, failed_step=out.failed_step) as found:
             found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, playbook.rollback, vars, restore_data=restore_data)]
@@ -307,7 +372,11 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
             set_in_service(device, True, reason)
         out.status, out.version = "rolled_back", out.from_version
     except Exception as e:
-        out.status, out.rollback_error = "failed", _describe(e)
+        changed = _data_changed(e)
+        if changed is not None:  # changed while the rollback ran: held, never restored over
+            hold_for_decision(changed)
+        else:
+            out.status, out.rollback_error = "failed", _describe(e)
 
 
 def _recover(conn: Connection, device: Device, plan: UpgradePlan, playbook: Playbook, backup: Backup, version_then: str) -> None:
