@@ -20,7 +20,7 @@ ROLLS = ("forward", "back")
 
 
 def held_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Counters held out of service because their data changed since their backup: each needs a decision."""
+    """Counters held out of service because their data changed since their backup (exit 1 while any is)."""
     from counterops.cli import out
     from inventory.store import Store
     from tasks.hold import HOLD_SYMPTOM
@@ -30,7 +30,7 @@ def held_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
         faults = [f for status in UNFIXED for f in store.faults(status=status, limit=10000) if f.symptom == HOLD_SYMPTOM]
     if as_json:
         print(json.dumps([f.model_dump(mode="json") for f in faults], indent=2, ensure_ascii=False))
-        return
+        raise typer.Exit(1 if faults else 0)
     table = Table(Column("counter", no_wrap=True), "outlet", "fault", "since", "backup", "what changed")
     for f in faults:
         d = f.details or {}

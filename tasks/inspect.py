@@ -30,6 +30,7 @@ from inventory.models import Device, Inspection, InspectionPhase, RunKind, utcno
 from inventory.store import Store
 from tasks.checks import MIN_PAPER_PCT, read_free_disk_mb
 from tasks.counter_app import read_health, read_maintenance, set_in_service
+from tasks.hold import held, held_reason
 from tasks.faults import Finding, StandingFault, Symptom, escalate, record_faults
 from tasks.notify import NotifyError
 from tasks.ssh import Connection, ConnectionPool, HostKeyChanged, HostKeyUnknown, SSHError, remote_path, sh
@@ -270,8 +271,9 @@ def inspect_counter(device: Device, phase: InspectionPhase, inspector: str, run_
                     notify: list[str], hands_off: str | None) -> CounterInspection:
     """One counter's inspection: look, fix what is simple, look again, record, tell the branch the rest."""
     started = utcnow()
+    hold = held(store, device.id)  # a held counter stays out of service until someone decides
     try:
-        findings = look_and_fix(device, phase, pool, hands_off)
+        findings = look_and_fix(device, phase, pool, hands_off or (held_reason(hold) if hold else None))
     finally:
         pool.release(device)
     return record_visit(device, phase, inspector, started, findings, run_id=run_id, store=store, notify=notify)
