@@ -135,3 +135,47 @@ def test_a_rerun_holds_a_counter_that_served_customers_after_a_crash_instead_of_
     final = cli("upgrade", str(plan), "--inventory", str(inventory))
     assert final.returncode == 0, final.stdout + final.stderr
     assert customer_rows(victim.root) == served
+
+
+def test_a_rollback_holds_a_counter_whose_data_changed_during_the_upgrade_and_a_second_person_may_restore(four_counters, prefect_api):
+    """The release fails (1.1.1 never gets healthy) after a row was edited straight in the database:
+    the rollback must not put the backup over it. The counter is held; a decision to restore anyway
+    needs a second person, and backs the changed data up first."""
+    inventory = four_counters / "inventory.yaml"
+    inv = load_inventory(inventory)
+    victim = inv.devices[0]
+    plan = write_plan(four_counters, "hold-1.1.1", "1.1.1", waves=[{"name": "canary", "size": 1, "max_failures": 0}],
+                      scope={"devices": [victim.id]})
+    before = customer_rows(victim.root)
+    proc = subprocess.Popen([*CLI, "upgrade", str(plan), "--inventory", str(inventory)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while Path(victim.root, "opt/smartcounter/current").resolve().name != "1.1.1":  # installed; its health check waits 30 s
+        assert time.monotonic() < deadline and proc.poll() is None, "1.1.1 was never switched to"
+        time.sleep(0.01)
+    with sqlite3.connect(Path(victim.root, "var/lib/smartcounter/counter.db")) as db:
+        db.execute("UPDATE customers SET phone = '13912345678' WHERE id = (SELECT MIN(id) FROM customers)")
+    changed = customer_rows(victim.root)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 1, output
+    assert customer_rows(victim.root) == changed, "the edited row was not restored over"
+    assert health(victim)["in_service"] is False
+    with Store.open() as store:
+        (fault,) = [f for f in store.faults(device_id=victim.id) if f.symptom == HOLD_SYMPTOM]
+        assert fault.details["changes"] == ["var/lib/smartcounter/counter.db: customers has as many rows as the backup "
+                                            "but some of their values changed"], fault.details
+
+    decided = cli("decide", victim.id, "restore", "--as", "zhang.wei", "--approved-by", "li.na", "--inventory", str(inventory))
+    assert decided.returncode == 0, decided.stdout + decided.stderr
+    h = health(victim)
+    assert (h["version"], h["status"], h["in_service"]) == ("1.0.0", "ok", True), h
+    assert customer_rows(victim.root) == before, "the backup was restored, as two people decided"
+    with Store.open() as store:
+        closed = store.get(type(fault), fault.id)
+        assert closed.status == FaultStatus.FIXED and "approved by li.na" in closed.resolution
+        set_aside = store.backups(device_id=victim.id, limit=1)[0]
+        assert f"backup {set_aside.id}" in closed.resolution
+        assert set_aside.fingerprint != store.get(type(set_aside), fault.details["backup_id"]).fingerprint, \
+            "the changed data was backed up before it was restored over"
+        decisions = [e for e in store.audit_events(limit=50) if e.action == "decide_held_counter" and e.outcome == "ok"]
+        assert decisions and decisions[0].details["approver"] == "li.na"
