@@ -74,10 +74,11 @@ def four_counters(fleet_dir):
     return fleet_dir
 
 
-def test_a_rerun_holds_a_counter_that_served_customers_after_a_crash_instead_of_restoring_over_them(four_counters, prefect_api):
+def test_a_rerun_holds_a_counter_that_served_customers_after_a_crash_instead_of_restoring_over_them(four_counters, prefect_api,
+                                                                                                    receiver):
     inventory = four_counters / "inventory.yaml"
     inv = load_inventory(inventory)
-    plan = write_plan(four_counters, "hold-1.2.0", "1.2.0", waves=[{"name": "all", "size": "100%", "max_failures": 0}],
+    plan = write_plan(four_counters, "hold-1.2.0", "1.2.0", receiver, waves=[{"name": "all", "size": "100%", "max_failures": 0}],
                       parallelism=1)
     victim_id = kill_controller_mid_install(plan, inventory, inv.devices)
     victim = inv.device(victim_id)
@@ -105,6 +106,8 @@ def test_a_rerun_holds_a_counter_that_served_customers_after_a_crash_instead_of_
         assert fault.status == FaultStatus.OPEN and fault.severity == "critical"
         assert fault.details["backup_id"] and any("cards has" in c for c in fault.details["changes"]), fault.details
         assert any(e.action == "hold_counter" and e.target == victim_id for e in store.audit_events(limit=50))
+    told = [n for t, n in receiver.received if n["title"] == f"hold-1.2.0: {victim_id} held, needs a decision"]
+    assert told and f"backup {fault.details['backup_id']}" in told[0]["message"], receiver.titles()
     listed = cli("held", "--json")
     assert listed.returncode == 1 and [f["device_id"] for f in json.loads(listed.stdout)] == [victim_id]
 
