@@ -14,9 +14,9 @@ names and recorded. A restore uploads a verified copy, unpacks and checks it
 on the counter (integrity, row counts equal to the backup's) and only then
 swaps each path in whole.
 
-What runs on the counter is :data:`COUNTER_HELPER`, a constant Python script
+What runs on the counter is the helper in ``tasks/oncounter/helper.py``
 (standard library only: the counter has ``/usr/bin/python3`` but no ``sqlite3``
-command) fed on stdin, with every value as an argument. The archives hold
+command), fed on stdin, with every value as an argument. The archives hold
 customer data: they are 0600 in 0700 directories, and nothing here logs a row.
 """
 
@@ -37,221 +37,12 @@ from typing import Literal
 
 from inventory.models import Backup, Device, utcnow
 from inventory.store import Store, counterops_home
+from tasks import oncounter
+from tasks.layout import TMP_DIR
 from tasks.ssh import CommandFailed, Connection, SSHError, remote_path, sh, sha256_file
 
-COUNTER_PYTHON = "/usr/bin/python3"
 ARCHIVE = "backup.tar.gz"  # name of the archive inside a staging directory on the counter
 Source = Literal["local", "offsite"]
-
-COUNTER_HELPER = r'''
-"""counterops backup helper: run on the counter as `python3 - COMMAND ARGS...`.
-
-snapshot ROOT STAGING PATH...  copy each ROOT/PATH to STAGING/tree/PATH, check it, archive it
-                               to STAGING/backup.tar.gz; print the customer tables' row counts
-                               and the copy's data fingerprint
-check TREE                     check every database under TREE; print the row counts
-fingerprint ROOT COLUMNS PATH...  the data fingerprint of the databases under each ROOT/PATH, the
-                               customer tables read over COLUMNS ({database: {table: [column...]}},
-                               "{}" for all their columns)
-swap ROOT TREE PATH...         replace each ROOT/PATH with TREE/PATH
-"""
-import hashlib, json, os, shutil, sqlite3, sys, tarfile, tempfile, urllib.parse
-
-CUSTOMER_TABLES = ("customers", "cards", "transactions")
-JOURNALS = (".db-journal", ".db-wal", ".db-shm")
-
-
-def open_db(path, mode):
-    return sqlite3.connect("file:%s?mode=%s" % (urllib.parse.quote(path), mode), uri=True, timeout=30)
-
-
-def copy_file(src, dst):
-    """A database through SQLite's backup API (a consistent copy while the app writes),
-    any other file as it is."""
-    if not src.endswith(".db"):
-        try:
-            shutil.copy2(src, dst)
-        except FileNotFoundError:
-            pass  # a temporary file renamed over its target while we listed: the target is copied
-        return
-    # Read-write, not read-only: after a crash, a hot journal must be rolled back (as any
-    # reader would) before the database shows what was committed.
-    try:
-        source, target = open_db(src, "rw"), sqlite3.connect(dst)
-        try:
-            source.backup(target)
-        finally:
-            target.close()
-            source.close()
-    except sqlite3.Error as e:
-        sys.exit("%s: %s" % (src, e))
-    shutil.copymode(src, dst)
-
-
-def skip_journals(directory, names):
-    """A live journal belongs to the live database; the backup API's copy holds what is committed."""
-    return [name for name in names if name.endswith(JOURNALS)]
-
-
-def databases(tree):
-    found = []
-    for directory, subdirs, files in os.walk(tree):
-        subdirs.sort()
-        found += [os.path.join(directory, name) for name in sorted(files) if name.endswith(".db")]
-    return found
-
-
-def check(tree):
-    """integrity_check every database under TREE; the customer tables' row counts, summed."""
-    counts = {}
-    for path in databases(tree):
-        name = os.path.relpath(path, tree)
-        try:
-            db = open_db(path, "ro")
-            try:
-                verdict = [row[0] for row in db.execute("PRAGMA integrity_check")]
-                if verdict != ["ok"]:
-                    sys.exit("%s: integrity_check: %s" % (name, "; ".join(verdict[:3])))
-                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                for table in CUSTOMER_TABLES:
-                    if table in tables:
-                        rows = db.execute('SELECT COUNT(*) FROM "%s"' % table).fetchone()[0]
-                        counts[table] = counts.get(table, 0) + rows
-            finally:
-                db.close()
-        except sqlite3.Error as e:
-            sys.exit("%s: %s" % (name, e))
-    return counts
-
-
-def blob(value):
-    return value.hex()
-
-
-def table_fingerprint(db, table, columns):
-    """Rows, highest rowid and one sha256 over every row (in rowid order) of TABLE, read over COLUMNS."""
-    live = [row[1] for row in db.execute('PRAGMA table_info("%s")' % table)]
-    missing = [c for c in columns if c not in live]
-    if missing:
-        return {"columns": columns, "missing_columns": missing}
-    digest, rows = hashlib.sha256(), 0
-    listed = ", ".join('"%s"' % c for c in columns)
-    for row in db.execute('SELECT %s FROM "%s" ORDER BY rowid' % (listed, table)):
-        digest.update(json.dumps(row, default=blob, ensure_ascii=False).encode())
-        digest.update(b"\n")
-        rows += 1
-    max_id = db.execute('SELECT MAX(rowid) FROM "%s"' % table).fetchone()[0]
-    return {"columns": columns, "rows": rows, "max_id": max_id, "sha256": digest.hexdigest()}
-
-
-def fingerprint(base, paths, wanted):
-    """The customer tables of every database under each BASE/PATH, keyed by the database's path
-    relative to BASE: {database: {table: {columns, rows, max_id, sha256}}}. A table listed in
-    WANTED is read over the columns listed there (the columns a backup had); others over all theirs.
-    Read in one transaction per database, so a writer cannot tear the picture."""
-    result = {}
-    for path in paths:
-        top = os.path.join(base, path)
-        found = [top] if os.path.isfile(top) and top.endswith(".db") else databases(top)
-        for file in found:
-            name = os.path.relpath(file, base)
-            tables_wanted = wanted.get(name, {})
-            try:
-                db = open_db(file, "rw")  # rw: a hot journal is rolled back first, as any reader would
-                try:
-                    db.execute("BEGIN")
-                    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                    result[name] = {
-                        table: table_fingerprint(db, table, tables_wanted.get(table) or
-                                                 [row[1] for row in db.execute('PRAGMA table_info("%s")' % table)])
-                        for table in CUSTOMER_TABLES if table in tables
-                    }
-                    db.execute("ROLLBACK")
-                finally:
-                    db.close()
-            except sqlite3.Error as e:
-                sys.exit("%s: %s" % (name, e))
-    return result
-
-
-def snapshot(root, staging, paths):
-    tree = os.path.join(staging, "tree")
-    for path in paths:
-        src, dst = os.path.join(root, path), os.path.join(tree, path)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.isdir(src):
-            shutil.copytree(src, dst, symlinks=True, ignore=skip_journals, copy_function=copy_file)
-        elif os.path.isfile(src):
-            copy_file(src, dst)
-        else:
-            sys.exit("%s: no such file or directory on the counter" % path)
-    counts = check(tree)
-    with tarfile.open(os.path.join(staging, "backup.tar.gz"), "w:gz") as tar:
-        for path in paths:
-            tar.add(os.path.join(tree, path), arcname=path)
-    return {"row_counts": counts, "fingerprint": fingerprint(tree, paths, {})}
-
-
-def swap(root, tree, paths):
-    """Each ROOT/PATH is at every moment either the old or the restored one, whole.
-
-    The restored copies are first moved beside their live paths (the slow part, which may
-    copy across file systems) into private holders; then each live path is renamed into its
-    holder and the restored one renamed in. If that fails, the live path is put back, and a
-    holder that still keeps live data is left for a human rather than deleted.
-    """
-    holders = []
-    try:
-        for path in paths:
-            live = os.path.join(root, path)
-            holders.append(tempfile.mkdtemp(prefix=".counterops-restore-", dir=os.path.dirname(live)))
-            shutil.move(os.path.join(tree, path), os.path.join(holders[-1], "new"))
-        for path, holder in zip(paths, holders):
-            replace(os.path.join(root, path), holder)
-    except BaseException:
-        for holder in holders:
-            shutil.rmtree(os.path.join(holder, "new"), ignore_errors=True)
-            try:
-                os.rmdir(holder)
-            except OSError:
-                print("kept the replaced data in %s" % holder, file=sys.stderr)
-        raise
-    for holder in holders:
-        shutil.rmtree(holder)
-    return {}
-
-
-def replace(live, holder):
-    old, new = os.path.join(holder, "old"), os.path.join(holder, "new")
-    if os.path.lexists(live):
-        os.rename(live, old)
-    try:
-        os.rename(new, live)
-    except OSError:
-        if os.path.lexists(old):
-            os.rename(old, live)
-        raise
-
-
-def main(command, *args):
-    os.umask(0o077)
-    if command == "snapshot":
-        return snapshot(args[0], args[1], args[2:])
-    if command == "check":
-        return check(args[0])
-    if command == "fingerprint":
-        return fingerprint(args[0], args[2:], json.loads(args[1]))
-    if command == "swap":
-        return swap(args[0], args[1], args[2:])
-    sys.exit("unknown command %r" % command)
-
-
-try:
-    print(json.dumps(main(*sys.argv[1:])))
-except (OSError, shutil.Error, sqlite3.Error) as e:
-    sys.exit("%s: %s" % (type(e).__name__, e))
-'''
-
 
 class BackupError(Exception):
     """A backup or restore failed; ``stage`` says where ("snapshot", "offsite", "check", ...),
@@ -399,7 +190,7 @@ def _counter_staging(conn: Connection, device: Device, purpose: str) -> Iterator
     happened: it holds a copy of customer data. (Removal after a failure is best effort:
     the first error is the one to report, and a lost link cannot remove anything.)"""
     with _stage(device.id, f"{purpose} staging"):
-        template = remote_path(device.root, "tmp", f"counterops-{purpose}.XXXXXX")
+        template = remote_path(device.root, TMP_DIR, f"counterops-{purpose}.XXXXXX")
         staging = conn.run(["mktemp", "-d", template]).stdout.strip()
     try:
         yield staging
@@ -411,10 +202,9 @@ def _counter_staging(conn: Connection, device: Device, purpose: str) -> Iterator
         conn.run(["rm", "-rf", "--", staging], timeout=60)
 
 
-def _helper(conn: Connection, command: str, *args: str) -> dict[str, int]:
-    """Run COUNTER_HELPER's ``command`` on the counter; its JSON answer (row counts, or {})."""
-    result = conn.run([COUNTER_PYTHON, "-", command, *args], stdin=COUNTER_HELPER.encode())
-    return json.loads(result.stdout)
+def _helper(conn: Connection, command: str, *args: str) -> dict:
+    """Run the counter-side helper's ``command`` (tasks/oncounter/helper.py) on the counter; its JSON answer."""
+    return oncounter.run(conn, command, *args)
 
 
 def _relative_paths(paths: Sequence[str]) -> list[str]:
@@ -597,7 +387,7 @@ def restore_to_scratch(backup: Backup, scratch_dir: Path) -> dict:
     """Restore drill: unpack a verified copy into an empty LOCAL ``scratch_dir`` and check it
     (integrity, row counts equal to the backup's) without going near the counter.
 
-    Runs COUNTER_HELPER's own check with the local Python, so a drill proves what
+    Runs the counter-side helper's own check with the local Python, so a drill proves what
     a restore on the counter would check. ``scratch_dir`` then holds customer
     data: the caller removes it. Returns source, row_counts, integrity and seconds.
     """
@@ -611,10 +401,10 @@ def restore_to_scratch(backup: Backup, scratch_dir: Path) -> dict:
     with _stage(backup.device_id, "check"):
         checked = subprocess.run(
             [sys.executable, "-", "check", str(scratch_dir)],
-            input=COUNTER_HELPER, capture_output=True, text=True, timeout=600,
+            input=oncounter.source(), capture_output=True, timeout=600,
         )
         if checked.returncode != 0:
-            raise BackupError(backup.device_id, "check", checked.stderr.strip()[-2000:])
+            raise BackupError(backup.device_id, "check", checked.stderr.decode(errors="replace").strip()[-2000:])
         row_counts = json.loads(checked.stdout)
         _expect_counts(backup.device_id, row_counts, backup)
     return {"source": source, "row_counts": row_counts, "integrity": "ok", "seconds": round(time.monotonic() - started, 3)}

@@ -11,13 +11,12 @@ only it runs out of service; a counter someone had already taken out of service 
 A damaged database is left exactly as found, for a person to look at. The flow lets one counter
 per outlet at a time through here, so an outlet never loses two counters to maintenance at once.
 
-What runs on the counter is :data:`MAINTENANCE_HELPER`, a constant Python script fed on stdin
+What runs on the counter is the helper in ``tasks/oncounter/helper.py``, fed on stdin
 (the counter has ``/usr/bin/python3`` but no ``sqlite3`` command), every value an argument.
 """
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from itertools import zip_longest
 
@@ -28,100 +27,22 @@ from prefect.cache_policies import NO_CACHE
 
 from inventory.models import Device, InspectionPhase, utcnow
 from inventory.store import Store
-from tasks.backup import COUNTER_PYTHON
+from tasks import oncounter
 from tasks.counter_app import read_health, set_in_service
 from tasks.faults import Finding, Symptom
 from tasks.inspect import CounterInspection, check_app, check_peripherals, reach, record_visit, remove_stale_temp_files
+from tasks.layout import DATABASE, LOG_DIR
 from tasks.notify import Notice
 from tasks.ssh import CommandFailed, Connection, ConnectionPool, SSHError, remote_path
 
-LOG_DIR = "var/log/smartcounter"
-DATABASE = "var/lib/smartcounter/counter.db"
 ROTATE_OVER_BYTES = 1 << 20
 ROTATED_KEPT = 5
 HELPER_TIMEOUT_S = 900  # VACUUM rewrites the whole database
 MAINTENANCE_REASON = "periodic maintenance: database check and vacuum"
 REFILL_PAPER_PCT = 30  # the consumables report asks for paper below this
 
-MAINTENANCE_HELPER = r'''
-"""counterops maintenance helper: run on the counter as `python3 - COMMAND ARGS...`; prints JSON.
-
-rotate LOG_DIR OVER_BYTES KEEP  gzip each *.log larger than OVER_BYTES to NAME.log.STAMP.gz beside it, then
-                                truncate it (the app keeps it open: copytruncate); keep the newest KEEP archives
-database DB                     integrity_check; only when intact VACUUM, integrity_check again; the
-                                customer tables' row counts and the file's size before and after
-"""
-import gzip, json, os, shutil, sqlite3, sys, time, urllib.parse
-
-CUSTOMER_TABLES = ("customers", "cards", "transactions")
-
-
-def rotate(log_dir, over_bytes, keep):
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    rotated, removed = [], []
-    for name in sorted(os.listdir(log_dir)):
-        path = os.path.join(log_dir, name)
-        if not name.endswith(".log") or os.path.islink(path) or not os.path.isfile(path):
-            continue
-        size = os.path.getsize(path)
-        if size > int(over_bytes):
-            archive = "%s.%s.gz" % (path, stamp)
-            with open(path, "rb") as src, gzip.open(archive + ".part", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(archive + ".part", archive)
-            with open(path, "r+b") as log:
-                log.truncate(0)
-            rotated.append({"log": name, "bytes": size})
-        archives = sorted(n for n in os.listdir(log_dir) if n.startswith(name + ".") and n.endswith(".gz"))
-        for old in archives[:-int(keep)]:
-            os.remove(os.path.join(log_dir, old))
-            removed.append(old)
-    return {"rotated": rotated, "removed": removed}
-
-
-def integrity(db):
-    return [row[0] for row in db.execute("PRAGMA integrity_check")][:5]
-
-
-def row_counts(db):
-    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    return {t: db.execute('SELECT COUNT(*) FROM "%s"' % t).fetchone()[0] for t in CUSTOMER_TABLES if t in tables}
-
-
-def database(path):
-    db = sqlite3.connect("file:%s?mode=rw" % urllib.parse.quote(path), uri=True, timeout=60, isolation_level=None)
-    try:
-        found = {"integrity_before": integrity(db), "bytes_before": os.path.getsize(path),
-                 "free_pages_before": db.execute("PRAGMA freelist_count").fetchone()[0]}
-        if found["integrity_before"] != ["ok"]:
-            return found  # damaged: left exactly as it is
-        found["rows_before"] = row_counts(db)
-        db.execute("VACUUM")
-        found.update(integrity_after=integrity(db), rows_after=row_counts(db), bytes_after=os.path.getsize(path),
-                     free_pages_after=db.execute("PRAGMA freelist_count").fetchone()[0])
-        return found
-    finally:
-        db.close()
-
-
-def main(command, *args):
-    if command == "rotate":
-        return rotate(*args)
-    if command == "database":
-        return database(*args)
-    sys.exit("unknown command %r" % command)
-
-
-try:
-    print(json.dumps(main(*sys.argv[1:])))
-except (OSError, sqlite3.Error) as e:
-    sys.exit("%s: %s" % (type(e).__name__, e))
-'''
-
-
 def _helper(conn: Connection, command: str, *args: str | int) -> dict:
-    result = conn.run([COUNTER_PYTHON, "-", command, *args], stdin=MAINTENANCE_HELPER.encode(), timeout=HELPER_TIMEOUT_S)
-    return json.loads(result.stdout)
+    return oncounter.run(conn, command, *args, timeout=HELPER_TIMEOUT_S)
 
 
 def rotate_logs(conn: Connection, device: Device) -> Finding:

@@ -450,3 +450,15 @@ def test_a_backup_without_a_fingerprint_is_never_restored_without_a_decision(sto
     backup = take_backup(conn, device, PATHS, store=store).model_copy(update={"fingerprint": None})
     with pytest.raises(DataChangedSinceBackup, match="no data fingerprint"):
         restore_backup(conn, device, backup, PATHS)
+
+
+def test_the_counter_side_helper_is_a_real_module_that_agrees_with_the_layout():
+    """What runs on the counter is tasks/oncounter/helper.py, sent whole; it cannot import the
+    layout module, so its copy of the customer tables must stay equal to it."""
+    from tasks import layout, oncounter
+    from tasks.oncounter import helper
+
+    assert helper.CUSTOMER_TABLES == layout.CUSTOMER_TABLES
+    assert oncounter.source() == Path(helper.__file__).read_bytes()
+    done = subprocess.run([layout.COUNTER_PYTHON, "-", "no-such-command"], input=oncounter.source(), capture_output=True)
+    assert done.returncode != 0 and b"unknown command 'no-such-command'" in done.stderr
