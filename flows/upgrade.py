@@ -120,7 +120,8 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
                        + (f", {metrics['held']} held for a decision" if metrics['held'] else ""))
             log.info(summary)
             if not within:
-                halted = f"wave {planned.wave.name} passed its failure threshold ({failed} of {len(planned.devices)} failed)"
+                halted = (f"wave {planned.wave.name} passed its failure threshold ({failed} of {len(planned.devices)} counters "
+                          "rolled back or failed)")
             elif not_started:
                 resumable = True
                 halted = (f"the maintenance window closed; {len(not_started)} counters of wave {planned.wave.name} not started. "

@@ -2,7 +2,8 @@
 # Serve the deployments locally, as head-office IT would on its own server:
 # a Prefect server (the embedded default), the process work pool, every
 # deployment of deployments/prefect.yaml, and a worker in the foreground
-# (Ctrl-C stops it). Uses the demo fleet (.demo/fleet, brought up when missing).
+# (Ctrl-C stops it). Uses the demo fleet (.demo/fleet), brought up when missing or
+# down (`make demo` takes its fleet down at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/.venv/bin
@@ -12,7 +13,9 @@ export COUNTEROPS_CHECKOUT=$PWD
 export COUNTEROPS_INVENTORY=${COUNTEROPS_INVENTORY:-$DIR/inventory.yaml}
 export COUNTEROPS_WORK_POOL=${COUNTEROPS_WORK_POOL:-counterops}
 
-[ -f "$COUNTEROPS_INVENTORY" ] || $BIN/counterops fleet up --devices 12 --branches 3 --outlets 2 --dir "$DIR"
+if ! $BIN/counterops fleet status --dir "$DIR" >/dev/null 2>&1; then
+    $BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
+fi
 $BIN/counterops server start
 eval "$($BIN/python - <<'PY'
 from counterops import localserver
