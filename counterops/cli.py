@@ -161,6 +161,8 @@ def fleet_down(fleet_dir: FleetDir, remove: Annotated[bool, typer.Option(help="A
 def inventory_import(
     file: Annotated[Path, typer.Argument(help="Inventory YAML file.")],
     operator: Annotated[str | None, typer.Option("--as", help="Who imports (for the audit trail).")] = None,
+    prune: Annotated[bool, typer.Option("--prune", help="Retire the counters the store has but FILE does not list "
+                                                         "(out of the fleet, their history kept; listing one again brings it back).")] = False,
 ) -> None:
     """Validate an inventory file and import it into the store, all or nothing."""
     from inventory.loader import InventoryError
@@ -169,7 +171,7 @@ def inventory_import(
     inv = load_inventory_or_exit(file)
     with Store.open() as store:
         try:
-            summary = store.import_inventory(inv, actor=current_operator(operator), source=str(file.resolve()))
+            summary = store.import_inventory(inv, actor=current_operator(operator), source=str(file.resolve()), prune=prune)
         except InventoryError as e:  # clashes with counters already in the store
             fail(f"{file}: nothing imported:\n{e}", EXIT_BAD_INPUT)
     out.print(f"imported {file}: {summary}")

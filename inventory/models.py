@@ -600,9 +600,11 @@ class ImportSummary(BaseModel):
     outlets: Counts
     devices: Counts
     operators: Counts
+    retired_devices: list[str] = Field(default_factory=list)  # with --prune: out of the fleet, history kept
 
     def __str__(self) -> str:
         return "; ".join(
             f"{kind}: {c.added} added, {c.updated} updated, {c.unchanged} unchanged"
+            + (f", {len(self.retired_devices)} retired ({', '.join(self.retired_devices)})" if kind == "devices" and self.retired_devices else "")
             for kind, c in (("branches", self.branches), ("outlets", self.outlets), ("devices", self.devices), ("operators", self.operators))
         )

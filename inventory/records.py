@@ -25,7 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
-    UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -106,9 +106,11 @@ class OutletRow(Base):
 class DeviceRow(Base):
     __tablename__ = "devices"
     __table_args__ = (
-        # Two counters on one address would let ssh or http reach the wrong one.
-        UniqueConstraint("host", "ssh_port"),
-        UniqueConstraint("host", "http_port"),
+        # Two counters in service on one address would let ssh or http reach the wrong one
+        # (a retired counter's address may be taken by a new one).
+        *(Index(f"uq_devices_host_{port}", "host", port, unique=True,
+                sqlite_where=text("retired_at IS NULL"), postgresql_where=text("retired_at IS NULL"))
+          for port in ("ssh_port", "http_port")),
         CheckConstraint("ssh_port BETWEEN 1 AND 65535", name="ssh_port_range"),
         CheckConstraint("http_port BETWEEN 1 AND 65535", name="http_port_range"),
     )
@@ -124,6 +126,7 @@ class DeviceRow(Base):
     serial: Mapped[str | None] = mapped_column(ID)
     location: Mapped[str | None] = mapped_column(String(128))
     tags: Mapped[list[Any]] = mapped_column()
+    retired_at: Mapped[datetime | None] = mapped_column()  # retired (inventory import --prune): history kept
 
 
 class OperatorRow(Base):

@@ -44,6 +44,7 @@ from inventory.models import (
     SSHSettings,
     inventory_problems,
     item_label,
+    utcnow,
 )
 from inventory.records import (
     AuditEventRow,
@@ -63,7 +64,7 @@ from inventory.records import (
 
 DEFAULT_HOME = "~/.counterops"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-SCHEMA_HEAD = "0002"  # newest migration; a test keeps it equal to Alembic's head
+SCHEMA_HEAD = "0003"  # newest migration; a test keeps it equal to Alembic's head
 SQLITE_BUSY_TIMEOUT_S = 30.0  # flow workers write concurrently; wait for the lock rather than fail
 _MIGRATION_LOCK_KEY = 0x5C0_0001  # PostgreSQL advisory lock: one migrating process at a time
 _SQLITE_BEGIN = "counterops_sqlite_begin"  # execution option read by _sqlite_begin
@@ -222,16 +223,18 @@ class Store:
 
     # ------------------------------------------------------------------------- the fleet
 
-    def import_inventory(self, inv: Inventory, *, actor: str, source: str) -> ImportSummary:
+    def import_inventory(self, inv: Inventory, *, actor: str, source: str, prune: bool = False) -> ImportSummary:
         """Add or update every branch, outlet, device and operator of ``inv`` in one transaction.
 
-        Entries the store has but ``inv`` lacks are kept. The result must still be a consistent
+        Entries the store has but ``inv`` lacks are kept; with ``prune``, counters the store has
+        but ``inv`` lacks are retired instead: out of the fleet (their addresses free for new
+        counters), their history kept; a retired counter listed again comes back. The result must still be a consistent
         fleet (e.g. no device of the file on an address a kept device uses); otherwise nothing
         is written and InventoryError lists why. Both outcomes are audited.
         """
         try:
             with self._write() as s:
-                summary = _import(s, inv, source)
+                summary = _import(s, inv, source, prune)
                 s.add(_row(AuditEvent(actor=actor, action="inventory.import", target=source, details=summary.model_dump())))
         except InventoryError as e:
             self.audit(actor, "inventory.import", source, outcome="rejected", details={"errors": e.errors})
@@ -241,7 +244,7 @@ class Store:
     def devices(self, branch: str | None = None, outlet: str | None = None) -> list[Device]:
         """Devices sorted by id, optionally in one branch/outlet (unknown ones are a KeyError)."""
         with self._read() as s:
-            query = select(DeviceRow.__table__).order_by(DeviceRow.id)
+            query = select(DeviceRow.__table__).where(DeviceRow.retired_at.is_(None)).order_by(DeviceRow.id)
             if branch is not None:
                 _must_exist(s, BranchRow, branch)
                 query = query.where(DeviceRow.branch_id == branch)
@@ -390,7 +393,7 @@ def _columns(model: Branch | Outlet | Device | Operator) -> dict[str, Any]:
 
 
 def _model(kind: type[Any], row: Any) -> Any:
-    return kind.model_validate({_FIELD_OF.get(k, k): v for k, v in row.items()})
+    return kind.model_validate({_FIELD_OF.get(k, k): v for k, v in row.items() if k != "retired_at"})
 
 
 def _primary_key(row_cls: type[Base]) -> Any:
@@ -398,7 +401,7 @@ def _primary_key(row_cls: type[Base]) -> Any:
 
 
 def _all(s: Session, kind: type[Any], row_cls: type[Base]) -> list[Any]:
-    rows = s.execute(select(row_cls.__table__).order_by(_primary_key(row_cls))).mappings()
+    rows = s.execute(_in_service(select(row_cls.__table__), row_cls).order_by(_primary_key(row_cls))).mappings()
     return [_model(kind, row) for row in rows]
 
 
@@ -412,24 +415,48 @@ def _must_exist(s: Session, row_cls: type[Base], key: str) -> None:
 
 
 
-def _import(s: Session, inv: Inventory, source: str) -> ImportSummary:
+def _import(s: Session, inv: Inventory, source: str, prune: bool = False) -> ImportSummary:
     """Upsert the fleet in bulk statements (10,000 devices must not mean 10,000 ORM flushes)."""
     stored = {section: _stored(s, row_cls) for section, row_cls, _ in _FLEET_TABLES}
+    retiring = sorted(stored["devices"].keys() - {d.id for d in inv.devices}) if prune else []
+    for device_id in retiring:  # out of the fleet before the checks: their addresses are free
+        del stored["devices"][device_id]
     problems = _problems_with_store(inv, stored)
     if problems:
         raise InventoryError([f"{source}: {p}" for p in problems])
+    if retiring:
+        s.execute(update(DeviceRow), [{"id": device_id, "retired_at": utcnow()} for device_id in retiring])
     counts = {}
     for section, row_cls, _ in _FLEET_TABLES:
         wanted = [_columns(item) for item in getattr(inv, section)]
         if section in ("branches", "outlets"):
             _keep_known_names(wanted, stored[section])
+        if row_cls is DeviceRow:
+            _bring_back_retired(s, wanted, stored[section])
         counts[section] = _upsert(s, row_cls, wanted, stored[section])
-    return ImportSummary(**counts)
+    return ImportSummary(**counts, retired_devices=retiring)
 
 
 def _stored(s: Session, row_cls: type[Base]) -> dict[str, dict[str, Any]]:
+    """The entries in service (retired counters are history, not fleet)."""
     key = _primary_key(row_cls).name
-    return {row[key]: dict(row) for row in s.execute(select(row_cls.__table__)).mappings()}
+    return {row[key]: dict(row) for row in s.execute(_in_service(select(row_cls.__table__), row_cls)).mappings()}
+
+
+def _in_service(query: Any, row_cls: type[Base]) -> Any:
+    return query.where(DeviceRow.retired_at.is_(None)) if row_cls is DeviceRow else query
+
+
+def _bring_back_retired(s: Session, wanted: list[dict[str, Any]], stored: dict[str, dict[str, Any]]) -> None:
+    """A retired counter listed again comes back into service (its row, and history, are kept):
+    it is then updated like any stored counter instead of inserted twice."""
+    for row in wanted:
+        row["retired_at"] = None
+    ids = [row["id"] for row in wanted if row["id"] not in stored]
+    if not ids:
+        return
+    for row in s.execute(select(DeviceRow.__table__).where(DeviceRow.id.in_(ids), DeviceRow.retired_at.is_not(None))).mappings():
+        stored[row["id"]] = dict(row)
 
 
 def _problems_with_store(inv: Inventory, stored: dict[str, dict[str, dict[str, Any]]]) -> list[str]:

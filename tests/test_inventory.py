@@ -404,6 +404,34 @@ def test_import_conflicting_with_the_store_is_rejected_whole(store: Store, examp
     assert (last.action, last.target, last.outcome, last.details["errors"]) == ("inventory.import", "other.yaml", "rejected", info.value.errors)
 
 
+def test_a_fleet_rebuilt_with_other_ids_replaces_the_old_one_with_prune_and_keeps_its_history(
+        store: Store, example: Inventory, tmp_path: Path) -> None:
+    store.import_inventory(example, actor="li.na", source="inventory.yaml")
+    run = store.add(Run(kind=RunKind.UPGRADE, name="before-the-rebuild", initiator="zhang.wei"))
+    store.add(Backup(device_id="SC-BR01-O01-01", run_id=run.id, path="/b/1", sha256="a" * 64, size_bytes=1))
+    # The same ports, other ids: refused as before without --prune.
+    rebuilt = load_inventory(write(tmp_path / "rebuilt.yaml", fleet_yaml(2, **{"0": {"id": "SC-NEW-1", "ssh_port": 22001, "http_port": 24001},
+                                                                              "1": {"id": "SC-NEW-2", "ssh_port": 22002, "http_port": 24002}})))
+    with pytest.raises(InventoryError, match="in the store, not in this file"):
+        store.import_inventory(rebuilt, actor="zhang.wei", source="rebuilt.yaml")
+
+    summary = store.import_inventory(rebuilt, actor="zhang.wei", source="rebuilt.yaml", prune=True)
+
+    old = sorted(d.id for d in example.devices)
+    assert summary.retired_devices == old and "4 retired" in str(summary)
+    assert [d.id for d in store.devices()] == ["SC-NEW-1", "SC-NEW-2"]
+    assert [d.id for d in store.inventory(example.ssh).devices] == ["SC-NEW-1", "SC-NEW-2"]
+    assert [b.device_id for b in store.backups()] == ["SC-BR01-O01-01"], "a retired counter's history is kept"
+    assert store.device("SC-BR01-O01-01").ssh_port == 22001
+    event = store.audit_events(action="inventory.import", limit=1)[0]
+    assert (event.actor, event.outcome, event.details["retired_devices"]) == ("zhang.wei", "ok", old)
+
+    # Listing a retired counter again brings it back (the new one on its address retired in turn).
+    summary = store.import_inventory(example, actor="zhang.wei", source="inventory.yaml", prune=True)
+    assert summary.retired_devices == ["SC-NEW-1", "SC-NEW-2"] and summary.devices.updated == 4
+    assert [d.id for d in store.devices()] == old
+
+
 def test_failure_midway_leaves_nothing_half_imported(store: Store, example: Inventory, monkeypatch: pytest.MonkeyPatch) -> None:
     real_upsert = store_module._upsert
 
