@@ -420,18 +420,6 @@ class Inventory(BaseModel):
         return dict(sorted(groups.items()))
 
 
-class InventoryError(ValueError):
-    """An inventory that cannot be used, with every problem found: one line each in ``errors``.
-
-    Each line names the file (or import), the entry and the field, and says
-    what is allowed, so whoever edits the YAML can fix all of them in one go.
-    """
-
-    def __init__(self, errors: list[str]):
-        self.errors = errors
-        super().__init__("\n".join(errors))
-
-
 # ----------------------------------------------------------------------------- run records
 
 

@@ -34,7 +34,6 @@ from inventory.models import (
     ImportSummary,
     Inspection,
     Inventory,
-    InventoryError,
     Operator,
     Outlet,
     Record,
@@ -60,6 +59,7 @@ from inventory.records import (
     RestoreDrillRow,
     RunRow,
 )
+from inventory.yamlfile import InputError as InventoryError
 
 DEFAULT_HOME = "~/.counterops"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
