@@ -151,17 +151,19 @@ def find_paused_run(ref: str):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.exceptions import ObjectNotFound
 
+    try:
+        run_id = uuid.UUID(ref)
+    except ValueError:
+        run_id = None  # not an id: the plan's name
     with get_client(sync_client=True) as client:
-        try:
-            run = client.read_flow_run(uuid.UUID(ref))
-            return run if run.state and run.state.is_paused() else None
-        except ValueError:
-            pass
-        except Exception as e:  # not found
-            if "404" in str(e) or "not found" in str(e).lower():
+        if run_id is not None:
+            try:
+                run = client.read_flow_run(run_id)
+            except ObjectNotFound:
                 return None
-            raise
+            return run if run.state and run.state.is_paused() else None
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[ref]),
                                           state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))),
