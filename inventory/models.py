@@ -556,12 +556,17 @@ class Fault(Record):
     details: dict[str, Any] | None = None
 
 
+def _as_json_object(value: Any) -> Any:
+    """A typed model (such as tasks.evaluate.UpgradeMetrics) is kept as the JSON object of its fields."""
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
 class Evaluation(Record):
     run_id: int
     scope: EvaluationScope
     wave: int | None = Field(default=None, ge=0)
     verdict: Status
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics: Annotated[dict[str, Any], BeforeValidator(_as_json_object)] = Field(default_factory=dict)
     created_at: UTCDatetime = Field(default_factory=utcnow)
 
 
