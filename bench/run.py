@@ -563,25 +563,6 @@ def compare_to_floor(ours: dict, floor: dict, runs: list[dict]) -> dict:
     }
 
 
-def _frame_owner(frame: str) -> str:
-    """'package' a py-spy frame 'function (file:line)' belongs to: ours:<module>, a site-package, or stdlib."""
-    m = re.search(r"\((.*?)(?::\d+)?\)$", frame)
-    path = m.group(1) if m else ""
-    if path.startswith(str(REPO)) and "/.venv" not in path:
-        rel = Path(path).relative_to(REPO)
-        return f"ours:{'.'.join(rel.with_suffix('').parts)}"
-    if "site-packages/" in path:
-        return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
-    if path.startswith("<"):
-        return "stdlib:" + path.strip("<>").removeprefix("frozen ")
-    if "/bin/" in path:
-        return "entry point:" + Path(path).name
-    m = re.search(r"/lib/python3\.\d+/(.*)\.py$", path)
-    if m:
-        return "stdlib:" + m.group(1).replace("/", ".").removesuffix(".__init__")
-    return path or "?"
-
-
 def _short(frame: str) -> str:
     """'function (/long/path/site-packages/pkg/mod.py)' -> 'function (pkg/mod.py)'."""
     def shorten(m: re.Match) -> str:

@@ -3,6 +3,10 @@
 Exit status: 0 done, 1 the work failed (a counter, the fleet, a server),
 2 bad input (argument, inventory, plan) — the message names the field and the fix.
 
+This module assembles the commands: its own, and those of the sub-command
+modules (cli_plan, cli_drill, cli_maintenance). What they share (output, exit
+codes, options, flow set-up) is in counterops.common, which imports none of them.
+
 Prefect is imported only inside the commands that run flows, after the API
 URL is settled (the local server by default), so `fleet` and `inventory`
 commands start fast.
@@ -12,24 +16,35 @@ from __future__ import annotations
 
 import atexit
 import gc
-import getpass
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
 from counterops.cli_decide import decide_command, held_command
 from counterops.cli_drill import drill_command
 from counterops.cli_maintenance import faults_app, inspect_command, maintain_command
-from counterops.plan_cli import plan_app
+from counterops.cli_plan import plan_app
+from counterops.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_RESUMABLE,
+    InventoryOption,
+    JsonOption,
+    current_operator,
+    err,
+    fail,
+    flow_in_this_process,
+    inventory_path,
+    load_inventory_or_exit,
+    out,
+    prefect_api,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Smart Counter Ops: upgrade, inspect, back up and audit smart counters.")
 fleet_app = typer.Typer(no_args_is_help=True, help="The simulated fleet (real sshd + counter app per counter) for demos and tests.")
@@ -49,39 +64,6 @@ app.command("maintain")(maintain_command)
 app.command("drill")(drill_command)
 app.command("held")(held_command)
 app.command("decide")(decide_command)
-
-EXIT_RESUMABLE = 3  # stopped by the maintenance window: run the same plan again to finish
-
-out = Console()
-err = Console(stderr=True)
-
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-
-
-def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def current_operator(explicit: str | None) -> str:
-    return explicit or os.environ.get("COUNTEROPS_OPERATOR") or getpass.getuser()
-
-
-def inventory_path(explicit: Path | None) -> Path:
-    path = explicit or (Path(os.environ["COUNTEROPS_INVENTORY"]) if os.environ.get("COUNTEROPS_INVENTORY") else None)
-    if path is None:
-        fail("no inventory given: pass --inventory FILE or set COUNTEROPS_INVENTORY", EXIT_BAD_INPUT)
-    return path
-
-
-def load_inventory_or_exit(path: Path):
-    from inventory.loader import InventoryError, load_inventory
-
-    try:
-        return load_inventory(path)
-    except InventoryError as e:
-        fail(str(e), EXIT_BAD_INPUT)
 
 
 # ----------------------------------------------------------------------------- fleet
@@ -115,7 +97,7 @@ def fleet_up(
 
 
 @fleet_app.command("status")
-def fleet_status(fleet_dir: FleetDir, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def fleet_status(fleet_dir: FleetDir, as_json: JsonOption = False) -> None:
     """Show each counter: sshd, app health, version."""
     from dataclasses import asdict
 
@@ -180,7 +162,7 @@ def inventory_import(
 @inventory_app.command("list")
 def inventory_list(
     branch: Annotated[str | None, typer.Option(help="Only this branch.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """List the counters in the store."""
     from inventory.store import Store
@@ -238,38 +220,9 @@ def server_status() -> None:
 # ----------------------------------------------------------------------------- flows
 
 
-def prefect_api() -> str:
-    """Settle which Prefect API the flows use; must run before prefect is imported."""
-    from counterops import localserver
-
-    try:
-        return localserver.ensure_api_url()
-    except localserver.ServerError as e:
-        fail(str(e))
-
-
-@contextmanager
-def flow_in_this_process() -> Iterator[None]:
-    """Settings for a flow this command runs in its own process: no heartbeat thread, and what is
-    imported so far kept out of the cycle collector (gc.freeze).
-
-    A sync flow joins its heartbeat thread at exit, which sleeps in 1 s steps:
-    up to a second added to every command. Heartbeats only serve zombie-run
-    detection, which needs a server automation we do not set up; a command
-    stopped by Ctrl-C or SIGTERM still marks its run Crashed, and a counter's
-    truth is its own state and our records (run the plan again to resume).
-    Deployed runs (worker) keep Prefect's default.
-    """
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    gc.freeze()  # modules and settings live as long as the command: never scan them again
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
-
-
 @app.command("check")
 def check(
-    inventory: Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")] = None,
+    inventory: InventoryOption = None,
     branch: Annotated[str | None, typer.Option(help="Only this branch.")] = None,
 ) -> None:
     """Precheck every counter (SSH + host key, version, disk, health) as a Prefect flow."""
@@ -315,7 +268,7 @@ def load_plan_or_exit(plan_file: Path, inv):
 @app.command("upgrade")
 def upgrade(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="The upgrade plan.")],
-    inventory: Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")] = None,
+    inventory: InventoryOption = None,
 ) -> None:
     """Run an upgrade plan: notify, back up, roll out in waves, test, roll back, evaluate."""
     path = inventory_path(inventory)
@@ -367,7 +320,7 @@ def approve(
 @backups_app.command("list")
 def backups_list(
     device: Annotated[str | None, typer.Option(help="Only this counter.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 100,
 ) -> None:
     """List backups, newest first."""
@@ -403,7 +356,7 @@ def print_run(store, run) -> None:
 
 
 @runs_app.command("list")
-def runs_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def runs_list(as_json: JsonOption = False) -> None:
     """Recorded runs, newest first."""
     from inventory.store import Store
 
@@ -421,7 +374,7 @@ def runs_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON."
 @runs_app.command("show")
 def runs_show(
     run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, or a plan name (its latest run).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Each counter's steps in one run."""
     from inventory.store import Store

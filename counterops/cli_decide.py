@@ -1,36 +1,49 @@
 """`counterops held` and `counterops decide`: counters held because their data changed since
 their backup, and the decision that frees them.
 
-Registered in cli.py; cli is imported inside the commands, not here, because cli imports this
-module. Exit status as everywhere: 0 done, 1 the decision failed (the counter stays held), 2 bad input.
+Registered in cli.py. Exit status as everywhere: 0 done, 1 the decision failed (the counter stays
+held), 2 bad input naming the argument.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Column, Table
 
+from counterops.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    InventoryOption,
+    JsonOption,
+    OperatorOption,
+    current_operator,
+    fail,
+    flow_in_this_process,
+    inventory_path,
+    load_inventory_or_exit,
+    out,
+    prefect_api,
+)
+
 DECISIONS = ("keep-live", "restore")
 ROLLS = ("forward", "back")
 
 
-def held_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def held_command(as_json: JsonOption = False) -> None:
     """Counters held out of service because their data changed since their backup (exit 1 while any is)."""
-    from counterops.cli import out
     from inventory.store import Store
-    from tasks.hold import HOLD_SYMPTOM
     from tasks.faults import UNFIXED
+    from tasks.hold import HOLD_SYMPTOM
 
     with Store.open() as store:
         faults = [f for status in UNFIXED for f in store.faults(status=status, limit=10000) if f.symptom == HOLD_SYMPTOM]
     if as_json:
         print(json.dumps([f.model_dump(mode="json") for f in faults], indent=2, ensure_ascii=False))
-        raise typer.Exit(1 if faults else 0)
+        raise typer.Exit(EXIT_FAILED if faults else 0)
     table = Table(Column("counter", no_wrap=True), "outlet", "fault", "since", "backup", "what changed")
     for f in faults:
         d = f.details or {}
@@ -40,7 +53,7 @@ def held_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
     out.print(f"{len(faults)} counters held; decide with `counterops decide COUNTER keep-live --roll forward|back` "
               "or `counterops decide COUNTER restore --approved-by NAME`")
     if faults:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
 
 
 def decide_command(
@@ -48,17 +61,14 @@ def decide_command(
     decision: Annotated[str, typer.Argument(metavar="DECISION", help="keep-live (keep the live data) or restore (the backup, over it).")],
     roll: Annotated[str | None, typer.Option(help="With keep-live: forward (the plan's release) or back (the version it had before).")] = None,
     approver: Annotated[str | None, typer.Option("--approved-by", help="With restore: the second person (approver role, not you).")] = None,
-    operator: Annotated[str | None, typer.Option("--as", help="Who decides (default: $COUNTEROPS_OPERATOR or your login).")] = None,
-    inventory: Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")] = None,
+    operator: OperatorOption = None,
+    inventory: InventoryOption = None,
 ) -> None:
     """Decide what happens to a counter held because its data changed since its backup."""
-    from counterops.cli import (EXIT_BAD_INPUT, EXIT_FAILED, current_operator, fail, flow_in_this_process, inventory_path,
-                                load_inventory_or_exit, out, prefect_api)
-
     if decision not in DECISIONS:
         fail(f"DECISION {decision!r}: must be one of {', '.join(DECISIONS)}", EXIT_BAD_INPUT)
     if decision == "keep-live" and roll not in ROLLS:
-        fail(f"--roll: keep-live needs --roll forward (the plan's release) or --roll back (the version it had before)", EXIT_BAD_INPUT)
+        fail("--roll: keep-live needs --roll forward (the plan's release) or --roll back (the version it had before)", EXIT_BAD_INPUT)
     if decision == "restore" and roll is not None:
         fail("--roll: only with keep-live (restore goes back to the version the backup was taken on)", EXIT_BAD_INPUT)
     if decision == "restore" and not approver:

@@ -1,32 +1,39 @@
 """`counterops drill`: the backup-restore drill from the command line.
 
-Registered in cli.py (``app.command("drill")(drill_command)``); cli is imported inside the command,
-not here, because cli imports this module. Exit status as everywhere: 0 every counter drilled
-restored and verified, 1 a counter failed (each one named), 2 bad input naming the option.
+Registered in cli.py (``app.command("drill")(drill_command)``). Exit status as everywhere: 0 every
+counter drilled restored and verified, 1 a counter failed (each one named), 2 bad input naming the option.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Column, Table
 
+from counterops.common import (
+    InventoryOption,
+    current_operator,
+    err,
+    fail,
+    flow_in_this_process,
+    inventory_path,
+    load_inventory_or_exit,
+    out,
+    prefect_api,
+)
+
 if TYPE_CHECKING:
     from tasks.drill import DrillSummary
 
 
-
 def drill_command(
-    inventory: Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")] = None,
+    inventory: InventoryOption = None,
     sample: Annotated[int | None, typer.Option(min=1, help="Drill N counters, chosen at random but the same all day (default: all).")] = None,
     use_latest: Annotated[bool, typer.Option("--use-latest", help="Drill each counter's newest stored backup instead of taking a fresh one.")] = False,
 ) -> None:
     """Restore counters' backups into a scratch directory here, verify them, and print RTO and RPO."""
-    from counterops.cli import current_operator, fail, flow_in_this_process, inventory_path, load_inventory_or_exit, out, prefect_api
-
     path = inventory_path(inventory)
     load_inventory_or_exit(path)
     api = prefect_api()
@@ -47,7 +54,6 @@ def drill_command(
 
 def print_drill(summary: DrillSummary) -> None:
     """RTO and RPO per counter, each failed counter's problems on stderr, the worst of each overall."""
-    from counterops.cli import err, out
     from tasks.drill import copy_name, format_seconds
 
     table = Table(Column("counter", no_wrap=True), "outlet", "backup", "copy", "RTO s", "RPO s", "result")

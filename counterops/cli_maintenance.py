@@ -1,40 +1,39 @@
 """`counterops inspect`, `maintain` and `faults`: inspections, maintenance and faults from the command line.
 
 Registered in cli.py (``app.command("inspect")(inspect_command)``, ``app.command("maintain")(maintain_command)``,
-``app.add_typer(faults_app, name="faults")``); cli is imported inside the commands, not here, because
-cli imports this module. Exit status as everywhere: 0 done, 1 faults left standing or the run failed,
-2 bad input naming the option.
+``app.add_typer(faults_app, name="faults")``). Exit status as everywhere: 0 done, 1 faults left standing
+or the run failed, 2 bad input naming the option.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Column, Table
 
+from counterops.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    InventoryOption,
+    JsonOption,
+    NotifyOption,
+    OperatorOption,
+    checked_notify,
+    current_operator,
+    fail,
+    flow_in_this_process,
+    inventory_path,
+    load_inventory_or_exit,
+    out,
+    prefect_api,
+)
+
 faults_app = typer.Typer(no_args_is_help=True, help="Faults found by inspections and maintenance: list them, report on them.")
 
 PHASES = ("pre-open", "in-business", "post-close")
-
-InventoryOption = Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")]
-OperatorOption = Annotated[str | None, typer.Option("--as", help="Who runs it, for the records (default: $COUNTEROPS_OPERATOR or your login).")]
-NotifyOption = Annotated[list[str] | None, typer.Option("--notify", help="Apprise URL for escalations and summaries (repeat for more).")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-def checked_notify(urls: list[str] | None) -> list[str]:
-    """The --notify URLs, refused (exit 2) when apprise cannot send to one: an escalation must not vanish."""
-    from counterops.cli import EXIT_BAD_INPUT, fail
-    from tasks.notify import check_targets
-
-    bad = check_targets(urls or [])
-    if bad:
-        fail(f"--notify: apprise cannot send to {', '.join(bad)}", EXIT_BAD_INPUT)
-    return urls or []
 
 
 def inspect_command(
@@ -44,9 +43,6 @@ def inspect_command(
     notify: NotifyOption = None,
 ) -> None:
     """Inspect every counter now: fix what is simple, record every fault, escalate the rest to the branch."""
-    from counterops.cli import (EXIT_BAD_INPUT, EXIT_FAILED, current_operator, fail, flow_in_this_process, inventory_path,
-                                load_inventory_or_exit, out, prefect_api)
-
     if phase not in PHASES:
         fail(f"--phase {phase}: must be one of {', '.join(PHASES)}", EXIT_BAD_INPUT)
     path = inventory_path(inventory)
@@ -72,8 +68,6 @@ def inspect_command(
 
 def maintain_command(inventory: InventoryOption = None, operator: OperatorOption = None, notify: NotifyOption = None) -> None:
     """Periodic maintenance now: logs, temp files, database check and vacuum (one counter per outlet at a time), paper levels."""
-    from counterops.cli import EXIT_FAILED, current_operator, fail, flow_in_this_process, inventory_path, load_inventory_or_exit, out, prefect_api
-
     path = inventory_path(inventory)
     load_inventory_or_exit(path)
     urls = checked_notify(notify)
@@ -106,7 +100,6 @@ def faults_list(
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 100,
 ) -> None:
     """List faults, newest first."""
-    from counterops.cli import EXIT_BAD_INPUT, fail, out
     from inventory.models import FaultStatus
     from inventory.store import Store
 
@@ -137,8 +130,6 @@ def faults_report(
     notify: NotifyOption = None,
 ) -> None:
     """The fault report (a fault-report flow run): counts, recurring symptoms, mean time to repair."""
-    from counterops.cli import current_operator, flow_in_this_process, out, prefect_api
-
     urls = checked_notify(notify)
     prefect_api()
     from rich.markdown import Markdown

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from inventory.store import counterops_home
+from inventory.paths import counterops_home
 
 DEFAULT_PORT = 4200
 START_TIMEOUT_S = 180.0  # a new database needs ≈ 30 s of migrations on 2 cores

@@ -35,7 +35,7 @@ from inventory.loader import load_inventory
 from inventory.models import Evaluation, EvaluationScope, Inventory, Role, Run, RunKind
 from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan_waves, resolve_scope, wave_within_limits
 from inventory.store import Store
-from tasks.evaluate import report_markdown, verdict, watch_health, wave_metrics
+from tasks.evaluate import Soak, report_markdown, verdict, watch_health, wave_metrics
 from tasks.notify import Notice, NotifyError
 from tasks.report import artifact_key, deliver, publish_final_table, tag_branches
 from tasks.rollout import CounterOutcome, Leftover, unfinished_installs, upgrade_counter
@@ -111,13 +111,13 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
                                                  "failure"))
             soak = watch_health([inv.device(o.device_id) for o in done if o.status == "upgraded"], planned.wave.soak_seconds)
             failed = sum(o.failed for o in done)
-            within = wave_within_limits(planned.wave, failed, len(planned.devices)) and not soak["unhealthy"]
+            within = wave_within_limits(planned.wave, failed, len(planned.devices)) and not soak.unhealthy
             metrics = wave_metrics(done, soak)
             wave_reports.append({"name": planned.wave.name, "metrics": metrics, "verdict": verdict(metrics, within)})
             store.add(Evaluation(run_id=run.id, scope=EvaluationScope.WAVE, wave=index, verdict=wave_reports[-1]["verdict"], metrics=metrics))
-            summary = (f"wave {planned.wave.name}: {metrics['upgraded']} upgraded, {metrics['already_current']} already on "
-                       f"{plan.target_version}, {metrics['rolled_back']} rolled back, {metrics['failed']} failed"
-                       + (f", {metrics['held']} held for a decision" if metrics['held'] else ""))
+            summary = (f"wave {planned.wave.name}: {metrics.upgraded} upgraded, {metrics.already_current} already on "
+                       f"{plan.target_version}, {metrics.rolled_back} rolled back, {metrics.failed} failed"
+                       + (f", {metrics.held} held for a decision" if metrics.held else ""))
             log.info(summary)
             if not within:
                 halted = (f"wave {planned.wave.name} passed its failure threshold ({failed} of {len(planned.devices)} counters "
@@ -131,8 +131,8 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
                 _notify_quietly(plan, Notice(f"{plan.name} HALTED", f"{halted}. No further counter will be touched.", "failure"))
                 break
 
-        overall_metrics = wave_metrics(outcomes, {"checks": sum(w["metrics"]["soak_checks"] for w in wave_reports),
-                                                  "unhealthy": sum(w["metrics"]["soak_unhealthy"] for w in wave_reports)})
+        overall_metrics = wave_metrics(outcomes, Soak(checks=sum(w["metrics"].soak_checks for w in wave_reports),
+                                                      unhealthy=sum(w["metrics"].soak_unhealthy for w in wave_reports)))
         in_scope = sum(len(w.devices) for w in waves)
         complete = not halted and len(outcomes) == in_scope and all(o.done for o in outcomes)
         overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, complete)}
@@ -142,7 +142,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
         publish_final_table(plan, waves, outcomes)
         status = "succeeded" if complete else "halted" if halted else "failed"
         store.update(Run, run.id, status=status, ended_at=datetime.now(UTC),
-                     summary={"halted": halted, "resumable": resumable, "verdict": overall["verdict"], **overall_metrics})
+                     summary={"halted": halted, "resumable": resumable, "verdict": overall["verdict"], **overall_metrics.model_dump(mode="json")})
         _notify_quietly(plan, Notice(f"{plan.name}: {status}", report, "success" if complete else "failure"))
 
     if not complete:
@@ -163,17 +163,19 @@ def find_paused_run(ref: str):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.exceptions import ObjectNotFound
 
+    try:
+        run_id = uuid.UUID(ref)
+    except ValueError:
+        run_id = None  # not an id: the plan's name
     with get_client(sync_client=True) as client:
-        try:
-            run = client.read_flow_run(uuid.UUID(ref))
-            return run if run.state and run.state.is_paused() else None
-        except ValueError:
-            pass
-        except Exception as e:  # not found
-            if "404" in str(e) or "not found" in str(e).lower():
+        if run_id is not None:
+            try:
+                run = client.read_flow_run(run_id)
+            except ObjectNotFound:
                 return None
-            raise
+            return run if run.state and run.state.is_paused() else None
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[ref]),
                                           state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))),

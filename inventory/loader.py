@@ -17,12 +17,11 @@ Format (``ssh`` and ``devices`` are required; paths relative to the file)::
 
 from __future__ import annotations
 
-import difflib
 import gc
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,16 +35,16 @@ from inventory.models import (
     Branch,
     Device,
     Inventory,
-    InventoryError,
     Operator,
     Outlet,
     SSHSettings,
     inventory_problems,
 )
+from inventory.yamlfile import InputError, did_you_mean, field_path, problem_text, read_mapping, relative_to, shown
 
 __all__ = ["InventoryError", "dump_inventory", "load_inventory"]
 
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+InventoryError = InputError  # the name callers know; one error class for every hand-written file
 _SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 _LISTS: dict[str, tuple[type[BaseModel], str]] = {
@@ -56,32 +55,6 @@ _LISTS: dict[str, tuple[type[BaseModel], str]] = {
 }
 _SECTIONS = ("ssh", *_LISTS)
 _SAFE_ID = re.compile(ID_PATTERN)
-_SHOWN_CHARS = 60
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-class _StrictLoader(_SafeLoader):  # type: ignore[misc, valid-type]
-    """The safe loader, except that a key given twice in one mapping is an error.
-
-    Plain YAML keeps the last value silently, which would hide a pasted
-    ``ssh_port`` line that was meant to replace the one above it.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        pairs = list(node.value)  # before merge keys ('<<: *defaults') are flattened into node.value
-        mapping = super().construct_mapping(node, deep=deep)
-        if len(mapping) < len(pairs):  # rare: only then look for the culprit
-            seen: set[Any] = set()
-            for key_node, _ in pairs:
-                if key_node.tag == _MERGE_TAG:
-                    continue  # keys merged in from an anchor may be overridden; that is the point of them
-                key = self.construct_object(key_node)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} appears twice in this mapping", key_node.start_mark
-                    )
-                seen.add(key)
-        return mapping
 
 
 @contextmanager
@@ -107,10 +80,7 @@ def load_inventory(path: str | Path) -> Inventory:
 def _load(path: str | Path) -> Inventory:
     name = str(path)
     file = Path(path).expanduser()
-    doc = _read_yaml(file, name)
-    if not isinstance(doc, dict):
-        got = "an empty file" if doc is None else f"a {type(doc).__name__}"
-        raise InventoryError([f"{name}: the top level must be a mapping with sections {', '.join(_SECTIONS)}; got {got}"])
+    doc = read_mapping(file, name, expected=f"a mapping with sections {', '.join(_SECTIONS)}")
 
     errors = _section_errors(doc, name)
     parts: dict[str, Any] = {"ssh": _validate_ssh(doc["ssh"], file.resolve().parent, name, errors) if "ssh" in doc else None}
@@ -132,31 +102,12 @@ def _load(path: str | Path) -> Inventory:
 
 def _section_errors(doc: dict[Any, Any], name: str) -> list[str]:
     errors = [
-        f"{name}: {key}: unknown section{_did_you_mean(str(key), _SECTIONS)} (allowed: {', '.join(_SECTIONS)})"
+        f"{name}: {key}: unknown section{did_you_mean(str(key), _SECTIONS)} (allowed: {', '.join(_SECTIONS)})"
         for key in doc
         if key not in _SECTIONS
     ]
     errors += [f"{name}: {section}: required section is missing" for section in ("ssh", "devices") if section not in doc]
     return errors
-
-
-def _read_yaml(path: Path, name: str) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InventoryError([f"{name}: no such file"]) from None
-    except UnicodeDecodeError as e:
-        raise InventoryError([f"{name}: not UTF-8 text (byte {e.start})"]) from None
-    except OSError as e:
-        raise InventoryError([f"{name}: cannot read: {e.strerror}"]) from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise InventoryError([f"{name}: {where}not valid YAML: {e.problem or e.context}"]) from None
-    except yaml.YAMLError as e:
-        raise InventoryError([f"{name}: not valid YAML: {e}"]) from None
 
 
 def _validate_ssh(raw: Any, base: Path, name: str, errors: list[str]) -> SSHSettings | None:
@@ -167,13 +118,8 @@ def _validate_ssh(raw: Any, base: Path, name: str, errors: list[str]) -> SSHSett
         return None
     # Relative to the file, not to wherever the CLI happens to run.
     return ssh.model_copy(
-        update={"key_file": _resolve(ssh.key_file, base), "known_hosts": _resolve(ssh.known_hosts, base)}
+        update={"key_file": relative_to(ssh.key_file, base), "known_hosts": relative_to(ssh.known_hosts, base)}
     )
-
-
-def _resolve(path: Path, base: Path) -> Path:
-    path = path.expanduser()
-    return path if path.is_absolute() else base / path
 
 
 def _validate_list(
@@ -185,7 +131,7 @@ def _validate_list(
     aligned with the file for the cross-checks.
     """
     if not isinstance(raw, list):
-        errors.append(f"{name}: {section}: must be a list of entries (lines starting with '- '), got {_shown(raw)}")
+        errors.append(f"{name}: {section}: must be a list of entries (lines starting with '- '), got {shown(raw)}")
         return []
     items: list[Any] = []
     for i, entry in enumerate(raw):
@@ -210,41 +156,10 @@ def _explain(error: ValidationError, model: type[BaseModel]) -> list[str]:
     """Pydantic's errors as ``field: what is allowed, got what`` lines."""
     lines = []
     for e in error.errors(include_url=False):
-        field = _field_path(e["loc"])
-        kind = e["type"]
-        if kind == "missing":
-            text = "required field is missing"
-        elif kind == "extra_forbidden":
-            allowed = list(model.model_fields)
-            text = f"unknown field{_did_you_mean(str(e['loc'][-1]), allowed)} (allowed: {', '.join(allowed)})"
-        elif kind == "string_type":  # e.g. "branch: 01" is the number 1 to YAML
-            text = f"must be text (quote it in YAML), got {_shown(e['input'])}"
-        elif kind == "model_type":
-            text = f"must be a mapping of fields (key: value), got {_shown(e['input'])}"
-        elif kind in ("value_error", "assertion_error"):
-            text = str(e["ctx"]["error"])
-        else:
-            text = f"{e['msg'].replace('Input should be', 'must be', 1)}, got {_shown(e['input'])}"
+        field = field_path(e["loc"])
+        text = problem_text(e, model)
         lines.append(f"{field}: {text}" if field else text)
     return lines
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    """('tags', 2) -> 'tags[2]'."""
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
-
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
 def dump_inventory(inv: Inventory, path: str | Path) -> None:

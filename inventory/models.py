@@ -420,18 +420,6 @@ class Inventory(BaseModel):
         return dict(sorted(groups.items()))
 
 
-class InventoryError(ValueError):
-    """An inventory that cannot be used, with every problem found: one line each in ``errors``.
-
-    Each line names the file (or import), the entry and the field, and says
-    what is allowed, so whoever edits the YAML can fix all of them in one go.
-    """
-
-    def __init__(self, errors: list[str]):
-        self.errors = errors
-        super().__init__("\n".join(errors))
-
-
 # ----------------------------------------------------------------------------- run records
 
 
@@ -568,12 +556,17 @@ class Fault(Record):
     details: dict[str, Any] | None = None
 
 
+def _as_json_object(value: Any) -> Any:
+    """A typed model (such as tasks.evaluate.UpgradeMetrics) is kept as the JSON object of its fields."""
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
 class Evaluation(Record):
     run_id: int
     scope: EvaluationScope
     wave: int | None = Field(default=None, ge=0)
     verdict: Status
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics: Annotated[dict[str, Any], BeforeValidator(_as_json_object)] = Field(default_factory=dict)
     created_at: UTCDatetime = Field(default_factory=utcnow)
 
 

@@ -37,8 +37,8 @@ from pydantic import (
     model_validator,
 )
 
-from inventory.loader import _did_you_mean, _field_path, _read_yaml, _resolve, _shown
-from inventory.models import Device, Inventory, InventoryError, OperatorName, SafeId
+from inventory.models import Device, Inventory, OperatorName, SafeId
+from inventory.yamlfile import InputError, did_you_mean, field_path, problem_text, read_mapping, relative_to, shown
 
 __all__ = [
     "MaintenanceWindow",
@@ -70,16 +70,9 @@ _PLACE = attrgetter("branch", "outlet", "id")  # sort key: devices by branch, ou
 T = TypeVar("T")
 
 
-class PlanError(ValueError):
-    """A plan that cannot be used, with every problem found: one line each in ``errors``.
-
-    Each line names the plan file (or ``plan`` for one given as a flow
-    parameter) and the field, and says what is allowed.
-    """
-
-    def __init__(self, errors: list[str]):
-        self.errors = errors
-        super().__init__("\n".join(errors))
+PlanError = InputError
+"""A plan that cannot be used: one line per problem, naming the plan file (or ``plan`` for one
+given as a flow parameter) and the field. The name callers know for the one error class."""
 
 
 # ----------------------------------------------------------------------------- field types
@@ -104,7 +97,7 @@ def _within(low: float, high: float | None = None, *, integer: bool = False) -> 
             and (high is None or value <= high)
         ):
             return value
-        raise ValueError(f"must be {allowed}, got {_shown(value)}")
+        raise ValueError(f"must be {allowed}, got {shown(value)}")
 
     return check
 
@@ -114,7 +107,7 @@ def _wave_size(value: object) -> object:
         return value
     if isinstance(value, str) and _PERCENT.fullmatch(value):
         return value
-    raise ValueError(f'must be a positive integer or a percentage like "25%" (1% to 100%), got {_shown(value)}')
+    raise ValueError(f'must be a positive integer or a percentage like "25%" (1% to 100%), got {shown(value)}')
 
 
 def _hh_mm(value: object) -> object:
@@ -122,7 +115,7 @@ def _hh_mm(value: object) -> object:
         return value
     if isinstance(value, int):  # YAML 1.1 reads an unquoted 20:00 as the base-60 number 1200
         raise ValueError(f'must be a time "HH:MM" in quotes (unquoted, YAML reads 20:00 as a number), got {value!r}')
-    raise ValueError(f'must be a time "HH:MM" from "00:00" to "23:59", got {_shown(value)}')
+    raise ValueError(f'must be a time "HH:MM" from "00:00" to "23:59", got {shown(value)}')
 
 
 def _timezone(value: str) -> str:
@@ -130,7 +123,7 @@ def _timezone(value: str) -> str:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
         # available_timezones() scans the tz database: only on this error path.
-        hint = _did_you_mean(value, available_timezones())
+        hint = did_you_mean(value, available_timezones())
         raise ValueError(f'must be an IANA time zone such as "Asia/Shanghai", got {value!r}{hint}') from None
     return value
 
@@ -143,7 +136,7 @@ def _version(value: str) -> str:
 
 def _sha256(value: str | None) -> str | None:
     if value is not None and _SHA256.fullmatch(value) is None:
-        raise ValueError(f"must be 64 hexadecimal digits (as printed by sha256sum), got {_shown(value)}")
+        raise ValueError(f"must be 64 hexadecimal digits (as printed by sha256sum), got {shown(value)}")
     return value.lower() if value is not None else None
 
 
@@ -331,15 +324,9 @@ def load_plan(path: str | Path) -> UpgradePlan:
     """
     name = str(path)
     file = Path(path).expanduser()
-    try:
-        doc = _read_yaml(file, name)
-    except InventoryError as e:  # the loader's YAML reader names the file and line; only the type differs
-        raise PlanError(e.errors) from None
-    if not isinstance(doc, dict):
-        got = "an empty file" if doc is None else f"a {type(doc).__name__}"
-        raise PlanError([f"{name}: the top level must be a mapping of plan fields ({', '.join(UpgradePlan.model_fields)}); got {got}"])
+    doc = read_mapping(file, name, expected=f"a mapping of plan fields ({', '.join(UpgradePlan.model_fields)})")
     if isinstance(doc.get("package"), str) and doc["package"]:
-        doc = {**doc, "package": str(_resolve(Path(doc["package"]), file.resolve().parent))}
+        doc = {**doc, "package": str(relative_to(Path(doc["package"]), file.resolve().parent))}
 
     plan: UpgradePlan | None = None
     errors: list[str] = []
@@ -415,22 +402,12 @@ def _explain(error: ValidationError) -> list[str]:
     lines = []
     for e in error.errors(include_url=False):
         loc = tuple(part for i, part in enumerate(e["loc"]) if not (i == 1 and part == _WINDOW_TAG))
-        kind = e["type"]
-        if kind == "missing":
-            text = "required field is missing"
-        elif kind == "extra_forbidden":
-            model = _NESTED.get(str(loc[0]), UpgradePlan) if len(loc) > 1 else UpgradePlan
-            allowed = list(model.model_fields)
-            text = f"unknown field{_did_you_mean(str(loc[-1]), allowed)} (allowed: {', '.join(allowed)})"
-        elif kind == "model_type":
-            text = f"must be a mapping of fields (key: value), got {_shown(e['input'])}"
-        elif kind in ("value_error", "assertion_error"):
-            text = str(e["ctx"]["error"])
-        elif kind == "window":
-            text = f"{e['msg']}, got {_shown(e['input'])}"
+        if e["type"] == "window":
+            text = f"{e['msg']}, got {shown(e['input'])}"
         else:
-            text = f"{e['msg'].replace('Input should be', 'must be', 1)}, got {_shown(e['input'])}"
-        field = _field_path(loc)
+            model = _NESTED.get(str(loc[0]), UpgradePlan) if len(loc) > 1 else UpgradePlan
+            text = problem_text(e, model)
+        field = field_path(loc)
         lines.append(f"{field}: {text}" if field else text)
     return lines
 
@@ -464,7 +441,7 @@ def resolve_scope(plan: UpgradePlan, inventory: Inventory, *, source: str = "pla
             for i, value in enumerate(getattr(scope, field)):
                 if value not in ids:
                     # difflib scans every id (0.15 s among 10,000): suggest for the first few only.
-                    hint = _did_you_mean(value, ids) if len(errors) < _SHOWN_IDS else ""
+                    hint = did_you_mean(value, ids) if len(errors) < _SHOWN_IDS else ""
                     errors.append(f"{source}: scope.{field}[{i}]: no {kind} {value!r} in the inventory{hint} ({field}: {_some(ids)})")
         if errors:
             raise PlanError(errors)

@@ -34,7 +34,6 @@ from inventory.models import (
     ImportSummary,
     Inspection,
     Inventory,
-    InventoryError,
     Operator,
     Outlet,
     Record,
@@ -46,6 +45,7 @@ from inventory.models import (
     item_label,
     utcnow,
 )
+from inventory.paths import counterops_home
 from inventory.records import (
     AuditEventRow,
     BackupRow,
@@ -61,8 +61,8 @@ from inventory.records import (
     RestoreDrillRow,
     RunRow,
 )
+from inventory.yamlfile import InputError as InventoryError
 
-DEFAULT_HOME = "~/.counterops"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SCHEMA_HEAD = "0003"  # newest migration; a test keeps it equal to Alembic's head
 SQLITE_BUSY_TIMEOUT_S = 30.0  # flow workers write concurrently; wait for the lock rather than fail
@@ -94,13 +94,6 @@ _FLEET_TABLES: tuple[tuple[str, type[Base], type[Any]], ...] = (
 )
 _TABLE_OF = {section: row_cls for section, row_cls, _ in _FLEET_TABLES}
 _NOUN = {BranchRow: "branch", OutletRow: "outlet", DeviceRow: "device", OperatorRow: "operator"}
-
-
-def counterops_home() -> Path:
-    """``$COUNTEROPS_HOME`` (default ``~/.counterops``), created private to the user if missing."""
-    home = Path(os.environ.get("COUNTEROPS_HOME") or DEFAULT_HOME).expanduser()
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return home
 
 
 def database_url() -> str:

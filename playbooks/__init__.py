@@ -10,14 +10,12 @@ import functools
 import re
 from pathlib import Path
 
-import yaml
-
+from inventory.yamlfile import read_mapping
 from playbooks.schema import Playbook, PlaybookError, parse_playbook
 
 __all__ = ["Playbook", "PlaybookError", "load_playbook", "shipped_playbooks"]
 
 PLAYBOOK_DIR = Path(__file__).resolve().parent
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present
 _BARE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
@@ -50,17 +48,6 @@ def load_playbook(name_or_path: str | Path) -> Playbook:
 
 @functools.lru_cache(maxsize=32)
 def _parse_file(path: str, _mtime_ns: int, _size: int, missing: str) -> Playbook:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlaybookError([f"{path}: {missing}"]) from None
-    try:
-        data = yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise PlaybookError([f"{path}: {where}not valid YAML: {e.problem or e.context}"]) from None
-    if not isinstance(data, dict):
-        got = "an empty file" if data is None else f"a {type(data).__name__}"
-        raise PlaybookError([f"{path}: the top level must be a mapping (name, description, facts, backup, install, rollback); got {got}"])
+    expected = f"a mapping ({', '.join(Playbook.model_fields)})"
+    data = read_mapping(Path(path), path, expected=expected, missing=missing)
     return parse_playbook(data, source=path)

@@ -25,7 +25,6 @@ the release is known, so they may use only :data:`DEVICE_VARIABLES`.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
@@ -42,6 +41,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+from inventory.yamlfile import InputError, closest, did_you_mean, field_path, problem_text
 
 VARIABLES: dict[str, str] = {
     "root": "the counter's root directory ('/' on a real counter)",
@@ -69,16 +70,9 @@ PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SHELL_C_OPTION = re.compile(r"^-[A-Za-z]*c[A-Za-z]*$")  # -c, -ec, -euc…
 
 
-class PlaybookError(ValueError):
-    """A playbook that cannot be used, with every problem found: one line each in ``errors``.
-
-    Each line names the file, the section, the step (number and name) and the
-    field, and says what is allowed.
-    """
-
-    def __init__(self, errors: list[str]):
-        self.errors = errors
-        super().__init__("\n".join(errors))
+PlaybookError = InputError
+"""A playbook that cannot be used: one line per problem, naming the file, the section, the step
+(number and name) and the field. The name callers know for the one error class."""
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -128,8 +122,8 @@ def _template_check(allowed: frozenset[str], scope: str) -> Callable[[str], str]
     def check(value: str) -> str:
         for name in PLACEHOLDER.findall(value):
             if name not in allowed:
-                close = difflib.get_close_matches(name, allowed, n=1)
-                hint = f"; did you mean {{{close[0]}}}?" if close else ""
+                close = closest(name, allowed)
+                hint = f"; did you mean {{{close}}}?" if close else ""
                 raise ValueError(f"unknown variable {{{name}}}{hint} ({scope}: {shown})")
         rest = PLACEHOLDER.sub("", value)
         if "{" in rest or "}" in rest:
@@ -206,8 +200,7 @@ class _Model(BaseModel):
         if isinstance(data, dict):
             for key in data:
                 if key not in cls.model_fields:
-                    close = difflib.get_close_matches(str(key), list(cls.model_fields), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    hint = did_you_mean(str(key), cls.model_fields)
                     raise ValueError(f"unknown field {key!r}{hint} (allowed: {', '.join(cls.model_fields)})")
         return data
 
@@ -372,16 +365,10 @@ def _explain(error: ValidationError, data: Any) -> list[str]:
     lines = []
     for e in error.errors(include_url=False):
         where, field = _where(e["loc"], data)
-        if e["type"] == "missing":
-            text = "required field is missing"
-        elif e["type"] == "too_short":
-            text = "must not be empty"
-        elif e["type"] == "value_error":
-            text = str(e["ctx"]["error"])
-        elif e["type"] == "step_kind":
+        if e["type"] == "step_kind":
             text = f"{e['msg']}; got {_keys_or_type(e['input'])}"
         else:
-            text = f"{e['msg'].replace('Input should be', 'must be', 1)}, got {e['input']!r:.60}"
+            text = problem_text(e)  # unknown fields are refused by _Model, naming the allowed ones
         lines.append(": ".join(part for part in (where, field, text) if part))
     return lines
 
@@ -399,19 +386,8 @@ def _where(loc: Sequence[int | str], data: Any) -> tuple[str, str]:
             rest = rest[1:]  # the union tag pydantic adds before the step's own fields
         name = step.get("name") if isinstance(step, dict) else None
         label = f"{section} step {index + 1}" + (f" {name!r}" if isinstance(name, str) else "")
-        return label, _field_path(rest)
-    return section, _field_path(rest)
-
-
-def _field_path(loc: Sequence[int | str]) -> str:
-    """('http', 'expect', 'version') -> 'http.expect.version'; ('run', 2) -> 'run[2]'."""
-    path = ""
-    for part in loc:
-        if part == "[key]":  # pydantic's marker for a mapping's key (the part before it)
-            path += " (the name)"
-        else:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
+        return label, field_path(rest)
+    return section, field_path(rest)
 
 
 def _keys_or_type(value: Any) -> str:

@@ -480,10 +480,10 @@ def up(
     failed = [f"{c.id}: {r.stdout.strip()} {r.stderr.strip()}".strip() for c, r in results if r.returncode != 0]
     if failed:
         raise FleetError("counter app did not start on:\n  " + "\n  ".join(failed))
-    return _wait_until_answering(fleet_dir, state, deadline)
+    return _wait_until_answering(fleet_dir, deadline)
 
 
-def _wait_until_answering(fleet_dir: Path, state: FleetState, deadline: float) -> list[CounterStatus]:
+def _wait_until_answering(fleet_dir: Path, deadline: float) -> list[CounterStatus]:
     while True:
         statuses = status(fleet_dir)
         if all(s.healthy for s in statuses):

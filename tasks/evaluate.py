@@ -12,17 +12,64 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from pydantic import BaseModel, ConfigDict
+
 from inventory.models import Device
 from tasks.counter_app import read_health
 from tasks.rollout import CounterOutcome
 
 
-def watch_health(devices: Sequence[Device], seconds: float) -> dict:
+class Soak(BaseModel):
+    """What watching the upgraded counters' /health found."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seconds: float = 0
+    checks: int = 0
+    unhealthy: int = 0
+    """Answers that were not "ok" (or no answer)."""
+    unhealthy_devices: list[str] = []
+
+
+class UpgradeMetrics(BaseModel):
+    """Before/after figures of one wave, or of the whole plan.
+
+    Stored as JSON in ``evaluations.metrics`` and spread into the run's
+    summary, under these field names: rows written before this model existed
+    read back with :meth:`model_validate`.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    counters: int
+    upgraded: int
+    already_current: int
+    rolled_back: int
+    failed: int
+    """Failed and not restored (a rolled-back counter is counted in ``rolled_back``)."""
+    held: int = 0
+    """Held for a decision: its data changed since its backup, so it was not restored (tasks/hold.py)."""
+    success_rate: float | None
+    """Share of counters that did not fail (0 to 1); None for no counters."""
+    mean_counter_s: float | None
+    max_counter_s: float | None
+    wall_s: float
+    counters_per_minute: float | None
+    business_latency_ms_before: float | None
+    business_latency_ms_after: float | None
+    business_latency_change_pct: float | None
+    new_business_errors: int
+    soak_checks: int
+    soak_unhealthy: int
+    soak_unhealthy_devices: list[str]
+
+
+def watch_health(devices: Sequence[Device], seconds: float) -> Soak:
     """Poll each counter's /health for ``seconds`` (the soak); count healthy and unhealthy answers."""
     checks = unhealthy = 0
     sick: set[str] = set()
     if not devices or seconds <= 0:
-        return {"seconds": 0, "checks": 0, "unhealthy": 0, "unhealthy_devices": []}
+        return Soak()
     interval = min(5.0, max(0.5, seconds / 10))
     deadline = time.monotonic() + seconds
     while True:
@@ -35,7 +82,7 @@ def watch_health(devices: Sequence[Device], seconds: float) -> dict:
         if time.monotonic() + interval > deadline:
             break
         time.sleep(interval)
-    return {"seconds": seconds, "checks": checks, "unhealthy": unhealthy, "unhealthy_devices": sorted(sick)}
+    return Soak(seconds=seconds, checks=checks, unhealthy=unhealthy, unhealthy_devices=sorted(sick))
 
 
 def _mean(values: list[float]) -> float | None:
@@ -51,7 +98,7 @@ def _delta(outcomes: Sequence[CounterOutcome], key: str) -> int:
     return total
 
 
-def wave_metrics(outcomes: Sequence[CounterOutcome], soak: dict | None = None) -> dict:
+def wave_metrics(outcomes: Sequence[CounterOutcome], soak: Soak | None = None) -> UpgradeMetrics:
     """Before/after figures of one wave (or of the whole plan when given every outcome)."""
     by_status: dict[str, int] = {}
     for o in outcomes:
@@ -66,41 +113,44 @@ def wave_metrics(outcomes: Sequence[CounterOutcome], soak: dict | None = None) -
         change = round(100 * (latency_after - latency_before) / latency_before, 1)
     span = [o for o in outcomes if o.ended_at]
     wall = (max(o.ended_at for o in span) - min(o.started_at for o in span)).total_seconds() if span else 0.0
-    soak = soak or {}
-    return {
-        "counters": len(outcomes),
-        "upgraded": by_status.get("upgraded", 0),
-        "already_current": by_status.get("already_current", 0),
-        "rolled_back": by_status.get("rolled_back", 0),
-        "failed": by_status.get("failed", 0),
-        "held": by_status.get("held", 0),
-        "success_rate": round((len(outcomes) - sum(o.failed for o in outcomes)) / len(outcomes), 3) if outcomes else None,
-        "mean_counter_s": _mean(durations),
-        "max_counter_s": round(max(durations), 2) if durations else None,
-        "wall_s": round(wall, 2),
-        "counters_per_minute": round(len(worked) / wall * 60, 1) if wall > 0 else None,
-        "business_latency_ms_before": latency_before,
-        "business_latency_ms_after": latency_after,
-        "business_latency_change_pct": change,
-        "new_business_errors": _delta(worked, "business_errors_total"),
-        "soak_checks": soak.get("checks", 0),
-        "soak_unhealthy": soak.get("unhealthy", 0),
-        "soak_unhealthy_devices": soak.get("unhealthy_devices", []),
-    }
+    soak = soak or Soak()
+    return UpgradeMetrics(
+        counters=len(outcomes),
+        upgraded=by_status.get("upgraded", 0),
+        already_current=by_status.get("already_current", 0),
+        rolled_back=by_status.get("rolled_back", 0),
+        failed=by_status.get("failed", 0),
+        held=by_status.get("held", 0),
+        success_rate=round((len(outcomes) - sum(o.failed for o in outcomes)) / len(outcomes), 3) if outcomes else None,
+        mean_counter_s=_mean(durations),
+        max_counter_s=round(max(durations), 2) if durations else None,
+        wall_s=round(wall, 2),
+        counters_per_minute=round(len(worked) / wall * 60, 1) if wall > 0 else None,
+        business_latency_ms_before=latency_before,
+        business_latency_ms_after=latency_after,
+        business_latency_change_pct=change,
+        new_business_errors=_delta(worked, "business_errors_total"),
+        soak_checks=soak.checks,
+        soak_unhealthy=soak.unhealthy,
+        soak_unhealthy_devices=soak.unhealthy_devices,
+    )
 
 
-def verdict(metrics: dict, within_limits: bool) -> str:
+def verdict(metrics: UpgradeMetrics, within_limits: bool) -> str:
     """``stable`` (nothing failed, healthy through the soak), ``acceptable`` (failures within the
     wave's limits), or ``unstable`` (limits passed, or counters unhealthy after the upgrade)."""
-    if not within_limits or metrics["soak_unhealthy"]:
+    if not within_limits or metrics.soak_unhealthy:
         return "unstable"
-    if metrics["rolled_back"] or metrics["failed"] or metrics.get("held"):
+    if metrics.rolled_back or metrics.failed or metrics.held:
         return "acceptable"
     return "stable"
 
 
 def report_markdown(plan_name: str, target: str, waves: list[dict], overall: dict, halted: str | None) -> str:
-    """The evaluation head office reads: one table per wave and the overall verdict."""
+    """The evaluation head office reads: one table per wave and the overall verdict.
+
+    ``waves`` are ``{"name", "metrics": UpgradeMetrics, "verdict"}``; ``overall`` has ``metrics`` and ``verdict``.
+    """
     lines = [f"# Upgrade evaluation: {plan_name} → {target}", ""]
     lines.append(f"**Overall verdict: {overall['verdict']}**" + (f" — halted: {halted}" if halted else ""))
     lines.append("")
@@ -118,7 +168,8 @@ def report_markdown(plan_name: str, target: str, waves: list[dict], overall: dic
     for label, key in rows:
         cells = []
         for m in [w["metrics"] for w in waves] + [overall["metrics"]]:
-            cells.append(f"{m['soak_checks']} / {m['soak_unhealthy']}" if key is None else ("—" if m.get(key) is None else str(m[key])))
+            value = None if key is None else getattr(m, key)
+            cells.append(f"{m.soak_checks} / {m.soak_unhealthy}" if key is None else ("—" if value is None else str(value)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| wave | verdict |", "|---|---|"] + [f"| {w['name']} | {w['verdict']} |" for w in waves]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from bench.plan_check import write_large_fleet
-from counterops.plan_cli import plan_app
+from counterops.cli_plan import plan_app
 from inventory.loader import load_inventory
 from inventory.plan import (
     MaintenanceWindow,

@@ -125,6 +125,25 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert [line.split(": ")[1] for line in e.value.errors] == ["backup", "install step 1", "install step 2 'x'"]
 
 
+def test_a_key_given_twice_is_refused_with_the_file_and_line(tmp_path):
+    """Plain YAML keeps the last value: a pasted second `run:` would silently replace the first."""
+    path = tmp_path / "twice.yaml"
+    text = yaml.safe_dump(_minimal(install=[{"name": "restart", "run": ["{ctl}", "restart"]}]), sort_keys=False)
+    path.write_text(text.replace("  run:\n", "  run: [rm, -rf, '{root}']\n  run:\n", 1))
+    line = text.splitlines().index("  run:") + 1
+    with pytest.raises(PlaybookError) as e:
+        load_playbook(path)
+    assert e.value.errors == [f"{path}: line {line + 1}, column 3: not valid YAML: key 'run' appears twice in this mapping"]
+
+
+def test_a_playbook_is_parsed_once_per_file_version(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(_minimal()))
+    assert load_playbook(path) is load_playbook(path)
+    path.write_text(yaml.safe_dump(_minimal(description="changed, so its size and time differ")))
+    assert load_playbook(path).description == "changed, so its size and time differ"
+
+
 def test_variables_are_the_documented_set():
     assert [f.name for f in dataclasses.fields(PlaybookVars)] == list(VARIABLES)
     device = Device(id="SC-1", branch="BR01", outlet="BR01-O01", host="10.0.0.1")

@@ -256,6 +256,13 @@ def test_approval_by_a_second_person_resumes_and_by_the_initiator_is_refused(sma
     assert {(e.actor, e.outcome) for e in events} >= {("li.na", "refused"), ("wang.fang", "refused"), ("chen.jie", "ok")}
 
 
+def test_approving_a_run_prefect_does_not_know_is_a_clear_error(prefect_api):
+    unknown = "5c0a11ed-0000-4000-8000-000000000009"  # a well-formed id no flow run has
+    r = cli("approve", unknown, "--as", "chen.jie")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"RUN: no paused upgrade run {unknown!r}" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_killed_half_way_then_run_again_finishes(small_fleet, prefect_api):
     inv = load_inventory(small_fleet / "inventory.yaml")
     before = {d.id: customer_digest(d.root) for d in inv.devices}

@@ -1,7 +1,6 @@
 """`counterops plan`: check an upgrade plan against the inventory before anyone is told about it.
 
-Registered in cli.py as a sub-app; cli is imported inside the command, not
-here, because cli imports this module.
+Registered in cli.py as a sub-app (``app.add_typer(plan_app, name="plan")``).
 """
 
 from __future__ import annotations
@@ -11,20 +10,21 @@ from typing import Annotated
 
 import typer
 
+from counterops.common import EXIT_BAD_INPUT, InventoryOption, fail, inventory_path
+
 plan_app = typer.Typer(no_args_is_help=True, help="Upgrade plans: content, time, scope and impact, checked before they are announced.")
 
 
 @plan_app.command("check")
 def plan_check(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="Upgrade plan YAML.")],
-    inventory: Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")] = None,
+    inventory: InventoryOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the impact as JSON.")] = False,
 ) -> None:
     """Validate a plan and the inventory, then show each wave's counters by branch and outlet.
 
     Problems in both files are reported together, so one run shows everything to fix.
     """
-    from counterops.cli import EXIT_BAD_INPUT, fail, inventory_path
     from inventory.loader import InventoryError, load_inventory
     from inventory.plan import PlanError, impact, load_plan
     from tasks.notify import check_targets

@@ -1,0 +1,105 @@
+"""What every `counterops` command shares: output, exit codes, the common options, and the set-up
+before a flow runs. cli.py and the sub-command modules (cli_plan, cli_drill, cli_maintenance)
+import it; it imports none of them.
+
+Exit status: 0 done, 1 the work failed (a counter, the fleet, a server),
+2 bad input (argument, inventory, plan) — the message names the field and the fix,
+3 stopped by the maintenance window (run the same plan again to finish).
+
+Only typer and rich at import time: the inventory, prefect and the flows are
+imported inside the helpers that need them, so `--help` and the `fleet` and
+`inventory` commands start fast.
+"""
+
+from __future__ import annotations
+
+import gc
+import getpass
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+if TYPE_CHECKING:
+    from inventory.models import Inventory
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_RESUMABLE = 3  # stopped by the maintenance window: run the same plan again to finish
+
+out = Console()
+err = Console(stderr=True)
+
+InventoryOption = Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")]
+OperatorOption = Annotated[str | None, typer.Option("--as", help="Who runs it, for the records (default: $COUNTEROPS_OPERATOR or your login).")]
+NotifyOption = Annotated[list[str] | None, typer.Option("--notify", help="Apprise URL for escalations and summaries (repeat for more).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def current_operator(explicit: str | None) -> str:
+    return explicit or os.environ.get("COUNTEROPS_OPERATOR") or getpass.getuser()
+
+
+def inventory_path(explicit: Path | None) -> Path:
+    path = explicit or (Path(os.environ["COUNTEROPS_INVENTORY"]) if os.environ.get("COUNTEROPS_INVENTORY") else None)
+    if path is None:
+        fail("no inventory given: pass --inventory FILE or set COUNTEROPS_INVENTORY", EXIT_BAD_INPUT)
+    return path
+
+
+def load_inventory_or_exit(path: Path) -> Inventory:
+    from inventory.loader import InventoryError, load_inventory
+
+    try:
+        return load_inventory(path)
+    except InventoryError as e:
+        fail(str(e), EXIT_BAD_INPUT)
+
+
+def checked_notify(urls: list[str] | None) -> list[str]:
+    """The --notify URLs, refused (exit 2) when apprise cannot send to one: an escalation must not vanish."""
+    from tasks.notify import check_targets
+
+    bad = check_targets(urls or [])
+    if bad:
+        fail(f"--notify: apprise cannot send to {', '.join(bad)}", EXIT_BAD_INPUT)
+    return urls or []
+
+
+def prefect_api() -> str:
+    """Settle which Prefect API the flows use; must run before prefect is imported."""
+    from counterops import localserver
+
+    try:
+        return localserver.ensure_api_url()
+    except localserver.ServerError as e:
+        fail(str(e))
+
+
+@contextmanager
+def flow_in_this_process() -> Iterator[None]:
+    """Settings for a flow this command runs in its own process: no heartbeat thread, and what is
+    imported so far kept out of the cycle collector (gc.freeze).
+
+    A sync flow joins its heartbeat thread at exit, which sleeps in 1 s steps:
+    up to a second added to every command. Heartbeats only serve zombie-run
+    detection, which needs a server automation we do not set up; a command
+    stopped by Ctrl-C or SIGTERM still marks its run Crashed, and a counter's
+    truth is its own state and our records (run the plan again to resume).
+    Deployed runs (worker) keep Prefect's default.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    gc.freeze()  # modules and settings live as long as the command: never scan them again
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
