@@ -70,7 +70,7 @@ def kill_controller_mid_install(plan: Path, inventory: Path, devices) -> str:
 
 @pytest.fixture
 def four_counters(fleet_dir):
-    simfleet.up(fleet_dir, devices=4, branches=1, outlets_per_branch=2, ssh_base_port=port(28000), http_base_port=port(28500))
+    simfleet.up(fleet_dir, devices=4, branches=1, outlets_per_branch=2, ssh_base_port=port(28600), http_base_port=port(28700))
     return fleet_dir
 
 
