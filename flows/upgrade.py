@@ -31,6 +31,7 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from inventory.leases import release_all
 from inventory.loader import load_inventory
 from inventory.models import Evaluation, EvaluationScope, Inventory, Role, Run, RunKind
 from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan_waves, resolve_scope, wave_within_limits
@@ -110,8 +111,12 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
             wave_reports.append({"name": planned.wave.name, "metrics": metrics, "verdict": verdict(metrics, within)})
             store.add(Evaluation(run_id=run.id, scope=EvaluationScope.WAVE, wave=index, verdict=wave_reports[-1]["verdict"], metrics=metrics))
             summary = (f"wave {planned.wave.name}: {metrics['upgraded']} upgraded, {metrics['already_current']} already on "
-                       f"{plan.target_version}, {metrics['rolled_back']} rolled back, {metrics['failed']} failed")
+                       f"{plan.target_version}, {metrics['rolled_back']} rolled back, {metrics['failed']} failed"
+                       + (f", {metrics['busy']} left out (held by another run)" if metrics["busy"] else ""))
             log.info(summary)
+            for o in done:
+                if o.status == "busy":
+                    log.warning(o.error)
             if not within:
                 halted = f"wave {planned.wave.name} passed its failure threshold ({failed} of {len(planned.devices)} failed)"
             elif not_started:
@@ -126,19 +131,27 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
         overall_metrics = wave_metrics(outcomes, {"checks": sum(w["metrics"]["soak_checks"] for w in wave_reports),
                                                   "unhealthy": sum(w["metrics"]["soak_unhealthy"] for w in wave_reports)})
         in_scope = sum(len(w.devices) for w in waves)
-        complete = not halted and len(outcomes) == in_scope and not any(o.failed for o in outcomes)
-        overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, complete)}
+        # A counter held by another run (busy) is neither a failure (it does not halt the plan, nor
+        # make the release look bad) nor done: the run does not succeed while one is left out.
+        left_out = {o.device_id: o.error for o in outcomes if o.status == "busy"}
+        worked = not halted and len(outcomes) == in_scope and not any(o.failed for o in outcomes)
+        complete = worked and not left_out
+        overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, worked)}
         store.add(Evaluation(run_id=run.id, scope=EvaluationScope.OVERALL, verdict=overall["verdict"], metrics=overall_metrics))
         report = report_markdown(plan.name, plan.target_version, wave_reports, overall, halted)
         create_markdown_artifact(key=artifact_key(plan.name, "evaluation"), markdown=report, description="Upgrade evaluation")
         publish_final_table(plan, waves, outcomes)
         status = "succeeded" if complete else "halted" if halted else "failed"
+        release_all(store, run.id)  # each counter's task gave its lease back already; this is the safety net
         store.update(Run, run.id, status=status, ended_at=datetime.now(UTC),
-                     summary={"halted": halted, "resumable": resumable, "verdict": overall["verdict"], **overall_metrics})
+                     summary={"halted": halted, "resumable": resumable, "verdict": overall["verdict"], **overall_metrics,
+                              "left_out": left_out})
         _notify_quietly(plan, Notice(f"{plan.name}: {status}", report, "success" if complete else "failure"))
 
     if not complete:
-        return Failed(message=halted or "not every counter in scope ended on the target version with both tests passed",
+        return Failed(message=halted or (f"{len(left_out)} of {in_scope} counters left out: held by another run; run the plan "
+                                         "again once it has ended" if worked else
+                                         "not every counter in scope ended on the target version with both tests passed"),
                       data=[o.model_dump(mode="json") for o in outcomes])
     return Completed(message=f"{len(outcomes)} counters on {plan.target_version}", data=[o.model_dump(mode="json") for o in outcomes])
 

@@ -73,7 +73,8 @@ def wave_metrics(outcomes: Sequence[CounterOutcome], soak: dict | None = None) -
         "already_current": by_status.get("already_current", 0),
         "rolled_back": by_status.get("rolled_back", 0),
         "failed": by_status.get("failed", 0),
-        "success_rate": round((len(outcomes) - sum(o.failed for o in outcomes)) / len(outcomes), 3) if outcomes else None,
+        "busy": by_status.get("busy", 0),  # left out: held by another run
+        "success_rate": round(sum(o.done for o in outcomes) / len(outcomes), 3) if outcomes else None,
         "mean_counter_s": _mean(durations),
         "max_counter_s": round(max(durations), 2) if durations else None,
         "wall_s": round(wall, 2),
@@ -105,7 +106,8 @@ def report_markdown(plan_name: str, target: str, waves: list[dict], overall: dic
     lines.append("")
     rows = [
         ("Counters", "counters"), ("Upgraded", "upgraded"), ("Already on target", "already_current"),
-        ("Rolled back", "rolled_back"), ("Failed (not restored)", "failed"), ("Success rate", "success_rate"),
+        ("Rolled back", "rolled_back"), ("Failed (not restored)", "failed"), ("Left out (held by another run)", "busy"),
+        ("Success rate", "success_rate"),
         ("Mean time per counter (s)", "mean_counter_s"), ("Counters per minute", "counters_per_minute"),
         ("Business latency before (ms)", "business_latency_ms_before"), ("Business latency after (ms)", "business_latency_ms_after"),
         ("Latency change (%)", "business_latency_change_pct"), ("New business errors", "new_business_errors"),
