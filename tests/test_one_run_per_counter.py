@@ -10,10 +10,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
+from inventory.leases import acquire
 from inventory.loader import load_inventory
-from inventory.models import UpgradeStep
+from inventory.models import InspectionPhase, Run, RunKind, UpgradeStep
+from inventory.store import Store
 from simfleet import fleet as simfleet
 from tests.plugins.fleet import port
 from tests.test_upgrade import CLI, cli, customer_digest, health, run_record, write_plan
@@ -158,3 +161,52 @@ def test_a_plan_to_an_older_release_is_refused_per_counter_unless_it_says_downgr
         assert (h["version"], h["status"], h["in_service"]) == ({older.id: "1.0.0"}.get(d.id, "1.2.0"), "ok", True), d.id
         digest, cols = before[d.id]
         assert customer_digest(d.root, cols)[0] == digest, f"{d.id}: customer rows changed"
+
+
+def test_an_inspections_fix_maintenance_and_a_drill_leave_a_counter_held_by_another_run_alone(fleet_dir, prefect_api, tmp_path, monkeypatch):
+    monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))  # a store of this test's own
+    monkeypatch.setenv("COUNTEROPS_RUN_STALE_AFTER_S", "600")  # the holder below stays alive for the whole test
+    simfleet.up(fleet_dir, devices=2, branches=1, outlets_per_branch=1, ssh_base_port=port(28400), http_base_port=port(28500))
+    inventory = fleet_dir / "inventory.yaml"
+    inv = load_inventory(inventory)
+    held, free = inv.devices
+    with Store.open() as store:
+        store.import_inventory(inv, actor="zhang.wei", source=str(inventory))
+        holder = store.add(Run(kind=RunKind.INSPECTION, name="inspection-by-hand", initiator="zhang.wei"))
+        assert acquire(store, held.id, holder.id) is None
+    why = f"{held.id} is held by inspection run 'inspection-by-hand' (#{holder.id}, "
+
+    # an inspection's fix: the free counter's stopped app is restarted, the held one's is looked at, not touched
+    for d in inv.devices:
+        subprocess.run([str(Path(d.root, "opt/smartcounter/current/bin/ctl")), "stop"], check=True, capture_output=True, timeout=60)
+    r = cli("inspect", "--phase", "pre-open", "--inventory", str(inventory))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert health(free)["status"] == "ok"
+    with pytest.raises(httpx.HTTPError):
+        health(held)
+    with Store.open() as store:
+        [seen] = store.inspections(device_id=held.id)
+    app = next(f for f in seen.findings if f["check"] == "app")
+    assert app["symptom"] == "counter app does not answer" and f"not fixed: {why}" in app["detail"], app
+    subprocess.run([str(Path(held.root, "opt/smartcounter/current/bin/ctl")), "start"], check=True, capture_output=True, timeout=60)
+
+    # maintenance: the free counter maintained, the held one left out untouched; the run fails and says so
+    r = cli("maintain", "--inventory", str(inventory))
+    assert r.returncode == 1, r.stdout + r.stderr
+    said = " ".join(r.stderr.split())
+    assert "1 counters maintained" in said and f"1 left out, held by another run: {why}" in said, said
+    with Store.open() as store:
+        visits = {i.device_id: i for i in store.inspections() if i.phase == InspectionPhase.MAINTENANCE}
+        maintenance = store.runs(kind=RunKind.MAINTENANCE)[0]
+    assert [f["check"] for f in visits[held.id].findings] == ["lease"]
+    assert "database" in [f["check"] for f in visits[free.id].findings]
+    assert maintenance.status == "failed" and list(maintenance.summary["left_out"]) == [held.id]
+
+    # a drill with fresh backups: no backup taken from the held counter, which fails the drill by name
+    r = cli("drill", "--inventory", str(inventory))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert why in " ".join(r.stderr.split()) and "no fresh backup taken" in r.stderr
+    with Store.open() as store:
+        assert store.backups(device_id=held.id) == [] and len(store.backups(device_id=free.id)) == 1
+    for d in inv.devices:
+        assert (health(d)["status"], health(d)["in_service"]) == ("ok", True), d.id
