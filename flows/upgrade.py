@@ -12,7 +12,8 @@
 
 Never more than ``parallelism`` counters at once, never more than
 ``max_unavailable_per_outlet`` counters of one outlet out of service, never a
-counter started outside the maintenance window.
+counter started outside the maintenance window, never a counter another run
+holds (left out as ``busy``: not a failure, not done; the run does not succeed).
 """
 
 from __future__ import annotations

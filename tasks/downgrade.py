@@ -21,7 +21,6 @@ import tarfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from pathlib import Path
 from typing import NamedTuple
 
 from pydantic import BaseModel, ValidationError

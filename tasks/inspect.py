@@ -10,7 +10,8 @@ Simple problems get a first-line fix — the app down: ``ctl start``; left in ma
 back in service; stale temp files: removed — and then the counter is looked at again: a fix
 counts only when the second look no longer finds the problem. While another run that takes
 counters out of service is in progress, nothing is fixed (an inspection must not restart an app
-an upgrade has just stopped); its problems go to the branch instead.
+an upgrade has just stopped); its problems go to the branch instead. A fix holds the counter's
+lease (inventory.leases): a counter another run holds is looked at but not fixed, the holder named.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ The whole pipeline is ONE Prefect task run per counter: the Prefect server
 needs ≈ 50–70 ms to take in a task run, so per-step task runs would not scale
 to thousands of counters; the steps live in our own records instead.
 
+The task holds the counter's lease (inventory.leases) from before the precheck to
+its end: a counter another run works on is left out untouched (status ``busy``).
+The precheck refuses a downgrade unless the plan allows it and the release runs
+on the counter's data schema (tasks.downgrade).
+
 Resuming: the decision is made from the counter's real state (read over SSH)
 and from our records, never from Prefect's result cache. A counter already on
 the target version that passes both tests is left alone; a counter whose
