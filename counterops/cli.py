@@ -286,6 +286,10 @@ def upgrade(
             print_run(store, run)
     out.print(f"{state.name}: {state.message or ''}")
     out.print(f"the run in the Prefect UI: {api.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}")
+    left_out = run.summary.get("left_out") if run is not None else None
+    if left_out:
+        out.print(f"{len(left_out)} counter{'s' * (len(left_out) != 1)} left out, taken by another run: "
+                  "run the plan again once that run has ended", soft_wrap=True)
     if state.is_completed():
         return
     raise typer.Exit(EXIT_RESUMABLE if run is not None and run.summary.get("resumable") else EXIT_FAILED)
@@ -352,6 +356,8 @@ def print_run(store, run) -> None:
         if last_failed:
             result += f" at {last_failed.step}: {escape((last_failed.error or '')[:200])}"
         table.add_row(device_id, str(ds[0].wave), " → ".join(f"{s.step}" + ("" if s.status == "ok" else f"({s.status})") for s in ds), result)
+    for device_id, why in (run.summary.get("left_out") or {}).items():
+        table.add_row(device_id, "", "", f"[yellow]{escape(why or 'left out')}[/]")
     out.print(table)
 
 

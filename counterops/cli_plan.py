@@ -5,6 +5,7 @@ Registered in cli.py as a sub-app (``app.add_typer(plan_app, name="plan")``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -20,10 +21,13 @@ def plan_check(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="Upgrade plan YAML.")],
     inventory: InventoryOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the impact as JSON.")] = False,
+    read_counters: Annotated[bool, typer.Option(
+        "--read-counters", help="Also read each counter's installed release over SSH and say which the plan would downgrade.")] = False,
 ) -> None:
     """Validate a plan and the inventory, then show each wave's counters by branch and outlet.
 
     Problems in both files are reported together, so one run shows everything to fix.
+    With --read-counters, the counters the plan would take back to an older release, refused or allowed.
     """
     from inventory.loader import InventoryError, load_inventory
     from inventory.plan import PlanError, impact, load_plan
@@ -53,4 +57,14 @@ def plan_check(
         result = impact(plan, inv, source=str(plan_file))
     except PlanError as e:
         fail(str(e), EXIT_BAD_INPUT)
-    print(result.model_dump_json(indent=2) if as_json else result.render())
+    if not read_counters:
+        print(result.model_dump_json(indent=2) if as_json else result.render())
+        return
+    from inventory.plan import resolve_scope
+    from tasks.downgrade import describe_downgrades, read_downgrades
+
+    downgrades, unread = read_downgrades(plan, resolve_scope(plan, inv), inv.ssh)
+    if as_json:
+        print(json.dumps(result.model_dump(mode="json") | {"downgrades": [d._asdict() for d in downgrades], "not_read": unread}, indent=2))
+    else:
+        print(result.render() + describe_downgrades(plan, downgrades, unread))

@@ -56,10 +56,13 @@ def periodic_maintenance(inventory: str, notify: list[str] = [], inspector: str 
             raise
         publish_maintenance(results)
         attention = sum(not r.ok for r in results)
-        store.update(Run, run.id, status="succeeded", ended_at=datetime.now(UTC),
-                     summary={"counters": len(results), "need_attention": attention})
+        left_out = {r.device_id: r.left_out for r in results if r.left_out}  # taken by another run: not done
+        store.update(Run, run.id, status="failed" if left_out else "succeeded", ended_at=datetime.now(UTC),
+                     summary={"counters": len(results), "need_attention": attention, "left_out": left_out})
     if notify:
         deliver(notify, maintenance_notice(results))
-    message = f"{len(results)} counters maintained, {attention} need attention"
+    message = f"{len(results) - len(left_out)} counters maintained, {attention} need attention"
+    if left_out:
+        message += f"; {len(left_out)} left out, taken by another run: " + "; ".join(left_out.values())
     print(message)
-    return Completed(message=message, data=results)
+    return Failed(message=message, data=results) if left_out else Completed(message=message, data=results)

@@ -12,7 +12,8 @@
 
 Never more than ``parallelism`` counters at once, never more than
 ``max_unavailable_per_outlet`` counters of one outlet out of service, never a
-counter started outside the maintenance window.
+counter started outside the maintenance window, never a counter another run
+holds (left out as ``busy``: not a failure, not done; the run does not succeed).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from inventory.leases import release_all
 from inventory.loader import load_inventory
 from inventory.models import Evaluation, EvaluationScope, Inventory, Role, Run, RunKind
 from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan_waves, resolve_scope, wave_within_limits
@@ -117,8 +119,12 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
             store.add(Evaluation(run_id=run.id, scope=EvaluationScope.WAVE, wave=index, verdict=wave_reports[-1]["verdict"], metrics=metrics))
             summary = (f"wave {planned.wave.name}: {metrics.upgraded} upgraded, {metrics.already_current} already on "
                        f"{plan.target_version}, {metrics.rolled_back} rolled back, {metrics.failed} failed"
-                       + (f", {metrics.held} held for a decision" if metrics.held else ""))
+                       + (f", {metrics.held} held for a decision" if metrics.held else "")
+                       + (f", {metrics.busy} left out (taken by another run)" if metrics.busy else ""))
             log.info(summary)
+            for o in done:
+                if o.status == "busy":
+                    log.warning(o.error)
             if not within:
                 halted = (f"wave {planned.wave.name} passed its failure threshold ({failed} of {len(planned.devices)} counters "
                           "rolled back or failed)")
@@ -134,20 +140,30 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
         overall_metrics = wave_metrics(outcomes, Soak(checks=sum(w["metrics"].soak_checks for w in wave_reports),
                                                       unhealthy=sum(w["metrics"].soak_unhealthy for w in wave_reports)))
         in_scope = sum(len(w.devices) for w in waves)
+        # A counter taken by another run (busy) or held for a decision is neither a failure (it does not
+        # halt the plan, nor make the release look bad) nor done: the run does not succeed without it.
+        left_out = {o.device_id: o.error for o in outcomes if o.status == "busy"}
+        worked = not halted and len(outcomes) == in_scope and not any(o.failed for o in outcomes)
         complete = not halted and len(outcomes) == in_scope and all(o.done for o in outcomes)
-        overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, complete)}
+        overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, worked)}
         store.add(Evaluation(run_id=run.id, scope=EvaluationScope.OVERALL, verdict=overall["verdict"], metrics=overall_metrics))
         report = report_markdown(plan.name, plan.target_version, wave_reports, overall, halted)
         create_markdown_artifact(key=artifact_key(plan.name, "evaluation"), markdown=report, description="Upgrade evaluation")
         publish_final_table(plan, waves, outcomes)
         status = "succeeded" if complete else "halted" if halted else "failed"
+        release_all(store, run.id)  # each counter's task gave its lease back already; this is the safety net
         store.update(Run, run.id, status=status, ended_at=datetime.now(UTC),
-                     summary={"halted": halted, "resumable": resumable, "verdict": overall["verdict"], **overall_metrics.model_dump(mode="json")})
+                     summary={"halted": halted, "resumable": resumable, "verdict": overall["verdict"],
+                              **overall_metrics.model_dump(mode="json"), "left_out": left_out})
         _notify_quietly(plan, Notice(f"{plan.name}: {status}", report, "success" if complete else "failure"))
 
     if not complete:
         held_ids = [o.device_id for o in outcomes if o.status == "held"]
-        why = halted or "not every counter in scope ended on the target version with both tests passed"
+        why = halted or ("not every counter in scope ended on the target version with both tests passed" if not worked else
+                         "not every counter in scope was worked on")
+        if left_out:
+            why += (f"; {len(left_out)} of {in_scope} counters left out, taken by another run: run the plan again once "
+                    "it has ended")
         if held_ids:
             why += f"; held for a decision (data changed since backup): {', '.join(held_ids)}"
         return Failed(message=why,

@@ -301,6 +301,9 @@ class UpgradePlan(_PlanModel):
     notify: list[str] = Field(default_factory=list)
     """Apprise URLs that receive the notices to branches and head office."""
     playbook: SafeId = "smartcounter-upgrade"
+    downgrade: bool = False
+    """Allow taking counters back to an older release; done only where the release declares it runs on the
+    counter's data schema. Without it, a counter on a newer release than the target is refused."""
 
     def window_is_open(self, at: datetime) -> bool:
         """Whether counters may be taken out of service at ``at``; "always" is always open."""
@@ -557,6 +560,7 @@ class PlanImpact(BaseModel):
     max_unavailable_per_outlet: int
     outlets_without_service: list[str]
     """Outlets in scope with no more counters than max_unavailable_per_outlet: closed while upgraded."""
+    downgrade: bool = False
     waves: list[WaveImpact]
 
     def render(self) -> str:
@@ -573,6 +577,10 @@ class PlanImpact(BaseModel):
         ]
         if self.outlets_without_service:
             lines.append(f"Outlets with no counter in service during their upgrade: {', '.join(self.outlets_without_service)}")
+        if self.downgrade:
+            lines.append(f"Downgrade allowed: counters on a newer release go back to {self.target_version} where it runs on their data schema")
+        else:
+            lines.append(f"No downgrade: a counter on a newer release than {self.target_version} is left as it is")
         for number, w in enumerate(self.waves, 1):
             lines += ["", f"Wave {number} of {len(self.waves)}: {w.name}"]
             if not w.counters:
@@ -620,6 +628,7 @@ def impact(plan: UpgradePlan, inventory: Inventory, *, source: str = "plan") -> 
         parallelism=plan.parallelism,
         max_unavailable_per_outlet=plan.max_unavailable_per_outlet,
         outlets_without_service=sorted(o for o in in_scope if outlet_sizes[o] <= plan.max_unavailable_per_outlet),
+        downgrade=plan.downgrade,
         waves=[_wave_impact(plan, w) for w in waves],
     )
 

@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,6 +94,29 @@ _FLEET_TABLES: tuple[tuple[str, type[Base], type[Any]], ...] = (
 )
 _TABLE_OF = {section: row_cls for section, row_cls, _ in _FLEET_TABLES}
 _NOUN = {BranchRow: "branch", OutletRow: "outlet", DeviceRow: "device", OperatorRow: "operator"}
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{name}={raw!r}: must be a number of seconds above 0 (default {default:g})")
+    return value
+
+
+# A run is in progress while it beats: "running" with a heartbeat (or, before its first one, its
+# start) at most this many seconds old. A run killed with -9, or whose server died, stops beating.
+RUN_STALE_AFTER_S = _seconds_from_env("COUNTEROPS_RUN_STALE_AFTER_S", 30.0)
+
+
+def run_is_alive(run: Run, now: datetime | None = None) -> bool:
+    """Whether ``run`` is still at work: status "running" and its heartbeat (its start when it
+    has none yet) within RUN_STALE_AFTER_S of ``now``."""
+    last_sign = run.heartbeat_at or run.started_at
+    return run.status == "running" and (now or utcnow()) - last_sign <= timedelta(seconds=RUN_STALE_AFTER_S)
 
 
 def database_url() -> str:

@@ -31,6 +31,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, computed_field
 
+from inventory.leases import lease
 from inventory.models import Backup, Device, RestoreDrill, utcnow
 from inventory.store import Store
 from tasks.backup import BackupError, Source, restore_to_scratch, take_backup, verify_backup
@@ -132,11 +133,18 @@ def drill_counter(
 ) -> CounterDrill:
     """Drill one counter (a fresh backup of ``paths`` first, unless ``use_latest``) and record it.
 
-    A counter's failure is returned, never raised: the drill goes on and names it.
+    A counter's failure is returned, never raised: the drill goes on and names it. A fresh backup is
+    taken holding the counter's lease; a counter another run holds is left out (a failed drill, named).
     """
     drill = CounterDrill(device_id=device.id, branch=device.branch, outlet=device.outlet, fresh_backup=not use_latest)
     try:
-        backup = _newest_backup(store, device) if use_latest else take_backup(pool.connection(device), device, paths, store=store, run_id=run_id)
+        if use_latest:
+            backup = _newest_backup(store, device)
+        else:
+            with lease(store, device.id, run_id) as held:
+                if held is not None:
+                    return drill.model_copy(update={"errors": [f"{held}; left out: no fresh backup taken"]})
+                backup = take_backup(pool.connection(device), device, paths, store=store, run_id=run_id)
     except BackupError as e:
         return drill.model_copy(update={"errors": [f"fresh backup failed at {e.stage}: {e.reason}"]})
     except SSHError as e:

@@ -49,8 +49,10 @@ class UpgradeMetrics(BaseModel):
     """Failed and not restored (a rolled-back counter is counted in ``rolled_back``)."""
     held: int = 0
     """Held for a decision: its data changed since its backup, so it was not restored (tasks/hold.py)."""
+    busy: int = 0
+    """Left out untouched: taken by another run (inventory/leases.py)."""
     success_rate: float | None
-    """Share of counters that did not fail (0 to 1); None for no counters."""
+    """Share of counters that ended done: on the target with both tests passed (0 to 1); None for no counters."""
     mean_counter_s: float | None
     max_counter_s: float | None
     wall_s: float
@@ -121,7 +123,8 @@ def wave_metrics(outcomes: Sequence[CounterOutcome], soak: Soak | None = None) -
         rolled_back=by_status.get("rolled_back", 0),
         failed=by_status.get("failed", 0),
         held=by_status.get("held", 0),
-        success_rate=round((len(outcomes) - sum(o.failed for o in outcomes)) / len(outcomes), 3) if outcomes else None,
+        busy=by_status.get("busy", 0),
+        success_rate=round(sum(o.done for o in outcomes) / len(outcomes), 3) if outcomes else None,
         mean_counter_s=_mean(durations),
         max_counter_s=round(max(durations), 2) if durations else None,
         wall_s=round(wall, 2),
@@ -157,7 +160,8 @@ def report_markdown(plan_name: str, target: str, waves: list[dict], overall: dic
     rows = [
         ("Counters", "counters"), ("Upgraded", "upgraded"), ("Already on target", "already_current"),
         ("Rolled back", "rolled_back"), ("Failed (not restored)", "failed"),
-        ("Held: data changed since backup", "held"), ("Success rate", "success_rate"),
+        ("Held: data changed since backup", "held"), ("Left out (taken by another run)", "busy"),
+        ("Success rate", "success_rate"),
         ("Mean time per counter (s)", "mean_counter_s"), ("Counters per minute", "counters_per_minute"),
         ("Business latency before (ms)", "business_latency_ms_before"), ("Business latency after (ms)", "business_latency_ms_after"),
         ("Latency change (%)", "business_latency_change_pct"), ("New business errors", "new_business_errors"),

@@ -10,7 +10,8 @@ Simple problems get a first-line fix — the app down: ``ctl start``; left in ma
 back in service; stale temp files: removed — and then the counter is looked at again: a fix
 counts only when the second look no longer finds the problem. While another run that takes
 counters out of service is in progress, nothing is fixed (an inspection must not restart an app
-an upgrade has just stopped); its problems go to the branch instead.
+an upgrade has just stopped); its problems go to the branch instead. A fix holds the counter's
+lease (inventory.leases): a counter another run holds is looked at but not fixed, the holder named.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from inventory.leases import lease
 from inventory.models import Device, Inspection, InspectionPhase, RunKind, utcnow
 from inventory.store import Store
 from tasks.checks import MIN_PAPER_PCT, read_free_disk_mb
@@ -66,6 +68,7 @@ class CounterInspection(BaseModel):
     ok: bool  # nothing left standing
     findings: list[Finding]
     standing: list[StandingFault]  # its unfixed faults after this visit, with their status
+    left_out: str | None = None  # taken by another run (inventory.leases): why the visit did nothing
 
 
 # ----------------------------------------------------------------------------- the checks
@@ -214,16 +217,21 @@ def try_fix(device: Device, pool: ConnectionPool, symptom: str) -> Attempt:
         return Attempt(False, f"first-line fix failed: {e}")
 
 
-def look_and_fix(device: Device, phase: InspectionPhase, pool: ConnectionPool, hands_off: str | None) -> list[Finding]:
-    """Look; fix what is simple; look again. Returns the second look plus the problems it proved fixed."""
+def look_and_fix(device: Device, phase: InspectionPhase, pool: ConnectionPool, hands_off: str | None, *,
+                 store: Store, run_id: int) -> list[Finding]:
+    """Look; fix what is simple, holding the counter's lease; look again. Returns the second look plus
+    the problems it proved fixed. A counter another run holds is looked at but not fixed."""
     first = look(device, phase, pool)
     fixable = [f for f in first if f.standing and f.symptom in FIRST_LINE_FIXES]
     if not fixable:
         return first
     if hands_off:
         return [_noted(f, f"not fixed: {hands_off}") if f in fixable else f for f in first]
-    attempts = {f.symptom: try_fix(device, pool, f.symptom) for f in fixable}
-    second = look(device, phase, pool)
+    with lease(store, device.id, run_id) as held:
+        if held is not None:
+            return [_noted(f, f"not fixed: {held}") if f in fixable else f for f in first]
+        attempts = {f.symptom: try_fix(device, pool, f.symptom) for f in fixable}
+        second = look(device, phase, pool)
     still = {f.symptom for f in second if f.standing}
     fixed = [f.model_copy(update={"resolution": attempts[f.symptom].said}) for f in fixable
              if attempts[f.symptom].ran and f.symptom not in still]
@@ -273,7 +281,7 @@ def inspect_counter(device: Device, phase: InspectionPhase, inspector: str, run_
     started = utcnow()
     hold = held(store, device.id)  # a held counter stays out of service until someone decides
     try:
-        findings = look_and_fix(device, phase, pool, hands_off or (held_reason(hold) if hold else None))
+        findings = look_and_fix(device, phase, pool, hands_off or (held_reason(hold) if hold else None), store=store, run_id=run_id)
     finally:
         pool.release(device)
     return record_visit(device, phase, inspector, started, findings, run_id=run_id, store=store, notify=notify)

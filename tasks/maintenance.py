@@ -25,6 +25,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from inventory.leases import lease
 from inventory.models import Device, InspectionPhase, utcnow
 from inventory.store import Store
 from tasks import oncounter
@@ -129,12 +130,18 @@ def maintain(device: Device, pool: ConnectionPool) -> list[Finding]:
 @task(name="maintain-counter", cache_policy=NO_CACHE, retries=0)
 def maintain_counter(device: Device, inspector: str, run_id: int, store: Store, pool: ConnectionPool,
                      notify: list[str]) -> CounterInspection:
-    """One counter's periodic maintenance, recorded like an inspection (phase maintenance); problems become faults."""
+    """One counter's periodic maintenance, recorded like an inspection (phase maintenance); problems become faults.
+    A counter another run holds is left out untouched (``left_out`` says by whom)."""
     started = utcnow()
-    try:
-        findings = maintain(device, pool)
-    finally:
-        pool.release(device)
+    with lease(store, device.id, run_id) as held:
+        if held is not None:
+            findings = [Finding(check="lease", detail=f"{held}; left out, not maintained")]
+            visit = record_visit(device, InspectionPhase.MAINTENANCE, inspector, started, findings, run_id=run_id, store=store, notify=notify)
+            return visit.model_copy(update={"left_out": f"{held}; left out"})
+        try:
+            findings = maintain(device, pool)
+        finally:
+            pool.release(device)
     return record_visit(device, InspectionPhase.MAINTENANCE, inspector, started, findings, run_id=run_id, store=store, notify=notify)
 
 
@@ -166,7 +173,8 @@ def publish_maintenance(results: list[CounterInspection]) -> None:
     for r in results:
         db, service = _data(r, "database"), _data(r, "service")
         rows.append({
-            "counter": r.device_id, "branch": r.branch, "outlet": r.outlet, "result": "ok" if r.ok else "needs attention",
+            "counter": r.device_id, "branch": r.branch, "outlet": r.outlet,
+            "result": "left out" if r.left_out else "ok" if r.ok else "needs attention",
             "logs rotated": len(_data(r, "logs").get("rotated", [])), "temp files removed": _data(r, "temp_files").get("removed", ""),
             "database": "; ".join(f.detail for f in r.findings if f.check == "database"),
             "KiB before → after": f"{db['bytes_before'] // 1024} → {db['bytes_after'] // 1024}" if "bytes_after" in db else "",
@@ -188,9 +196,13 @@ def consumables(results: list[CounterInspection]) -> list[dict]:
 def maintenance_notice(results: list[CounterInspection]) -> Notice:
     """The summary head office and the branches get: problems left, and where paper must be refilled."""
     attention = [r for r in results if not r.ok]
+    left_out = [r for r in results if r.left_out]
     refill = [row for row in consumables(results) if row["refill"]]
-    lines = [f"{len(results)} counters maintained, {len(attention)} need attention."]
+    lines = [f"{len(results) - len(left_out)} counters maintained, {len(attention)} need attention."]
     lines += [f"- {r.device_id} ({r.outlet}): " + "; ".join(f"{f.symptom}: {f.detail}" for f in r.findings if f.standing) for r in attention]
+    if left_out:
+        lines += ["", f"{len(left_out)} left out, taken by another run (maintain them once it has ended):"]
+        lines += [f"- {r.left_out}" for r in left_out]
     lines += ["", f"Receipt paper to refill (below {REFILL_PAPER_PCT}%): " + (", ".join(f"{row['counter']} ({row['paper %']}%)" for row in refill) or "none")]
-    return Notice("Periodic maintenance done" if not attention else "Periodic maintenance: counters need attention",
-                  "\n".join(lines), "success" if not attention else "warning")
+    return Notice("Periodic maintenance done" if not (attention or left_out) else "Periodic maintenance: counters need attention",
+                  "\n".join(lines), "success" if not (attention or left_out) else "warning")

@@ -11,6 +11,11 @@ The whole pipeline is ONE Prefect task run per counter: the Prefect server
 needs ≈ 50–70 ms to take in a task run, so per-step task runs would not scale
 to thousands of counters; the steps live in our own records instead.
 
+The task holds the counter's lease (inventory.leases) from before the precheck to
+its end: a counter another run works on is left out untouched (status ``busy``).
+The precheck refuses a downgrade unless the plan allows it and the release runs
+on the counter's data schema (tasks.downgrade).
+
 Resuming: the decision is made from the counter's real state (read over SSH)
 and from our records, never from Prefect's result cache. A counter already on
 the target version that passes both tests is left alone; a counter whose
@@ -30,6 +35,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from inventory.leases import lease
 from inventory.models import Backup, Device, DeviceStep, RunKind, SSHSettings, UpgradeStep
 from inventory.plan import UpgradePlan
 from inventory.store import Store
@@ -38,14 +44,16 @@ from playbooks.schema import Playbook
 from tasks.backup import BackupError, DataChangedSinceBackup, data_changed_since, restore_backup, take_backup
 from tasks.checks import business_test, free_disk_command, free_disk_mb, functional_test
 from tasks.counter_app import read_health, read_metrics, set_in_service
+from tasks.downgrade import check_downgrade
 from tasks.hold import held, held_reason, hold
 from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, read_facts_and, run_steps
 from tasks.ssh import Connection, ConnectionPool, SSHError
 
 MIN_FREE_DISK_FACTOR = 4  # free space wanted on the counter, in package sizes (upload + unpack + backup)
 
+# busy: taken by another run (inventory.leases), left out untouched: neither done nor failed
 # held: data changed since its backup, so it was not restored; out of service until someone decides
-Status = Literal["upgraded", "already_current", "rolled_back", "failed", "held"]
+Status = Literal["upgraded", "already_current", "rolled_back", "failed", "busy", "held"]
 
 
 class CounterOutcome(BaseModel):
@@ -74,7 +82,7 @@ class CounterOutcome(BaseModel):
 
     @property
     def done(self) -> bool:
-        """On the target version with both tests passed. A held counter is neither done nor a
+        """On the target version with both tests passed. A busy or held counter is neither done nor a
         failure of the release: the plan goes on without it, and never claims it."""
         return self.status in ("upgraded", "already_current")
 
@@ -220,6 +228,11 @@ def upgrade_counter_pipeline(
                 found["recovered_from_backup"] = backup_then.id
                 _recover(conn, device, plan, playbook, backup_then, version_then)
                 out.from_version = out.version = found["installed_version"] = read_facts(conn, playbook, device_vars(device))["installed_version"]
+            downgrade = check_downgrade(conn, device, plan, out.from_version)
+            if downgrade is not None:
+                if downgrade.refusal:
+                    raise RuntimeError(downgrade.refusal)
+                found["downgrade"] = f"{downgrade.installed} → {downgrade.target}"
             health = read_health(device)
             if health is None:
                 raise RuntimeError("counter app does not answer /health")
@@ -391,8 +404,14 @@ def upgrade_counter(
     device: Device, plan: UpgradePlan, ssh: SSHSettings, run_id: int, wave: int, pool: ConnectionPool, store: Store,
     leftover: Leftover | None = None,
 ) -> CounterOutcome:
-    """One counter through the whole upgrade procedure (one task run per counter)."""
-    try:
-        return upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool, leftover=leftover)
-    finally:
-        pool.release(device)
+    """One counter through the whole upgrade procedure (one task run per counter), holding its lease:
+    a counter another run works on is left out untouched (status busy)."""
+    with lease(store, device.id, run_id) as held:
+        if held is not None:
+            now = datetime.now(UTC)
+            return CounterOutcome(device_id=device.id, branch=device.branch, outlet=device.outlet, wave=wave, status="busy",
+                                  error=f"{held}; left out", started_at=now, ended_at=now)
+        try:
+            return upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool, leftover=leftover)
+        finally:
+            pool.release(device)

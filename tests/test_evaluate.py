@@ -13,10 +13,10 @@ from inventory.store import Store
 from tasks.evaluate import Soak, UpgradeMetrics, report_markdown, verdict, wave_metrics
 from tasks.rollout import CounterOutcome
 
-# The keys evaluations.metrics rows and the upgrade run's summary have, in this order ("held" came with
-# held counters: rows written before it read back with held = 0).
+# The keys evaluations.metrics rows and the upgrade run's summary have, in this order ("held" and "busy"
+# came with held counters and leases: rows written before them read back with 0).
 STORED_KEYS = [
-    "counters", "upgraded", "already_current", "rolled_back", "failed", "held", "success_rate", "mean_counter_s",
+    "counters", "upgraded", "already_current", "rolled_back", "failed", "held", "busy", "success_rate", "mean_counter_s",
     "max_counter_s", "wall_s", "counters_per_minute", "business_latency_ms_before", "business_latency_ms_after",
     "business_latency_change_pct", "new_business_errors", "soak_checks", "soak_unhealthy", "soak_unhealthy_devices",
 ]
@@ -72,7 +72,7 @@ def test_the_report_shows_each_wave_and_the_overall_figures():
 
 def test_metrics_are_stored_under_the_same_keys_and_old_rows_read_back(tmp_path: Path):
     m = wave_metrics([outcome("SC-1", "upgraded", 4, latency=(10, 12)), outcome("SC-2", "rolled_back", 2)], Soak(checks=2))
-    old_row = {key: 0 for key in STORED_KEYS if key != "held"} | {"success_rate": 1.0, "mean_counter_s": None,
+    old_row = {key: 0 for key in STORED_KEYS if key not in ("held", "busy")} | {"success_rate": 1.0, "mean_counter_s": None,
                                                                   "soak_unhealthy_devices": []}
 
     with Store.open(f"sqlite:///{tmp_path / 'counterops.db'}") as store:

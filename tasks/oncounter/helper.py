@@ -20,6 +20,8 @@ Maintenance (tasks/maintenance.py):
                                  newest KEEP archives
   database DB                    integrity_check; only when intact VACUUM, integrity_check again; the
                                  customer tables' row counts and the file's size before and after
+Downgrades (tasks/downgrade.py):
+  schema DB                      the data schema: the newest migration recorded in schema_migrations (0: none)
 """
 import gzip
 import hashlib
@@ -263,7 +265,22 @@ def database(path):
         db.close()
 
 
+# ----------------------------------------------------------------------------- downgrades
+
+
+def schema(path):
+    db = open_db(path, "ro")
+    try:
+        known = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'").fetchone()
+        version = db.execute("SELECT COALESCE(MAX(CAST(version AS INTEGER)), 0) FROM schema_migrations").fetchone()[0] if known else 0
+        return {"schema": version}
+    finally:
+        db.close()
+
+
 def main(command, *args):
+    if command == "schema":
+        return schema(*args)
     if command == "rotate":
         return rotate(*args)
     if command == "database":
