@@ -159,14 +159,14 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
 
     if not complete:
         held_ids = [o.device_id for o in outcomes if o.status == "held"]
-        why = halted or ("not every counter in scope ended on the target version with both tests passed" if not worked else
-                         "not every counter in scope was worked on")
+        not_done = "not every counter in scope ended on the target version with both tests passed"
+        why = [halted or not_done] if halted or not worked else []
         if left_out:
-            why += (f"; {len(left_out)} of {in_scope} counters left out, taken by another run: run the plan again once "
-                    "it has ended")
+            why.append(f"{len(left_out)} of {in_scope} counters left out, taken by another run: run the plan again once "
+                       "it has ended")
         if held_ids:
-            why += f"; held for a decision (data changed since backup): {', '.join(held_ids)}"
-        return Failed(message=why,
+            why.append(f"held for a decision (data changed since backup): {', '.join(held_ids)}")
+        return Failed(message="; ".join(why) or not_done,
                       data=[o.model_dump(mode="json") for o in outcomes])
     return Completed(message=f"{len(outcomes)} counters on {plan.target_version}", data=[o.model_dump(mode="json") for o in outcomes])
 
