@@ -201,14 +201,30 @@ def inventory_list(
 
 @server_app.command("start")
 def server_start() -> None:
-    """Start the local Prefect server (no-op when it runs)."""
+    """Start the local Prefect server (no-op when it runs), with the automation that marks flow runs
+    Crashed when their heartbeat stops."""
     from counterops import localserver
 
     try:
         info = localserver.start()
+        localserver.ensure_zombie_automation(info.url)
     except localserver.ServerError as e:
         fail(str(e))
     out.print(f"Prefect server running (pid {info.pid}): API {info.url}, UI {info.ui_url}")
+
+
+@server_app.command("setup")
+def server_setup() -> None:
+    """Set up the Prefect server the flows use (PREFECT_API_URL, else the local one, started if needed):
+    the automation that marks a flow run Crashed when its heartbeat stops. Safe to repeat."""
+    from counterops import localserver
+
+    api = prefect_api()
+    try:
+        done = localserver.ensure_zombie_automation(api)
+    except localserver.ServerError as e:
+        fail(str(e))
+    out.print(f"{api}: automation {localserver.ZOMBIE_AUTOMATION!r} {done}", highlight=False, soft_wrap=True)
 
 
 @server_app.command("stop")

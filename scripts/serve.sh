@@ -13,7 +13,7 @@ export COUNTEROPS_INVENTORY=${COUNTEROPS_INVENTORY:-$DIR/inventory.yaml}
 export COUNTEROPS_WORK_POOL=${COUNTEROPS_WORK_POOL:-counterops}
 
 [ -f "$COUNTEROPS_INVENTORY" ] || $BIN/counterops fleet up --devices 12 --branches 3 --outlets 2 --dir "$DIR"
-$BIN/counterops server start
+$BIN/counterops server start   # with the automation that marks flow runs Crashed when their heartbeat stops
 eval "$($BIN/python - <<'PY'
 from counterops import localserver
 print(f"export PREFECT_API_URL={localserver.status().url}")

@@ -124,6 +124,13 @@ def mid_install(devices: list[Device], version: str) -> Device | None:
     return None
 
 
+def heartbeat_events(api: str, flow_run_id: str) -> list[dict]:
+    found = httpx.post(f"{api}/events/filter", timeout=10, json={
+        "filter": {"event": {"name": ["prefect.flow-run.heartbeat"]}, "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]}},
+        "limit": 50}).raise_for_status().json()
+    return found["events"]
+
+
 def test_a_controller_killed_mid_install_is_told_crashed_by_its_stopped_heartbeat(four, prefect_api, monkeypatch):
     monkeypatch.setenv("COUNTEROPS_RUN_STALE_AFTER_S", "4")  # for the CLI's processes and for run_is_alive here
     inventory = four / "inventory.yaml"
@@ -156,11 +163,27 @@ def test_a_controller_killed_mid_install_is_told_crashed_by_its_stopped_heartbea
     assert "crashed: no heartbeat since" in shown.stdout and "the process or its Prefect server died" in shown.stdout, shown.stdout
     run = the_run("killed-1.2.0")
     assert run.status == "crashed" and run.ended_at is not None and run.summary["reason"].startswith("no heartbeat since")
+    # Prefect's side: the flow run sent heartbeats, so the server's zombie-run automation will crash it
+    assert heartbeat_events(prefect_api, run.flow_run_id), "no heartbeat event reached Prefect"
 
     stop_app(bystander)
     inspected = cli("inspect", "--phase", "pre-open", "--inventory", str(inventory))
     assert "in progress" not in inspected.stdout + inspected.stderr, inspected.stdout + inspected.stderr
     assert health(bystander) is not None and health(bystander)["status"] == "ok", "the stopped app was not restarted"
+
+
+def test_server_setup_keeps_one_zombie_run_automation(prefect_api):
+    from counterops.localserver import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
+
+    for _ in range(2):
+        r = cli("server", "setup")
+        assert r.returncode == 0 and ZOMBIE_AUTOMATION in r.stdout, r.stdout + r.stderr
+    assert "unchanged" in r.stdout  # the session's server got it when it started
+    found = httpx.post(f"{prefect_api}/automations/filter", json={"automations": {"name": {"any_": [ZOMBIE_AUTOMATION]}}}, timeout=10).json()
+    [automation] = found
+    trigger, [action] = automation["trigger"], automation["actions"]
+    assert (trigger["posture"], trigger["within"], set(trigger["after"])) == ("Proactive", ZOMBIE_AFTER_S, {"prefect.flow-run.heartbeat"})
+    assert (action["type"], action["state"]) == ("change-flow-run-state", "CRASHED")
 
 
 # ----------------------------------------------------------------------------- the rule and the record, on a real store
