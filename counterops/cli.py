@@ -187,14 +187,30 @@ def inventory_list(
 
 @server_app.command("start")
 def server_start() -> None:
-    """Start the local Prefect server (no-op when it runs)."""
+    """Start the local Prefect server (no-op when it runs), with the automation that marks flow runs
+    Crashed when their heartbeat stops."""
     from counterops import localserver
 
     try:
         info = localserver.start()
+        localserver.ensure_zombie_automation(info.url)
     except localserver.ServerError as e:
         fail(str(e))
     out.print(f"Prefect server running (pid {info.pid}): API {info.url}, UI {info.ui_url}")
+
+
+@server_app.command("setup")
+def server_setup() -> None:
+    """Set up the Prefect server the flows use (PREFECT_API_URL, else the local one, started if needed):
+    the automation that marks a flow run Crashed when its heartbeat stops. Safe to repeat."""
+    from counterops import localserver
+
+    api = prefect_api()
+    try:
+        done = localserver.ensure_zombie_automation(api)
+    except localserver.ServerError as e:
+        fail(str(e))
+    out.print(f"{api}: automation {localserver.ZOMBIE_AUTOMATION!r} {done}", highlight=False, soft_wrap=True)
 
 
 @server_app.command("stop")
@@ -284,7 +300,10 @@ def upgrade(
         run = next((r for r in store.runs(limit=50) if r.flow_run_id == str(state.state_details.flow_run_id)), None)
         if run is not None:
             print_run(store, run)
-    out.print(f"{state.name}: {state.message or ''}")
+    stopped = None if state.is_completed() else (  # why the run did not get to its end, when it did not
+        run.summary.get("reason") if run is not None else state.message or f"the upgrade ended {state.name} before it started")
+    if not stopped:
+        out.print(f"{state.name}: {state.message or ''}")
     out.print(f"the run in the Prefect UI: {api.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}")
     left_out = run.summary.get("left_out") if run is not None else None
     if left_out:
@@ -292,6 +311,8 @@ def upgrade(
                   "run the plan again once that run has ended", soft_wrap=True)
     if state.is_completed():
         return
+    if stopped:
+        fail(stopped)
     raise typer.Exit(EXIT_RESUMABLE if run is not None and run.summary.get("resumable") else EXIT_FAILED)
 
 
@@ -342,8 +363,18 @@ def backups_list(
     out.print(table)
 
 
+def run_status(run) -> str:
+    """A run's status in words: why it stopped early, or when it last showed it is at work."""
+    from inventory.models import utcnow
+
+    if run.status == "running":
+        return f"running (last heartbeat {(utcnow() - (run.heartbeat_at or run.started_at)).total_seconds():.0f} s ago)"
+    return f"{run.status}: {run.summary['reason']}" if run.summary.get("reason") else run.status
+
+
 def print_run(store, run) -> None:
-    out.print(f"run {run.id} {run.kind} {run.name!r} by {run.initiator}: {run.status} (started {run.started_at:%Y-%m-%d %H:%M:%S} UTC)")
+    out.print(f"run {run.id} {run.kind} {run.name!r} by {run.initiator}: {escape(run_status(run))} "
+              f"(started {run.started_at:%Y-%m-%d %H:%M:%S} UTC)", highlight=False, soft_wrap=True)
     steps = store.device_steps(run.id)
     table = Table("counter", "wave", "steps", "result")
     by_device: dict[str, list] = {}
@@ -356,9 +387,11 @@ def print_run(store, run) -> None:
         if last_failed:
             result += f" at {last_failed.step}: {escape((last_failed.error or '')[:200])}"
         table.add_row(device_id, str(ds[0].wave), " → ".join(f"{s.step}" + ("" if s.status == "ok" else f"({s.status})") for s in ds), result)
-    for device_id, why in (run.summary.get("left_out") or {}).items():
+    left_out = run.summary.get("left_out") or {}
+    for device_id, why in left_out.items():
         table.add_row(device_id, "", "", f"[yellow]{escape(why or 'left out')}[/]")
-    out.print(table)
+    if steps or left_out:
+        out.print(table)
 
 
 @runs_app.command("list")
@@ -367,13 +400,14 @@ def runs_list(as_json: JsonOption = False) -> None:
     from inventory.store import Store
 
     with Store.open() as store:
+        store.close_dead_runs()  # a "running" run whose heartbeat stopped has crashed: say so
         runs = store.runs(limit=100)
     if as_json:
         print(json.dumps([r.model_dump(mode="json", exclude={"params"}) for r in runs], indent=2, ensure_ascii=False))
         return
     table = Table("id", "kind", "name", "initiator", "status", "started")
     for r in runs:
-        table.add_row(str(r.id), r.kind, r.name, r.initiator, r.status, f"{r.started_at:%Y-%m-%d %H:%M:%S}")
+        table.add_row(str(r.id), r.kind, r.name, r.initiator, escape(run_status(r)), f"{r.started_at:%Y-%m-%d %H:%M:%S}")
     out.print(table)
 
 
@@ -386,6 +420,7 @@ def runs_show(
     from inventory.store import Store
 
     with Store.open() as store:
+        store.close_dead_runs()  # a "running" run whose heartbeat stopped has crashed: say so
         runs = store.runs(limit=1000)
         run = next((r for r in runs if str(r.id) == run_ref or r.name == run_ref or r.flow_run_id == run_ref), None)
         if run is None:

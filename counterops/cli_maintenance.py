@@ -52,7 +52,11 @@ def inspect_command(
     from flows.inspection import daily_inspection
 
     with flow_in_this_process():
-        results = daily_inspection(phase=phase, inventory=str(path.resolve()), inspector=current_operator(operator), notify=urls)
+        state = daily_inspection(phase=phase, inventory=str(path.resolve()), inspector=current_operator(operator), notify=urls,
+                                 return_state=True)
+    if not state.is_completed():
+        fail(f"the {phase} inspection did not finish: {state.message}")
+    results = state.result()
     table = Table("counter", "outlet", "result", "found / fixed", "faults")
     for r in results:
         result = "[red]needs attention[/]" if not r.ok else "fixed" if any(f.resolution for f in r.findings) else "ok"
@@ -138,7 +142,10 @@ def faults_report(
     from tasks.faults import fault_report_markdown
 
     with flow_in_this_process():
-        report = fault_report(period_days=days, notify=urls, initiator=current_operator(operator))
+        state = fault_report(period_days=days, notify=urls, initiator=current_operator(operator), return_state=True)
+    if not state.is_completed():
+        fail(f"the fault report did not finish: {state.message}")
+    report = state.result()
     if as_json:
         print(report.model_dump_json(indent=2))
     else:

@@ -45,6 +45,69 @@ class ServerError(RuntimeError):
     """The local Prefect server could not be started or reached; the message says why."""
 
 
+# Prefect's documented "detect zombie flows" automation: a flow run that sent a heartbeat and then
+# neither beat again nor ended within ZOMBIE_AFTER_S is marked Crashed (its process or machine died).
+# Flow runs beat every 30 s: deployed ones through Prefect (PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 in
+# deployments/prefect.yaml), the CLI's own through its run record (tasks/run_record.py).
+ZOMBIE_AUTOMATION = "counterops: crash flow runs whose heartbeat stopped"
+ZOMBIE_AFTER_S = 90  # three missed heartbeats
+
+
+def zombie_automation() -> dict:
+    """The automation, as the Prefect API takes it (POST /automations/)."""
+    return {
+        "name": ZOMBIE_AUTOMATION,
+        "description": "Marks a flow run Crashed when its heartbeats stop: the process running it, or its machine, died. "
+                       "Set up by Smart Counter Ops (counterops server start / serve.sh).",
+        "enabled": True,
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"],
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                       "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],
+            "threshold": 1,
+            "within": ZOMBIE_AFTER_S,
+        },
+        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                     "message": f"no heartbeat for {ZOMBIE_AFTER_S} s: the process running this flow, or its machine, died"}],
+    }
+
+
+def _shape(automation: dict) -> dict:
+    """What makes two versions of the automation the same (the server adds ids and defaults)."""
+    trigger = automation["trigger"]
+    return {
+        "enabled": automation.get("enabled"),
+        "trigger": {k: sorted(v) if isinstance(v, list) else v for k, v in trigger.items() if k in zombie_automation()["trigger"]},
+        "actions": [{k: a.get(k) for k in ("type", "state", "message")} for a in automation["actions"]],
+    }
+
+
+def ensure_zombie_automation(api_url: str) -> str:
+    """Create the zombie-run automation on the Prefect server at ``api_url``, or bring it up to date;
+    safe to repeat. Returns what it did: "created", "updated" or "unchanged"."""
+    wanted = zombie_automation()
+    try:
+        with httpx.Client(base_url=api_url.rstrip("/"), timeout=10) as http:
+            found = http.post("/automations/filter", json={"automations": {"name": {"any_": [ZOMBIE_AUTOMATION]}}})
+            found.raise_for_status()
+            existing = found.json()
+            if not existing:
+                http.post("/automations/", json=wanted).raise_for_status()
+                return "created"
+            if _shape(existing[0]) == _shape(wanted):
+                return "unchanged"
+            http.put(f"/automations/{existing[0]['id']}", json=wanted).raise_for_status()
+            return "updated"
+    except httpx.HTTPStatusError as e:
+        raise ServerError(f"Prefect at {api_url} refused the zombie-run automation: {e.response.status_code} {e.response.text[:300]}") from e
+    except httpx.HTTPError as e:
+        raise ServerError(f"Prefect at {api_url} could not be reached to set up the zombie-run automation: {e}") from e
+
+
 @dataclass
 class ServerInfo:
     pid: int
@@ -163,6 +226,7 @@ def start(port: int | None = None, timeout: float = START_TIMEOUT_S) -> ServerIn
             if proc.poll() is not None:
                 raise ServerError(f"prefect server exited with status {proc.returncode}; see {log}")
             if healthy(info.url):
+                ensure_zombie_automation(info.url)
                 return info
             time.sleep(0.25)
         stop()

@@ -17,13 +17,15 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
 from inventory.loader import load_inventory
-from inventory.models import Run, RunKind, utcnow
+from inventory.leases import lease
+from inventory.models import Run, RunKind
 from inventory.plan import UpgradePlan
 from inventory.store import Store
 from tasks.backup import BackupError
 from tasks.hold import Decision, DecisionError, Roll, carry_out, held, release_hold
 from tasks.playbook import StepFailed
 from tasks.report import tag_branches
+from tasks.run_record import ends_with_reason, recorded_run
 from tasks.ssh import ConnectionPool, SSHError
 
 
@@ -32,6 +34,7 @@ def _run_name() -> str:
 
 
 @flow(name="decide-held-counter", flow_run_name=_run_name, log_prints=True)
+@ends_with_reason
 def decide_held_counter(device_id: str, decision: Decision, inventory: str, actor: str, roll: Roll | None = None,
                         approver: str | None = None) -> State:
     """Carry out a decision on a counter held because its data changed since its backup."""
@@ -57,25 +60,29 @@ def decide_held_counter(device_id: str, decision: Decision, inventory: str, acto
         details = fault.details or {}
         plan_run = store.get(Run, details["run_id"])
         plan = UpgradePlan.model_validate(plan_run.params)
-        run = store.add(Run(kind=RunKind.UPGRADE, name=f"decide-{device.id}-{fault.id}", initiator=actor,
-                            flow_run_id=str(flow_run.id), params={"device_id": device.id, "fault_id": fault.id,
-                                                                  "decision": decision, "roll": roll, "approver": approver}))
-        tag_branches([device])
-        try:
-            done = carry_out(pool.connection(device), device, fault, decision, roll=roll, plan=plan, store=store,
-                             actor=actor, run_id=run.id)
-        except (DecisionError, StepFailed, SSHError, BackupError, OSError, ValueError) as e:
-            message = e.message if isinstance(e, StepFailed) else str(e)
-            store.update(Run, run.id, status="failed", ended_at=utcnow(), summary={"reason": message})
-            store.audit(actor, "decide_held_counter", target, run_id=run.id, outcome="failed",
-                        details={"decision": decision, "roll": roll, "approver": approver, "reason": message})
-            return Failed(message=f"{device.id} stays held: {message}")
-        how = f"keep live data, roll {roll} to {done['version']}" if decision == "keep-live" else \
-            f"restored backup {details.get('backup_id')} on {done['version']}, approved by {approver}"
-        resolution = (f"decided by {actor}: {how}; the live data before the decision is backup "
-                      f"{done['live_data_backup_id']}; tests passed, back in service")
-        release_hold(store, fault, actor=actor, resolution=resolution, run_id=run.id,
-                     details={"decision": decision, "roll": roll, "approver": approver, **done})
-        store.update(Run, run.id, status="succeeded", ended_at=utcnow(), summary={"resolution": resolution})
+        params = {"device_id": device.id, "fault_id": fault.id, "decision": decision, "roll": roll, "approver": approver}
+        with recorded_run(store, Run(kind=RunKind.UPGRADE, name=f"decide-{device.id}-{fault.id}", initiator=actor,
+                                     flow_run_id=str(flow_run.id), params=params)) as run:
+            tag_branches([device])
+            with lease(store, device.id, run.id) as taken_by:
+                if taken_by is not None:
+                    run.end("failed", {"reason": str(taken_by)})
+                    return Failed(message=f"{device.id} stays held: {taken_by}; decide again once that run has ended")
+                try:
+                    done = carry_out(pool.connection(device), device, fault, decision, roll=roll, plan=plan, store=store,
+                                     actor=actor, run_id=run.id)
+                except (DecisionError, StepFailed, SSHError, BackupError, OSError, ValueError) as e:
+                    message = e.message if isinstance(e, StepFailed) else str(e)
+                    store.audit(actor, "decide_held_counter", target, run_id=run.id, outcome="failed",
+                                details={"decision": decision, "roll": roll, "approver": approver, "reason": message})
+                    run.end("failed", {"reason": message})
+                    return Failed(message=f"{device.id} stays held: {message}")
+            how = f"keep live data, roll {roll} to {done['version']}" if decision == "keep-live" else \
+                f"restored backup {details.get('backup_id')} on {done['version']}, approved by {approver}"
+            resolution = (f"decided by {actor}: {how}; the live data before the decision is backup "
+                          f"{done['live_data_backup_id']}; tests passed, back in service")
+            release_hold(store, fault, actor=actor, resolution=resolution, run_id=run.id,
+                         details={"decision": decision, "roll": roll, "approver": approver, **done})
+            run.end("succeeded", {"resolution": resolution})
     log.info(resolution)
     return Completed(message=f"{device.id}: {resolution}")

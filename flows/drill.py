@@ -28,6 +28,7 @@ from playbooks import load_playbook
 from tasks.drill import CounterDrill, DrillSummary, drill_counter, drill_notice, drill_sample, publish_drill
 from tasks.notify import NotifyError
 from tasks.report import deliver, tag_branches
+from tasks.run_record import ends_with_reason, recorded_run
 from tasks.ssh import ConnectionPool
 
 UPGRADE_PLAYBOOK = "smartcounter-upgrade"  # the drill backs up what an upgrade would have to restore
@@ -40,6 +41,7 @@ def _run_name() -> str:
 
 
 @flow(name="backup-restore-drill", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
+@ends_with_reason
 def backup_restore_drill(
     inventory: str, sample: int | None = None, use_latest: bool = False, notify: list[str] = [], initiator: str = "deployment"
 ) -> State:
@@ -49,10 +51,10 @@ def backup_restore_drill(
     inv = load_inventory(inventory)
     devices = drill_sample(inv.devices, sample, datetime.now(UTC).date())
     paths = load_playbook(UPGRADE_PLAYBOOK).backup.paths
-    with Store.open() as store, ConnectionPool(inv.ssh) as pool:
+    with (Store.open() as store, ConnectionPool(inv.ssh) as pool,
+          recorded_run(store, Run(kind=RunKind.DRILL, name="backup-restore-drill", initiator=initiator, flow_run_id=str(flow_run.id),
+                                  params={"inventory": inventory, "sample": sample, "use_latest": use_latest})) as run):
         store.import_inventory(inv, actor=initiator, source=inventory)  # the records name the counters as this run saw them
-        run = store.add(Run(kind=RunKind.DRILL, name="backup-restore-drill", initiator=initiator, flow_run_id=str(flow_run.id),
-                            params={"inventory": inventory, "sample": sample, "use_latest": use_latest}))
         tag_branches(devices)
         futures = [
             drill_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]")
@@ -61,8 +63,7 @@ def backup_restore_drill(
         ]
         summary = DrillSummary.of([_drilled(f, d, use_latest) for f, d in zip(futures, devices)])
         publish_drill(summary)
-        store.update(Run, run.id, status="failed" if summary.failed else "succeeded", ended_at=datetime.now(UTC),
-                     summary=summary.model_dump(mode="json", exclude={"counters"}))
+        run.end("failed" if summary.failed else "succeeded", summary.model_dump(mode="json", exclude={"counters"}))
     message = summary.failure_message() if summary.failed else f"{summary.passed} of {len(devices)} counters restored and verified"
     print(message)
     try:

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from prefect import flow
 from prefect.runtime import flow_run
 
@@ -18,6 +16,7 @@ from inventory.store import Store
 from tasks.faults import FaultReport, build_fault_report, fault_report_markdown, publish_fault_report
 from tasks.notify import Notice
 from tasks.report import deliver
+from tasks.run_record import ends_with_reason, recorded_run
 
 
 def _run_name() -> str:
@@ -25,16 +24,16 @@ def _run_name() -> str:
 
 
 @flow(name="fault-report", flow_run_name=_run_name, log_prints=True)
+@ends_with_reason
 def fault_report(period_days: int = 30, notify: list[str] = [], initiator: str = "deployment") -> FaultReport:
     """Analyse the faults reported in the last ``period_days`` and send the report to head office (``notify``, apprise URLs)."""
-    with Store.open() as store:
-        run = store.add(Run(kind=RunKind.REPORT, name=f"fault-report-{period_days}d", initiator=initiator,
-                            flow_run_id=str(flow_run.id), params={"period_days": period_days}))
+    with (Store.open() as store,
+          recorded_run(store, Run(kind=RunKind.REPORT, name=f"fault-report-{period_days}d", initiator=initiator,
+                                  flow_run_id=str(flow_run.id), params={"period_days": period_days})) as run):
         report = build_fault_report(store.faults(limit=None), period_days)
         publish_fault_report(report)
-        store.update(Run, run.id, status="succeeded", ended_at=datetime.now(UTC),
-                     summary=report.model_dump(mode="json", include={"faults", "fixed", "unfixed", "mttr_minutes"})
-                     | {"recurring": len(report.recurring)})
+        run.end("succeeded", report.model_dump(mode="json", include={"faults", "fixed", "unfixed", "mttr_minutes"})
+                | {"recurring": len(report.recurring)})
     if notify:
         kind = "warning" if report.recurring else "info"
         deliver(notify, Notice(f"Fault report: the last {period_days} days", fault_report_markdown(report), kind))

@@ -16,7 +16,6 @@ touches nothing while another run that takes counters out of service is in progr
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -28,6 +27,7 @@ from inventory.models import InspectionPhase, Run, RunKind
 from inventory.store import Store
 from tasks.inspect import CounterInspection, inspect_counter, publish_inspection, work_in_progress
 from tasks.report import artifact_key, tag_branches
+from tasks.run_record import ends_with_reason, recorded_run
 from tasks.ssh import ConnectionPool
 
 Phase = Literal["pre-open", "in-business", "post-close"]
@@ -38,15 +38,16 @@ def _run_name() -> str:
 
 
 @flow(name="daily-inspection", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True)
+@ends_with_reason
 def daily_inspection(phase: Phase, inventory: str, inspector: str = "deployment", notify: list[str] = []) -> list[CounterInspection]:
     """Inspect every counter of ``inventory`` for ``phase``; faults left standing are escalated to ``notify`` (apprise URLs)."""
     log = get_run_logger()
     inv = load_inventory(inventory)
     when = InspectionPhase(phase)
-    with Store.open() as store, ConnectionPool(inv.ssh) as pool:
+    with (Store.open() as store, ConnectionPool(inv.ssh) as pool,
+          recorded_run(store, Run(kind=RunKind.INSPECTION, name=f"inspection-{phase}", initiator=inspector,
+                                  flow_run_id=str(flow_run.id), params={"phase": phase, "inventory": inventory})) as run):
         store.import_inventory(inv, actor=inspector, source=inventory)  # faults name the counters as this run saw them
-        run = store.add(Run(kind=RunKind.INSPECTION, name=f"inspection-{phase}", initiator=inspector,
-                            flow_run_id=str(flow_run.id), params={"phase": phase, "inventory": inventory}))
         tag_branches(inv.devices)
         hands_off = work_in_progress(store)
         if hands_off:
@@ -61,7 +62,7 @@ def daily_inspection(phase: Phase, inventory: str, inspector: str = "deployment"
         summary = {"counters": len(results), "ok": sum(r.ok for r in results),
                    "fixed": sum(1 for r in results for f in r.findings if f.resolution),
                    "standing_faults": sum(len(r.standing) for r in results)}
-        store.update(Run, run.id, status="succeeded", ended_at=datetime.now(UTC), summary=summary)
+        run.end("succeeded", summary)
     print(f"{summary['ok']} of {summary['counters']} counters fine after the {phase} inspection; "
           f"{summary['fixed']} problems fixed, {summary['standing_faults']} faults standing")
     return results

@@ -12,8 +12,6 @@ Not started while another run that takes counters out of service is in progress.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from prefect import allow_failure, flow
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
@@ -26,10 +24,12 @@ from inventory.store import Store
 from tasks.report import deliver, tag_branches
 from tasks.inspect import CounterInspection, work_in_progress
 from tasks.maintenance import maintain_counter, maintenance_notice, outlet_turns, publish_maintenance
+from tasks.run_record import ends_with_reason, recorded_run
 from tasks.ssh import ConnectionPool
 
 
 @flow(name="periodic-maintenance", flow_run_name="periodic-maintenance", task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
+@ends_with_reason
 def periodic_maintenance(inventory: str, notify: list[str] = [], inspector: str = "deployment") -> State:
     """Maintain every counter of ``inventory``, one per outlet at a time; the summary goes to ``notify`` (apprise URLs)."""
     inv = load_inventory(inventory)
@@ -38,12 +38,11 @@ def periodic_maintenance(inventory: str, notify: list[str] = [], inspector: str 
         busy = work_in_progress(store)
         if busy:
             return Failed(message=f"maintenance not started: {busy}")
-        run = store.add(Run(kind=RunKind.MAINTENANCE, name="periodic-maintenance", initiator=inspector,
-                            flow_run_id=str(flow_run.id), params={"inventory": inventory}))
-        tag_branches(inv.devices)
-        last_in_outlet: dict[str, PrefectFuture[CounterInspection]] = {}
-        futures = []
-        try:
+        with recorded_run(store, Run(kind=RunKind.MAINTENANCE, name="periodic-maintenance", initiator=inspector,
+                                     flow_run_id=str(flow_run.id), params={"inventory": inventory})) as run:
+            tag_branches(inv.devices)
+            last_in_outlet: dict[str, PrefectFuture[CounterInspection]] = {}
+            futures = []
             for d in outlet_turns(inv.devices):
                 before = last_in_outlet.get(d.outlet)
                 future = maintain_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]").submit(
@@ -51,14 +50,11 @@ def periodic_maintenance(inventory: str, notify: list[str] = [], inspector: str 
                 last_in_outlet[d.outlet] = future
                 futures.append(future)
             results = [f.result() for f in futures]
-        except BaseException:  # recorded as ended, so it does not hold back the inspections' fixes
-            store.update(Run, run.id, status="failed", ended_at=datetime.now(UTC))
-            raise
-        publish_maintenance(results)
-        attention = sum(not r.ok for r in results)
-        left_out = {r.device_id: r.left_out for r in results if r.left_out}  # taken by another run: not done
-        store.update(Run, run.id, status="failed" if left_out else "succeeded", ended_at=datetime.now(UTC),
-                     summary={"counters": len(results), "need_attention": attention, "left_out": left_out})
+            publish_maintenance(results)
+            attention = sum(not r.ok for r in results)
+            left_out = {r.device_id: r.left_out for r in results if r.left_out}  # taken by another run: not done
+            run.end("failed" if left_out else "succeeded", {"counters": len(results), "need_attention": attention,
+                                                             "left_out": left_out})
     if notify:
         deliver(notify, maintenance_notice(results))
     message = f"{len(results) - len(left_out)} counters maintained, {attention} need attention"

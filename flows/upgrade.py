@@ -32,7 +32,6 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from inventory.leases import release_all
 from inventory.loader import load_inventory
 from inventory.models import Evaluation, EvaluationScope, Inventory, Role, Run, RunKind
 from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan_waves, resolve_scope, wave_within_limits
@@ -41,6 +40,7 @@ from tasks.evaluate import Soak, report_markdown, verdict, watch_health, wave_me
 from tasks.notify import Notice, NotifyError
 from tasks.report import artifact_key, deliver, publish_final_table, tag_branches
 from tasks.rollout import CounterOutcome, Leftover, unfinished_installs, upgrade_counter
+from tasks.run_record import ends_with_reason, recorded_run
 from tasks.ssh import ConnectionPool
 
 APPROVAL_TIMEOUT_S = 24 * 3600
@@ -74,6 +74,7 @@ def _run_name() -> str:
 
 
 @flow(name="upgrade-plan", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=256), log_prints=True)
+@ends_with_reason
 def upgrade_plan(plan: UpgradePlan, inventory: str):
     """Run an upgrade plan on the counters of ``inventory`` (a YAML file on the machine running the flow)."""
     log = get_run_logger()
@@ -82,17 +83,20 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
     waves = plan_waves(plan, resolve_scope(plan, inv))
     announced = impact(plan, inv)
 
-    with Store.open() as store, ConnectionPool(inv.ssh) as pool:
+    with (Store.open() as store, ConnectionPool(inv.ssh) as pool,
+          recorded_run(store, Run(kind=RunKind.UPGRADE, name=plan.name, initiator=plan.initiator,
+                                  flow_run_id=str(flow_run.id), params=plan.model_dump(mode="json"))) as run):
         store.import_inventory(inv, actor=plan.initiator, source=inventory)  # the records name the counters as this run saw them
-        run = store.add(Run(kind=RunKind.UPGRADE, name=plan.name, initiator=plan.initiator,
-                            flow_run_id=str(flow_run.id), params=plan.model_dump(mode="json")))
         store.audit(plan.initiator, "start_upgrade", plan.name, run_id=run.id, details={"target_version": plan.target_version})
         tag_branches(d for w in waves for d in w.devices)
         # counters an earlier run of this plan left mid-install: put back from their backup first
         leftovers = unfinished_installs(store, plan.name, run.id, (d.id for w in waves for d in w.devices))
 
         # Branches are told in advance: no counter is touched unless this notice went out.
-        deliver(plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
+        try:
+            deliver(plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
+        except NotifyError as e:  # the run's reason: its record, the Prefect state and the CLI say it
+            raise NotifyError(f"advance notice not delivered, so no counter was touched: {e}") from e
 
         outcomes: list[CounterOutcome] = []
         wave_reports: list[dict] = []
@@ -151,10 +155,8 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
         create_markdown_artifact(key=artifact_key(plan.name, "evaluation"), markdown=report, description="Upgrade evaluation")
         publish_final_table(plan, waves, outcomes)
         status = "succeeded" if complete else "halted" if halted else "failed"
-        release_all(store, run.id)  # each counter's task gave its lease back already; this is the safety net
-        store.update(Run, run.id, status=status, ended_at=datetime.now(UTC),
-                     summary={"halted": halted, "resumable": resumable, "verdict": overall["verdict"],
-                              **overall_metrics.model_dump(mode="json"), "left_out": left_out})
+        run.end(status, {"halted": halted, "resumable": resumable, "verdict": overall["verdict"],
+                         **overall_metrics.model_dump(mode="json"), "left_out": left_out})
         _notify_quietly(plan, Notice(f"{plan.name}: {status}", report, "success" if complete else "failure"))
 
     if not complete:

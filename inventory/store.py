@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, inspect, insert, select, text, update
+from sqlalchemy import ColumnElement, Engine, and_, create_engine, event, func, inspect, insert, not_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from inventory.models import (
@@ -96,27 +96,42 @@ _TABLE_OF = {section: row_cls for section, row_cls, _ in _FLEET_TABLES}
 _NOUN = {BranchRow: "branch", OutletRow: "outlet", DeviceRow: "device", OperatorRow: "operator"}
 
 
-def _seconds_from_env(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
+# ----------------------------------------------------------------------------- is a run still working?
+#
+# A run is in progress while it beats: status "running" and its heartbeat (before the first one,
+# its start) within RUN_STALE_AFTER_S of now. A "running" run without a recent heartbeat has
+# crashed: its process was killed, or its machine died. Inspections, leases on counters and
+# `counterops runs` all go by exactly this rule; whoever notices such a run closes it as crashed.
+
+RUN_STALE_AFTER_S = 30.0  # six missed heartbeats (tasks/run_record.py beats every 5 s)
+RUN_STALE_AFTER_ENV = "COUNTEROPS_RUN_STALE_AFTER_S"  # overrides it, e.g. for tests
+
+
+def run_stale_after() -> timedelta:
+    """How long a running run may go without a heartbeat before it counts as crashed."""
+    raw = os.environ.get(RUN_STALE_AFTER_ENV, "").strip()
+    if not raw:
+        return timedelta(seconds=RUN_STALE_AFTER_S)
     try:
-        value = float(raw) if raw else default
+        seconds = float(raw)
     except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"{name}={raw!r}: must be a number of seconds above 0 (default {default:g})")
-    return value
-
-
-# A run is in progress while it beats: "running" with a heartbeat (or, before its first one, its
-# start) at most this many seconds old. A run killed with -9, or whose server died, stops beating.
-RUN_STALE_AFTER_S = _seconds_from_env("COUNTEROPS_RUN_STALE_AFTER_S", 30.0)
+        seconds = 0.0
+    if not 0 < seconds < 86400:
+        raise ValueError(f"{RUN_STALE_AFTER_ENV}={raw!r}: must be a number of seconds between 0 and 86400 "
+                         f"(unset it for the default, {RUN_STALE_AFTER_S:g})")
+    return timedelta(seconds=seconds)
 
 
 def run_is_alive(run: Run, now: datetime | None = None) -> bool:
-    """Whether ``run`` is still at work: status "running" and its heartbeat (its start when it
-    has none yet) within RUN_STALE_AFTER_S of ``now``."""
-    last_sign = run.heartbeat_at or run.started_at
-    return run.status == "running" and (now or utcnow()) - last_sign <= timedelta(seconds=RUN_STALE_AFTER_S)
+    """The run is in progress: running, and beating (see above)."""
+    return run.status == "running" and (now or utcnow()) - (run.heartbeat_at or run.started_at) <= run_stale_after()
+
+
+def run_alive_clause(now: datetime) -> ColumnElement[bool]:
+    """run_is_alive as SQL on the runs table, e.g. to join device_leases to the runs still alive."""
+    return and_(RunRow.status == "running", func.coalesce(RunRow.heartbeat_at, RunRow.started_at) >= now - run_stale_after())
+
+
 
 
 def database_url() -> str:
@@ -346,6 +361,31 @@ class Store:
             s.flush()
             return kind.model_validate(row)
 
+    def beat(self, run_id: int, now: datetime | None = None) -> bool:
+        """The run's heartbeat: one small write. False when the run no longer runs (it ended, or
+        someone closed it as crashed while this process could not beat)."""
+        with self._write() as s:
+            beaten = s.execute(update(RunRow).where(RunRow.id == run_id, RunRow.status == "running").values(heartbeat_at=now or utcnow()))
+            return beaten.rowcount == 1
+
+    def close_dead_runs(self, now: datetime | None = None) -> list[Run]:
+        """Close as crashed every run still "running" whose heartbeat stopped (see run_is_alive);
+        returns them. Costs one read when there is none, which is the usual case."""
+        now = now or utcnow()
+        dead = and_(RunRow.status == "running", not_(run_alive_clause(now)))
+        with self._read() as s:
+            if s.scalar(select(RunRow.id).where(dead).limit(1)) is None:
+                return []
+        with self._write() as s:  # checked again under the write lock: a late heartbeat keeps its run alive
+            rows = s.scalars(select(RunRow).where(dead).with_for_update()).all()
+            for row in rows:
+                since = row.heartbeat_at or row.started_at
+                row.status, row.ended_at = "crashed", now
+                row.summary = {**row.summary, "reason": f"no heartbeat since {since:%Y-%m-%d %H:%M:%S} UTC; "
+                                                        "the process or its Prefect server died"}
+            s.flush()
+            return [Run.model_validate(row) for row in rows]
+
     def get(self, kind: type[R], id: int) -> R:
         with self._read() as s:
             row = s.get(_ROW_OF[kind], id)
@@ -355,8 +395,8 @@ class Store:
 
     # Histories come newest first; the parts of one run in the order they were recorded.
 
-    def runs(self, kind: RunKind | None = None, limit: int = 100) -> list[Run]:
-        return self._list(Run, limit, kind=kind)
+    def runs(self, kind: RunKind | None = None, limit: int | None = 100, status: str | None = None) -> list[Run]:
+        return self._list(Run, limit, kind=kind, status=status)
 
     def device_steps(self, run_id: int, device_id: str | None = None) -> list[DeviceStep]:
         return self._list(DeviceStep, None, oldest_first=True, run_id=run_id, device_id=device_id)

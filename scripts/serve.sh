@@ -16,7 +16,7 @@ export COUNTEROPS_WORK_POOL=${COUNTEROPS_WORK_POOL:-counterops}
 if ! $BIN/counterops fleet status --dir "$DIR" >/dev/null 2>&1; then
     $BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
 fi
-$BIN/counterops server start
+$BIN/counterops server start   # with the automation that marks flow runs Crashed when their heartbeat stops
 eval "$($BIN/python - <<'PY'
 from counterops import localserver
 print(f"export PREFECT_API_URL={localserver.status().url}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import NamedTuple
 
 import httpx
@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from inventory.leases import lease
 from inventory.models import Device, Inspection, InspectionPhase, RunKind, utcnow
-from inventory.store import Store
+from inventory.store import Store, run_is_alive
 from tasks.checks import MIN_PAPER_PCT, read_free_disk_mb
 from tasks.counter_app import read_health, read_maintenance, set_in_service
 from tasks.hold import held, held_reason
@@ -47,10 +47,9 @@ PERIPHERAL_SYMPTOMS = {
     "id_card_reader": Symptom.ID_READER_FAULT,
     "camera": Symptom.CAMERA_FAULT,
 }
-# Runs that take counters out of service. One still "running" after this long died without
-# recording its end, and no longer holds the inspection back.
+# Runs that take counters out of service: while one is in progress (inventory.store.run_is_alive),
+# an inspection fixes nothing.
 BUSY_KINDS = (RunKind.UPGRADE, RunKind.MAINTENANCE, RunKind.DRILL)
-BUSY_RUN_MAX_AGE = timedelta(hours=12)
 
 # Files and symlinks under $1 untouched for over $2 minutes, NUL-separated; never leaves the file system.
 _FIND_STALE = 'cd -- "$1" 2>/dev/null || exit 0; find . -xdev -mindepth 1 \\( -type f -o -type l \\) -mmin +"$2" -print0'
@@ -250,11 +249,13 @@ def _noted(finding: Finding, note: str) -> Finding:
 
 
 def work_in_progress(store: Store) -> str | None:
-    """A run that takes counters out of service and has not ended, in words; None when there is none."""
+    """A run that takes counters out of service and is still at work (its heartbeat is recent), in
+    words; None when there is none. Runs whose heartbeat stopped are closed as crashed on the way."""
+    store.close_dead_runs()
     now = utcnow()
-    for run in store.runs(limit=50):
-        if run.kind in BUSY_KINDS and run.status == "running" and now - run.started_at < BUSY_RUN_MAX_AGE:
-            return f"{run.kind} run {run.name!r} (started {run.started_at:%Y-%m-%d %H:%M} UTC) is in progress"
+    for run in store.runs(status="running", limit=None):
+        if run.kind in BUSY_KINDS and run_is_alive(run, now):
+            return f"{run.kind} run {run.name!r} (#{run.id}, started {run.started_at:%Y-%m-%d %H:%M} UTC) is in progress"
     return None
 
 
