@@ -7,8 +7,8 @@ of this directory use base ports ``port(27400)`` (ssh) and ``port(27700)``
 kernel's client-port range, 32768–60999, where a port is often briefly taken by
 some outgoing connection, and simfleet refuses ports from 32768 up.)
 
-At the end of the session the fault matrix (fault, result, seconds, data
-intact) is printed in pytest's terminal summary.
+At the end of the session the fault matrix (each test, its seconds, and how
+the counters and the run ended) is printed in pytest's terminal summary.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Every injector is a context manager that undoes itself in ``finally``, also
 when the test fails half-way: a stopped sshd is started again, frozen
 processes are continued, a tmpfs is unmounted, an nftables table deleted, a
-store lock released, a known_hosts line put back. Nothing here is mocked; the
-measured facts behind each one are in ``/work/shared/notes/faults-here.md``.
+store lock released, a known_hosts line put back. Nothing here is mocked; each
+is done the way the team measured works on this kind of machine (no netem in
+the kernel: drop rules, signals and a small tmpfs instead of delay and loss).
 
 Processes are found from the fleet itself (``simfleet.fleet``'s pid files and
 process table), and only processes of the fleet or started here are signalled,
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from simfleet import fleet as simfleet
 
-POLL_S = 0.002  # how often a trigger is looked at (the notes: a .part file lives for ≈ 50 ms)
+POLL_S = 0.002  # how often a trigger is looked at: an upload's .part file exists only while it runs
 Trigger = Callable[[], bool]
 
 

@@ -26,11 +26,11 @@ class FaultCase:
     result: str = ""  # what the counters and the run ended as, for the matrix
 
     @property
-    def dir(self):
+    def dir(self) -> Path:
         return self.layout.dir
 
     @property
-    def inventory(self):
+    def inventory(self) -> Path:
         return self.layout.dir / "inventory.yaml"
 
 

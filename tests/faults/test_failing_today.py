@@ -242,8 +242,9 @@ def test_notice_endpoint_down(case):
     name = "fault-notice-down"
     before = snapshot(case.layout)
     plan = one_wave_plan(case, name, notify=[f"json://127.0.0.1:{_free_port()}/notices"])  # nothing listens there
-    r = upgrade(case, plan)
+    r = subprocess.run(upgrade_argv(case, plan), capture_output=True, text=True, timeout=600)
     case.result = describe(case, r.returncode, name)
+    assert_clear_output(r.stdout + r.stderr)
     assert r.returncode == 1, r.stdout + r.stderr
     assert versions_now(case) == {OLD: case.layout.ids()}
     assert_nothing_lost(case.layout, before, versions={OLD}, since=case.since, run_name=name)

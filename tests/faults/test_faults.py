@@ -78,6 +78,9 @@ def test_disk_full(case, size, stage):
     case.result = describe(case, r.returncode, name)
     assert r.returncode == 1, r.stdout + r.stderr
     assert versions_now(case)[OLD] == [VICTIM]
+    with Store.open() as store:
+        failed = [s.step for s in store.device_steps(latest_run(store, name).id, VICTIM) if s.status == "failed"]
+    assert failed[:1] == [{"upload": "install", "backup": "backup"}[stage]], failed
     assert_nothing_lost(case.layout, before, versions={OLD, NEW}, since=case.since, run_name=name)
 
 
