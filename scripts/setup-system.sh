@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system parts the demo and the tests run for real:
 # OpenSSH's server (one sshd per simulated counter); with --for-tests also
-# PostgreSQL (store and Prefect-on-PostgreSQL tests) and Chromium (the UI check).
+# PostgreSQL (store and Prefect-on-PostgreSQL tests), Chromium (the UI check) and
+# nftables (tests/faults drops a counter's traffic with an nft rule).
 # Idempotent; needs root only when something is missing.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ missing=()
 if [ "${1:-}" = "--for-tests" ]; then
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
     command -v chromium >/dev/null || missing+=(chromium)
+    command -v nft >/dev/null || [ -x /usr/sbin/nft ] || missing+=(nftables)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then
