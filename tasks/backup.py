@@ -328,10 +328,14 @@ def data_changed_since(conn: Connection, device: Device, backup: Backup, paths: 
     paths = _relative_paths(paths)
     if backup.fingerprint is None:
         return data_changes(None, {})
-    columns = {db: {table: fp["columns"] for table, fp in tables.items()} for db, tables in backup.fingerprint.items()}
     with _stage(device.id, "compare"):
-        live = _helper(conn, "fingerprint", device.root, json.dumps(columns), *paths)
+        live = _helper(conn, "fingerprint", device.root, json.dumps(_columns(backup)), *paths)
     return data_changes(backup.fingerprint, live)
+
+
+def _columns(backup: Backup) -> dict[str, dict[str, list[str]]]:
+    """The columns each fingerprinted table had when the backup was taken: rows are compared over these."""
+    return {db: {table: fp["columns"] for table, fp in tables.items()} for db, tables in (backup.fingerprint or {}).items()}
 
 
 def check_unchanged_since(conn: Connection, device: Device, backup: Backup, paths: Sequence[str]) -> None:
@@ -388,7 +392,8 @@ def restore_to_scratch(backup: Backup, scratch_dir: Path) -> dict:
     (integrity, row counts equal to the backup's) without going near the counter.
 
     Runs the counter-side helper's own check with the local Python, so a drill proves what
-    a restore on the counter would check. ``scratch_dir`` then holds customer
+    a restore on the counter would check, and compares every customer row with the
+    backup's fingerprint. ``scratch_dir`` then holds customer
     data: the caller removes it. Returns source, row_counts, integrity and seconds.
     """
     started = time.monotonic()
@@ -399,12 +404,22 @@ def restore_to_scratch(backup: Backup, scratch_dir: Path) -> dict:
     with _stage(backup.device_id, "unpack"), tarfile.open(archive, "r:gz") as tar:
         tar.extractall(scratch_dir, filter="data")
     with _stage(backup.device_id, "check"):
-        checked = subprocess.run(
-            [sys.executable, "-", "check", str(scratch_dir)],
-            input=oncounter.source(), capture_output=True, timeout=600,
-        )
-        if checked.returncode != 0:
-            raise BackupError(backup.device_id, "check", checked.stderr.decode(errors="replace").strip()[-2000:])
-        row_counts = json.loads(checked.stdout)
+        row_counts = _local_helper(backup, "check", str(scratch_dir))
         _expect_counts(backup.device_id, row_counts, backup)
-    return {"source": source, "row_counts": row_counts, "integrity": "ok", "seconds": round(time.monotonic() - started, 3)}
+        if backup.fingerprint is not None:  # every customer row as recorded, not only as many
+            restored = _local_helper(backup, "fingerprint", str(scratch_dir), json.dumps(_columns(backup)), *backup.fingerprint)
+            changes = data_changes(backup.fingerprint, restored)
+            if changes:
+                raise BackupError(backup.device_id, "check", f"the restored data is not what backup {backup.id} recorded: "
+                                                             + "; ".join(changes))
+    return {"source": source, "row_counts": row_counts, "integrity": "ok", "fingerprint": backup.fingerprint is not None,
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def _local_helper(backup: Backup, command: str, *args: str) -> dict:
+    """The counter-side helper's ``command`` run here, with this machine's python (a drill proves
+    what a restore on the counter would check)."""
+    done = subprocess.run([sys.executable, "-", command, *args], input=oncounter.source(), capture_output=True, timeout=600)
+    if done.returncode != 0:
+        raise BackupError(backup.device_id, "check", done.stderr.decode(errors="replace").strip()[-2000:])
+    return json.loads(done.stdout)

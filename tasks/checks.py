@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from inventory.models import Device, SSHSettings
 from tasks.counter_app import read_health, request
+from tasks.layout import CURRENT_LINK, DATA_DIR
 from tasks.ssh import Connection, SSHError, Target, remote_path, sh
 
 
@@ -31,8 +32,8 @@ class CounterFacts(BaseModel):
 
 
 def read_installed_version(conn: Connection, root: str) -> str:
-    """The release ``opt/smartcounter/current`` points at (its directory name)."""
-    r = conn.run(["readlink", "--", remote_path(root, "opt/smartcounter/current")])
+    """The release ``current`` points at (its directory name)."""
+    r = conn.run(["readlink", "--", remote_path(root, CURRENT_LINK)])
     return r.stdout.strip().rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -47,7 +48,7 @@ def free_disk_mb(df_output: str) -> int:
 
 
 def read_free_disk_mb(conn: Connection, root: str) -> int:
-    return free_disk_mb(conn.run(free_disk_command(remote_path(root, "var/lib/smartcounter"))).stdout)
+    return free_disk_mb(conn.run(free_disk_command(remote_path(root, DATA_DIR))).stdout)
 
 
 def look_at_counter(device: Device, ssh: SSHSettings) -> CounterFacts:

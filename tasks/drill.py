@@ -35,10 +35,10 @@ from inventory.leases import lease
 from inventory.models import Backup, Device, RestoreDrill, utcnow
 from inventory.store import Store
 from tasks.backup import BackupError, Source, restore_to_scratch, take_backup, verify_backup
+from tasks.layout import DATABASE
 from tasks.notify import Notice
 from tasks.ssh import ConnectionPool, SSHError
 
-COUNTER_DB = "var/lib/smartcounter/counter.db"  # where a counter keeps its customer tables
 ARTIFACT_KEY = "backup-restore-drill"
 
 
@@ -176,7 +176,7 @@ def restore_drill(backup: Backup, drill: CounterDrill) -> CounterDrill:
         restored = Path(scratch, "restore")
         try:
             result = restore_to_scratch(backup, restored)
-            read_customer_tables(backup, restored / COUNTER_DB)
+            read_customer_tables(backup, restored / DATABASE)
         except BackupError as e:
             return drill.model_copy(update=update | {"errors": [*problems, f"restore failed at {e.stage}: {e.reason}"]})
         update["rto_s"] = round(time.monotonic() - started, 3)
@@ -209,14 +209,14 @@ def read_customer_tables(backup: Backup, db: Path) -> None:
     if not backup.row_counts:
         raise BackupError(backup.device_id, "read", f"backup {backup.id} recorded no customer tables to compare with")
     if not db.is_file():
-        raise BackupError(backup.device_id, "read", f"{COUNTER_DB} is not in backup {backup.id}")
+        raise BackupError(backup.device_id, "read", f"{DATABASE} is not in backup {backup.id}")
     try:
         with closing(sqlite3.connect(f"file:{urllib.parse.quote(str(db))}?mode=ro", uri=True)) as conn:
             counts = {table: sum(1 for _ in conn.execute(f'SELECT * FROM "{_quoted(table)}"')) for table in backup.row_counts}
     except sqlite3.Error as e:
-        raise BackupError(backup.device_id, "read", f"{COUNTER_DB}: {e}") from e
+        raise BackupError(backup.device_id, "read", f"{DATABASE}: {e}") from e
     if counts != backup.row_counts:
-        raise BackupError(backup.device_id, "read", f"{COUNTER_DB} reads {counts} rows, backup {backup.id} recorded {backup.row_counts}")
+        raise BackupError(backup.device_id, "read", f"{DATABASE} reads {counts} rows, backup {backup.id} recorded {backup.row_counts}")
 
 
 # ----------------------------------------------------------------------------- the report

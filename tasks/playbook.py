@@ -35,10 +35,9 @@ from playbooks.schema import (
     WaitForStep,
 )
 from tasks import counter_app
+from tasks.layout import CURRENT_LINK, RELEASES_DIR, TMP_DIR
 from tasks.ssh import CommandFailed, Connection, Result, SSHError, quote, remote_path
 
-RELEASES_DIR = "opt/smartcounter/releases"
-CURRENT_LINK = "opt/smartcounter/current"
 # A version names a directory under releases/: one path segment, never '..'.
 VERSION_PATTERN = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
@@ -110,7 +109,7 @@ def playbook_vars(
             package=str(package),
             package_name=package.name,
             package_sha256=package_sha256,
-            remote_package=remote_path(device.root, "tmp", package.name),
+            remote_package=remote_path(device.root, TMP_DIR, package.name),
             release_dir=release_dir,
             previous_release_dir=remote_path(device.root, RELEASES_DIR, previous_version),
             migrate=f"{release_dir}/bin/migrate",

@@ -462,3 +462,14 @@ def test_the_counter_side_helper_is_a_real_module_that_agrees_with_the_layout():
     assert oncounter.source() == Path(helper.__file__).read_bytes()
     done = subprocess.run([layout.COUNTER_PYTHON, "-", "no-such-command"], input=oncounter.source(), capture_output=True)
     assert done.returncode != 0 and b"unknown command 'no-such-command'" in done.stderr
+
+
+def test_a_drill_checks_every_restored_customer_row_against_the_fingerprint(session_counter, store, stores, tmp_path):
+    device, conn = session_counter
+    backup = take_backup(conn, device, PATHS, store=store)
+    assert restore_to_scratch(backup, tmp_path / "ok")["fingerprint"] is True
+    db = "var/lib/smartcounter/counter.db"
+    forged = backup.fingerprint | {db: backup.fingerprint[db] | {"cards": backup.fingerprint[db]["cards"] | {"sha256": "0" * 64}}}
+    with pytest.raises(BackupError, match="cards has as many rows as the backup but some of their values changed") as e:
+        restore_to_scratch(backup.model_copy(update={"fingerprint": forged}), tmp_path / "forged")
+    assert e.value.stage == "check"
