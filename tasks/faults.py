@@ -53,6 +53,7 @@ class Symptom(StrEnum):
     LOG_ROTATION_FAILED = "log rotation failed"
     DATABASE_DAMAGED = "database integrity check failed"
     DATABASE_MAINTENANCE_FAILED = "database maintenance failed"
+    ROLLBACK_FAILED = "upgrade rollback failed: needs attention"
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ CATALOGUE: dict[str, Kind] = {  # keyed by Symptom, which are strings: a stored 
     Symptom.LOG_ROTATION_FAILED: Kind("logs", "low"),
     Symptom.DATABASE_DAMAGED: Kind("database", "critical"),
     Symptom.DATABASE_MAINTENANCE_FAILED: Kind("database", "high"),
+    Symptom.ROLLBACK_FAILED: Kind("upgrade", "high"),  # no inspection runs this check: closed by hand
 }
 
 

@@ -26,11 +26,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
 from pydantic import BaseModel
 
-from inventory.models import Backup, Device, DeviceStep, RunKind, SSHSettings, UpgradeStep
+from inventory.models import Backup, Device, DeviceStep, Fault, RunKind, SSHSettings, UpgradeStep
 from inventory.plan import UpgradePlan
 from inventory.store import Store
 from playbooks import load_playbook
@@ -38,8 +39,10 @@ from playbooks.schema import Playbook
 from tasks.backup import restore_backup, take_backup
 from tasks.checks import business_test, free_disk_command, free_disk_mb, functional_test
 from tasks.counter_app import read_health, read_metrics, set_in_service
+from tasks.faults import CATALOGUE, Symptom
+from tasks.notify import Notice, NotifyError, send_notice
 from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, read_facts_and, run_steps
-from tasks.ssh import Connection, ConnectionPool, SSHError
+from tasks.ssh import Connection, ConnectionPool, SSHError, remote_path
 
 MIN_FREE_DISK_FACTOR = 4  # free space wanted on the counter, in package sizes (upload + unpack + backup)
 
@@ -177,7 +180,8 @@ def upgrade_counter_pipeline(
     try:
         with rec.step(UpgradeStep.PRECHECK) as found:
             conn = pool.connection(device)
-            facts, (df,) = read_facts_and(conn, playbook, device_vars(device), free_disk_command(device.root))
+            staging = remote_path(device.root, "tmp")  # where the package is uploaded and the backup is taken
+            facts, (df,) = read_facts_and(conn, playbook, device_vars(device), free_disk_command(staging))
             out.from_version = out.version = facts["installed_version"]
             found["installed_version"] = out.from_version
             if not df.ok:
@@ -186,11 +190,16 @@ def upgrade_counter_pipeline(
             need_mb = MIN_FREE_DISK_FACTOR * Path(plan.package).stat().st_size // (1024 * 1024) + 1
             found["free_disk_mb"] = free_mb
             if free_mb < need_mb:
-                raise RuntimeError(f"only {free_mb} MB free on the counter, {need_mb} MB needed")
+                raise RuntimeError(f"only {free_mb} MB free in {staging} on the counter, {need_mb} MB needed "
+                                   f"({MIN_FREE_DISK_FACTOR} × the package: upload, unpack, backup); free space there first")
             if leftover is not None:
                 backup_then, version_then = leftover
                 found["recovered_from_backup"] = backup_then.id
-                _recover(conn, device, plan, playbook, backup_then, version_then)
+                try:
+                    _recover(conn, device, plan, playbook, backup_then, version_then)
+                except Exception as e:
+                    _needs_attention(store, device, plan, run_id, "precheck (recovering an interrupted install)", _describe(e))
+                    raise
                 out.from_version = out.version = found["installed_version"] = read_facts(conn, playbook, device_vars(device))["installed_version"]
             health = read_health(device)
             if health is None:
@@ -218,7 +227,11 @@ def upgrade_counter_pipeline(
         vars = playbook_vars(device, version=plan.target_version, previous_version=out.from_version,
                              package=Path(plan.package), package_sha256=plan.package_sha256 or "")
         with rec.step(UpgradeStep.INSTALL) as found:
-            found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, playbook.install, vars)]
+            try:
+                found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, playbook.install, vars)]
+            except StepFailed as e:  # keep what each step did, the failed one last with its output
+                found["steps"] = [r.model_dump(mode="json") for r in e.results]
+                raise
         out.version = plan.target_version
         # 5. system-function test
         with rec.step(UpgradeStep.FUNCTIONAL_TEST) as found:
@@ -250,7 +263,7 @@ def upgrade_counter_pipeline(
 
 
 def _describe(e: Exception) -> str:
-    return e.message if isinstance(e, StepFailed) else str(e)
+    return f"step {e.step_name!r}: {e.message}" if isinstance(e, StepFailed) else str(e)
 
 
 def _last_step(store: Store, run_id: int, device_id: str) -> str:
@@ -288,7 +301,11 @@ def _confirm_current(device: Device, plan: UpgradePlan, rec: _Recorder, out: Cou
 
 def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Recorder, out: CounterOutcome, conn: Connection,
                backup: Backup | None, vars: dict[str, str], reason: str) -> None:
-    """Previous release, data from the verified backup, restart, health checked, back into service."""
+    """Previous release, data from the verified backup, restart, health checked, back into service;
+    the install's leftovers removed. Over a new connection when the failure left this one suspect.
+    Before the install began (drain or backup failed) nothing is stopped or restored: the app and
+    its data are as they were. A rollback that fails leaves a "needs attention" fault and a notice."""
+    steps = playbook.rollback if vars else []
     if not vars:
         vars = playbook_vars(device, version=plan.target_version, previous_version=out.from_version or "",
                              package=Path(plan.package), package_sha256=plan.package_sha256 or "0" * 64)
@@ -299,8 +316,14 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
         restore_backup(conn, device, backup, playbook.backup.paths)
 
     try:
-        with rec.step(UpgradeStep.ROLLBACK, failed_step=out.failed_step) as found:
-            found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, playbook.rollback, vars, restore_data=restore_data)]
+        with rec.step(UpgradeStep.ROLLBACK, failed_step=out.failed_step, cause=out.error, reconnected=conn.suspect) as found:
+            if conn.suspect is not None:
+                conn.reconnect()
+            try:
+                found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, steps, vars, restore_data=restore_data)]
+            except StepFailed as e:
+                found["steps"] = [r.model_dump(mode="json") for r in e.results]
+                raise
             health = read_health(device) or {}
             if health.get("version") != out.from_version or health.get("status") != "ok":
                 raise RuntimeError(f"after rollback the counter reports {health.get('version')!r} / {health.get('status')!r}")
@@ -308,22 +331,59 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
         out.status, out.version = "rolled_back", out.from_version
     except Exception as e:
         out.status, out.rollback_error = "failed", _describe(e)
+        _needs_attention(rec.store, device, plan, rec.run_id, out.failed_step or "?", f"{out.error}; the rollback failed: {out.rollback_error}")
 
 
 def _recover(conn: Connection, device: Device, plan: UpgradePlan, playbook: Playbook, backup: Backup, version_then: str) -> None:
     """Put a counter caught mid-install back exactly as it was: its old release, the data of its verified backup."""
     vars = playbook_vars(device, version=plan.target_version, previous_version=version_then,
                          package=Path(plan.package), package_sha256=plan.package_sha256 or "0" * 64)
+    if conn.suspect is not None:
+        conn.reconnect()
     run_steps(conn, device, playbook.rollback, vars, restore_data=lambda: restore_backup(conn, device, backup, playbook.backup.paths))
+
+
+def _needs_attention(store: Store, device: Device, plan: UpgradePlan, run_id: int, failed_step: str, cause: str) -> None:
+    """A counter the upgrade could not put back: a high-severity fault naming it, the step and the cause, and a
+    notice to the branch. It stays out of service until someone looks (nothing is guessed)."""
+    symptom = Symptom.ROLLBACK_FAILED
+    detail = f"upgrade {plan.name} to {plan.target_version} failed at {failed_step}: {cause}"
+    try:
+        fault = store.add(Fault(device_id=device.id, branch_id=device.branch, outlet_id=device.outlet, symptom=symptom,
+                                severity=CATALOGUE[symptom].severity,
+                                details={"run_id": run_id, "plan": plan.name, "failed_step": failed_step, "cause": cause}))
+        ref = f"fault #{fault.id}"
+    except Exception as e:  # the store itself may be the cause (locked): the notice still goes out
+        ref = f"no fault recorded ({e})"
+    try:
+        send_notice(plan.notify, Notice(f"Counter {device.id} needs attention: rollback failed",
+                                        f"Counter {device.id}, branch {device.branch}, outlet {device.outlet}: {detail}. "
+                                        f"It is held out of service ({ref}); please check it on site.", "failure"))
+    except NotifyError as e:
+        get_run_logger().warning(f"{device.id} needs attention ({ref}) and the notice failed: {e}")
 
 
 @task(name="upgrade-counter", cache_policy=NO_CACHE, retries=0)
 def upgrade_counter(
     device: Device, plan: UpgradePlan, ssh: SSHSettings, run_id: int, wave: int, pool: ConnectionPool, store: Store,
     leftover: Leftover | None = None,
-) -> CounterOutcome:
-    """One counter through the whole upgrade procedure (one task run per counter)."""
+) -> CounterOutcome | State:
+    """One counter through the whole upgrade procedure (one task run per counter). A counter that
+    failed or was rolled back ends its task run Failed, with the outcome as the state's data
+    (``future.result(raise_on_failure=False)`` gives it back)."""
     try:
-        return upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool, leftover=leftover)
+        out = upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool, leftover=leftover)
     finally:
         pool.release(device)
+    return Failed(message=outcome_line(out), data=out) if out.failed else out
+
+
+def outcome_line(out: CounterOutcome) -> str:
+    """How a counter ended, in one line: what failed where, and what the rollback did."""
+    if not out.failed:
+        return f"{out.device_id}: {out.status} ({out.version})"
+    def said(error: str | None) -> str:  # the counter is named once, in front
+        return (error or "").replace(f"{out.device_id}: ", "")
+
+    line = f"{out.device_id}: {out.status.replace('_', ' ')} at {out.failed_step}: {said(out.error)}"
+    return line + (f"; rollback failed: {said(out.rollback_error)}" if out.rollback_error else "")
