@@ -293,3 +293,70 @@ def test_runs_show_says_interrupted_for_a_step_that_never_ended(home):
             row = store.add(DeviceStep(run_id=run.id, device_id="SC-BR01-O01-01", wave=0, step=step))
             store.update(DeviceStep, row.id, status=status)
     assert "interrupted at install" in runs_show("cut-short")
+
+
+@pytest.fixture
+def ten_outlets(fleet_dir, home) -> Path:
+    """Ten counters on 1.0.0, one per outlet."""
+    simfleet.up(fleet_dir, devices=10, branches=2, outlets_per_branch=5, ssh_base_port=port(28000), http_base_port=port(28500))
+    return fleet_dir
+
+
+@pytest.fixture
+def doomed_prefect_server(home, prefect_api) -> Iterator[str]:
+    """A second Prefect server of this test's own (the session's one must live on): its API URL.
+    SIGKILLed by the test; killed again here in any case."""
+    from counterops import localserver
+
+    info = localserver.start()  # under this test's COUNTEROPS_HOME: a server apart from the session's
+    try:
+        yield info.url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(info.pid, signal.SIGKILL)
+
+
+def test_a_prefect_server_killed_mid_run_is_one_line_and_the_rerun_finishes(ten_outlets, doomed_prefect_server, prefect_api):
+    """The old CLI went on retrying for ≈ 150 s, then died with a 468-line ConnectError traceback and
+    "Finished in state Running()"."""
+    fleet_dir = ten_outlets
+    inv = load_inventory(fleet_dir / "inventory.yaml")
+    before = {d.id: customer_digest(d.root) for d in inv.devices}
+    plan = one_wave_plan(fleet_dir, "prefect-dies", parallelism=1)
+    server_pid = __import__("json").loads((Path(os.environ["COUNTEROPS_HOME"]) / "prefect" / "server.json").read_text())["pid"]
+    proc = upgrade(fleet_dir, plan, env=os.environ | {"PREFECT_API_URL": doomed_prefect_server})
+    try:
+        deadline = time.monotonic() + 120
+        while sum(version_of(d) == "1.2.0" for d in inv.devices) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(server_pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)  # seconds, not minutes
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out + err
+    assert "Traceback" not in out + err and "Error logging to API" not in err, err
+    said = [line for line in err.splitlines() if "unreachable" in line]
+    assert len(said) == 1 and said[0].startswith(f"error: Prefect API unreachable at {doomed_prefect_server}: "), err
+    assert err.strip().splitlines()[-1] == said[0]
+
+    run, steps = run_record("prefect-dies")
+    assert run.status == "failed" and run.summary["reason"].startswith(f"Prefect API unreachable at {doomed_prefect_server}: ")
+    for d in inv.devices:  # every counter on the old or the new version, healthy, in service, its data intact
+        h = health(d)
+        assert h["version"] in ("1.0.0", "1.2.0") and (h["status"], h["in_service"]) == ("ok", True), (d.id, h)
+        digest, cols = before[d.id]
+        assert customer_digest(d.root, cols)[0] == digest, d.id
+    assert 2 <= sum(health(d)["version"] == "1.2.0" for d in inv.devices) < len(inv.devices)
+
+    again = cli("upgrade", str(plan), "--inventory", str(fleet_dir / "inventory.yaml"))  # on the session's server
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert all(health(d)["version"] == "1.2.0" for d in inv.devices)
+
+
+def version_of(device: Device) -> str | None:
+    try:
+        return health(device)["version"]
+    except Exception:
+        return None  # restarting
