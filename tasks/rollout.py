@@ -20,6 +20,7 @@ backup was, then upgraded afresh.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -43,6 +44,17 @@ from tasks.faults import CATALOGUE, Symptom
 from tasks.notify import Notice, NotifyError, send_notice
 from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, read_facts_and, run_steps
 from tasks.ssh import Connection, ConnectionPool, SSHError, remote_path
+
+class _FailedStateEcho(logging.Filter):
+    """A task that returns a Failed state is logged twice by Prefect: "Task run failed with state:
+    Failed(..., result=<the whole outcome>)" with an empty traceback ("NoneType: None"), then
+    "Finished in state Failed(<message>)". The second says it all; the first is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Task run failed with state: "))
+
+
+logging.getLogger("prefect.task_runs").addFilter(_FailedStateEcho())
 
 MIN_FREE_DISK_FACTOR = 4  # free space wanted on the counter, in package sizes (upload + unpack + backup)
 

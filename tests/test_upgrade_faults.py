@@ -277,22 +277,29 @@ def test_the_free_disk_precheck_measures_where_uploads_and_backups_go(one_counte
     assert (h["version"], h["in_service"], h["pid"]) == ("1.0.0", True, pid)
 
 
-def test_runs_show_says_interrupted_for_a_step_that_never_ended(home):
-    """A run that ended (or died) with a counter's install still "running": not "ok"."""
+def test_runs_show_says_interrupted_and_why_a_counter_was_rolled_back(home):
+    """A run that ended (or died) with a counter's install still "running" showed "ok"; one whose install
+    record could not be closed (the store locked) showed only "rolled back", without the cause."""
     from inventory.models import DeviceStep, Inventory
 
-    inv = Inventory.model_validate({
-        "ssh": {"user": "scops", "key_file": "/dev/null", "known_hosts": "/dev/null"},
-        "devices": [{"id": "SC-BR01-O01-01", "branch": "BR01", "outlet": "BR01-O01", "host": "127.0.0.1", "ssh_port": 2222,
-                     "http_port": 8080, "root": "/"}],
-    })
+    devices = [{"id": f"SC-BR01-O01-0{i}", "branch": "BR01", "outlet": "BR01-O01", "host": "127.0.0.1", "ssh_port": 2220 + i,
+                "http_port": 8080 + i, "root": "/"} for i in (1, 2)]
+    inv = Inventory.model_validate({"ssh": {"user": "scops", "key_file": "/dev/null", "known_hosts": "/dev/null"}, "devices": devices})
+    locked = "the store /srv/counterops.db is locked by another process: no write lock within 30 s (find it with …)"
     with Store.open() as store:
         store.import_inventory(inv, actor="test", source="test")
         run = store.add(Run(kind="upgrade", name="cut-short", initiator="zhang.wei", status="failed"))
-        for step, status in [(UpgradeStep.PRECHECK, "ok"), (UpgradeStep.DRAIN, "ok"), (UpgradeStep.BACKUP, "ok"), (UpgradeStep.INSTALL, "running")]:
-            row = store.add(DeviceStep(run_id=run.id, device_id="SC-BR01-O01-01", wave=0, step=step))
-            store.update(DeviceStep, row.id, status=status)
-    assert "interrupted at install" in runs_show("cut-short")
+        for device, steps in (("SC-BR01-O01-01", [(UpgradeStep.PRECHECK, "ok", {}), (UpgradeStep.DRAIN, "ok", {}),
+                                                  (UpgradeStep.BACKUP, "ok", {}), (UpgradeStep.INSTALL, "running", {})]),
+                              ("SC-BR01-O01-02", [(UpgradeStep.PRECHECK, "ok", {}), (UpgradeStep.INSTALL, "running", {}),
+                                                  (UpgradeStep.ROLLBACK, "ok", {"failed_step": "install", "cause": locked})])):
+            for step, status, details in steps:
+                row = store.add(DeviceStep(run_id=run.id, device_id=device, wave=0, step=step, details=details))
+                store.update(DeviceStep, row.id, status=status)
+    shown = runs_show("cut-short")
+    first, second = shown.split("SC-BR01-O01-02")
+    assert "interrupted at install" in first, shown
+    assert "rolled back" in second and f"install: {locked}" in second and "(install interrupted)" in second, shown
 
 
 @pytest.fixture
