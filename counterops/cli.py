@@ -286,9 +286,9 @@ def prefect_gone(reason: str | None) -> None:
     waiting on Prefect's workers to hand logs and events to a server that is gone)."""
     if reason is None:
         return
-    err.print(f"[bold red]error:[/] {escape(reason)}. Nothing more is started; the run is recorded failed "
-              "(`counterops runs show`). Start the Prefect server again and run the same command: finished "
-              "counters are skipped.", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(reason)}. Nothing more is started (`counterops runs show` says how far "
+              "the run got). Start the Prefect server again and run the same command: finished counters are skipped.",
+              highlight=False, soft_wrap=True)
     exit_now(EXIT_FAILED, drain=False)
 
 

@@ -38,8 +38,10 @@ def api_down() -> str | None:
 
 
 def answers(url: str, timeout: float = TIMEOUT_S) -> bool:
+    """Whether the API at ``url`` is there: any answer but a 5xx counts (Prefect Cloud may refuse an
+    unauthenticated /health; a proxy whose server is gone says 502)."""
     try:
-        return httpx.get(f"{url.rstrip('/')}/health", timeout=timeout).status_code == 200
+        return httpx.get(f"{url.rstrip('/')}/health", timeout=timeout).status_code < 500
     except httpx.HTTPError:
         return False
 
