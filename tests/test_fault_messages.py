@@ -4,6 +4,7 @@ tmpfs, a lock held by another process), the error text asserted."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import socket
 import subprocess
@@ -105,7 +106,7 @@ def test_a_full_disk_on_the_counter_says_free_and_needed_bytes(own_fleet, tmp_pa
         assert list(tmp.iterdir()) == [], "the partial upload was left behind"
     message = str(e.value)
     assert message.startswith(f"{device.id}: disk full on the counter: "), message
-    free, needed = (int(n) for n in __import__("re").search(r"(\d+) bytes free in (?:.*), (\d+) needed", message).group(1, 2))
+    free, needed = (int(n) for n in re.search(r"(\d+) bytes free in (?:.*), (\d+) needed", message).group(1, 2))
     assert f"bytes free in {tmp}, " in message and needed == package.stat().st_size and free < needed
 
 

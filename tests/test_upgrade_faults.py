@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import hashlib
 import os
 import signal
@@ -24,7 +23,6 @@ from inventory.models import Device, Run, UpgradeStep
 from inventory.store import Store
 from simfleet import fleet as simfleet
 from tests.plugins.fleet import port
-from tests.plugins.notices import NoticeReceiver
 from tests.test_upgrade import CLI, cli, customer_digest, health, run_record, write_plan
 
 # ----------------------------------------------------------------------------- fault injection
@@ -137,6 +135,13 @@ def leftovers(device: Device) -> list[str]:
     if (root / "opt/smartcounter/releases/1.2.0").exists():
         found.append(root / "opt/smartcounter/releases/1.2.0")
     return [str(p) for p in found]
+
+
+def version_of(device: Device) -> str | None:
+    try:
+        return health(device)["version"]
+    except Exception:
+        return None  # restarting
 
 
 def assert_back_on_1_0_0_in_service(device: Device, before: dict) -> None:
@@ -310,14 +315,14 @@ def ten_outlets(fleet_dir, home) -> Path:
 
 
 @pytest.fixture
-def doomed_prefect_server(home, prefect_api) -> Iterator[str]:
-    """A second Prefect server of this test's own (the session's one must live on): its API URL.
-    SIGKILLed by the test; killed again here in any case."""
+def doomed_prefect_server(home, prefect_api):
+    """A second Prefect server of this test's own (the session's one must live on), SIGKILLed by the
+    test; killed again here in any case."""
     from counterops import localserver
 
     info = localserver.start()  # under this test's COUNTEROPS_HOME: a server apart from the session's
     try:
-        yield info.url
+        yield info
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(info.pid, signal.SIGKILL)
@@ -330,14 +335,14 @@ def test_a_prefect_server_killed_mid_run_is_one_line_and_the_rerun_finishes(ten_
     inv = load_inventory(fleet_dir / "inventory.yaml")
     before = {d.id: customer_digest(d.root) for d in inv.devices}
     plan = one_wave_plan(fleet_dir, "prefect-dies", parallelism=1)
-    server_pid = __import__("json").loads((Path(os.environ["COUNTEROPS_HOME"]) / "prefect" / "server.json").read_text())["pid"]
-    proc = upgrade(fleet_dir, plan, env=os.environ | {"PREFECT_API_URL": doomed_prefect_server})
+    url = doomed_prefect_server.url
+    proc = upgrade(fleet_dir, plan, env=os.environ | {"PREFECT_API_URL": url})
     try:
         deadline = time.monotonic() + 120
         while sum(version_of(d) == "1.2.0" for d in inv.devices) < 2 and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
-        os.killpg(server_pid, signal.SIGKILL)
+        os.killpg(doomed_prefect_server.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)  # seconds, not minutes
     finally:
         if proc.poll() is None:
@@ -345,11 +350,11 @@ def test_a_prefect_server_killed_mid_run_is_one_line_and_the_rerun_finishes(ten_
     assert proc.returncode == 1, out + err
     assert "Traceback" not in out + err and "Error logging to API" not in err, err
     said = [line for line in err.splitlines() if "unreachable" in line]
-    assert len(said) == 1 and said[0].startswith(f"error: Prefect API unreachable at {doomed_prefect_server}: "), err
+    assert len(said) == 1 and said[0].startswith(f"error: Prefect API unreachable at {url}: "), err
     assert err.strip().splitlines()[-1] == said[0]
 
     run, steps = run_record("prefect-dies")
-    assert run.status == "failed" and run.summary["reason"].startswith(f"Prefect API unreachable at {doomed_prefect_server}: ")
+    assert run.status == "failed" and run.summary["reason"].startswith(f"Prefect API unreachable at {url}: ")
     for d in inv.devices:  # every counter on the old or the new version, healthy, in service, its data intact
         h = health(d)
         assert h["version"] in ("1.0.0", "1.2.0") and (h["status"], h["in_service"]) == ("ok", True), (d.id, h)
@@ -361,9 +366,3 @@ def test_a_prefect_server_killed_mid_run_is_one_line_and_the_rerun_finishes(ten_
     assert again.returncode == 0, again.stdout + again.stderr
     assert all(health(d)["version"] == "1.2.0" for d in inv.devices)
 
-
-def version_of(device: Device) -> str | None:
-    try:
-        return health(device)["version"]
-    except Exception:
-        return None  # restarting
