@@ -14,13 +14,10 @@ commands start fast.
 
 from __future__ import annotations
 
-import atexit
 import gc
 import json
-import os
-import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -38,6 +35,7 @@ from counterops.common import (
     JsonOption,
     current_operator,
     err,
+    exit_now,
     fail,
     flow_in_this_process,
     inventory_path,
@@ -378,20 +376,52 @@ def print_run(store, run) -> None:
     steps = store.device_steps(run.id)
     table = Table("counter", "wave", "steps", "result")
     by_device: dict[str, list] = {}
-    for s in steps:
+    for s in store.device_steps(run.id):
         by_device.setdefault(s.device_id, []).append(s)
+    table = Table(Column("counter", no_wrap=True), "wave", "steps", "result")
     for device_id, ds in by_device.items():
-        last_failed = next((s for s in reversed(ds) if s.status == "failed"), None)
-        rolled_back = any(s.step == "rollback" and s.status == "ok" for s in ds)
-        result = "rolled back" if rolled_back else ("[red]failed[/]" if last_failed else "ok")
-        if last_failed:
-            result += f" at {last_failed.step}: {escape((last_failed.error or '')[:200])}"
-        table.add_row(device_id, str(ds[0].wave), " → ".join(f"{s.step}" + ("" if s.status == "ok" else f"({s.status})") for s in ds), result)
+        table.add_row(device_id, str(ds[0].wave), " → ".join(f"{s.step}" + ("" if s.status == "ok" else f"({s.status})") for s in ds),
+                      counter_result(ds, run_ended=run.status != "running"))
     left_out = run.summary.get("left_out") or {}
     for device_id, why in left_out.items():
         table.add_row(device_id, "", "", f"[yellow]{escape(why or 'left out')}[/]")
     if steps or left_out:
         out.print(table)
+
+
+def counter_result(steps, run_ended: bool) -> str:
+    """How one counter ended in a run, and why: each failing step's error with the last lines of its
+    output; a step still "running" after its run ended was interrupted."""
+    rolled_back = next((s for s in steps if s.step == "rollback" and s.status == "ok"), None)
+    failed = [s for s in steps if s.status == "failed"]
+    unfinished = [s for s in steps if s.status == "running"]
+    if rolled_back:
+        result = "rolled back"
+    elif failed:
+        result = "[red]failed[/]"
+    elif unfinished:
+        result = f"[yellow]interrupted[/] at {unfinished[-1].step}" if run_ended else f"in progress: {unfinished[-1].step}"
+    else:
+        result = "ok"
+    lines = [result]
+    lines += [f"{s.step}: {escape(error_lines(s.error or ''))}" for s in failed]
+    if rolled_back and not failed and rolled_back.details.get("cause"):
+        lines.append(f"{rolled_back.details.get('failed_step')}: {escape(error_lines(rolled_back.details['cause']))}")
+    if rolled_back and unfinished:
+        lines.append(f"({', '.join(s.step for s in unfinished)} interrupted)")
+    return "\n".join(lines)
+
+
+def error_lines(error: str, last: int = 5, width: int = 300) -> str:
+    """An error as shown in a table: its first line (what failed, where) and the last lines of the
+    output it carries, where the cause is (``tar: Unexpected EOF``), never the script's start."""
+    lines = [_cut(line, width) for line in error.strip().splitlines() if line.strip()]
+    return "\n".join(lines if len(lines) <= last + 1 else [lines[0], "  …", *lines[-last:]])
+
+
+def _cut(line: str, width: int) -> str:
+    """A long line's start (what) and end (why), the middle left out."""
+    return line if len(line) <= width else f"{line[: width // 3]} … {line[-(width - width // 3):]}"
 
 
 @runs_app.command("list")
@@ -443,24 +473,6 @@ def main() -> None:
     except SystemExit as e:
         code = e.code
     exit_now(code)
-
-
-def exit_now(code: object) -> NoReturn:
-    """Exit without tearing the interpreter down: the exit handlers run (Prefect's workers hand in
-    their last logs and events, logging flushes), then the process ends. Tearing down what Prefect,
-    pydantic and SQLAlchemy built costs ≈ 0.5 s of CPU on every command, for nothing. Threads still
-    running are not waited for: every command finishes its own work (flows shut their task runners
-    down, pools close) before it returns."""
-    if code is not None and not isinstance(code, int):  # SystemExit("message"): print it, status 1
-        print(code, file=sys.stderr)
-        code = 1
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code or 0)
 
 
 if __name__ == "__main__":

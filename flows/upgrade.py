@@ -13,7 +13,9 @@
 Never more than ``parallelism`` counters at once, never more than
 ``max_unavailable_per_outlet`` counters of one outlet out of service, never a
 counter started outside the maintenance window, never a counter another run
-holds (left out as ``busy``: not a failure, not done; the run does not succeed).
+holds (left out as ``busy``: not a failure, not done; the run does not succeed),
+nor once the Prefect API is gone (the running ones finish or roll back; the run
+ends failed "Prefect API unreachable at URL"; run the plan again when the server is back).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import concurrent.futures
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from typing import NoReturn
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -38,9 +41,10 @@ from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan
 from inventory.store import Store
 from tasks.evaluate import Soak, report_markdown, verdict, watch_health, wave_metrics
 from tasks.notify import Notice, NotifyError
+from tasks.prefect_api import ApiWatch, PrefectAPIUnreachable
 from tasks.report import artifact_key, deliver, publish_final_table, tag_branches
 from tasks.rollout import CounterOutcome, Leftover, unfinished_installs, upgrade_counter
-from tasks.run_record import ends_with_reason, recorded_run
+from tasks.run_record import OpenRun, ends_with_reason, recorded_run
 from tasks.ssh import ConnectionPool
 
 APPROVAL_TIMEOUT_S = 24 * 3600
@@ -83,7 +87,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
     waves = plan_waves(plan, resolve_scope(plan, inv))
     announced = impact(plan, inv)
 
-    with (Store.open() as store, ConnectionPool(inv.ssh) as pool,
+    with (Store.open() as store, ConnectionPool(inv.ssh) as pool, ApiWatch.for_this_run() as api,
           recorded_run(store, Run(kind=RunKind.UPGRADE, name=plan.name, initiator=plan.initiator,
                                   flow_run_id=str(flow_run.id), params=plan.model_dump(mode="json"))) as run):
         store.import_inventory(inv, actor=plan.initiator, source=inventory)  # the records name the counters as this run saw them
@@ -107,7 +111,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
                 halted = wait_for_approval(plan, inv, store, run.id, planned, index)
                 if halted:
                     break
-            done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool, leftovers)
+            done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool, leftovers, api)
             outcomes += done
             for o in done:
                 if o.status == "held":  # its data changed since the backup: out of service until someone decides
@@ -115,6 +119,8 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
                     _notify_quietly(plan, Notice(f"{plan.name}: {o.device_id} held, needs a decision",
                                                  f"{o.device_id} ({o.outlet}) is out of service: {o.rollback_error or o.error}",
                                                  "failure"))
+            if api.down:  # nothing more can be reported to Prefect: record why here, and stop
+                _stopped_without_api(plan, run, api.down, outcomes, sum(len(w.devices) for w in waves))
             soak = watch_health([inv.device(o.device_id) for o in done if o.status == "upgraded"], planned.wave.soak_seconds)
             failed = sum(o.failed for o in done)
             within = wave_within_limits(planned.wave, failed, len(planned.devices)) and not soak.unhealthy
@@ -202,6 +208,19 @@ def find_paused_run(ref: str):
         return runs[0] if runs else None
 
 
+def _stopped_without_api(plan: UpgradePlan, run: OpenRun, reason: str, outcomes: list[CounterOutcome],
+                         in_scope: int) -> NoReturn:
+    """The Prefect API is gone and the running counters have ended: tell the branches, and raise (no
+    artifact or flow-run state can reach Prefect now); the run record ends failed with the reason."""
+    counts = Counter(o.status for o in outcomes)
+    done = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in sorted(counts.items())) or "no counter finished"
+    said = f"{reason}: {done}, {in_scope - len(outcomes)} not started"
+    run.end("failed", {"halted": reason, "resumable": True, **counts})
+    _notify_quietly(plan, Notice(f"{plan.name} HALTED", f"{said}. No further counter will be touched; run the same plan "
+                                 "again once the Prefect server is back: finished counters are skipped.", "failure"))
+    raise PrefectAPIUnreachable(said)
+
+
 def _notify_quietly(plan: UpgradePlan, notice: Notice) -> None:
     """Progress notices must not stop an upgrade half-way: a failed one is logged and the plan goes on."""
     try:
@@ -234,21 +253,27 @@ def wait_for_approval(plan: UpgradePlan, inv: Inventory, store: Store, run_id: i
 
 
 def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index: int, store: Store, run_id: int,
-                  pool: ConnectionPool, leftovers: dict[str, Leftover]) -> tuple[list[CounterOutcome], list[str]]:
+                  pool: ConnectionPool, leftovers: dict[str, Leftover], api: ApiWatch) -> tuple[list[CounterOutcome], list[str]]:
     """Upgrade the wave's counters: at most ``parallelism`` at once and ``max_unavailable_per_outlet``
-    per outlet; none started once the window closes or the wave's failure threshold is passed.
-    Returns the outcomes and the ids of counters not started."""
+    per outlet; none started once the window closes, the wave's failure threshold is passed or the
+    Prefect API is gone (the running ones end first). Returns the outcomes and the ids of counters not started."""
     total = len(planned.devices)
-    progress = create_progress_artifact(0.0, key=artifact_key(plan.name, "wave", str(index), planned.wave.name),
-                                        description=f"Wave {planned.wave.name}: {total} counters")
     pending = list(planned.devices)
+    try:
+        progress = None if api.down else create_progress_artifact(
+            0.0, key=artifact_key(plan.name, "wave", str(index), planned.wave.name), description=f"Wave {planned.wave.name}: {total} counters")
+    except Exception as e:
+        if api.confirm(e) is None:
+            raise
+    if api.down:
+        return [], [d.id for d in pending]
     running: dict[concurrent.futures.Future, object] = {}
     busy: Counter[str] = Counter()
     outcomes: list[CounterOutcome] = []
     next_progress, shown = time.monotonic() + PROGRESS_EVERY_S, 0
     while pending or running:
         failed = sum(o.failed for o in outcomes)
-        may_start = plan.window_is_open(datetime.now(UTC)) and wave_within_limits(planned.wave, failed, total)
+        may_start = not api.down and plan.window_is_open(datetime.now(UTC)) and wave_within_limits(planned.wave, failed, total)
         if may_start:
             for device in list(pending):
                 if len(running) >= plan.parallelism:
@@ -263,23 +288,31 @@ def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index
                 pending.remove(device)
         if not running:
             break  # window closed or threshold passed: the rest of the wave is not started
-        finished, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
+        # woken once a second as well, to notice a Prefect API that went away
+        finished, _ = concurrent.futures.wait(list(running), timeout=api.interval_s, return_when=concurrent.futures.FIRST_COMPLETED)
         for wrapped in finished:
             future, device = running.pop(wrapped)
             busy[device.outlet] -= 1
             outcomes.append(_outcome(future, device, index))
-        if time.monotonic() >= next_progress:  # an API call each: not per counter on big waves
+        if finished and time.monotonic() >= next_progress:  # an API call each: not per counter on big waves
             next_progress = time.monotonic() + PROGRESS_EVERY_S
-            shown = _show_progress(progress, planned, outcomes, total)
+            shown = _show_progress(progress, planned, outcomes, total, api)
     if shown != len(outcomes):
-        _show_progress(progress, planned, outcomes, total)
+        _show_progress(progress, planned, outcomes, total, api)
     return outcomes, [d.id for d in pending]
 
 
-def _show_progress(progress, planned: PlannedWave, outcomes: list[CounterOutcome], total: int) -> int:
-    update_progress_artifact(progress, 100.0 * len(outcomes) / total,
-                             description=f"Wave {planned.wave.name}: {len(outcomes)} of {total} done, "
-                                         f"{sum(o.failed for o in outcomes)} failed")
+def _show_progress(progress, planned: PlannedWave, outcomes: list[CounterOutcome], total: int, api: ApiWatch) -> int:
+    """Update the wave's progress artifact, unless the Prefect API is gone (then the wave winds down)."""
+    if api.down or progress is None:
+        return len(outcomes)
+    try:
+        update_progress_artifact(progress, 100.0 * len(outcomes) / total,
+                                 description=f"Wave {planned.wave.name}: {len(outcomes)} of {total} done, "
+                                             f"{sum(o.failed for o in outcomes)} failed")
+    except Exception as e:
+        if api.confirm(e) is None:
+            raise
     return len(outcomes)
 
 

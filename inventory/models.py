@@ -167,6 +167,7 @@ class SSHSettings(_Model):
     known_hosts: LocalPath
     connect_timeout: Timeout = 10
     command_timeout: Timeout = 120
+    stall_timeout: Timeout = 15  # a transfer, or a command's silent session, with no sign of life this long: the link is lost
 
 
 class Branch(_Model):

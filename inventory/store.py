@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Engine, and_, create_engine, event, func, inspect, insert, not_, select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from inventory.models import (
@@ -148,6 +149,10 @@ def _with_driver(url: str) -> str:
     return url
 
 
+class StoreLocked(RuntimeError):
+    """Another process held the store's write lock for longer than the busy timeout."""
+
+
 # ----------------------------------------------------------------------------- engine and schema
 
 
@@ -225,9 +230,19 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        """A write transaction: committed at the end, rolled back on an exception."""
-        with self._write_lock or nullcontext(), self._writer.begin() as s:
-            yield s
+        """A write transaction: committed at the end, rolled back on an exception. A lock another
+        process holds past the busy timeout is a StoreLocked naming the store."""
+        try:
+            with self._write_lock or nullcontext(), self._writer.begin() as s:
+                yield s
+        except OperationalError as e:
+            if "database is locked" not in str(e.orig):
+                raise
+            where = self.engine.url.database or self.engine.url.render_as_string(hide_password=True)
+            raise StoreLocked(
+                f"the store {where} is locked by another process: no write lock within {SQLITE_BUSY_TIMEOUT_S:g} s "
+                f"(find it with `fuser {where}`, let it finish or stop it, then run again)"
+            ) from e
 
     @classmethod
     def open(cls, url: str | None = None) -> Store:

@@ -54,6 +54,7 @@ class Symptom(StrEnum):
     DATABASE_DAMAGED = "database integrity check failed"
     DATABASE_MAINTENANCE_FAILED = "database maintenance failed"
     DATA_CHANGED_SINCE_BACKUP = "data changed since backup: needs a decision"
+    ROLLBACK_FAILED = "upgrade rollback failed: needs attention"
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ CATALOGUE: dict[str, Kind] = {  # keyed by Symptom, which are strings: a stored 
     Symptom.DATABASE_MAINTENANCE_FAILED: Kind("database", "high"),
     # never cleared by an inspection (no check is called "decision"): only `counterops decide` closes it
     Symptom.DATA_CHANGED_SINCE_BACKUP: Kind("decision", "critical"),
+    Symptom.ROLLBACK_FAILED: Kind("upgrade", "high"),  # no inspection runs this check: closed by hand
 }
 
 

@@ -40,6 +40,8 @@ from tasks.ssh import Connection, ConnectionPool, HostKeyChanged, HostKeyUnknown
 CLOCK_DRIFT_MAX_S = 30
 MIN_FREE_DISK_MB = 512
 STALE_TEMP_MIN = 24 * 60  # a temp file untouched for a day is a leftover
+LEFTOVER_UPLOAD_MIN = 60  # a partial upload (*.part-*) or unpack (releases/.unpack.*) untouched this long was interrupted
+RELEASES = "opt/smartcounter/releases"
 CTL = "opt/smartcounter/current/bin/ctl"
 PERIPHERAL_SYMPTOMS = {
     "receipt_printer": Symptom.PRINTER_FAULT,
@@ -51,10 +53,17 @@ PERIPHERAL_SYMPTOMS = {
 # an inspection fixes nothing.
 BUSY_KINDS = (RunKind.UPGRADE, RunKind.MAINTENANCE, RunKind.DRILL)
 
-# Files and symlinks under $1 untouched for over $2 minutes, NUL-separated; never leaves the file system.
-_FIND_STALE = 'cd -- "$1" 2>/dev/null || exit 0; find . -xdev -mindepth 1 \\( -type f -o -type l \\) -mmin +"$2" -print0'
-# The same, deleted; then the directories they leave empty (if those are stale too).
-_REMOVE_STALE = _FIND_STALE + ' -delete && find . -xdev -mindepth 1 -depth -type d -empty -mmin +"$2" -delete'
+# Leftovers, NUL-separated, never leaving the file system: files and symlinks under $1 (the counter's tmp)
+# untouched for over $2 minutes, partial uploads there (*.part-*) untouched for over $4 minutes, and
+# interrupted unpacks in $3 (releases/.unpack.*) untouched for over $4 minutes.
+_TEMP_FILES = '\\( -type f -o -type l \\) \\( -mmin +"$2" -o -name "*.part-*" -mmin +"$4" \\)'
+_UNPACKS = '-maxdepth 1 -type d -name ".unpack.*" -mmin +"$4"'
+_FIND_STALE = (f'if [ -d "$1" ]; then find "$1" -xdev -mindepth 1 {_TEMP_FILES} -print0; fi; '
+               f'if [ -d "$3" ]; then find "$3" -xdev -mindepth 1 {_UNPACKS} -print0; fi')
+# The same, deleted; then the directories they leave empty under tmp (if those are stale too).
+_REMOVE_STALE = (f'if [ -d "$1" ]; then find "$1" -xdev -mindepth 1 {_TEMP_FILES} -print0 -delete; '
+                 'find "$1" -xdev -mindepth 1 -depth -type d -empty -mmin +"$2" -delete; fi; '
+                 f'if [ -d "$3" ]; then find "$3" -xdev -mindepth 1 {_UNPACKS} -print0 -exec rm -rf -- {{}} +; fi')
 
 
 class CounterInspection(BaseModel):
@@ -103,15 +112,20 @@ def check_disk(conn: Connection, device: Device) -> Finding:
     return Finding(check="disk", detail=f"{free_mb} MB free", data={"free_mb": free_mb})
 
 
+def _leftover_args(device: Device) -> tuple[str, int, str, int]:
+    return remote_path(device.root, "tmp"), STALE_TEMP_MIN, remote_path(device.root, RELEASES), LEFTOVER_UPLOAD_MIN
+
+
 def stale_temp_files(conn: Connection, device: Device) -> list[str]:
-    out = conn.run(sh(_FIND_STALE, remote_path(device.root, "tmp"), STALE_TEMP_MIN)).stdout
+    out = conn.run(sh(_FIND_STALE, *_leftover_args(device))).stdout
     return [name for name in out.split("\0") if name]
 
 
 def check_temp_files(conn: Connection, device: Device) -> Finding:
-    """After closing: leftovers under the counter's tmp (e.g. from an interrupted job) fill its disk over time."""
+    """After closing: leftovers under the counter's tmp (e.g. from an interrupted job) and interrupted
+    uploads and unpacks of a release fill its disk over time."""
     stale = stale_temp_files(conn, device)
-    detail = f"{len(stale)} files under tmp untouched for over a day"
+    detail = f"{len(stale)} leftovers: files under tmp untouched for over a day, or interrupted uploads and unpacks"
     return Finding(check="temp_files", symptom=Symptom.STALE_TEMP_FILES if stale else None, detail=detail, data={"stale_files": len(stale)})
 
 
@@ -185,8 +199,9 @@ def put_back_in_service(device: Device, pool: ConnectionPool) -> str:
 
 
 def remove_stale_temp_files(conn: Connection, device: Device) -> int:
-    """Delete files under the counter's tmp untouched for over a day (and the directories they leave empty)."""
-    out = conn.run(sh(_REMOVE_STALE, remote_path(device.root, "tmp"), STALE_TEMP_MIN)).stdout
+    """Delete files under the counter's tmp untouched for over a day (and the directories they leave empty),
+    and interrupted uploads and unpacks untouched for over an hour."""
+    out = conn.run(sh(_REMOVE_STALE, *_leftover_args(device))).stdout
     return out.count("\0")
 
 

@@ -25,29 +25,44 @@ backup was, then upgraded afresh.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
 from pydantic import BaseModel
 
 from inventory.leases import lease
-from inventory.models import Backup, Device, DeviceStep, RunKind, SSHSettings, UpgradeStep
+from inventory.models import Backup, Device, DeviceStep, Fault, RunKind, SSHSettings, UpgradeStep
 from inventory.plan import UpgradePlan
 from inventory.store import Store
 from playbooks import load_playbook
 from playbooks.schema import Playbook
-from tasks.backup import BackupError, DataChangedSinceBackup, data_changed_since, restore_backup, take_backup
+from tasks.backup import BackupError, DataChangedSinceBackup, check_unchanged_since, data_changed_since, restore_backup, take_backup
 from tasks.checks import business_test, free_disk_command, free_disk_mb, functional_test
 from tasks.counter_app import read_health, read_metrics, set_in_service
 from tasks.downgrade import check_downgrade
+from tasks.faults import CATALOGUE, Symptom
 from tasks.hold import held, held_reason, hold
+from tasks.notify import Notice, NotifyError, send_notice
 from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, read_facts_and, run_steps
-from tasks.ssh import Connection, ConnectionPool, SSHError
+from tasks.ssh import Connection, ConnectionPool, SSHError, remote_path
+
+class _FailedStateEcho(logging.Filter):
+    """A task that returns a Failed state is logged twice by Prefect: "Task run failed with state:
+    Failed(..., result=<the whole outcome>)" with an empty traceback ("NoneType: None"), then
+    "Finished in state Failed(<message>)". The second says it all; the first is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Task run failed with state: "))
+
+
+logging.getLogger("prefect.task_runs").addFilter(_FailedStateEcho())
 
 MIN_FREE_DISK_FACTOR = 4  # free space wanted on the counter, in package sizes (upload + unpack + backup)
 
@@ -205,7 +220,8 @@ def upgrade_counter_pipeline(
     try:
         with rec.step(UpgradeStep.PRECHECK) as found:
             conn = pool.connection(device)
-            facts, (df,) = read_facts_and(conn, playbook, device_vars(device), free_disk_command(device.root))
+            staging = remote_path(device.root, "tmp")  # where the package is uploaded and the backup is taken
+            facts, (df,) = read_facts_and(conn, playbook, device_vars(device), free_disk_command(staging))
             out.from_version = out.version = facts["installed_version"]
             found["installed_version"] = out.from_version
             if not df.ok:
@@ -214,7 +230,8 @@ def upgrade_counter_pipeline(
             need_mb = MIN_FREE_DISK_FACTOR * Path(plan.package).stat().st_size // (1024 * 1024) + 1
             found["free_disk_mb"] = free_mb
             if free_mb < need_mb:
-                raise RuntimeError(f"only {free_mb} MB free on the counter, {need_mb} MB needed")
+                raise RuntimeError(f"only {free_mb} MB free in {staging} on the counter, {need_mb} MB needed "
+                                   f"({MIN_FREE_DISK_FACTOR} × the package: upload, unpack, backup); free space there first")
             if leftover is not None:
                 backup_then, version_then = leftover
                 changes = data_changed_since(conn, device, backup_then, playbook.backup.paths)
@@ -226,7 +243,11 @@ def upgrade_counter_pipeline(
                         "situation": f"an earlier run of {plan.name} left the install unfinished"})
                     raise Held(held_reason(fault))
                 found["recovered_from_backup"] = backup_then.id
-                _recover(conn, device, plan, playbook, backup_then, version_then)
+                try:
+                    _recover(conn, device, plan, playbook, backup_then, version_then)
+                except Exception as e:
+                    _needs_attention(store, device, plan, run_id, "precheck (recovering an interrupted install)", _describe(e))
+                    raise
                 out.from_version = out.version = found["installed_version"] = read_facts(conn, playbook, device_vars(device))["installed_version"]
             downgrade = check_downgrade(conn, device, plan, out.from_version)
             if downgrade is not None:
@@ -262,7 +283,11 @@ def upgrade_counter_pipeline(
         vars = playbook_vars(device, version=plan.target_version, previous_version=out.from_version,
                              package=Path(plan.package), package_sha256=plan.package_sha256 or "")
         with rec.step(UpgradeStep.INSTALL) as found:
-            found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, playbook.install, vars)]
+            try:
+                found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, playbook.install, vars)]
+            except StepFailed as e:  # keep what each step did, the failed one last with its output
+                found["steps"] = [r.model_dump(mode="json") for r in e.results]
+                raise
         out.version = plan.target_version
         # 5. system-function test
         with rec.step(UpgradeStep.FUNCTIONAL_TEST) as found:
@@ -312,7 +337,7 @@ def _data_changed(e: BaseException) -> DataChangedSinceBackup | None:
 
 
 def _describe(e: Exception) -> str:
-    return e.message if isinstance(e, StepFailed) else str(e)
+    return f"step {e.step_name!r}: {e.message}" if isinstance(e, StepFailed) else str(e)
 
 
 def _last_step(store: Store, run_id: int, device_id: str) -> str:
@@ -350,7 +375,11 @@ def _confirm_current(device: Device, plan: UpgradePlan, rec: _Recorder, out: Cou
 
 def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Recorder, out: CounterOutcome, conn: Connection,
                backup: Backup | None, vars: dict[str, str], reason: str) -> None:
-    """Previous release, data from the verified backup, restart, health checked, back into service."""
+    """Previous release, data from the verified backup, restart, health checked, back into service;
+    the install's leftovers removed. Over a new connection when the failure left this one suspect.
+    Before the install began (drain or backup failed) nothing is stopped or restored: the app and
+    its data are as they were. A rollback that fails leaves a "needs attention" fault and a notice."""
+    steps = playbook.rollback if vars else []
     if not vars:
         vars = playbook_vars(device, version=plan.target_version, previous_version=out.from_version or "",
                              package=Path(plan.package), package_sha256=plan.package_sha256 or "0" * 64)
@@ -367,18 +396,17 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
             "situation": f"the upgrade failed at {out.failed_step} and its rollback would have restored the backup"})
         out.status, out.rollback_error = "held", held_reason(fault)
 
-    if backup is not None:  # never over newer data: look before stopping anything
-        try:
-            changes = data_changed_since(conn, device, backup, playbook.backup.paths)
-        except BackupError:
-            changes = []  # cannot compare now: the restore compares again and refuses if it still cannot
-        if changes:
-            hold_for_decision(DataChangedSinceBackup(device.id, backup, changes))
-            return
-
     try:
-        with rec.step(UpgradeStep.ROLLBACK, failed_step=out.failed_step) as found:
-            found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, playbook.rollback, vars, restore_data=restore_data)]
+        with rec.step(UpgradeStep.ROLLBACK, failed_step=out.failed_step, cause=out.error, reconnected=conn.suspect) as found:
+            if conn.suspect is not None:
+                conn.reconnect()
+            if backup is not None and steps:  # never over newer data: look before stopping anything
+                check_unchanged_since(conn, device, backup, playbook.backup.paths)  # the restore looks again
+            try:
+                found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, steps, vars, restore_data=restore_data)]
+            except StepFailed as e:
+                found["steps"] = [r.model_dump(mode="json") for r in e.results]
+                raise
             health = read_health(device) or {}
             if health.get("version") != out.from_version or health.get("status") != "ok":
                 raise RuntimeError(f"after rollback the counter reports {health.get('version')!r} / {health.get('status')!r}")
@@ -390,28 +418,68 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
             hold_for_decision(changed)
         else:
             out.status, out.rollback_error = "failed", _describe(e)
+            _needs_attention(rec.store, device, plan, rec.run_id, out.failed_step or "?",
+                             f"{out.error}; the rollback failed: {out.rollback_error}")
 
 
 def _recover(conn: Connection, device: Device, plan: UpgradePlan, playbook: Playbook, backup: Backup, version_then: str) -> None:
     """Put a counter caught mid-install back exactly as it was: its old release, the data of its verified backup."""
     vars = playbook_vars(device, version=plan.target_version, previous_version=version_then,
                          package=Path(plan.package), package_sha256=plan.package_sha256 or "0" * 64)
+    if conn.suspect is not None:
+        conn.reconnect()
     run_steps(conn, device, playbook.rollback, vars, restore_data=lambda: restore_backup(conn, device, backup, playbook.backup.paths))
+
+
+def _needs_attention(store: Store, device: Device, plan: UpgradePlan, run_id: int, failed_step: str, cause: str) -> None:
+    """A counter the upgrade could not put back: a high-severity fault naming it, the step and the cause, and a
+    notice to the branch. It stays out of service until someone looks (nothing is guessed)."""
+    symptom = Symptom.ROLLBACK_FAILED
+    detail = f"upgrade {plan.name} to {plan.target_version} failed at {failed_step}: {cause}"
+    try:
+        fault = store.add(Fault(device_id=device.id, branch_id=device.branch, outlet_id=device.outlet, symptom=symptom,
+                                severity=CATALOGUE[symptom].severity,
+                                details={"run_id": run_id, "plan": plan.name, "failed_step": failed_step, "cause": cause}))
+        ref = f"fault #{fault.id}"
+    except Exception as e:  # the store itself may be the cause (locked): the notice still goes out
+        ref = f"no fault recorded ({e})"
+    try:
+        send_notice(plan.notify, Notice(f"Counter {device.id} needs attention: rollback failed",
+                                        f"Counter {device.id}, branch {device.branch}, outlet {device.outlet}: {detail}. "
+                                        f"It is held out of service ({ref}); please check it on site.", "failure"))
+    except NotifyError as e:
+        get_run_logger().warning(f"{device.id} needs attention ({ref}) and the notice failed: {e}")
 
 
 @task(name="upgrade-counter", cache_policy=NO_CACHE, retries=0)
 def upgrade_counter(
     device: Device, plan: UpgradePlan, ssh: SSHSettings, run_id: int, wave: int, pool: ConnectionPool, store: Store,
     leftover: Leftover | None = None,
-) -> CounterOutcome:
+) -> CounterOutcome | State:
     """One counter through the whole upgrade procedure (one task run per counter), holding its lease:
-    a counter another run works on is left out untouched (status busy)."""
-    with lease(store, device.id, run_id) as held:
-        if held is not None:
+    a counter another run works on is left out untouched (status busy). A counter that failed, was
+    rolled back or is held for a decision ends its task run Failed, with the outcome as the state's
+    data (``future.result(raise_on_failure=False)`` gives it back)."""
+    with lease(store, device.id, run_id) as taken_by:
+        if taken_by is not None:
             now = datetime.now(UTC)
             return CounterOutcome(device_id=device.id, branch=device.branch, outlet=device.outlet, wave=wave, status="busy",
-                                  error=f"{held}; left out", started_at=now, ended_at=now)
+                                  error=f"{taken_by}; left out", started_at=now, ended_at=now)
         try:
-            return upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool, leftover=leftover)
+            out = upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool, leftover=leftover)
         finally:
             pool.release(device)
+    return Failed(message=outcome_line(out), data=out) if out.failed or out.status == "held" else out
+
+
+def outcome_line(out: CounterOutcome) -> str:
+    """How a counter ended, in one line: what failed where, and what the rollback did."""
+    def said(error: str | None) -> str:  # the counter is named once, in front
+        return (error or "").replace(f"{out.device_id}: ", "")
+
+    if out.status == "held":
+        return f"{out.device_id}: held for a decision: {said(out.rollback_error or out.error)}"
+    if not out.failed:
+        return f"{out.device_id}: {out.status} ({out.version})"
+    line = f"{out.device_id}: {out.status.replace('_', ' ')} at {out.failed_step}: {said(out.error)}"
+    return line + (f"; rollback failed: {said(out.rollback_error)}" if out.rollback_error else "")

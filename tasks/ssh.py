@@ -8,6 +8,12 @@
   values travel as positional parameters, never spliced into the script.
 - Connects, commands and transfers all have timeouts; a command that ends
   without an exit status (killed, link lost) is an error, not an empty success.
+  A session that stops answering is noticed within ``stall_timeout``: a transfer
+  without progress, or a silent command whose session no longer opens a channel.
+  Such a connection is *suspect* (:attr:`Connection.suspect`): its transport is
+  dropped at once, never reused, and :meth:`Connection.reconnect` opens a new one.
+- Errors say what happened in plain words and name the counter: no SSH banner,
+  connection refused, the link dropped, the counter's disk full.
 - Uploads and downloads are verified by sha256 on both ends and land
   atomically (written beside the target, checked, then renamed).
 - One connection per counter, reused for every step of a run (:class:`ConnectionPool`).
@@ -23,7 +29,8 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -34,6 +41,8 @@ from inventory.models import Device, SSHSettings
 
 Arg = str | int | os.PathLike
 EOF_GRACE_S = 2.0  # after the exit status, how long to wait for the rest of a command's output
+RECONNECT_TRIES = 3
+RECONNECT_BACKOFF_S = 1.0  # doubled after each failed try: 1 s, 2 s, ...
 
 
 class SSHError(Exception):
@@ -67,12 +76,16 @@ class CommandFailed(SSHError):
     def __init__(self, device_id: str, result: Result):
         detail = (result.stderr or result.stdout).strip()[-2000:]
         status = "ended without an exit status" if result.exit_status < 0 else f"exited {result.exit_status}"
-        super().__init__(device_id, f"`{result.command}` {status}" + (f": {detail}" if detail else ""))
+        super().__init__(device_id, f"`{_short(result.command)}` {status}" + (f": {detail}" if detail else ""))
         self.result = result
 
 
 class TransferError(SSHError):
-    """A file did not arrive intact (sha256 differs between the two ends)."""
+    """A file did not arrive intact (sha256 differs between the two ends), or the counter's disk is full."""
+
+
+class ConnectionLost(SSHError):
+    """The SSH session stopped answering or was dropped mid-step: the connection is not to be reused."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,7 @@ class Target:
     known_hosts: Path
     connect_timeout: float = 10.0
     command_timeout: float = 120.0
+    stall_timeout: float = 15.0
 
     @classmethod
     def for_device(cls, device: Device, ssh: SSHSettings) -> Target:
@@ -128,6 +142,7 @@ class Target:
             known_hosts=Path(ssh.known_hosts),
             connect_timeout=ssh.connect_timeout,
             command_timeout=ssh.command_timeout,
+            stall_timeout=ssh.stall_timeout,
         )
 
     @property
@@ -200,6 +215,7 @@ class Connection:
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
         self._sftp_lock = threading.Lock()
+        self.suspect: str | None = None  # why the last transport was dropped as dead or frozen; None when sound
 
     # -- connecting ------------------------------------------------------------------
 
@@ -208,7 +224,37 @@ class Connection:
             if self._transport is None or not self._transport.is_active():
                 self._transport = self._connect()
                 self._sftp = None
+                self.suspect = None
         return self
+
+    def reconnect(self, tries: int = RECONNECT_TRIES, backoff_s: float = RECONNECT_BACKOFF_S) -> Connection:
+        """Drop the current transport without waiting on it and open a new one; a failed connect
+        is tried again after ``backoff_s``, doubled each time, ``tries`` times in all. A refused
+        host key is not tried again."""
+        self._drop(self.suspect or "reconnecting")
+        for attempt in range(1, tries + 1):
+            try:
+                return self.open()
+            except ConnectFailed as e:
+                if attempt == tries:
+                    raise ConnectFailed(self.target.device_id, f"{e.reason} (tried {tries} times)") from e
+                time.sleep(backoff_s * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    def _drop(self, why: str) -> None:
+        """Forget the transport, marked suspect for ``why``: closed without a goodbye to the counter,
+        so nothing waits on a frozen peer, and any call blocked on it fails at once."""
+        with self._lock:
+            transport, self._transport, self._sftp = self._transport, None, None
+            self.suspect = why
+        if transport is not None:
+            transport.close()
+
+    def _lost(self, what: str, e: BaseException) -> ConnectionLost:
+        """The connection failed under ``what``: drop it and say so plainly."""
+        cause = self.suspect or f"the connection to the counter was lost ({_plain(e)})"
+        self._drop(cause)
+        return ConnectionLost(self.target.device_id, f"{what}: {cause}; the connection is dropped, not reused")
 
     def _connect(self) -> paramiko.Transport:
         t = self.target
@@ -223,8 +269,14 @@ class Connection:
         pkey = _load_private_key(*_file_key(t.key_file))
         try:
             sock = socket.create_connection((t.host, t.port), timeout=t.connect_timeout)
+        except ConnectionRefusedError as e:
+            raise ConnectFailed(t.device_id, f"connection refused at {t.host}:{t.port}: no sshd listens there "
+                                             "(is the counter up and its sshd running? is ssh_port right?)") from e
+        except TimeoutError as e:
+            raise ConnectFailed(t.device_id, f"no answer from {t.host}:{t.port} within {t.connect_timeout:g} s "
+                                             "(counter off, or the network drops the traffic)") from e
         except OSError as e:
-            raise ConnectFailed(t.device_id, f"cannot reach {t.host}:{t.port}: {e}") from e
+            raise ConnectFailed(t.device_id, f"cannot reach {t.host}:{t.port}: {e.strerror or e}") from e
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ≈ 43 ms per channel open without it
         transport = paramiko.Transport(sock)
         transport.banner_timeout = t.connect_timeout
@@ -234,18 +286,38 @@ class Connection:
         offered = [k for k in options.key_types if k in set(known.keys())]
         if offered:  # ask for the key type we can check, as OpenSSH does
             options.key_types = offered
+        started = time.monotonic()
         try:
+            # start_client returns silently when its timeout passes: see whether the handshake finished
             transport.start_client(timeout=t.connect_timeout)
+            if not transport.is_active() or not getattr(transport, "initial_kex_done", True):
+                raise ConnectFailed(t.device_id, self._handshake_problem(transport, time.monotonic() - started, None))
             self._check_host_key(transport, known)
             transport.auth_publickey(t.user, pkey)
         except SSHError:
             transport.close()
             raise
+        except paramiko.AuthenticationException as e:
+            transport.close()
+            raise ConnectFailed(t.device_id, f"SSH login as {t.user}@{t.host}:{t.port} refused ({e}): is the public key of "
+                                             f"{t.key_file} in the counter's authorized_keys for {t.user}?") from e
         except (paramiko.SSHException, OSError, EOFError) as e:
             transport.close()
-            raise ConnectFailed(t.device_id, f"SSH handshake/login to {t.user}@{t.host}:{t.port} failed: {e}") from e
+            raise ConnectFailed(t.device_id, self._handshake_problem(transport, time.monotonic() - started, e)) from e
         transport.set_keepalive(15)
         return transport
+
+    def _handshake_problem(self, transport: paramiko.Transport, waited: float, e: BaseException | None) -> str:
+        t = self.target
+        where = f"{t.host}:{t.port}"
+        if not transport.remote_version:
+            if e is None or waited >= t.connect_timeout - 0.5:
+                return (f"no SSH banner within {t.connect_timeout:g} s from {where}: the connection was accepted but sshd "
+                        "sent nothing (sshd hung or overloaded?)")
+            return f"sshd at {where} closed the connection before sending its banner ({_plain(e)}); too many connections at once?"
+        if e is None:
+            return f"SSH handshake with {where} ({transport.remote_version}) did not finish within {t.connect_timeout:g} s"
+        return f"SSH handshake with {where} ({transport.remote_version}) failed: {_plain(e)}"
 
     def _check_host_key(self, transport: paramiko.Transport, known: dict) -> None:
         t = self.target
@@ -263,9 +335,9 @@ class Connection:
 
     def close(self) -> None:
         with self._lock:
-            if self._transport is not None:
-                self._transport.close()
-            self._transport = self._sftp = None
+            transport, self._transport, self._sftp = self._transport, None, None
+        if transport is not None:
+            transport.close()
 
     def __enter__(self) -> Connection:
         return self.open()
@@ -337,20 +409,29 @@ class Connection:
     ) -> Result:
         timeout = self.target.command_timeout if timeout is None else timeout
         started = time.monotonic()
+        shown = shown or command
         try:
             chan = self.transport.open_session(timeout=self.target.connect_timeout)
         except (paramiko.SSHException, OSError, EOFError) as e:
-            raise ConnectFailed(self.target.device_id, f"cannot open a channel: {e}") from e
+            raise self._lost(f"cannot open a channel for `{_short(shown)}`", e) from e
         try:
             chan.exec_command(command)
             if stdin is not None:
                 chan.sendall(stdin)
             chan.shutdown_write()
-            out, err = self._collect(chan, shown or command, started + timeout)
+            out, err = self._collect(chan, shown, started + timeout)
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        except CommandTimeout:
+            self._drop(f"`{_short(shown)}` timed out")  # its session may hold the transport up: start afresh
+            raise
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise self._lost(f"`{_short(shown)}` lost its session", e) from e
         finally:
-            chan.close()
-        result = Result(shown or command, status, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - started)
+            if self.suspect is None:
+                chan.close()
+        result = Result(shown, status, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - started)
+        if status < 0:
+            self._drop(f"`{_short(shown)}` ended without an exit status")
         if check and not result.ok:
             raise CommandFailed(self.target.device_id, result)
         return result
@@ -366,8 +447,15 @@ class Connection:
                 err.extend(chan.recv_stderr(65536))
 
         eof_by: float | None = None
+        heard = time.monotonic()  # the last sign of life: output, or a channel opened beside this one
         while True:
+            before = len(out) + len(err)
             drain()
+            if len(out) + len(err) != before:
+                heard = time.monotonic()
+            elif eof_by is None and time.monotonic() - heard >= self.target.stall_timeout:
+                self._probe(command)
+                heard = time.monotonic()
             # Done once the output has ended (EOF) and the exit status is in, or the channel closed.
             # The exit status alone is not enough: sshd may send it before the last of the output.
             # A daemon the command started may hold the output open: then wait EOF_GRACE_S at most.
@@ -386,14 +474,47 @@ class Connection:
             else:
                 select.select([chan], [], [], max(0.0, min(remaining, 0.2)))
 
+    def _probe(self, command: str) -> None:
+        """A command has been silent for ``stall_timeout``: it may just be working (a migration), or
+        its session may be frozen. A second channel opened on the same connection tells which."""
+        try:
+            self.transport.open_session(timeout=self.target.connect_timeout).close()
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            self._drop(f"the counter's SSH session stopped answering: no output for {self.target.stall_timeout:g} s "
+                       f"and no new channel within {self.target.connect_timeout:g} s")
+            raise ConnectionLost(self.target.device_id, f"`{_short(command)}` abandoned: {self.suspect}") from e
+
     # -- files -----------------------------------------------------------------------
 
     def _sftp_client(self) -> paramiko.SFTPClient:
         if self._sftp is None:
             self._sftp = paramiko.SFTPClient.from_transport(self.transport)
             assert self._sftp is not None
-            self._sftp.get_channel().settimeout(max(self.target.command_timeout, 30))
+            self._sftp.get_channel().settimeout(self.target.stall_timeout)
         return self._sftp
+
+    @contextmanager
+    def _progress_watch(self, what: str) -> Iterator[Callable[[int, int], None]]:
+        """A progress callback for a transfer; without progress for ``stall_timeout`` the transport is
+        dropped, so the call blocked on it fails at once (a frozen session never answers)."""
+        last = [time.monotonic()]
+        done = threading.Event()
+
+        def progress(_done: int, _total: int) -> None:
+            last[0] = time.monotonic()
+
+        def watch() -> None:
+            while not done.wait(min(1.0, self.target.stall_timeout / 4)):
+                if time.monotonic() - last[0] > self.target.stall_timeout:
+                    self._drop(f"stalled, no progress for {self.target.stall_timeout:g} s "
+                               "(the counter's SSH session stopped answering)")
+                    return
+
+        threading.Thread(target=watch, name=f"stall-watch-{self.target.device_id}", daemon=True).start()
+        try:
+            yield progress
+        finally:
+            done.set()
 
     def remote_sha256(self, path: str) -> str | None:
         """sha256 of a file on the counter, or None when it does not exist."""
@@ -417,21 +538,49 @@ class Connection:
         if sha256 is not None and expected != sha256:
             raise TransferError(self.target.device_id, f"upload of {local}: its sha256 here is {expected}, expected {sha256}; nothing was sent")
         tmp = f"{remote}.part-{secrets.token_hex(4)}"
+        what = f"upload of {local.name} to {remote}"
         try:
-            with self._sftp_lock:
-                sftp = self._sftp_client()
-                sftp.put(str(local), tmp, confirm=True)
-                if mode is not None:
-                    sftp.chmod(tmp, mode)
+            with self._sftp_lock, self._progress_watch(what) as progress:
+                try:
+                    sftp = self._sftp_client()
+                    sftp.put(str(local), tmp, callback=progress, confirm=False)
+                    arrived = sftp.stat(tmp).st_size
+                    if arrived != st.st_size:
+                        raise OSError(f"{arrived} of {st.st_size} bytes arrived")
+                    if mode is not None:
+                        sftp.chmod(tmp, mode)
+                except (paramiko.SSHException, EOFError, TimeoutError) as e:
+                    raise self._lost(what, e) from e
+                except OSError as e:
+                    if self.suspect is not None:  # dropped by the progress watch
+                        raise self._lost(what, e) from e
+                    raise self._upload_failed(what, tmp, st.st_size, e) from e
             r = self.run(sh(_CHECK_AND_MOVE, tmp, expected, remote), check=False)  # one round trip: digest, then rename
             if r.exit_status == 3:
                 raise TransferError(self.target.device_id, f"upload of {local} to {remote}: sha256 on the counter is {r.stdout.strip()}, expected {expected}")
             if not r.ok:
                 raise CommandFailed(self.target.device_id, r)
         except BaseException:
-            self.run(["rm", "-f", "--", tmp], check=False, timeout=30)
+            if self.suspect is None:  # on a lost connection the rollback removes it, over a new one
+                try:
+                    self.run(["rm", "-f", "--", tmp], check=False, timeout=30)
+                except SSHError:
+                    pass
             raise
         return expected
+
+    def _upload_failed(self, what: str, tmp: str, size: int, e: OSError) -> TransferError:
+        """Why an upload did not arrive whole: the counter's disk full (free against needed bytes), or SFTP's own words."""
+        directory = str(PurePosixPath(tmp).parent)
+        r = self.run(sh('rm -f -- "$1"; df -Pk -- "$2" | tail -n 1', tmp, directory), check=False)
+        try:
+            free = int(r.stdout.split()[3]) * 1024
+        except (IndexError, ValueError):
+            free = None
+        if free is not None and free < size:
+            return TransferError(self.target.device_id, f"disk full on the counter: {free} bytes free in {directory}, "
+                                                        f"{size} needed ({what}); free space there and run again")
+        return TransferError(self.target.device_id, f"{what} failed: {_plain(e)}")
 
     def get(self, remote: str, local: str | Path) -> str:
         """Download ``remote`` to ``local`` and return the sha256 both ends agree on."""
@@ -440,10 +589,18 @@ class Connection:
         if expected is None:
             raise TransferError(self.target.device_id, f"download of {remote}: no such file on the counter")
         tmp = local.with_name(f"{local.name}.part-{secrets.token_hex(4)}")
+        what = f"download of {remote}"
         try:
-            with open(tmp, "wb") as f, self._sftp_lock:
+            with open(tmp, "wb") as f, self._sftp_lock, self._progress_watch(what) as progress:
                 sink = _HashingWriter(f)
-                self._sftp_client().getfo(remote, sink)
+                try:
+                    self._sftp_client().getfo(remote, sink, callback=progress)
+                except (paramiko.SSHException, EOFError, TimeoutError) as e:
+                    raise self._lost(what, e) from e
+                except OSError as e:
+                    if self.suspect is not None:  # dropped by the progress watch
+                        raise self._lost(what, e) from e
+                    raise TransferError(self.target.device_id, f"{what} failed: {_plain(e)}") from e
             got = sink.sha256.hexdigest()
             if got != expected:
                 raise TransferError(self.target.device_id, f"download of {remote}: got sha256 {got}, the counter has {expected}")
@@ -468,6 +625,14 @@ class ConnectionPool:
                 conn = self._connections[device.id] = Connection(Target.for_device(device, self.ssh))
         return conn.open()
 
+    def reconnect(self, device: Device) -> Connection:
+        """This counter's connection on a new transport (the old one dropped unwaited), with retries."""
+        with self._lock:
+            conn = self._connections.get(device.id)
+            if conn is None:
+                conn = self._connections[device.id] = Connection(Target.for_device(device, self.ssh))
+        return conn.reconnect()
+
     def release(self, device: Device) -> None:
         """Close this counter's connection once its work is done: an open paramiko transport
         keeps a thread that wakes ten times a second, and a big run holds hundreds."""
@@ -487,6 +652,21 @@ class ConnectionPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _plain(e: BaseException) -> str:
+    """An exception in words: its message, or its kind when it has none (a socket timeout says nothing)."""
+    text = str(e).strip()
+    if isinstance(e, TimeoutError | socket.timeout) and not text:
+        return "timed out"
+    return text or type(e).__name__
+
+
+def _short(command: str, limit: int = 120) -> str:
+    """A command line as shown in an error: on one line, cut to ``limit`` characters (a script can be long;
+    what it printed is what tells the cause)."""
+    flat = " ".join(command.split())
+    return flat if len(flat) <= limit else flat[:limit].rstrip() + " …"
 
 
 def remote_path(root: str, *parts: str) -> str:

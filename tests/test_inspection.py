@@ -163,3 +163,29 @@ def test_fault_report_flags_a_recurring_symptom_and_computes_mttr(fleet, home, p
     assert len(json.loads(cli("faults", "list", "--device", often.id, "--json").stdout)) == 3
     unknown = cli("faults", "list", "--device", "SC-NOPE")
     assert unknown.returncode == 2 and "--device" in unknown.stderr
+
+
+def test_post_close_removes_interrupted_uploads_and_unpacks(pair, prefect_api):
+    """What a crashed upgrade leaves: a partial upload in tmp, an unpack that never finished. An hour
+    old, they are leftovers (a fresh one may belong to a running upgrade: kept)."""
+    left, _ = load_inventory(pair).devices
+    tmp, releases = Path(left.root, "tmp"), Path(left.root, "opt/smartcounter/releases")
+    owner = releases.stat()
+    old_part, fresh_part = tmp / "smartcounter-1.2.0.tar.gz.part-1a2b3c4d", tmp / "smartcounter-1.2.0.tar.gz.part-5e6f7a8b"
+    unpack = releases / ".unpack.AbC123"
+    (unpack / "bin").mkdir(parents=True)
+    for path in (old_part, fresh_part, unpack / "bin" / "ctl"):
+        path.write_text("partial")
+    two_hours_ago = time.time() - 2 * 3600
+    for path in (old_part, unpack / "bin" / "ctl", unpack / "bin", unpack):
+        os.chown(path, owner.st_uid, owner.st_gid)
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    os.chown(fresh_part, owner.st_uid, owner.st_gid)
+
+    r = cli("inspect", "--phase", "post-close", "--inventory", str(pair))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    assert not old_part.exists() and not unpack.exists() and fresh_part.exists()
+    assert sorted(p.name for p in releases.iterdir()) == ["1.0.0"]
+    [fixed] = faults_of(left)
+    assert fixed.symptom == "stale temp files" and fixed.resolution == "removed 2 stale temp files"

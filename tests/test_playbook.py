@@ -41,7 +41,7 @@ def test_the_shipped_upgrade_playbook_loads():
         "upload package", "unpack release", "migrate data",
         "switch current release", "restart service", "wait until healthy", "remove uploaded package",
     ]
-    assert [s.kind for s in pb.rollback] == ["run", "restore_data", "run", "run", "wait_for"]
+    assert [s.kind for s in pb.rollback] == ["run", "restore_data", "run", "run", "wait_for", "run"]
     assert list(pb.facts) == ["installed_version"] and pb.backup.paths == ["var/lib/smartcounter"]
 
 

@@ -13,7 +13,7 @@ For every counter of the fleet:
 
 and the run record has ended (not ``running``) and, when it did not succeed,
 says why. Staging leftovers on the counters are checked separately
-(:func:`staging_left`), so that check can be marked xfail on its own.
+(:func:`staging_left`), so that check stands on its own.
 
 Every problem is collected before failing, so one failure names them all.
 """

@@ -6,9 +6,9 @@ upgrade run as the operator runs it (the CLI, a subprocess), then the shared
 invariants (tests/faults/invariants.py): every counter on the old or the new
 version, healthy, in service (or held with an open fault), customer rows as
 before, the run ended with a reason. Staging left on the counters is checked
-by separate tests at the end of this module, so that check can be xfail on its own.
+by separate tests at the end of this module.
 
-The faults handled badly today are in test_failing_today.py, marked xfail(strict).
+The faults handled badly before issue 9 are in test_failures_found.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.faults.scenario import NEW, OLD, VICTIM, describe, error_of, one_wave
 from tests.test_upgrade import write_plan
 
 STAGING_LEFT: dict[str, dict[str, list[str]]] = {}  # fault -> leftovers, checked by test_no_staging_left
-OBSERVED: dict[str, str] = {}  # what a fault test saw, for a separate (xfail) check of it
+OBSERVED: dict[str, str] = {}  # what a fault test saw, for a separate check of it
 
 
 # ----------------------------------------------------------------------------- faults
@@ -154,11 +154,6 @@ def test_store_locked_past_the_busy_timeout(case):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="issue 9 #5: a lock on the store during a counter's install shows only 'rolled back': the install "
-    "step stays 'running' with no error and the run has no reason",
-)
 def test_store_lock_is_named_in_the_run_record():
     """The run record of test_store_locked_past_the_busy_timeout says the store was locked."""
     if "store-locked-reason" not in OBSERVED:

@@ -1,15 +1,15 @@
-"""Faults NOT handled well today (issue 9): each test asserts what must hold, and is xfail(strict=True).
+"""The faults the fault-injection run found handled badly before issue 9, each asserting what must hold now.
 
-Whoever fixes one removes its xfail mark: strict means a fix that makes the test
-pass turns the xfail into a failure until the mark goes, so none is forgotten.
-
-- a hung SSH session (frozen with SIGSTOP mid-upload) leaves the counter out of service;
-- the Prefect server killed mid-run: the CLI retries for minutes and dies with a traceback;
-- a counter put back in service by hand after a controller kill, then serving a customer:
-  the rerun restores the old backup over the new data;
-- two plans on the same counters at once: both "succeed";
-- an undeliverable advance notice: the run record stays "running" for good;
-- a frozen sshd: paramiko's banner traceback reaches the console, the error says "No existing session".
+- a hung SSH session (frozen with SIGSTOP mid-upload) left the counter out of service: now rolled
+  back over a new connection, back in service, no leftovers;
+- the Prefect server killed mid-run: the CLI retried for minutes and died with a traceback; now one
+  line within seconds, the run recorded failed, and the rerun finishes the job;
+- a counter put back in service by hand after a controller kill, then serving a customer: the rerun
+  restored the old backup over the new data; now it is held with the customer kept;
+- two plans on the same counters at once both "succeeded": now one run per counter (leases);
+- an undeliverable advance notice left the run record "running" for good: now it ends failed, saying why;
+- a frozen sshd printed paramiko's banner traceback and "No existing session": now one line naming
+  the counter and the missing banner.
 """
 
 from __future__ import annotations
@@ -47,11 +47,6 @@ PREFECT_GONE_CAP_S = 60  # "exits non-zero within seconds, not minutes": past th
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="issue 9 #3: the rollback reuses the hung transport and fails; the counter "
-    "stays out of service with its .part file (needs: rollback on a fresh connection)",
-)
 def test_session_hung_mid_upload(case):
     """The counter's SSH session is frozen (SIGSTOP) just after the upload began. The command timeout
     is lowered to 20 s in the inventory so the hang costs ≈ 30 s (the SFTP timeout), not 250 s."""
@@ -86,11 +81,6 @@ def _copy_prefect_database(home: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="issue 9 #4: with the Prefect server gone the CLI retries for minutes (146 s "
-    "measured) and dies with a ConnectError traceback; the run stays 'running'",
-)
 def test_prefect_server_killed_mid_run(case, tmp_path):
     """The CLI runs with its embedded Prefect server (own COUNTEROPS_HOME); the server gets SIGKILL while
     two counters are mid-install. The CLI must exit non-zero within seconds with one clear line, the
@@ -133,11 +123,6 @@ def test_prefect_server_killed_mid_run(case, tmp_path):
         subprocess.run([*CLI, "server", "stop"], env=env, capture_output=True, timeout=60)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="issue 9 #1: the rerun 'recovers' the counter from its pre-upgrade backup "
-    "without checking that its data changed since: the new customer is lost",
-)
 def test_rerun_after_kill_keeps_a_customer_served_in_between(case):
     """The controller is killed with counters mid-install; branch IT puts one of them back in service
     by hand and it serves a customer (a new card). The rerun must not restore the old backup over that:
@@ -169,11 +154,6 @@ def test_rerun_after_kill_keeps_a_customer_served_in_between(case):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="issue 9 #6: nothing stops two runs on one counter: both plans drain, back up and install "
-    "the same counters at the same time (the issue saw both exit 0, each claiming every counter)",
-)
 def test_two_plans_on_the_same_counters_at_once(case):
     """Two plans started at the same moment on the same four counters (branch BR01), one to 1.2.0 and one
     to 1.1.0. One run per counter at a time; no release left running over a data schema it does not know;
@@ -231,11 +211,6 @@ def out_of_service_spans(store: Store, name: str) -> dict[str, tuple[datetime, d
     return spans
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="issue 9 #2: the run record is created, the advance notice raises (Prefect prints its "
-    "traceback), and nothing marks the run failed: it stays 'running'",
-)
 def test_notice_endpoint_down(case):
     """The plan's notice endpoint refuses connections: no counter may be touched (no notice, no change),
     and the run must end failed, saying the notice could not be delivered."""
@@ -250,11 +225,6 @@ def test_notice_endpoint_down(case):
     assert_nothing_lost(case.layout, before, versions={OLD}, since=case.since, run_name=name)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="issue 9 #5: a frozen sshd: paramiko logs its 'Error reading SSH protocol banner' traceback to the "
-    "console, and the counter's error says 'No existing session' instead of naming the banner timeout",
-)
 def test_sshd_frozen(case):
     """The counter's sshd is frozen (SIGSTOP): no banner within the connect timeout. The counter is
     left untouched and in service (that part works today); the operator sees one clear line naming
