@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import select
@@ -43,6 +44,11 @@ Arg = str | int | os.PathLike
 EOF_GRACE_S = 2.0  # after the exit status, how long to wait for the rest of a command's output
 RECONNECT_TRIES = 3
 RECONNECT_BACKOFF_S = 1.0  # doubled after each failed try: 1 s, 2 s, ...
+
+# paramiko's transport thread logs every failed handshake (a frozen sshd, a refused banner) with its
+# own traceback at ERROR. Each of those failures reaches the caller as an SSHError naming the counter
+# and the cause in plain words, so paramiko's copy would only be a traceback on the operator's console.
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 
 class SSHError(Exception):

@@ -31,10 +31,12 @@ _matrix: list[tuple[str, str, float]] = []
 
 
 @pytest.fixture
-def case(request, prefect_api) -> Iterator[FaultCase]:
+def case(request, prefect_api, monkeypatch) -> Iterator[FaultCase]:
     """A fresh fleet of eight counters on 1.0.0 (two branches, two outlets each, two counters
-    per outlet), taken down and removed afterwards whatever happened."""
+    per outlet), taken down and removed afterwards whatever happened; with a store of its own
+    (the fleets reuse counter ids: a counter one fault leaves held must not reach the next)."""
     d = traversable_tmpdir("counterops-faults-")
+    monkeypatch.setenv("COUNTEROPS_HOME", str(d / "home"))
     fleet_dir = d / "fleet"
     started = time.monotonic()
     c: FaultCase | None = None

@@ -46,7 +46,6 @@ from tests.test_upgrade import CLI, write_plan
 PREFECT_GONE_CAP_S = 60  # "exits non-zero within seconds, not minutes": past this the CLI is taken for hung
 
 
-@pytest.mark.slow
 def test_session_hung_mid_upload(case):
     """The counter's SSH session is frozen (SIGSTOP) just after the upload began. The command timeout
     is lowered to 20 s in the inventory so the hang costs ≈ 30 s (the SFTP timeout), not 250 s."""
@@ -69,7 +68,7 @@ def test_session_hung_mid_upload(case):
 def _copy_prefect_database(home: Path) -> None:
     """Seed a new embedded Prefect server with the session server's (already migrated) database:
     ≈ 9 s to start instead of ≈ 30 s of migrations."""
-    source = Path(os.environ["COUNTEROPS_HOME"]) / "prefect" / "prefect.db"
+    source = Path(os.environ["PREFECT_HOME"]) / "prefect.db"  # the session server's (tests/conftest.py)
     (home / "prefect").mkdir(parents=True)
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
     dst = sqlite3.connect(home / "prefect" / "prefect.db")
@@ -80,7 +79,6 @@ def _copy_prefect_database(home: Path) -> None:
         src.close()
 
 
-@pytest.mark.slow
 def test_prefect_server_killed_mid_run(case, tmp_path):
     """The CLI runs with its embedded Prefect server (own COUNTEROPS_HOME); the server gets SIGKILL while
     two counters are mid-install. The CLI must exit non-zero within seconds with one clear line, the
@@ -153,7 +151,6 @@ def test_rerun_after_kill_keeps_a_customer_served_in_between(case):
     assert_nothing_lost(case.layout, before, versions={OLD, NEW}, since=case.since, run_name=name)
 
 
-@pytest.mark.slow
 def test_two_plans_on_the_same_counters_at_once(case):
     """Two plans started at the same moment on the same four counters (branch BR01), one to 1.2.0 and one
     to 1.1.0. One run per counter at a time; no release left running over a data schema it does not know;

@@ -41,9 +41,14 @@ def traversable_tmpdir(prefix: str) -> Path:
 
 
 @pytest.fixture
-def fleet_dir():
-    """An empty directory for a fleet of a test's own, taken down and removed afterwards."""
+def fleet_dir(monkeypatch):
+    """An empty directory for a fleet of a test's own, taken down and removed afterwards.
+
+    The test also gets a store (and backup stores) of its own, ``COUNTEROPS_HOME`` under that
+    directory: every test fleet reuses the same counter ids, and what one test leaves in the store
+    (a counter held for a decision, a lease) must not reach the next test's counters."""
     d = traversable_tmpdir("counterops-fleet-")
+    monkeypatch.setenv("COUNTEROPS_HOME", str(d / "home"))
     try:
         yield d / "fleet"
     finally:

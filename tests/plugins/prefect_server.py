@@ -7,6 +7,7 @@ plugin loads and the server is started on first use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -37,6 +38,24 @@ def _drain_prefect_workers() -> None:
     EventsWorker.drain_all(timeout=10)
 
 
+_SESSION_HOME = os.environ["COUNTEROPS_HOME"]  # set by tests/conftest.py before this plugin loads
+
+
+@contextlib.contextmanager
+def _in_session_home():
+    """The session server lives under the session's COUNTEROPS_HOME, whatever home the test that
+    first asks for it (or is running at the end) has set for its own store."""
+    saved = os.environ.get("COUNTEROPS_HOME")
+    os.environ["COUNTEROPS_HOME"] = _SESSION_HOME
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("COUNTEROPS_HOME", None)
+        else:
+            os.environ["COUNTEROPS_HOME"] = saved
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> str:
     """The API URL of a running Prefect server for this session."""
@@ -45,7 +64,8 @@ def prefect_api() -> str:
         return
     from counterops import localserver
 
-    info = localserver.start(port=_PORT)
+    with _in_session_home():
+        info = localserver.start(port=_PORT)
     assert info.url == os.environ["PREFECT_API_URL"], (info.url, os.environ["PREFECT_API_URL"])
     try:
         yield info.url
@@ -53,4 +73,5 @@ def prefect_api() -> str:
         try:
             _drain_prefect_workers()
         finally:
-            localserver.stop()
+            with _in_session_home():
+                localserver.stop()
