@@ -41,6 +41,7 @@ from prefect.states import Failed, State
 from inventory.leases import release_all
 from inventory.models import Run, utcnow
 from inventory.store import Store, run_stale_after
+from tasks.prefect_api import api_down
 
 HEARTBEAT_S = 5.0  # how often a working run says so (at most a quarter of RUN_STALE_AFTER_S)
 PREFECT_HEARTBEAT_S = 30  # how often the flow run's heartbeat event goes to Prefect (its own minimum)
@@ -82,6 +83,8 @@ def ends_with_reason(fn: Callable[P, T]) -> Callable[P, T | State]:
         try:
             return fn(*args, **kwargs)
         except Exception as e:
+            if api_down() is not None:
+                raise  # no state can reach Prefect any more: the CLI says it, in one line
             reason = reason_for(e)
             _log().error(reason, exc_info=True)
             return Failed(message=reason)
