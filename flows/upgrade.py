@@ -282,7 +282,7 @@ def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index
                     continue
                 # quote(): Prefect would walk every field of these models looking for futures, per counter
                 future = upgrade_counter.with_options(task_run_name=f"{device.id} [{device.outlet}]").submit(
-                    quote(device), quote(plan), quote(inv.ssh), run_id, index, quote(pool), quote(store), quote(leftovers.get(device.id)))
+                    quote(device), quote(plan), run_id, index, quote(pool), quote(store), quote(leftovers.get(device.id)))
                 running[future.wrapped_future] = (future, device)
                 busy[device.outlet] += 1
                 pending.remove(device)

@@ -38,7 +38,7 @@ from prefect.states import Failed, State
 from pydantic import BaseModel
 
 from inventory.leases import lease
-from inventory.models import Backup, Device, DeviceStep, Fault, RunKind, SSHSettings, UpgradeStep
+from inventory.models import Backup, Device, DeviceStep, Fault, RunKind, UpgradeStep
 from inventory.plan import UpgradePlan
 from inventory.store import Store
 from playbooks import load_playbook
@@ -104,12 +104,6 @@ class CounterOutcome(BaseModel):
 
 class Held(Exception):
     """The counter was held for a decision (tasks/hold.py); the message says why and how to free it."""
-
-
-class _StepFailure(Exception):
-    def __init__(self, step: UpgradeStep, message: str):
-        super().__init__(message)
-        self.step = step
 
 
 class _Recorder:
@@ -185,7 +179,6 @@ def unfinished_installs(store: Store, plan_name: str, current_run_id: int, devic
 def upgrade_counter_pipeline(
     device: Device,
     plan: UpgradePlan,
-    ssh: SSHSettings,
     *,
     run_id: int,
     wave: int,
@@ -453,7 +446,7 @@ def _needs_attention(store: Store, device: Device, plan: UpgradePlan, run_id: in
 
 @task(name="upgrade-counter", cache_policy=NO_CACHE, retries=0)
 def upgrade_counter(
-    device: Device, plan: UpgradePlan, ssh: SSHSettings, run_id: int, wave: int, pool: ConnectionPool, store: Store,
+    device: Device, plan: UpgradePlan, run_id: int, wave: int, pool: ConnectionPool, store: Store,
     leftover: Leftover | None = None,
 ) -> CounterOutcome | State:
     """One counter through the whole upgrade procedure (one task run per counter), holding its lease:
@@ -466,7 +459,7 @@ def upgrade_counter(
             return CounterOutcome(device_id=device.id, branch=device.branch, outlet=device.outlet, wave=wave, status="busy",
                                   error=f"{taken_by}; left out", started_at=now, ended_at=now)
         try:
-            out = upgrade_counter_pipeline(device, plan, ssh, run_id=run_id, wave=wave, store=store, pool=pool, leftover=leftover)
+            out = upgrade_counter_pipeline(device, plan, run_id=run_id, wave=wave, store=store, pool=pool, leftover=leftover)
         finally:
             pool.release(device)
     return Failed(message=outcome_line(out), data=out) if out.failed or out.status == "held" else out
