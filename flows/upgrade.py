@@ -43,7 +43,7 @@ from tasks.evaluate import Soak, report_markdown, verdict, watch_health, wave_me
 from tasks.notify import Notice, NotifyError
 from tasks.prefect_api import ApiWatch, PrefectAPIUnreachable
 from tasks.report import artifact_key, deliver, publish_final_table, tag_branches
-from tasks.rollout import CounterOutcome, Leftover, unfinished_installs, upgrade_counter
+from tasks.rollout import CounterOutcome, Leftover, outcome_line, unfinished_installs, upgrade_counter
 from tasks.run_record import OpenRun, ends_with_reason, recorded_run
 from tasks.ssh import ConnectionPool
 
@@ -161,22 +161,36 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
         create_markdown_artifact(key=artifact_key(plan.name, "evaluation"), markdown=report, description="Upgrade evaluation")
         publish_final_table(plan, waves, outcomes)
         status = "succeeded" if complete else "halted" if halted else "failed"
+        why = None if complete else _why_not_complete(outcomes, halted, worked, left_out, in_scope)
         run.end(status, {"halted": halted, "resumable": resumable, "verdict": overall["verdict"],
-                         **overall_metrics.model_dump(mode="json"), "left_out": left_out})
+                         **overall_metrics.model_dump(mode="json"), "left_out": left_out,
+                         **({"reason": why} if why else {})})
         _notify_quietly(plan, Notice(f"{plan.name}: {status}", report, "success" if complete else "failure"))
 
-    if not complete:
-        held_ids = [o.device_id for o in outcomes if o.status == "held"]
-        not_done = "not every counter in scope ended on the target version with both tests passed"
-        why = [halted or not_done] if halted or not worked else []
-        if left_out:
-            why.append(f"{len(left_out)} of {in_scope} counters left out, taken by another run: run the plan again once "
-                       "it has ended")
-        if held_ids:
-            why.append(f"held for a decision (data changed since backup): {', '.join(held_ids)}")
-        return Failed(message="; ".join(why) or not_done,
-                      data=[o.model_dump(mode="json") for o in outcomes])
+    if why:
+        return Failed(message=why, data=[o.model_dump(mode="json") for o in outcomes])
     return Completed(message=f"{len(outcomes)} counters on {plan.target_version}", data=[o.model_dump(mode="json") for o in outcomes])
+
+
+FAILED_SHOWN = 5  # counters named in a run's reason; `counterops runs show` has them all
+
+
+def _why_not_complete(outcomes: list[CounterOutcome], halted: str | None, worked: bool, left_out: dict[str, str | None],
+                      in_scope: int) -> str:
+    """Why the run did not succeed, in one line: halted, which counters failed and why (the first few),
+    which were left out or held."""
+    failed = [outcome_line(o) for o in outcomes if o.failed]
+    why = [halted] if halted else [] if worked else ["not every counter in scope ended on the target version with both "
+                                                     "tests passed"]
+    if failed:
+        why.append("; ".join(failed[:FAILED_SHOWN]) + (f"; and {len(failed) - FAILED_SHOWN} more" if len(failed) > FAILED_SHOWN else ""))
+    if left_out:
+        why.append(f"{len(left_out)} of {in_scope} counters left out, taken by another run: run the plan again once "
+                   "it has ended")
+    held_ids = [o.device_id for o in outcomes if o.status == "held"]
+    if held_ids:
+        why.append(f"held for a decision (data changed since backup): {', '.join(held_ids)}")
+    return "; ".join(why) or "not every counter in scope ended on the target version with both tests passed"
 
 
 def find_paused_run(ref: str):
