@@ -298,7 +298,9 @@ def upgrade(
         run = next((r for r in store.runs(limit=50) if r.flow_run_id == str(state.state_details.flow_run_id)), None)
         if run is not None:
             print_run(store, run)
-    stopped = None if state.is_completed() else (  # why the run did not get to its end, when it did not
+    # Why the run did not get to its end, when it did not (a run that did has its verdict, and says why it
+    # did not succeed in the state's message, printed below).
+    stopped = None if state.is_completed() or (run is not None and "verdict" in run.summary) else (
         run.summary.get("reason") if run is not None else state.message or f"the upgrade ended {state.name} before it started")
     if not stopped:
         out.print(f"{state.name}: {state.message or ''}")
