@@ -29,7 +29,7 @@ from inventory.models import Device, SSHSettings
 from inventory.plan import UpgradePlan
 from playbooks import load_playbook
 from tasks import oncounter
-from tasks.layout import DATABASE
+from tasks.layout import CURRENT_LINK, DATABASE
 from tasks.playbook import device_vars, read_facts
 from tasks.ssh import Connection, ConnectionPool, SSHError, remote_path
 
@@ -100,7 +100,7 @@ def check_downgrade(conn: Connection, device: Device, plan: UpgradePlan, install
     if have is None or want is None:
         return Downgrade(device.id, installed, target, f"installed version {installed!r} is not a dotted version such as 1.2.0, "
                          f"so whether {target} is older cannot be told: refused, nothing touched; look at the counter's "
-                         f"opt/smartcounter/current")
+                         f"{CURRENT_LINK}")
     if want >= have:
         return None
     if not plan.downgrade:

@@ -33,6 +33,7 @@ from inventory.store import Store, run_is_alive
 from tasks.checks import MIN_PAPER_PCT, read_free_disk_mb
 from tasks.counter_app import read_health, read_maintenance, set_in_service
 from tasks.hold import held, held_reason
+from tasks.layout import CTL, RELEASES_DIR, TMP_DIR
 from tasks.faults import Finding, StandingFault, Symptom, escalate, record_faults
 from tasks.notify import NotifyError
 from tasks.ssh import Connection, ConnectionPool, HostKeyChanged, HostKeyUnknown, SSHError, remote_path, sh
@@ -41,8 +42,6 @@ CLOCK_DRIFT_MAX_S = 30
 MIN_FREE_DISK_MB = 512
 STALE_TEMP_MIN = 24 * 60  # a temp file untouched for a day is a leftover
 LEFTOVER_UPLOAD_MIN = 60  # a partial upload (*.part-*) or unpack (releases/.unpack.*) untouched this long was interrupted
-RELEASES = "opt/smartcounter/releases"
-CTL = "opt/smartcounter/current/bin/ctl"
 PERIPHERAL_SYMPTOMS = {
     "receipt_printer": Symptom.PRINTER_FAULT,
     "card_reader": Symptom.CARD_READER_FAULT,
@@ -113,7 +112,7 @@ def check_disk(conn: Connection, device: Device) -> Finding:
 
 
 def _leftover_args(device: Device) -> tuple[str, int, str, int]:
-    return remote_path(device.root, "tmp"), STALE_TEMP_MIN, remote_path(device.root, RELEASES), LEFTOVER_UPLOAD_MIN
+    return remote_path(device.root, TMP_DIR), STALE_TEMP_MIN, remote_path(device.root, RELEASES_DIR), LEFTOVER_UPLOAD_MIN
 
 
 def stale_temp_files(conn: Connection, device: Device) -> list[str]:

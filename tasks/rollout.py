@@ -49,6 +49,7 @@ from tasks.counter_app import read_health, read_metrics, set_in_service
 from tasks.downgrade import check_downgrade
 from tasks.faults import CATALOGUE, Symptom
 from tasks.hold import held, held_reason, hold
+from tasks.layout import TMP_DIR
 from tasks.notify import Notice, NotifyError, send_notice
 from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, read_facts_and, run_steps
 from tasks.ssh import Connection, ConnectionPool, SSHError, remote_path
@@ -213,7 +214,7 @@ def upgrade_counter_pipeline(
     try:
         with rec.step(UpgradeStep.PRECHECK) as found:
             conn = pool.connection(device)
-            staging = remote_path(device.root, "tmp")  # where the package is uploaded and the backup is taken
+            staging = remote_path(device.root, TMP_DIR)  # where the package is uploaded and the backup is taken
             facts, (df,) = read_facts_and(conn, playbook, device_vars(device), free_disk_command(staging))
             out.from_version = out.version = facts["installed_version"]
             found["installed_version"] = out.from_version
