@@ -359,9 +359,11 @@ def restore_backup(conn: Connection, device: Device, backup: Backup, paths: Sequ
 
     The caller has stopped the counter app. Never over newer data: unless
     ``over_changed_data`` (a decision two people took, see tasks/hold.py), the
-    live customer data must be what the backup holds (its fingerprint), else
-    DataChangedSinceBackup is raised and nothing is touched; it is compared
-    once more right before the swap. The local copy is used if it verifies,
+    live customer data must be what the backup holds (its fingerprint), compared
+    right before the swap, else DataChangedSinceBackup is raised and the live
+    data is left as it is. (Callers that can still avoid stopping anything look
+    first with check_unchanged_since: the rollback, the recovery of an unfinished
+    install.) The local copy is used if it verifies,
     else the off-site one; with neither intact, BackupError is raised before
     anything reaches the counter. The restored data is checked on the counter
     (integrity, row counts equal to the backup's) before it replaces the live
@@ -369,8 +371,6 @@ def restore_backup(conn: Connection, device: Device, backup: Backup, paths: Sequ
     """
     paths = _relative_paths(paths)
     source, archive = _good_copy(backup)
-    if not over_changed_data:
-        check_unchanged_since(conn, device, backup, paths)
     with _counter_staging(conn, device, "restore") as staging:
         uploaded, tree = f"{staging}/{ARCHIVE}", f"{staging}/tree"
         with _stage(device.id, "upload"):
@@ -381,7 +381,7 @@ def restore_backup(conn: Connection, device: Device, backup: Backup, paths: Sequ
         with _stage(device.id, "check"):
             _expect_counts(device.id, _helper(conn, "check", tree), backup)
         if not over_changed_data:
-            check_unchanged_since(conn, device, backup, paths)  # nothing may have changed while this ran
+            check_unchanged_since(conn, device, backup, paths)  # as it is now, with the app stopped
         with _stage(device.id, "swap"):
             _helper(conn, "swap", device.root, tree, *paths)
     return source
