@@ -37,7 +37,7 @@ from tasks.backup import restore_backup, take_backup
 from tasks.checks import business_test, functional_test
 from tasks.counter_app import set_in_service
 from tasks.faults import CATALOGUE, Symptom, unfixed_faults
-from tasks.playbook import device_vars, playbook_vars, read_facts, run_steps
+from tasks.playbook import device_vars, playbook_vars, read_facts, run_recorded
 from tasks.ssh import Connection
 
 HOLD_SYMPTOM = Symptom.DATA_CHANGED_SINCE_BACKUP
@@ -115,7 +115,7 @@ def carry_out(conn: Connection, device: Device, fault: Fault, decision: Decision
         version = plan.target_version
         vars = playbook_vars(device, version=version, previous_version=version_then or facts["installed_version"],
                              package=Path(plan.package), package_sha256=plan.package_sha256 or "")
-        done["steps"] = _steps(run_steps(conn, device, playbook.install, vars))
+        run_recorded(done, conn, device, playbook.install, vars)
     else:
         version = version_then
         vars = playbook_vars(device, version=plan.target_version, previous_version=version,
@@ -126,7 +126,7 @@ def carry_out(conn: Connection, device: Device, fault: Fault, decision: Decision
         else:
             def restore_data() -> None:
                 return None  # keep-live: the data stays as it is
-        done["steps"] = _steps(run_steps(conn, device, playbook.rollback, vars, restore_data=restore_data))
+        run_recorded(done, conn, device, playbook.rollback, vars, restore_data=restore_data)
     for report in (functional_test(device, version), business_test(device)):
         if not report.passed:
             raise DecisionError(f"{device.id}: {report.name} test failed after the decision: {'; '.join(report.problems)}; "
@@ -134,7 +134,3 @@ def carry_out(conn: Connection, device: Device, fault: Fault, decision: Decision
     set_in_service(device, True, f"decision on fault #{fault.id}: {decision}")
     done["version"] = version
     return done
-
-
-def _steps(results: list) -> list[dict[str, Any]]:
-    return [r.model_dump(mode="json") for r in results]

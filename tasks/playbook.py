@@ -239,6 +239,26 @@ def run_steps(
     return results
 
 
+def run_recorded(
+    record: dict[str, Any],
+    conn: Connection,
+    device: Device,
+    steps: Sequence[Step],
+    vars: Mapping[str, str],
+    *,
+    restore_data: Callable[[], None] | None = None,
+) -> list[StepResult]:
+    """run_steps, keeping what each step did in ``record["steps"]`` (JSON) — also when one fails:
+    then the failed step is the last, with its error and output, and StepFailed is raised as usual."""
+    try:
+        results = run_steps(conn, device, steps, vars, restore_data=restore_data)
+    except StepFailed as e:
+        record["steps"] = [r.model_dump(mode="json") for r in e.results]
+        raise
+    record["steps"] = [r.model_dump(mode="json") for r in results]
+    return results
+
+
 def _run_step(
     conn: Connection, device: Device, step: Step, vars: Mapping[str, str], restore_data: Callable[[], None] | None
 ) -> tuple[Literal["ok", "skipped"], str]:

@@ -51,7 +51,7 @@ from tasks.faults import CATALOGUE, Symptom
 from tasks.hold import held, held_reason, hold
 from tasks.layout import TMP_DIR
 from tasks.notify import Notice, NotifyError, send_notice
-from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, read_facts_and, run_steps
+from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, read_facts_and, run_recorded, run_steps
 from tasks.ssh import Connection, ConnectionPool, SSHError, remote_path
 
 class _FailedStateEcho(logging.Filter):
@@ -277,11 +277,7 @@ def upgrade_counter_pipeline(
         vars = playbook_vars(device, version=plan.target_version, previous_version=out.from_version,
                              package=Path(plan.package), package_sha256=plan.package_sha256 or "")
         with rec.step(UpgradeStep.INSTALL) as found:
-            try:
-                found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, playbook.install, vars)]
-            except StepFailed as e:  # keep what each step did, the failed one last with its output
-                found["steps"] = [r.model_dump(mode="json") for r in e.results]
-                raise
+            run_recorded(found, conn, device, playbook.install, vars)
         out.version = plan.target_version
         # 5. system-function test
         with rec.step(UpgradeStep.FUNCTIONAL_TEST) as found:
@@ -396,11 +392,7 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
                 conn.reconnect()
             if backup is not None and steps:  # never over newer data: look before stopping anything
                 check_unchanged_since(conn, device, backup, playbook.backup.paths)  # the restore looks again
-            try:
-                found["steps"] = [r.model_dump(mode="json") for r in run_steps(conn, device, steps, vars, restore_data=restore_data)]
-            except StepFailed as e:
-                found["steps"] = [r.model_dump(mode="json") for r in e.results]
-                raise
+            run_recorded(found, conn, device, steps, vars, restore_data=restore_data)
             health = read_health(device) or {}
             if health.get("version") != out.from_version or health.get("status") != "ok":
                 raise RuntimeError(f"after rollback the counter reports {health.get('version')!r} / {health.get('status')!r}")
