@@ -29,7 +29,8 @@ async def _flow_runs(name: str):
 
 
 async def _task_runs(flow_run_id, expected: int, timeout: float = 30.0):
-    """Task runs reach the API asynchronously: poll until all are there."""
+    """Task runs and their states reach the API asynchronously (as events): poll until all are there, each with
+    a final state."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -37,7 +38,8 @@ async def _task_runs(flow_run_id, expected: int, timeout: float = 30.0):
         deadline = time.monotonic() + timeout
         while True:
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200)
-            if len(runs) >= expected or time.monotonic() > deadline:
+            settled = all(t.state is not None and t.state.is_final() for t in runs)
+            if (len(runs) >= expected and settled) or time.monotonic() > deadline:
                 return runs
             await asyncio.sleep(0.3)
 

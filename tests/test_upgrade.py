@@ -106,7 +106,8 @@ async def _ui_view(flow_run_id, expected_tasks: int):
         deadline = time.monotonic() + 30
         while True:
             tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200)
-            if sum(t.name.startswith("SC-") for t in tasks) >= expected_tasks or time.monotonic() > deadline:
+            settled = all(t.state is not None and t.state.is_final() for t in tasks)
+            if (sum(t.name.startswith("SC-") for t in tasks) >= expected_tasks and settled) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.3)
         artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
