@@ -26,6 +26,7 @@ from rich.table import Column, Table
 from counterops.cli_decide import decide_command, held_command
 from counterops.cli_drill import drill_command
 from counterops.cli_maintenance import faults_app, inspect_command, maintain_command
+from counterops.cli_operators import operators_app
 from counterops.cli_plan import plan_app
 from counterops.common import (
     EXIT_BAD_INPUT,
@@ -33,7 +34,8 @@ from counterops.common import (
     EXIT_RESUMABLE,
     InventoryOption,
     JsonOption,
-    current_operator,
+    KeyOption,
+    OperatorOption,
     err,
     exit_now,
     fail,
@@ -46,7 +48,7 @@ from counterops.common import (
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Smart Counter Ops: upgrade, inspect, back up and audit smart counters.")
 fleet_app = typer.Typer(no_args_is_help=True, help="The simulated fleet (real sshd + counter app per counter) for demos and tests.")
-inventory_app = typer.Typer(no_args_is_help=True, help="The fleet inventory: branches, outlets, counters, operators.")
+inventory_app = typer.Typer(no_args_is_help=True, help="The fleet inventory: branches, outlets, counters.")
 server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server used when PREFECT_API_URL is not set.")
 backups_app = typer.Typer(no_args_is_help=True, help="Backups taken before upgrades (local and off-site copies).")
 runs_app = typer.Typer(no_args_is_help=True, help="Recorded runs and each counter's steps.")
@@ -57,6 +59,7 @@ app.add_typer(plan_app, name="plan")
 app.add_typer(backups_app, name="backups")
 app.add_typer(runs_app, name="runs")
 app.add_typer(faults_app, name="faults")
+app.add_typer(operators_app, name="operators")
 app.command("inspect")(inspect_command)
 app.command("maintain")(maintain_command)
 app.command("drill")(drill_command)
@@ -140,18 +143,30 @@ def fleet_down(fleet_dir: FleetDir, remove: Annotated[bool, typer.Option(help="A
 @inventory_app.command("import")
 def inventory_import(
     file: Annotated[Path, typer.Argument(help="Inventory YAML file.")],
-    operator: Annotated[str | None, typer.Option("--as", help="Who imports (for the audit trail).")] = None,
+    operator: OperatorOption = None,
+    key: KeyOption = None,
     prune: Annotated[bool, typer.Option("--prune", help="Retire the counters the store has but FILE does not list "
                                                          "(out of the fleet, their history kept; listing one again brings it back).")] = False,
 ) -> None:
-    """Validate an inventory file and import it into the store, all or nothing."""
+    """Validate an inventory file and import it into the store, all or nothing (signed: admin or hq_it)."""
+    import hashlib
+
+    from inventory.identity import IdentityError, Refused, authorize
     from inventory.loader import InventoryError
     from inventory.store import Store
 
+    from counterops.common import sign_statement
+
     inv = load_inventory_or_exit(file)
+    source = str(file.resolve())
     with Store.open() as store:
+        token = sign_statement("inventory.import", source, operator=operator, key=key, store=store,
+                               details={"sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "prune": prune})
         try:
-            summary = store.import_inventory(inv, actor=current_operator(operator), source=str(file.resolve()), prune=prune)
+            verified = authorize(store, token, action="inventory.import", target=source)
+            summary = store.import_inventory(inv, actor=verified.actor, source=source, prune=prune)
+        except (Refused, IdentityError) as e:
+            fail(str(e))
         except InventoryError as e:  # clashes with counters already in the store
             fail(f"{file}: nothing imported:\n{e}", EXIT_BAD_INPUT)
     out.print(f"imported {file}: {summary}")

@@ -39,7 +39,8 @@ out = Console()
 err = Console(stderr=True)
 
 InventoryOption = Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")]
-OperatorOption = Annotated[str | None, typer.Option("--as", help="Who runs it, for the records (default: $COUNTEROPS_OPERATOR or your login).")]
+OperatorOption = Annotated[str | None, typer.Option("--as", help="Which operator you are (default: $COUNTEROPS_OPERATOR, the owner of --key, or your login); your signature proves it.")]
+KeyOption = Annotated[Path | None, typer.Option("--key", help="Your SSH private key (default: $COUNTEROPS_KEY, else your ssh-agent).")]
 NotifyOption = Annotated[list[str] | None, typer.Option("--notify", help="Apprise URL for escalations and summaries (repeat for more).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
@@ -51,6 +52,40 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 def current_operator(explicit: str | None) -> str:
     return explicit or os.environ.get("COUNTEROPS_OPERATOR") or getpass.getuser()
+
+
+def sign_statement(action: str, target: str, *, operator: str | None, key: Path | None, store=None, **bindings) -> str:
+    """A statement signed by the operator running this command, as one line (``cos1.…``) for a flow's
+    ``authorization`` parameter or the Prefect UI. Which operator: ``--as``, else $COUNTEROPS_OPERATOR,
+    else the owner of ``--key``, else the login name; the signature (``--key``/$COUNTEROPS_KEY, or the
+    ssh-agent) is what proves it. Bad key or agent: exit 2; not an operator: exit 1."""
+    from inventory import identity
+    from inventory.store import Store
+
+    key = key or (Path(os.environ["COUNTEROPS_KEY"]) if os.environ.get("COUNTEROPS_KEY") else None)
+    own = store is None
+    store = store or Store.open()
+    try:
+        name = explicit_operator(operator)
+        if name is None and key is not None:
+            public = identity.public_key_of(Path(key).expanduser())
+            owner = identity.operator_of_key(store, public) if public else None
+            name = owner.name if owner else None
+        name = name or getpass.getuser()
+        op = identity.operator(store, name)
+        if op is None:
+            fail(f"--as {name}: not an operator in the store (see `counterops operators list`)")
+        try:
+            return identity.sign(identity.Statement.new(action, op.name, target, **bindings), key=key, candidates=op.keys).token()
+        except identity.IdentityError as e:
+            fail(str(e), EXIT_BAD_INPUT)
+    finally:
+        if own:
+            store.close()
+
+
+def explicit_operator(explicit: str | None) -> str | None:
+    return explicit or os.environ.get("COUNTEROPS_OPERATOR") or None
 
 
 def inventory_path(explicit: Path | None) -> Path:

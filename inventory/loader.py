@@ -9,8 +9,6 @@ Format (``ssh`` and ``devices`` are required; paths relative to the file)::
     ssh: {user: scops, key_file: id_ed25519, known_hosts: known_hosts}
     branches: [{id: BR01, name: "Branch 01"}]
     outlets: [{id: BR01-O01, branch: BR01, name: "Outlet 1"}]
-    operators:
-      - {name: wang.fang, full_name: 王芳, roles: [branch_it], branches: [BR01]}
     devices:
       - {id: SC-BR01-O01-01, branch: BR01, outlet: BR01-O01, host: 10.1.1.21}
 """
@@ -35,7 +33,6 @@ from inventory.models import (
     Branch,
     Device,
     Inventory,
-    Operator,
     Outlet,
     SSHSettings,
     inventory_problems,
@@ -50,7 +47,6 @@ _SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _LISTS: dict[str, tuple[type[BaseModel], str]] = {
     "branches": (Branch, "id"),
     "outlets": (Outlet, "id"),
-    "operators": (Operator, "name"),
     "devices": (Device, "id"),
 }
 _SECTIONS = ("ssh", *_LISTS)
@@ -90,7 +86,6 @@ def _load(path: str | Path) -> Inventory:
         parts["branches"],
         parts["outlets"],
         parts["devices"],
-        parts["operators"],
         branches_listed=bool(parts["branches"]),
         outlets_listed=bool(parts["outlets"]),
     )
@@ -100,8 +95,15 @@ def _load(path: str | Path) -> Inventory:
     return Inventory.model_validate(parts, context={CROSS_CHECKED: True})
 
 
+OPERATORS_MOVED = ("operators: operators no longer live in the inventory (a file anyone can edit): they and their "
+                   "SSH keys are kept in the store. Remove this section; set them up once with "
+                   "`counterops operators init --from FILE`, change them with `counterops operators request` "
+                   "(README, \"Who may do what\")")
+
+
 def _section_errors(doc: dict[Any, Any], name: str) -> list[str]:
     errors = [
+        f"{name}: {OPERATORS_MOVED}" if key == "operators" else
         f"{name}: {key}: unknown section{did_you_mean(str(key), _SECTIONS)} (allowed: {', '.join(_SECTIONS)})"
         for key in doc
         if key not in _SECTIONS
@@ -167,7 +169,7 @@ def dump_inventory(inv: Inventory, path: str | Path) -> None:
     one entry per line, defaults left out, SSH paths exactly as held (so they keep meaning
     what they meant). The file is replaced atomically, never left half-written."""
     doc: dict[str, Any] = {"ssh": _plain(inv.ssh)}
-    for section in ("branches", "outlets", "operators", "devices"):
+    for section in ("branches", "outlets", "devices"):
         doc[section] = [_plain(item) for item in getattr(inv, section)]
     text = yaml.dump(doc, Dumper=_SafeDumper, sort_keys=False, allow_unicode=True, default_flow_style=None, width=4096)
     target = Path(path)

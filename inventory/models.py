@@ -144,6 +144,20 @@ Host = Annotated[str, AfterValidator(_host)]
 RootPath = Annotated[str, AfterValidator(_root)]
 LocalPath = Annotated[Path, BeforeValidator(_local_path)]
 Timeout = Annotated[float, Field(gt=0, le=3600)]
+KEY_TYPES = ("ssh-ed25519", "sk-ssh-ed25519@openssh.com")
+_PUBLIC_KEY = re.compile(r"(ssh-ed25519|sk-ssh-ed25519@openssh\.com) ([A-Za-z0-9+/]{40,}={0,2})(?: [\x21-\x7e ]{0,128})?")
+
+
+def _public_key(value: str) -> str:
+    """One OpenSSH public key line, ed25519 (or a FIDO hardware ed25519 key); kept without its comment."""
+    m = _PUBLIC_KEY.fullmatch(value.strip()) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"must be an OpenSSH public key line of type {' or '.join(KEY_TYPES)} "
+                         f"(the content of a .pub file), got {str(value)[:40]!r}")
+    return f"{m.group(1)} {m.group(2)}"
+
+
+PublicKey = Annotated[str, AfterValidator(_public_key)]
 
 
 class _Model(BaseModel):
@@ -156,9 +170,14 @@ class _Model(BaseModel):
 
 
 class Role(StrEnum):
-    HQ_IT = "hq_it"  # runs fleet-wide operations
-    BRANCH_IT = "branch_it"  # runs operations in the branches listed for them
-    APPROVER = "approver"  # signs off changes (four-eyes rule)
+    """What an operator may do: the matrix is inventory/identity.py::PERMISSIONS (README, "Who may do what")."""
+
+    ADMIN = "admin"  # manages operators and their keys (every change needs a second admin)
+    HQ_IT = "hq_it"  # plans, upgrades of any branch, maintenance, drills
+    BRANCH_IT = "branch_it"  # inspections, faults and maintenance of the branches listed for them
+    APPROVER = "approver"  # the second person: approves plans, waves and restores (four-eyes rule)
+    AUDITOR = "auditor"  # read-only: audit trail, runs, reports
+    SERVICE = "service"  # the identity scheduled runs act as: inspections, maintenance, drills, reports
 
 
 class SSHSettings(_Model):
@@ -198,10 +217,22 @@ class Device(_Model):
 
 
 class Operator(_Model):
+    """A person (or the scheduler's service identity) who may act on the fleet; kept in the store,
+    with the SSH public keys their signed statements are verified against (inventory/identity.py)."""
+
     name: OperatorName
     full_name: PersonName | None = None
     roles: Annotated[list[Role], AfterValidator(_some_roles), AfterValidator(_unique)]
     branches: Annotated[list[SafeId], AfterValidator(_unique)] = Field(default_factory=list)
+    keys: Annotated[list[PublicKey], AfterValidator(_unique)] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _branch_scope(self) -> Operator:
+        if Role.BRANCH_IT in self.roles and not self.branches:
+            raise ValueError("branches: a branch_it operator needs at least one branch")
+        if self.branches and Role.BRANCH_IT not in self.roles:
+            raise ValueError(f"branches: only branch_it operators have a branch scope (roles: {', '.join(self.roles)})")
+        return self
 
 
 Label = Callable[[str, int, str], str]
@@ -227,7 +258,6 @@ def inventory_problems(
     branches: Sequence[Branch | None],
     outlets: Sequence[Outlet | None],
     devices: Sequence[Device | None],
-    operators: Sequence[Operator | None],
     *,
     branches_listed: bool,
     outlets_listed: bool,
@@ -241,7 +271,7 @@ def inventory_problems(
     Each check is a dict lookup per entry, so 10,000 devices cost milliseconds.
     """
     problems: list[str] = []
-    for section, items in (("branches", branches), ("outlets", outlets), ("devices", devices), ("operators", operators)):
+    for section, items in (("branches", branches), ("outlets", outlets), ("devices", devices)):
         problems += _unique_ids(section, items, label)
     problems += _unique_addresses(devices, label)
     outlet_branch = {o.id: o.branch for o in outlets if o is not None} if outlets_listed and _complete(outlets) else None
@@ -254,8 +284,6 @@ def inventory_problems(
     else:
         known_branches = None
     problems += _device_places(devices, known_branches if branches_listed else None, outlet_branch, label)
-    if known_branches is not None:
-        problems += _operator_scopes(operators, known_branches, label)
     return problems
 
 
@@ -272,7 +300,7 @@ def _outlet_branches(outlets: Sequence[Outlet | None], branch_ids: set[str], lab
 
 
 def _unique_ids(section: str, items: Sequence[_Model | None], label: Label) -> list[str]:
-    field = "name" if section == "operators" else "id"
+    field = "id"
     first: dict[str, int] = {}
     problems = []
     for i, item in enumerate(items):
@@ -338,24 +366,9 @@ def _device_places(
     return problems
 
 
-def _operator_scopes(operators: Sequence[Operator | None], branch_ids: set[str], label: Label) -> list[str]:
-    problems = []
-    for i, op in enumerate(operators):
-        if op is None:
-            continue
-        where = label("operators", i, op.name)
-        if Role.BRANCH_IT in op.roles and not op.branches:
-            problems.append(f"{where}: branches: a branch_it operator needs at least one branch")
-        if op.branches and Role.BRANCH_IT not in op.roles:
-            problems.append(f"{where}: branches: only branch_it operators have a branch scope (roles: {', '.join(op.roles)})")
-        for b in op.branches:
-            if b not in branch_ids:
-                problems.append(f"{where}: branches: {b!r} is not a known branch")
-    return problems
-
-
 class Inventory(BaseModel):
-    """The whole fleet: how to log in, where every counter is, and who may operate it.
+    """The whole fleet: how to log in and where every counter is. (Who may operate it is in the store:
+    inventory/identity.py.)
 
     Without ``branches``/``outlets`` lists they are derived from the devices;
     with them, devices must reference listed entries. Treat an instance as
@@ -368,7 +381,6 @@ class Inventory(BaseModel):
     branches: list[Branch] = Field(default_factory=list)
     outlets: list[Outlet] = Field(default_factory=list)
     devices: list[Device]
-    operators: list[Operator] = Field(default_factory=list)
 
     _by_id: dict[str, Device] = PrivateAttr(default_factory=dict)
 
@@ -388,7 +400,6 @@ class Inventory(BaseModel):
             self.branches,
             self.outlets,
             self.devices,
-            self.operators,
             branches_listed=bool(self.branches),
             outlets_listed=bool(self.outlets),
         )
@@ -593,12 +604,11 @@ class ImportSummary(BaseModel):
     branches: Counts
     outlets: Counts
     devices: Counts
-    operators: Counts
     retired_devices: list[str] = Field(default_factory=list)  # with --prune: out of the fleet, history kept
 
     def __str__(self) -> str:
         return "; ".join(
             f"{kind}: {c.added} added, {c.updated} updated, {c.unchanged} unchanged"
             + (f", {len(self.retired_devices)} retired ({', '.join(self.retired_devices)})" if kind == "devices" and self.retired_devices else "")
-            for kind, c in (("branches", self.branches), ("outlets", self.outlets), ("devices", self.devices), ("operators", self.operators))
+            for kind, c in (("branches", self.branches), ("outlets", self.outlets), ("devices", self.devices))
         )

@@ -130,12 +130,90 @@ class DeviceRow(Base):
 
 
 class OperatorRow(Base):
+    """Who may act on the fleet (inventory/identity.py): set up by `operators init`, changed only by a
+    request one admin signs and a second admin approves. A removed operator's row stays (old statements
+    name them)."""
+
     __tablename__ = "operators"
 
     name: Mapped[str] = mapped_column(ID, primary_key=True)
     full_name: Mapped[str | None] = mapped_column(String(64))
     roles: Mapped[list[Any]] = mapped_column()  # e.g. ["approver", "hq_it"]
     branches: Mapped[list[Any]] = mapped_column()  # branch_it scope
+    created_at: Mapped[datetime | None] = mapped_column()
+    removed_at: Mapped[datetime | None] = mapped_column()
+
+
+class OperatorKeyRow(Base):
+    """An operator's SSH public key; statements are verified against the keys active when signed."""
+
+    __tablename__ = "operator_keys"
+    __table_args__ = (
+        Index("uq_operator_keys_active_fingerprint", "fingerprint", unique=True,
+              sqlite_where=text("removed_at IS NULL"), postgresql_where=text("removed_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operator: Mapped[str] = mapped_column(ForeignKey("operators.name"), index=True)
+    public_key: Mapped[str] = mapped_column(Text)  # "ssh-ed25519 AAAA…", no comment
+    fingerprint: Mapped[str] = mapped_column(String(64))  # "SHA256:…", as ssh-keygen -l prints it
+    added_at: Mapped[datetime] = mapped_column()
+    removed_at: Mapped[datetime | None] = mapped_column()
+
+
+class SignedStatementRow(Base):
+    """Every signed statement the product accepted (or refused after a good signature), once: its digest
+    and nonce are unique, so a statement cannot be used twice (replay)."""
+
+    __tablename__ = "signed_statements"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the canonical statement
+    nonce: Mapped[str] = mapped_column(String(64), unique=True)
+    actor: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(1024))
+    signed_at: Mapped[datetime] = mapped_column()
+    received_at: Mapped[datetime] = mapped_column()
+    key_fingerprint: Mapped[str] = mapped_column(String(64))
+    statement: Mapped[str] = mapped_column(Text)  # the canonical JSON that was signed
+    signature: Mapped[str] = mapped_column(Text)  # the armored SSH signature
+
+
+class PlanApprovalRow(Base):
+    """A plan's signature by its initiator, or its approval by a second person, bound to the plan's digest."""
+
+    __tablename__ = "plan_approvals"
+    __table_args__ = (CheckConstraint("kind IN ('sign', 'approve')", name="kind_valid"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    plan_name: Mapped[str] = mapped_column(String(200), index=True)
+    plan_digest: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    operator: Mapped[str] = mapped_column(String(64))
+    statement_id: Mapped[int] = mapped_column(ForeignKey("signed_statements.id"))
+    at: Mapped[datetime] = mapped_column()
+
+
+class OperatorRequestRow(Base):
+    """A change to the operators (add, update, remove) one admin asked for; applied only when a second
+    admin approves it."""
+
+    __tablename__ = "operator_requests"
+    __table_args__ = (CheckConstraint("kind IN ('add', 'update', 'remove')", name="kind_valid"),
+                      CheckConstraint("status IN ('pending', 'applied', 'rejected')", name="status_valid"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    operator: Mapped[str] = mapped_column(String(64), index=True)
+    payload: Mapped[dict[str, Any]] = mapped_column()  # the operator as it should be (add/update)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    requested_by: Mapped[str] = mapped_column(String(64))
+    request_statement_id: Mapped[int] = mapped_column(ForeignKey("signed_statements.id"))
+    requested_at: Mapped[datetime] = mapped_column()
+    decided_by: Mapped[str | None] = mapped_column(String(64))
+    decision_statement_id: Mapped[int | None] = mapped_column(ForeignKey("signed_statements.id"))
+    decided_at: Mapped[datetime | None] = mapped_column()
 
 
 # ----------------------------------------------------------------------------- run records

@@ -35,7 +35,6 @@ from inventory.models import (
     ImportSummary,
     Inspection,
     Inventory,
-    Operator,
     Outlet,
     Record,
     RestoreDrill,
@@ -57,7 +56,6 @@ from inventory.records import (
     EvaluationRow,
     FaultRow,
     InspectionRow,
-    OperatorRow,
     OutletRow,
     RestoreDrillRow,
     RunRow,
@@ -65,7 +63,7 @@ from inventory.records import (
 from inventory.yamlfile import InputError as InventoryError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-SCHEMA_HEAD = "0003"  # newest migration; a test keeps it equal to Alembic's head
+SCHEMA_HEAD = "0005"  # newest migration; a test keeps it equal to Alembic's head
 SQLITE_BUSY_TIMEOUT_S = 30.0  # flow workers write concurrently; wait for the lock rather than fail
 _MIGRATION_LOCK_KEY = 0x5C0_0001  # PostgreSQL advisory lock: one migrating process at a time
 _SQLITE_BEGIN = "counterops_sqlite_begin"  # execution option read by _sqlite_begin
@@ -91,10 +89,9 @@ _FLEET_TABLES: tuple[tuple[str, type[Base], type[Any]], ...] = (
     ("branches", BranchRow, Branch),
     ("outlets", OutletRow, Outlet),
     ("devices", DeviceRow, Device),
-    ("operators", OperatorRow, Operator),
 )
 _TABLE_OF = {section: row_cls for section, row_cls, _ in _FLEET_TABLES}
-_NOUN = {BranchRow: "branch", OutletRow: "outlet", DeviceRow: "device", OperatorRow: "operator"}
+_NOUN = {BranchRow: "branch", OutletRow: "outlet", DeviceRow: "device"}
 
 
 # ----------------------------------------------------------------------------- is a run still working?
@@ -302,13 +299,6 @@ class Store:
     def device(self, id: str) -> Device:
         return self._one(Device, DeviceRow, id)
 
-    def operators(self) -> list[Operator]:
-        with self._read() as s:
-            return _all(s, Operator, OperatorRow)
-
-    def operator(self, name: str) -> Operator:
-        return self._one(Operator, OperatorRow, name)
-
     def inventory(self, ssh: SSHSettings) -> Inventory:
         """The stored fleet as an Inventory; SSH settings are not stored (they are per machine)."""
         with self._snapshot() as s:
@@ -340,9 +330,13 @@ class Store:
         run_id: int | None = None,
         outcome: str = "ok",
         details: dict[str, Any] | None = None,
+        statement_digest: str | None = None,
     ) -> AuditEvent:
-        """Record who did what to which target and how it ended."""
-        event = AuditEvent(actor=actor, action=action, target=target, run_id=run_id, outcome=outcome, details=details or {})
+        """Record who did what to which target and how it ended (and the signed statement that allowed it)."""
+        details = dict(details or {})
+        if statement_digest:
+            details["statement_digest"] = statement_digest
+        event = AuditEvent(actor=actor, action=action, target=target, run_id=run_id, outcome=outcome, details=details)
         return self.add(event)
 
     def audit_events(self, limit: int = 100, action: str | None = None) -> list[AuditEvent]:
@@ -459,7 +453,7 @@ def _row(record: Record) -> Base:
     return _ROW_OF[type(record)](**_values(record))
 
 
-def _columns(model: Branch | Outlet | Device | Operator) -> dict[str, Any]:
+def _columns(model: Branch | Outlet | Device) -> dict[str, Any]:
     return {_COLUMN_OF.get(k, k): v for k, v in model.model_dump(mode="json").items()}
 
 
@@ -551,13 +545,13 @@ def _problems_with_store(inv: Inventory, stored: dict[str, dict[str, dict[str, A
         return item_label(section, index - len(kept[section]), key)
 
     return inventory_problems(
-        merged["branches"], merged["outlets"], merged["devices"], merged["operators"],
+        merged["branches"], merged["outlets"], merged["devices"],
         branches_listed=True, outlets_listed=True, label=label,
     )  # fmt: skip
 
 
 def _key_field(section: str) -> str:
-    return "name" if section == "operators" else "id"
+    return "id"
 
 
 def _keep_known_names(wanted: list[dict[str, Any]], stored: dict[str, dict[str, Any]]) -> None:

@@ -54,11 +54,18 @@ DEFAULT_HTTP_BASE_PORT = 24000
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 60.0
 
+# The simulated bank's operators: `fleet up` writes DIR/operators.yaml (for `counterops operators init`)
+# and each one's key pair under DIR/keys/ (private keys 0600). counterops-scheduler is the service
+# identity scheduled runs act as.
 DEFAULT_OPERATORS = [
+    {"name": "zhou.min", "full_name": "周敏", "roles": ["admin"]},
+    {"name": "wu.qiang", "full_name": "吴强", "roles": ["admin"]},
     {"name": "zhang.wei", "full_name": "张伟", "roles": ["hq_it"]},
     {"name": "li.na", "full_name": "李娜", "roles": ["approver", "hq_it"]},
     {"name": "wang.fang", "full_name": "王芳", "roles": ["branch_it"], "branches": ["BR01"]},
     {"name": "chen.jie", "full_name": "陈杰", "roles": ["approver"]},
+    {"name": "sun.li", "full_name": "孙丽", "roles": ["auditor"]},
+    {"name": "counterops-scheduler", "roles": ["service"]},
 ]
 
 
@@ -241,6 +248,24 @@ def _public_key(private_path: Path) -> str:
     return " ".join(private_path.with_name(private_path.name + ".pub").read_text().split()[:2])
 
 
+def write_operators(fleet_dir: Path, operators: list[dict] = DEFAULT_OPERATORS) -> Path:
+    """DIR/operators.yaml naming each operator's public key file, with a key pair per operator under
+    DIR/keys/ (kept when already there). Returns the file."""
+    keys = fleet_dir / "keys"
+    keys.mkdir(mode=0o700, exist_ok=True)
+    entries = []
+    for op in operators:
+        key = keys / op["name"]
+        if not key.exists():
+            _write_private_key(key)
+        entries.append({**op, "keys": [f"keys/{op['name']}.pub"]})
+    path = fleet_dir / "operators.yaml"
+    header = ("# Written by `counterops fleet up`: the simulated bank's operators, for `counterops operators init --from`.\n"
+              "# Their private keys are in keys/ (0600): sign with --key keys/NAME, or ssh-add them.\n")
+    path.write_text(header + yaml.safe_dump({"operators": entries}, sort_keys=False, allow_unicode=True))
+    return path
+
+
 def _client_key(fleet_dir: Path) -> str:
     key = fleet_dir / "id_ed25519"
     if not key.exists():
@@ -406,7 +431,6 @@ def _write_inventory(fleet_dir: Path, state: FleetState) -> None:
         "ssh": {"user": state.user, "key_file": "id_ed25519", "known_hosts": "known_hosts"},
         "branches": [{"id": b, "name": f"Branch {b[2:]}"} for b in branches],
         "outlets": [{"id": o, "branch": b, "name": f"Outlet {o}"} for o, b in outlets],
-        "operators": DEFAULT_OPERATORS,
         "devices": [
             {
                 "id": c.id,
@@ -469,6 +493,7 @@ def up(
     known_hosts = [f"[{HOST}]:{c.ssh_port} {_prepare_sshd(fleet_dir, c, user.pw_name, client_public)}" for c in state.devices]
     (fleet_dir / "known_hosts").write_text("\n".join(known_hosts) + "\n")
     _write_inventory(fleet_dir, state)
+    write_operators(fleet_dir)
 
     deadline = time.monotonic() + READY_TIMEOUT_S
     started = [(c, _start_sshd(fleet_dir, c)) for c in state.devices]

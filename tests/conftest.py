@@ -15,6 +15,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.pop("COUNTEROPS_DATABASE_URL", None)
 
 pytest_plugins = [
+    "tests.plugins.identity",
     "tests.plugins.prefect_server",
     "tests.plugins.fleet",
     "tests.plugins.postgres",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from simfleet import fleet as simfleet
+from tests.plugins.identity import enroll
 
 
 PORT_OFFSET = int(os.environ.get("COUNTEROPS_TEST_PORT_OFFSET", "0"))  # lets two test sessions run side by side
@@ -49,6 +50,7 @@ def fleet_dir(monkeypatch):
     (a counter held for a decision, a lease) must not reach the next test's counters."""
     d = traversable_tmpdir("counterops-fleet-")
     monkeypatch.setenv("COUNTEROPS_HOME", str(d / "home"))
+    enroll()  # the session's operators, in this test's own store
     try:
         yield d / "fleet"
     finally:
