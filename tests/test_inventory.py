@@ -45,10 +45,6 @@ outlets:
   - {id: BR01-O01, branch: BR01, name: "Outlet 1"}
   - {id: BR01-O02, branch: BR01}
   - {id: BR02-O01, branch: BR02}
-operators:
-  - {name: zhang.wei, full_name: 张伟, roles: [hq_it]}
-  - {name: li.na, roles: [approver, hq_it]}
-  - {name: wang.fang, roles: [branch_it], branches: [BR01]}
 devices:
   - {id: SC-BR01-O01-01, branch: BR01, outlet: BR01-O01, host: 127.0.0.1, ssh_port: 22001, http_port: 24001, root: /tmp/fleet/devices/SC-BR01-O01-01}
   - {id: SC-BR01-O01-02, branch: BR01, outlet: BR01-O01, host: 127.0.0.1, ssh_port: 22002, http_port: 24002, location: 北京 朝阳区 1号}
@@ -104,7 +100,6 @@ def test_example_loads_with_paths_relative_to_the_file(tmp_path: Path, monkeypat
     dev = inv.device("SC-BR01-O02-01")
     assert (dev.ssh_port, dev.http_port, dev.root, dev.tags) == (22, 8080, "/", ["pilot", "lobby"])
     assert inv.device("SC-BR01-O01-02").location == "北京 朝阳区 1号"
-    assert [o.full_name for o in inv.operators] == ["张伟", None, None]
     assert [d.id for d in inv.devices_in(branch="BR01", outlet="BR01-O01")] == ["SC-BR01-O01-01", "SC-BR01-O01-02"]
     assert list(inv.by_outlet()) == ["BR01-O01", "BR01-O02", "BR02-O01"]
     with pytest.raises(KeyError, match="BR99"):
@@ -189,27 +184,17 @@ def test_listed_branches_and_outlets_must_cover_the_devices(tmp_path: Path) -> N
 
     assert f"{path}: outlets[0] (BR01-O01): branch: 'BR01' is not in the branches list" in errors
     assert f"{path}: devices[3] (SC-BR02-O01-01): outlet: 'BR02-O01' is not in the outlets list" in errors
-    assert f"{path}: operators[2] (wang.fang): branches: 'BR01' is not a known branch" in errors
 
 
-def test_operator_rules(tmp_path: Path) -> None:
-    operators = """operators:
-  - {name: Zhang Wei, roles: [hq_it]}
-  - {name: li.na, full_name: "Li; Na", roles: [approver, admin]}
-  - {name: wang.fang, roles: [branch_it]}
-  - {name: chen.jie, roles: [hq_it], branches: [BR000]}
-  - {name: li.na, roles: []}
-"""
-    path = write(tmp_path / "inventory.yaml", fleet_yaml(1) + operators)
+def test_an_operators_section_is_refused_saying_where_operators_live_now(tmp_path: Path) -> None:
+    """Operators (and their keys) live in the store; a file anyone can edit must not name them any more."""
+    path = write(tmp_path / "inventory.yaml", fleet_yaml(1) + "operators:\n  - {name: zhang.wei, roles: [hq_it]}\n")
 
-    assert errors_of(path) == [
-        f"{path}: operators[0]: name: must be 1-64 characters: lowercase letters, digits, '.', '_' or '-', starting with a letter, got 'Zhang Wei'",
-        f"{path}: operators[1] (li.na): full_name: must be letters (any script) separated by single spaces, '-' or '·', got 'Li; Na'",
-        f"{path}: operators[1] (li.na): roles[1]: must be 'hq_it', 'branch_it' or 'approver', got 'admin'",
-        f"{path}: operators[4] (li.na): roles: must list at least one role of hq_it, branch_it, approver",
-        f"{path}: operators[2] (wang.fang): branches: a branch_it operator needs at least one branch",
-        f"{path}: operators[3] (chen.jie): branches: only branch_it operators have a branch scope (roles: hq_it)",
-    ]
+    [error] = errors_of(path)
+
+    assert error.startswith(f"{path}: operators: operators no longer live in the inventory")
+    assert "kept in the store" in error and "Remove this section" in error
+    assert "counterops operators init --from FILE" in error and "counterops operators request" in error
 
 
 @pytest.mark.parametrize(
@@ -222,8 +207,8 @@ def test_operator_rules(tmp_path: Path) -> None:
         ("ssh: {user: scops, key_file: k, known_hosts: kh}\ndevice: []\n", "device: unknown section; did you mean 'devices'?"),
         ("ssh: {user: scops, key_file: k, known_hosts: kh}\ndevices: {id: x}\n", "devices: must be a list of entries"),
         ("ssh: {user: scops, key_file: k, known_hosts: kh}\ndevices: [SC-1]\n", "devices[0]: must be a mapping of fields (key: value), got 'SC-1'"),
-        ("- ssh\n- devices\n", "the top level must be a mapping with sections ssh, branches, outlets, operators, devices; got a list"),
-        ("", "the top level must be a mapping with sections ssh, branches, outlets, operators, devices; got an empty file"),
+        ("- ssh\n- devices\n", "the top level must be a mapping with sections ssh, branches, outlets, devices; got a list"),
+        ("", "the top level must be a mapping with sections ssh, branches, outlets, devices; got an empty file"),
     ],
 )
 def test_file_structure_errors(tmp_path: Path, text: str, expected: str) -> None:
@@ -319,7 +304,7 @@ def example(tmp_path: Path) -> Inventory:
 
 def counts(store: Store) -> dict[str, int]:
     with store.engine.connect() as conn:
-        return {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one() for t in ("branches", "outlets", "devices", "operators")}
+        return {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one() for t in ("branches", "outlets", "devices")}
 
 
 def test_migrations_reach_head_and_match_the_models(store: Store) -> None:
@@ -350,15 +335,14 @@ def test_opening_an_up_to_date_store_skips_alembic(db_url: str, monkeypatch: pyt
 def test_inventory_round_trips_through_the_store(store: Store, example: Inventory) -> None:
     summary = store.import_inventory(example, actor="zhang.wei", source="inventory.yaml")
 
-    assert (summary.devices.added, summary.branches.added, summary.outlets.added, summary.operators.added) == (4, 2, 3, 3)
+    assert (summary.devices.added, summary.branches.added, summary.outlets.added) == (4, 2, 3)
+    assert "operators" not in str(summary)
     back = store.inventory(example.ssh)
-    for section in ("branches", "outlets", "devices", "operators"):  # the store lists by id/name
-        assert getattr(back, section) == sorted(getattr(example, section), key=lambda m: getattr(m, "id", None) or m.name)
+    for section in ("branches", "outlets", "devices"):  # the store lists by id
+        assert getattr(back, section) == sorted(getattr(example, section), key=lambda m: m.id)
     assert [d.id for d in store.devices(branch="BR01")] == ["SC-BR01-O01-01", "SC-BR01-O01-02", "SC-BR01-O02-01"]
     assert [d.id for d in store.devices(outlet="BR02-O01")] == ["SC-BR02-O01-01"]
     assert store.device("SC-BR02-O01-01") == example.device("SC-BR02-O01-01")
-    assert store.operator("zhang.wei").full_name == "张伟"
-    assert [o.name for o in store.operators()] == ["li.na", "wang.fang", "zhang.wei"]
     with pytest.raises(KeyError, match="no branch 'BR99'"):
         store.devices(branch="BR99")
     with pytest.raises(KeyError, match="no device 'SC-NOPE'"):
@@ -438,17 +422,17 @@ def test_a_fleet_rebuilt_with_other_ids_replaces_the_old_one_with_prune_and_keep
 def test_failure_midway_leaves_nothing_half_imported(store: Store, example: Inventory, monkeypatch: pytest.MonkeyPatch) -> None:
     real_upsert = store_module._upsert
 
-    def fail_on_operators(s, row_cls, wanted, stored):  # type: ignore[no-untyped-def]
-        if row_cls.__tablename__ == "operators":
+    def fail_on_devices(s, row_cls, wanted, stored):  # type: ignore[no-untyped-def]
+        if row_cls.__tablename__ == "devices":  # the last section: branches and outlets were written already
             raise RuntimeError("database went away")
         return real_upsert(s, row_cls, wanted, stored)
 
-    monkeypatch.setattr(store_module, "_upsert", fail_on_operators)
+    monkeypatch.setattr(store_module, "_upsert", fail_on_devices)
 
     with pytest.raises(RuntimeError, match="database went away"):
         store.import_inventory(example, actor="li.na", source="inventory.yaml")
 
-    assert counts(store) == {"branches": 0, "outlets": 0, "devices": 0, "operators": 0}
+    assert counts(store) == {"branches": 0, "outlets": 0, "devices": 0}
     assert store.audit_events() == []
 
 
