@@ -67,14 +67,16 @@ def sign_statement(action: str, target: str, *, operator: str | None, key: Path 
     store = store or Store.open()
     try:
         name = explicit_operator(operator)
+        how = "--as" if operator else "$COUNTEROPS_OPERATOR"
         if name is None and key is not None:
             public = identity.public_key_of(Path(key).expanduser())
             owner = identity.operator_of_key(store, public) if public else None
-            name = owner.name if owner else None
-        name = name or getpass.getuser()
+            name, how = (owner.name, "the owner of --key") if owner else (None, how)
+        if name is None:
+            name, how = getpass.getuser(), "your login name; say who you are with --as NAME"
         op = identity.operator(store, name)
         if op is None:
-            fail(f"--as {name}: not an operator in the store (see `counterops operators list`)")
+            fail(f"{name!r} ({how}) is not an operator in the store (see `counterops operators list`)")
         try:
             return identity.sign(identity.Statement.new(action, op.name, target, **bindings), key=key, candidates=op.keys).token()
         except identity.IdentityError as e:

@@ -203,6 +203,9 @@ def agent_keys() -> list[str]:
     if not os.environ.get("SSH_AUTH_SOCK"):
         return []
     r = subprocess.run(["ssh-add", "-L"], capture_output=True, text=True, timeout=10)
+    if r.returncode == 2:  # 1: an agent without keys; 2: no agent there
+        raise IdentityError(f"no ssh-agent answers at SSH_AUTH_SOCK={os.environ['SSH_AUTH_SOCK']}: start one "
+                            "(eval \"$(ssh-agent)\"; ssh-add KEY) or pass --key PATH")
     return [" ".join(line.split()[:2]) for line in r.stdout.splitlines() if line.startswith(("ssh-", "sk-"))]
 
 
@@ -234,19 +237,20 @@ def sign(statement: Statement, *, key: Path | None = None, candidates: Iterable[
             if public is not None and public in agent_keys():
                 signer = _write(Path(tmp, "key.pub"), public + "\n")
             elif _encrypted(key):
-                raise IdentityError(f"--key: {str(key)!r} is passphrase-protected: add it to your ssh-agent "
-                                    f"(ssh-add {key}) and run again")
+                raise IdentityError(f"--key: {str(key)!r} is passphrase-protected and the ssh-agent does not hold it: "
+                                    f"add it (ssh-add {key}; keep {key}.pub beside it) and run again")
             else:
                 signer = key
         else:
             wanted = set(candidates)
             held = [k for k in agent_keys() if k in wanted]
             if not held:
+                who = statement.actor
                 if not os.environ.get("SSH_AUTH_SOCK"):
-                    raise IdentityError("no key to sign with: pass --key PATH (or set COUNTEROPS_KEY), or start ssh-agent "
-                                        "and ssh-add your key")
+                    raise IdentityError(f"no key to sign with as {who} (--as only says who you are; your key proves it): "
+                                        "pass --key PATH (or set COUNTEROPS_KEY), or start ssh-agent and ssh-add your key")
                 shown = ", ".join(fingerprint(k) for k in wanted) or "none registered"
-                raise IdentityError(f"the ssh-agent holds no key of this operator (registered: {shown}): "
+                raise IdentityError(f"the ssh-agent holds no key of {who} (registered: {shown}): "
                                     "ssh-add your key, or pass --key PATH")
             signer = _write(Path(tmp, "key.pub"), held[0] + "\n")
         r = subprocess.run(["ssh-keygen", "-Y", "sign", "-q", "-n", NAMESPACE, "-f", str(signer)], input=raw,
@@ -343,12 +347,17 @@ def operator_of_key(store: Store, public_key: str) -> Operator | None:
     return operator(store, name) if name else None
 
 
-def _keys_valid_at(store: Store, name: str, at: datetime) -> list[str]:
-    """The keys of ``name`` that were registered at ``at``: added before, not removed before."""
+def _keys_valid_at(store: Store, name: str, at: datetime, *, still_active: bool) -> list[str]:
+    """The keys of ``name`` that were registered at ``at``: added before, not removed before. With
+    ``still_active`` (a statement used now) the key must also still be registered: ``at`` is the signer's
+    own claim, so a removed (perhaps stolen) key must not verify a statement dated before its removal."""
+    removed_ok = OperatorKeyRow.removed_at.is_(None)
+    if not still_active:  # re-checking a statement accepted earlier: the key counts as it was when signed
+        removed_ok = or_(removed_ok, OperatorKeyRow.removed_at > at)
     with store._read() as s:
         return list(s.execute(select(OperatorKeyRow.public_key).where(
             OperatorKeyRow.operator == name, OperatorKeyRow.added_at <= at + timedelta(seconds=FUTURE_SKEW_S),
-            or_(OperatorKeyRow.removed_at.is_(None), OperatorKeyRow.removed_at > at))).scalars())
+            removed_ok).order_by(OperatorKeyRow.id)).scalars())
 
 
 def write_operator(s: Any, op: Operator, now: datetime) -> None:
@@ -449,24 +458,45 @@ def _check(store: Store, signed: Signed, *, action: str, target: str | None, pla
     op = operator(store, st.actor)
     if op is None:
         raise Refused(f"{st.actor!r} is not an operator in the store (see `counterops operators list`)")
-    fp = verify_signature(signed, st.actor, _keys_valid_at(store, st.actor, st.at))
-    if fp is None:
-        used = signature_key(signed)
-        owner = operator_of_key(store, used) if used else None
-        whose = (f"it was made with {fingerprint(used)}, a key of {owner.name}" if owner and owner.name != st.actor
-                 else f"it was made with {fingerprint(used) if used else 'an unknown key'}, not a registered key of {st.actor}")
-        raise Refused(f"the signature does not verify for {st.actor}: {whose}")
-    if fresh:
+    if fresh:  # first: cheap, and a statement too old to use is refused as such whatever key made it
         age = (utcnow() - st.at).total_seconds()
         if age > max_age_s():
             raise Refused(f"the statement is stale: signed at {st.at:%Y-%m-%d %H:%M:%S} UTC, {age:.0f} s ago "
                           f"(at most {max_age_s():.0f} s); sign a new one")
         if age < -FUTURE_SKEW_S:
             raise Refused(f"the statement is dated in the future ({st.at:%Y-%m-%d %H:%M:%S} UTC): check the signer's clock")
+    tried = _keys_valid_at(store, st.actor, st.at, still_active=fresh)
+    fp = verify_signature(signed, st.actor, tried)
+    if fp is None:
+        raise Refused(f"the signature does not verify for {st.actor}: {_why_not(store, signed, tried)}")
     problem = permission_problem(op, action, branches)
     if problem:
         raise Refused(problem)
     return Verified(operator=op, statement=st, digest=st.digest, key_fingerprint=fp)
+
+
+def _why_not(store: Store, signed: Signed, tried: list[str]) -> str:
+    """Why no key of the statement's operator verifies its signature, naming the key that made it."""
+    st = signed.statement
+    used = signature_key(signed)
+    if used is None:
+        return "the signature is damaged"
+    fp = fingerprint(used)
+    if fp in {fingerprint(k) for k in tried}:
+        return f"it was made with {fp}, a key of {st.actor}, but not over this statement: it was changed after signing"
+    owner = operator_of_key(store, used)
+    if owner and owner.name != st.actor:
+        return f"it was made with {fp}, a key of {owner.name}"
+    if fp in _fingerprints(store, st.actor):
+        return (f"it was made with {fp}, a key of {st.actor} that was removed (or not yet registered when the "
+                f"statement is dated, {st.at:%Y-%m-%d %H:%M:%S} UTC)")
+    return f"it was made with {fp}, not a registered key of {st.actor}"
+
+
+def _fingerprints(store: Store, name: str) -> set[str]:
+    """Every fingerprint ever registered for ``name`` (removed keys too)."""
+    with store._read() as s:
+        return set(s.execute(select(OperatorKeyRow.fingerprint).where(OperatorKeyRow.operator == name)).scalars())
 
 
 def _consume(store: Store, signed: Signed, verified: Verified) -> int:

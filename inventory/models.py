@@ -152,6 +152,10 @@ def _public_key(value: str) -> str:
     """One OpenSSH public key line, ed25519 (or a FIDO hardware ed25519 key); kept without its comment."""
     m = _PUBLIC_KEY.fullmatch(value.strip()) if isinstance(value, str) else None
     if m is None:
+        kind = value.split()[0] if isinstance(value, str) and value.split() else ""
+        if re.fullmatch(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+", kind) and kind not in KEY_TYPES:
+            raise ValueError(f"{kind} keys are not accepted, only {' or '.join(KEY_TYPES)}: make one with "
+                             "`ssh-keygen -t ed25519` (or `-t ed25519-sk` for a hardware key) and list its .pub")
         raise ValueError(f"must be an OpenSSH public key line of type {' or '.join(KEY_TYPES)} "
                          f"(the content of a .pub file), got {str(value)[:40]!r}")
     return f"{m.group(1)} {m.group(2)}"
