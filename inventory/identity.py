@@ -220,6 +220,18 @@ def public_key_of(key: Path) -> str | None:
 
 
 def _encrypted(key: Path) -> bool:
+    """Whether the private key file needs a passphrase: read from an OpenSSH key's header (its cipher),
+    without a process; other formats are asked of ssh-keygen."""
+    try:
+        text = key.read_text()
+        if "-----BEGIN OPENSSH PRIVATE KEY-----" in text:
+            blob = base64.b64decode("".join(l for l in text.splitlines() if l and not l.startswith("-----")))
+            magic = b"openssh-key-v1\0"
+            if blob.startswith(magic):
+                n = int.from_bytes(blob[len(magic):len(magic) + 4], "big")
+                return blob[len(magic) + 4:len(magic) + 4 + n] != b"none"
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
     r = subprocess.run(["ssh-keygen", "-y", "-P", "", "-f", str(key)], capture_output=True, text=True, timeout=10)
     return r.returncode != 0
 
