@@ -148,7 +148,9 @@ def clean_env() -> dict[str, str]:
 
 
 def ours_env(run_dir: Path | None = None) -> dict[str, str]:
-    env = clean_env() | {"COUNTEROPS_HOME": str(HOME), "COUNTEROPS_PREFECT_PORT": str(PREFECT_PORT)}
+    env = clean_env() | {"COUNTEROPS_HOME": str(HOME), "COUNTEROPS_PREFECT_PORT": str(PREFECT_PORT),
+                         # who runs `counterops upgrade` / `check`: zhang.wei (hq_it), signing with the key fleet up wrote
+                         "COUNTEROPS_OPERATOR": "zhang.wei", "COUNTEROPS_KEY": str(FLEET / "keys" / "zhang.wei")}
     if run_dir is not None:  # a fresh store and backup stores per run: every run starts from the same records
         env |= {
             "COUNTEROPS_DATABASE_URL": f"sqlite:///{run_dir / 'store.db'}",
@@ -274,9 +276,9 @@ def timed(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> t
 
 def run_ours(run_dir: Path, profile_with: Path | None = None) -> dict:
     env = ours_env(run_dir)
-    # Not timed: a fresh store for this run, migrated and holding the inventory (the flow imports it again).
-    subprocess.run([str(COUNTEROPS), "inventory", "import", str(INVENTORY), "--as", "zhang.wei"], env=env, check=True,
-                   capture_output=True)
+    # Not timed: a fresh store for this run, migrated, holding the operators (fleet up wrote them and their
+    # keys) and the inventory (the flow imports it again), and the plan signed and approved by two people.
+    set_up_identities(env)
     cmd = [str(COUNTEROPS), "upgrade", str(WORK / "plan.yaml"), "--inventory", str(INVENTORY)]
     if profile_with is not None:
         # wall clock: every thread sampled, waiting or not (--idle), each sample tagged with its thread
@@ -289,6 +291,30 @@ def run_ours(run_dir: Path, profile_with: Path | None = None) -> dict:
         (run_dir / "records.json").write_text(shown.stdout)
         extra["records"] = str(run_dir / "records.json")
     return {"exit_code": code, "seconds": seconds, "started_at": started_at, **extra}
+
+
+def signed(env: dict[str, str], *args: str, who: str) -> None:
+    """One signed CLI command as operator ``who``, with their key file from the fleet's keys/."""
+    done = subprocess.run([str(COUNTEROPS), *args, "--as", who, "--key", str(FLEET / "keys" / who)], env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"counterops {' '.join(args)} --as {who} failed: {done.stderr.strip() or done.stdout.strip()}")
+
+
+def set_up_identities(env: dict[str, str]) -> None:
+    """The bench's store as an operator would set it up: operators from the fleet's operators.yaml, the
+    inventory imported by zhang.wei (hq_it), the plan signed by zhang.wei and approved by li.na."""
+    done = subprocess.run([str(COUNTEROPS), "operators", "init", "--from", str(FLEET / "operators.yaml")], env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"counterops operators init failed: {done.stderr.strip()}")
+    signed(env, "inventory", "import", str(INVENTORY), who="zhang.wei")
+    plan_help = subprocess.run([str(COUNTEROPS), "plan", "--help"], env=env, capture_output=True, text=True).stdout
+    if re.search(r"\bsign\b", plan_help) and re.search(r"\bapprove\b", plan_help):
+        signed(env, "plan", "sign", str(WORK / "plan.yaml"), who="zhang.wei")
+        signed(env, "plan", "approve", str(WORK / "plan.yaml"), who="li.na")
+    # TODO(issue 10, upgrade part): once `counterops plan sign/approve` is on main the branch above always runs;
+    # drop the check then (the upgrade refuses an unapproved plan).
 
 
 def run_ansible(run_dir: Path, exe: Path) -> dict:
@@ -742,6 +768,7 @@ def main() -> int:
             subprocess.run([str(COUNTEROPS), "server", "start"], env=ours_env(), check=True)
             # warm the server and the CLI once (read-only fleet check): its first-use costs are not the upgrade's
             (runs_root / "warm-up").mkdir()
+            set_up_identities(ours_env(runs_root / "warm-up"))
             subprocess.run([str(COUNTEROPS), "check", "--inventory", str(INVENTORY)], env=ours_env(runs_root / "warm-up"),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
