@@ -191,7 +191,7 @@ def server_start() -> None:
 
     try:
         info = localserver.start()
-        localserver.ensure_zombie_automation(info.url)
+        localserver.ensure_zombie_automation(info.url, localserver.auth_string())
     except localserver.ServerError as e:
         fail(str(e))
     out.print(f"Prefect server running (pid {info.pid}): API {info.url}, UI {info.ui_url}")
@@ -469,11 +469,17 @@ def main() -> None:
     # with the default thresholds the cycle collector runs thousands of times (≈ 0.2 s of the
     # import alone). Collect less often; flows also freeze what is imported (flow_in_this_process).
     gc.set_threshold(50_000, 20, 20)
+    from inventory.paths import ExposedPath, private_files
+
+    private_files()  # umask 077: the store, backups, secrets, reports: for this user only
     try:
         app()
         code: object = 0
     except SystemExit as e:
         code = e.code
+    except ExposedPath as e:  # the store, a backup directory or a key that group/others may read: say the chmod
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        code = EXIT_BAD_INPUT
     exit_now(code)
 
 

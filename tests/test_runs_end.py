@@ -125,7 +125,9 @@ def mid_install(devices: list[Device], version: str) -> Device | None:
 
 
 def heartbeat_events(api: str, flow_run_id: str) -> list[dict]:
-    found = httpx.post(f"{api}/events/filter", timeout=10, json={
+    from counterops.localserver import auth_headers
+
+    found = httpx.post(f"{api}/events/filter", timeout=10, headers=auth_headers(), json={
         "filter": {"event": {"name": ["prefect.flow-run.heartbeat"]}, "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]}},
         "limit": 50}).raise_for_status().json()
     return found["events"]
