@@ -263,13 +263,14 @@ def check(
         raise typer.Exit(EXIT_FAILED)
 
 
-def load_plan_or_exit(plan_file: Path, inv):
-    """The plan, checked against the inventory (scope, waves) and the notice targets; exit 2 when bad."""
-    from inventory.plan import PlanError, impact, load_plan
+def load_plan_or_exit(plan_file: Path, inv, inventory_file: Path | None = None):
+    """The plan, checked against the inventory (scope, waves; its package inside the release directory
+    beside ``inventory_file``) and the notice targets; exit 2 when bad."""
+    from inventory.plan import PlanError, impact, load_plan, releases_dir
     from tasks.notify import check_targets
 
     try:
-        plan = load_plan(plan_file)
+        plan = load_plan(plan_file, releases=releases_dir(inventory_file))
         impact(plan, inv, source=str(plan_file))
     except PlanError as e:
         fail(str(e), EXIT_BAD_INPUT)
@@ -287,7 +288,7 @@ def upgrade(
     """Run an upgrade plan: notify, back up, roll out in waves, test, roll back, evaluate."""
     path = inventory_path(inventory)
     inv = load_inventory_or_exit(path)
-    plan = load_plan_or_exit(plan_file, inv)
+    plan = load_plan_or_exit(plan_file, inv, path)
     api = prefect_api()
     from flows.upgrade import upgrade_plan
     from inventory.store import Store

@@ -30,14 +30,14 @@ def plan_check(
     With --read-counters, the counters the plan would take back to an older release, refused or allowed.
     """
     from inventory.loader import InventoryError, load_inventory
-    from inventory.plan import PlanError, impact, load_plan
+    from inventory.plan import PlanError, impact, load_plan, releases_dir
     from tasks.notify import check_targets
 
     inventory_file = inventory_path(inventory)
     errors: list[str] = []
     plan = inv = None
     try:
-        plan = load_plan(plan_file)
+        plan = load_plan(plan_file, releases=releases_dir(inventory_file))
     except PlanError as e:
         errors += e.errors
     try:

@@ -37,7 +37,8 @@ from prefect.utilities.annotations import quote
 
 from inventory.loader import load_inventory
 from inventory.models import Evaluation, EvaluationScope, Inventory, Role, Run, RunKind
-from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan_waves, resolve_scope, wave_within_limits
+from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan_waves, releases_dir, resolve_scope,
+                            wave_within_limits
 from inventory.store import Store
 from tasks.evaluate import Soak, report_markdown, verdict, watch_health, wave_metrics
 from tasks.notify import Notice, NotifyError
@@ -82,7 +83,7 @@ def _run_name() -> str:
 def upgrade_plan(plan: UpgradePlan, inventory: str):
     """Run an upgrade plan on the counters of ``inventory`` (a YAML file on the machine running the flow)."""
     log = get_run_logger()
-    plan = check_package(plan)
+    plan = check_package(plan, releases=releases_dir(inventory))  # inside the release directory, never elsewhere
     inv = load_inventory(inventory)
     waves = plan_waves(plan, resolve_scope(plan, inv))
     announced = impact(plan, inv)

@@ -67,6 +67,13 @@ EXAMPLE: dict[str, Any] = {
 }
 
 
+@pytest.fixture(autouse=True)
+def releases(tmp_path: Path, monkeypatch) -> Path:
+    """The test's directory is the release directory: the plans' packages lie there."""
+    monkeypatch.setenv("COUNTEROPS_RELEASES", str(tmp_path))
+    return tmp_path
+
+
 @pytest.fixture
 def inventory_file(tmp_path: Path) -> Path:
     devices = "".join(
