@@ -27,6 +27,7 @@ from counterops.cli_decide import decide_command, held_command
 from counterops.cli_drill import drill_command
 from counterops.cli_maintenance import faults_app, inspect_command, maintain_command
 from counterops.cli_plan import plan_app
+from counterops.cli_secrets import secrets_app
 from counterops.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -57,6 +58,7 @@ app.add_typer(plan_app, name="plan")
 app.add_typer(backups_app, name="backups")
 app.add_typer(runs_app, name="runs")
 app.add_typer(faults_app, name="faults")
+app.add_typer(secrets_app, name="secrets")
 app.command("inspect")(inspect_command)
 app.command("maintain")(maintain_command)
 app.command("drill")(drill_command)
@@ -267,16 +269,16 @@ def load_plan_or_exit(plan_file: Path, inv, inventory_file: Path | None = None):
     """The plan, checked against the inventory (scope, waves; its package inside the release directory
     beside ``inventory_file``) and the notice targets; exit 2 when bad."""
     from inventory.plan import PlanError, impact, load_plan, releases_dir
-    from tasks.notify import check_targets
+    from tasks.notify import target_problems
 
     try:
         plan = load_plan(plan_file, releases=releases_dir(inventory_file))
         impact(plan, inv, source=str(plan_file))
     except PlanError as e:
         fail(str(e), EXIT_BAD_INPUT)
-    bad = check_targets(plan.notify)
-    if bad:
-        fail(f"{plan_file}: notify: apprise cannot send to {', '.join(bad)}", EXIT_BAD_INPUT)
+    problems = target_problems(plan.notify)
+    if problems:
+        fail("\n".join(f"{plan_file}: {p}" for p in problems), EXIT_BAD_INPUT)
     return plan
 
 

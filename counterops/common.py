@@ -40,7 +40,8 @@ err = Console(stderr=True)
 
 InventoryOption = Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")]
 OperatorOption = Annotated[str | None, typer.Option("--as", help="Who runs it, for the records (default: $COUNTEROPS_OPERATOR or your login).")]
-NotifyOption = Annotated[list[str] | None, typer.Option("--notify", help="Apprise URL for escalations and summaries (repeat for more).")]
+NotifyOption = Annotated[list[str] | None, typer.Option("--notify", help="Apprise URL without credentials, or secret:NAME "
+                                                                         "(`counterops secrets set NAME`), for escalations and summaries (repeat for more).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -70,12 +71,14 @@ def load_inventory_or_exit(path: Path) -> Inventory:
 
 
 def checked_notify(urls: list[str] | None) -> list[str]:
-    """The --notify URLs, refused (exit 2) when apprise cannot send to one: an escalation must not vanish."""
-    from tasks.notify import check_targets
+    """The --notify targets, refused (exit 2) when apprise cannot send to one (an escalation must not
+    vanish) or a URL carries a credential (it would show in the flow run's parameters: keep it as a
+    secret, give secret:NAME). Errors name URLs only redacted."""
+    from tasks.notify import target_problems
 
-    bad = check_targets(urls or [])
-    if bad:
-        fail(f"--notify: apprise cannot send to {', '.join(bad)}", EXIT_BAD_INPUT)
+    problems = target_problems(urls or [], field="--notify")
+    if problems:
+        fail("\n".join(problems), EXIT_BAD_INPUT)
     return urls or []
 
 

@@ -90,7 +90,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str):
 
     with (Store.open() as store, ConnectionPool(inv.ssh) as pool, ApiWatch.for_this_run() as api,
           recorded_run(store, Run(kind=RunKind.UPGRADE, name=plan.name, initiator=plan.initiator,
-                                  flow_run_id=str(flow_run.id), params=plan.model_dump(mode="json"))) as run):
+                                  flow_run_id=str(flow_run.id), params=plan.record())) as run):
         store.import_inventory(inv, actor=plan.initiator, source=inventory)  # the records name the counters as this run saw them
         store.audit(plan.initiator, "start_upgrade", plan.name, run_id=run.id, details={"target_version": plan.target_version})
         tag_branches(d for w in waves for d in w.devices)

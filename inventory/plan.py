@@ -39,6 +39,7 @@ from pydantic import (
 )
 
 from inventory.models import Device, Inventory, OperatorName, SafeId
+from inventory.notify_targets import redact, target_problem
 from inventory.yamlfile import InputError, did_you_mean, field_path, problem_text, read_mapping, relative_to, shown
 
 __all__ = [
@@ -142,6 +143,14 @@ def _sha256(value: str | None) -> str | None:
     if value is not None and _SHA256.fullmatch(value) is None:
         raise ValueError(f"must be 64 hexadecimal digits (as printed by sha256sum), got {shown(value)}")
     return value.lower() if value is not None else None
+
+
+def _notify_target(value: str) -> str:
+    """A notice target: an apprise URL without credentials, or secret:NAME; refused naming the URL redacted."""
+    problem = target_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 def _absolute(value: str) -> str:
@@ -302,12 +311,17 @@ class UpgradePlan(_PlanModel):
     maintenance_window: Window = "always"
     """When counters may be taken out of service: "always", or daily hours."""
     initiator: OperatorName
-    notify: list[str] = Field(default_factory=list)
-    """Apprise URLs that receive the notices to branches and head office."""
+    notify: list[Annotated[str, AfterValidator(_notify_target)]] = Field(default_factory=list)
+    """Where the notices to branches and head office go: apprise URLs without credentials, or secret:NAME
+    (a URL kept with `counterops secrets set NAME`)."""
     playbook: SafeId = "smartcounter-upgrade"
     downgrade: bool = False
     """Allow taking counters back to an older release; done only where the release declares it runs on the
     counter's data schema. Without it, a counter on a newer release than the target is refused."""
+
+    def record(self) -> dict[str, Any]:
+        """The plan as a run record keeps it (JSON): notice targets redacted, like everything that shows them."""
+        return self.model_dump(mode="json") | {"notify": [redact(t) for t in self.notify]}
 
     def window_is_open(self, at: datetime) -> bool:
         """Whether counters may be taken out of service at ``at``; "always" is always open."""
