@@ -37,8 +37,8 @@ from prefect.utilities.annotations import quote
 
 from inventory.loader import load_inventory
 from inventory.models import Evaluation, EvaluationScope, Inventory, Role, Run, RunKind
-from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan_waves, releases_dir, resolve_scope,
-                            wave_within_limits
+from inventory.plan import (PlannedWave, UpgradePlan, check_package, impact, plan_waves, releases_dir, resolve_scope,
+                            wave_within_limits)
 from inventory.store import Store
 from tasks.evaluate import Soak, report_markdown, verdict, watch_health, wave_metrics
 from tasks.notify import Notice, NotifyError

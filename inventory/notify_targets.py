@@ -37,12 +37,13 @@ def redact(url: str) -> str:
         return url
     try:
         parts = urlsplit(url.strip())
-        host = parts.hostname or ""
-        port = parts.port
+        scheme = parts.scheme
     except ValueError:
+        return "…"
+    try:
+        host, port = parts.hostname or "", parts.port
+    except ValueError:  # "host:port" that is no port: a token in the host's place
         host, port = "", None
-        parts = None
-    scheme = parts.scheme if parts is not None and parts.scheme else ""
     if not scheme:
         return "…"
     shown = host if host and _HOSTLIKE.fullmatch(host) else ""

@@ -19,6 +19,9 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+_SESSION_HOME = os.environ["COUNTEROPS_HOME"]  # set by tests/conftest.py before this plugin loads
+
 if "COUNTEROPS_TEST_PREFECT_API_URL" in os.environ:  # reuse a server someone already runs (and its PREFECT_API_AUTH_STRING)
     os.environ["PREFECT_API_URL"] = os.environ["COUNTEROPS_TEST_PREFECT_API_URL"]
     _PORT = None
