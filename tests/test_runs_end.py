@@ -101,7 +101,8 @@ def test_undelivered_advance_notice_ends_the_run_failed_and_leaves_the_fleet_fre
     assert len(errors) == 1 and "advance notice" in errors[0] and "no counter was touched" in errors[0], r.stderr
     run = the_run("notice-down-1.1.0")
     assert run.status == "failed" and run.ended_at is not None
-    assert run.summary["reason"].startswith("advance notice not delivered") and nobody_listens in run.summary["reason"]
+    assert run.summary["reason"].startswith("advance notice not delivered") and "json://127.0.0.1:9/…" in run.summary["reason"]
+    assert nobody_listens not in run.summary["reason"]  # named redacted: no path, no query, no userinfo
     with Store.open() as store:
         assert store.device_steps(run.id) == [], "a counter was touched without the advance notice"
     fr = flow_run(run.flow_run_id)
