@@ -312,8 +312,8 @@ def ensure_api_url() -> str:
     url = os.environ.get("PREFECT_API_URL")
     if url:
         local = _read_state()
-        if local is not None and local.url == url and auth_file().exists():  # the embedded server, by URL
-            os.environ.setdefault("PREFECT_API_AUTH_STRING", auth_string())
+        if local is not None and local.url == url and auth_file().exists():  # the embedded server, by URL: its string
+            os.environ["PREFECT_API_AUTH_STRING"] = auth_string()
         return url
     info = start()
     os.environ["PREFECT_API_URL"] = info.url
