@@ -123,11 +123,11 @@ EXPECTED_DEPLOYMENTS = {
 }
 
 
-async def _schedules(api: str) -> dict[str, list[tuple[str, str]]]:
+async def _schedules(api: str, auth: str) -> dict[str, list[tuple[str, str]]]:
     """Each expected deployment's cron schedules (read_deployment_by_name fails for a missing one)."""
     from prefect.client.orchestration import PrefectClient
 
-    async with PrefectClient(api=api) as client:
+    async with PrefectClient(api=api, auth_string=auth) as client:  # the server's API auth string
         found = {}
         for name in EXPECTED_DEPLOYMENTS:
             deployment = await client.read_deployment_by_name(name)
@@ -135,11 +135,11 @@ async def _schedules(api: str) -> dict[str, list[tuple[str, str]]]:
         return found
 
 
-async def _run_deployment_and_read_back(api: str, name: str, parameters: dict, timeout: float):
+async def _run_deployment_and_read_back(api: str, auth: str, name: str, parameters: dict, timeout: float):
     from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    async with PrefectClient(api=api) as client:
+    async with PrefectClient(api=api, auth_string=auth) as client:  # the server's API auth string
         deployment = await client.read_deployment_by_name(name)
         run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
         deadline = time.monotonic() + timeout
@@ -155,11 +155,11 @@ async def _run_deployment_and_read_back(api: str, name: str, parameters: dict, t
 def test_deploy_all_then_a_worker_runs_the_drill_deployment(stack, worker, fleet):
     deployed = stack.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE), timeout=300)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    schedules = asyncio.run(_schedules(stack.api))
+    schedules = asyncio.run(_schedules(stack.api, stack.env["PREFECT_API_AUTH_STRING"]))
     for name, cron in EXPECTED_DEPLOYMENTS.items():
         assert schedules[name] == ([(cron, "Asia/Shanghai")] if cron else []), name
 
-    run, artifacts = asyncio.run(_run_deployment_and_read_back(stack.api, DRILL, {"sample": 2}, timeout=300))
+    run, artifacts = asyncio.run(_run_deployment_and_read_back(stack.api, stack.env["PREFECT_API_AUTH_STRING"], DRILL, {"sample": 2}, timeout=300))
     assert run.state.is_completed(), f"{run.state}: see the worker log above"
     assert {a.type for a in artifacts} >= {"table", "markdown"}
     with Store.open(stack.env.get("COUNTEROPS_DATABASE_URL")) as store:
@@ -244,7 +244,8 @@ def rendered_text(chromium: str, url: str, auth: str | None, expect: list[str], 
             text = ""
             while time.monotonic() < deadline:
                 time.sleep(1)
-                text = evaluate("document.body ? document.body.innerText : ''") or ""
+                dom = evaluate("document.documentElement.outerHTML") or ""  # as --dump-dom gave it: hidden text too
+                text = re.sub(r"<[^>]+>", " ", dom)
                 if all(e.lower() in text.lower() for e in expect):
                     break
             return re.sub(r"\s+", " ", text)

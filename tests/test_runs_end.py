@@ -176,13 +176,14 @@ def test_a_controller_killed_mid_install_is_told_crashed_by_its_stopped_heartbea
 
 
 def test_server_setup_keeps_one_zombie_run_automation(prefect_api):
-    from counterops.localserver import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
+    from counterops.localserver import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION, auth_headers
 
     for _ in range(2):
         r = cli("server", "setup")
         assert r.returncode == 0 and ZOMBIE_AUTOMATION in r.stdout, r.stdout + r.stderr
     assert "unchanged" in r.stdout  # the session's server got it when it started
-    found = httpx.post(f"{prefect_api}/automations/filter", json={"automations": {"name": {"any_": [ZOMBIE_AUTOMATION]}}}, timeout=10).json()
+    found = httpx.post(f"{prefect_api}/automations/filter", json={"automations": {"name": {"any_": [ZOMBIE_AUTOMATION]}}}, timeout=10,
+                       headers=auth_headers()).json()
     [automation] = found
     trigger, [action] = automation["trigger"], automation["actions"]
     assert (trigger["posture"], trigger["within"], set(trigger["after"])) == ("Proactive", ZOMBIE_AFTER_S, {"prefect.flow-run.heartbeat"})
