@@ -71,7 +71,7 @@ def main() -> None:
 
         inv = load_inventory(inventory_file)
         step("load_inventory")
-        plan = load_plan(plan_file)
+        plan = load_plan(plan_file, releases=Path(tmp))  # the package lies beside the plan here
         step("load_plan")
         devices = resolve_scope(plan, inv)
         step("resolve_scope")

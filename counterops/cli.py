@@ -28,6 +28,7 @@ from counterops.cli_drill import drill_command
 from counterops.cli_maintenance import faults_app, inspect_command, maintain_command
 from counterops.cli_operators import operators_app
 from counterops.cli_plan import plan_app
+from counterops.cli_secrets import secrets_app
 from counterops.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -60,6 +61,7 @@ app.add_typer(backups_app, name="backups")
 app.add_typer(runs_app, name="runs")
 app.add_typer(faults_app, name="faults")
 app.add_typer(operators_app, name="operators")
+app.add_typer(secrets_app, name="secrets")
 app.command("inspect")(inspect_command)
 app.command("maintain")(maintain_command)
 app.command("drill")(drill_command)
@@ -206,7 +208,7 @@ def server_start() -> None:
 
     try:
         info = localserver.start()
-        localserver.ensure_zombie_automation(info.url)
+        localserver.ensure_zombie_automation(info.url, localserver.auth_string())
     except localserver.ServerError as e:
         fail(str(e))
     out.print(f"Prefect server running (pid {info.pid}): API {info.url}, UI {info.ui_url}")
@@ -278,19 +280,20 @@ def check(
         raise typer.Exit(EXIT_FAILED)
 
 
-def load_plan_or_exit(plan_file: Path, inv):
-    """The plan, checked against the inventory (scope, waves) and the notice targets; exit 2 when bad."""
-    from inventory.plan import PlanError, impact, load_plan
-    from tasks.notify import check_targets
+def load_plan_or_exit(plan_file: Path, inv, inventory_file: Path | None = None):
+    """The plan, checked against the inventory (scope, waves; its package inside the release directory
+    beside ``inventory_file``) and the notice targets; exit 2 when bad."""
+    from inventory.plan import PlanError, impact, load_plan, releases_dir
+    from tasks.notify import target_problems
 
     try:
-        plan = load_plan(plan_file)
+        plan = load_plan(plan_file, releases=releases_dir(inventory_file))
         impact(plan, inv, source=str(plan_file))
     except PlanError as e:
         fail(str(e), EXIT_BAD_INPUT)
-    bad = check_targets(plan.notify)
-    if bad:
-        fail(f"{plan_file}: notify: apprise cannot send to {', '.join(bad)}", EXIT_BAD_INPUT)
+    problems = target_problems(plan.notify)
+    if problems:
+        fail("\n".join(f"{plan_file}: {p}" for p in problems), EXIT_BAD_INPUT)
     return plan
 
 
@@ -302,7 +305,7 @@ def upgrade(
     """Run an upgrade plan: notify, back up, roll out in waves, test, roll back, evaluate."""
     path = inventory_path(inventory)
     inv = load_inventory_or_exit(path)
-    plan = load_plan_or_exit(plan_file, inv)
+    plan = load_plan_or_exit(plan_file, inv, path)
     api = prefect_api()
     from flows.upgrade import upgrade_plan
     from inventory.store import Store
@@ -484,11 +487,17 @@ def main() -> None:
     # with the default thresholds the cycle collector runs thousands of times (≈ 0.2 s of the
     # import alone). Collect less often; flows also freeze what is imported (flow_in_this_process).
     gc.set_threshold(50_000, 20, 20)
+    from inventory.paths import ExposedPath, private_files
+
+    private_files()  # umask 077: the store, backups, secrets, reports: for this user only
     try:
         app()
         code: object = 0
     except SystemExit as e:
         code = e.code
+    except ExposedPath as e:  # the store, a backup directory or a key that group/others may read: say the chmod
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        code = EXIT_BAD_INPUT
     exit_now(code)
 
 

@@ -30,14 +30,14 @@ def plan_check(
     With --read-counters, the counters the plan would take back to an older release, refused or allowed.
     """
     from inventory.loader import InventoryError, load_inventory
-    from inventory.plan import PlanError, impact, load_plan
-    from tasks.notify import check_targets
+    from inventory.plan import PlanError, impact, load_plan, releases_dir
+    from tasks.notify import target_problems
 
     inventory_file = inventory_path(inventory)
     errors: list[str] = []
     plan = inv = None
     try:
-        plan = load_plan(plan_file)
+        plan = load_plan(plan_file, releases=releases_dir(inventory_file))
     except PlanError as e:
         errors += e.errors
     try:
@@ -45,12 +45,7 @@ def plan_check(
     except InventoryError as e:
         errors += e.errors
     if plan is not None:
-        unusable = set(check_targets(plan.notify))
-        errors += [
-            f"{plan_file}: notify[{i}]: apprise cannot send to {url!r}; see https://github.com/caronc/apprise/wiki for URL formats"
-            for i, url in enumerate(plan.notify)
-            if url in unusable
-        ]
+        errors += [f"{plan_file}: {p}" for p in target_problems(plan.notify)]
     if errors or plan is None or inv is None:
         fail("\n".join(errors), EXIT_BAD_INPUT)
     try:

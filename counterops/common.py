@@ -41,7 +41,8 @@ err = Console(stderr=True)
 InventoryOption = Annotated[Path | None, typer.Option(help="Inventory YAML (default: $COUNTEROPS_INVENTORY).")]
 OperatorOption = Annotated[str | None, typer.Option("--as", help="Which operator you are (default: $COUNTEROPS_OPERATOR, the owner of --key, or your login); your signature proves it.")]
 KeyOption = Annotated[Path | None, typer.Option("--key", help="Your SSH private key (default: $COUNTEROPS_KEY, else your ssh-agent).")]
-NotifyOption = Annotated[list[str] | None, typer.Option("--notify", help="Apprise URL for escalations and summaries (repeat for more).")]
+NotifyOption = Annotated[list[str] | None, typer.Option("--notify", help="Apprise URL without credentials, or secret:NAME "
+                                                                         "(`counterops secrets set NAME`), for escalations and summaries (repeat for more).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -107,12 +108,14 @@ def load_inventory_or_exit(path: Path) -> Inventory:
 
 
 def checked_notify(urls: list[str] | None) -> list[str]:
-    """The --notify URLs, refused (exit 2) when apprise cannot send to one: an escalation must not vanish."""
-    from tasks.notify import check_targets
+    """The --notify targets, refused (exit 2) when apprise cannot send to one (an escalation must not
+    vanish) or a URL carries a credential (it would show in the flow run's parameters: keep it as a
+    secret, give secret:NAME). Errors name URLs only redacted."""
+    from tasks.notify import target_problems
 
-    bad = check_targets(urls or [])
-    if bad:
-        fail(f"--notify: apprise cannot send to {', '.join(bad)}", EXIT_BAD_INPUT)
+    problems = target_problems(urls or [], field="--notify")
+    if problems:
+        fail("\n".join(problems), EXIT_BAD_INPUT)
     return urls or []
 
 

@@ -7,15 +7,23 @@ with it. Instead the CLI starts one ``prefect server start`` in the background
 leaves it running so branch IT can open the UI afterwards. With
 ``PREFECT_API_URL`` set, that server is used and nothing is started.
 
+The server asks every API request (but ``GET /health``) for its auth string
+(``PREFECT_SERVER_API_AUTH_STRING``), generated once and kept 0600 in
+``$COUNTEROPS_HOME/prefect/auth-string``; this process sends it
+(``PREFECT_API_AUTH_STRING``), and the UI asks for it on its login page.
+
 This module must not import prefect: it decides the environment prefect is
 imported with.
 """
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
+import secrets
+import stat
 import signal
 import socket
 import subprocess
@@ -43,6 +51,42 @@ SERVER_SETTINGS = {
 
 class ServerError(RuntimeError):
     """The local Prefect server could not be started or reached; the message says why."""
+
+
+AUTH_USER = "counterops"
+
+
+def auth_file() -> Path:
+    """Where the embedded server's API auth string is kept: ``$COUNTEROPS_HOME/prefect/auth-string``, mode 0600."""
+    return _dir() / "auth-string"
+
+
+def auth_string() -> str:
+    """The embedded server's API auth string ("counterops:<random>"), generated on first use and kept
+    0600: the server starts with it (``PREFECT_SERVER_API_AUTH_STRING``), the CLI and the workers send it
+    (``PREFECT_API_AUTH_STRING``). A file that group/others may read is refused, not used."""
+    path = auth_file()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise ServerError(f"{path} is readable by group/others (mode {mode:04o}); fix: chmod 600 {path}") from None
+        value = path.read_text(encoding="utf-8").strip()
+        if ":" not in value:
+            raise ServerError(f"{path} holds no auth string of the form user:password; delete it and run `counterops server start` again")
+        return value
+    value = f"{AUTH_USER}:{secrets.token_urlsafe(32)}"
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(value + "\n")
+    return value
+
+
+def auth_headers(auth: str | None = None) -> dict[str, str]:
+    """The Authorization header a raw HTTP call to the Prefect API needs: for ``auth``, else for
+    ``PREFECT_API_AUTH_STRING`` when set (as Prefect's own client sends it); none without either."""
+    auth = auth or os.environ.get("PREFECT_API_AUTH_STRING")
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
 
 
 # Prefect's documented "detect zombie flows" automation: a flow run that sent a heartbeat and then
@@ -86,12 +130,13 @@ def _shape(automation: dict) -> dict:
     }
 
 
-def ensure_zombie_automation(api_url: str) -> str:
+def ensure_zombie_automation(api_url: str, auth: str | None = None) -> str:
     """Create the zombie-run automation on the Prefect server at ``api_url``, or bring it up to date;
-    safe to repeat. Returns what it did: "created", "updated" or "unchanged"."""
+    safe to repeat. Returns what it did: "created", "updated" or "unchanged". ``auth``: the API auth
+    string (default ``PREFECT_API_AUTH_STRING``)."""
     wanted = zombie_automation()
     try:
-        with httpx.Client(base_url=api_url.rstrip("/"), timeout=10) as http:
+        with httpx.Client(base_url=api_url.rstrip("/"), timeout=10, headers=auth_headers(auth)) as http:
             found = http.post("/automations/filter", json={"automations": {"name": {"any_": [ZOMBIE_AUTOMATION]}}})
             found.raise_for_status()
             existing = found.json()
@@ -103,6 +148,9 @@ def ensure_zombie_automation(api_url: str) -> str:
             http.put(f"/automations/{existing[0]['id']}", json=wanted).raise_for_status()
             return "updated"
     except httpx.HTTPStatusError as e:
+        if e.response.status_code == 401:
+            raise ServerError(f"Prefect at {api_url} refused the zombie-run automation: 401 Unauthorized; set "
+                              "PREFECT_API_AUTH_STRING to the server's auth string (user:password)") from e
         raise ServerError(f"Prefect at {api_url} refused the zombie-run automation: {e.response.status_code} {e.response.text[:300]}") from e
     except httpx.HTTPError as e:
         raise ServerError(f"Prefect at {api_url} could not be reached to set up the zombie-run automation: {e}") from e
@@ -191,6 +239,9 @@ def server_environment(port: int) -> dict[str, str]:
             "PREFECT_SERVER_API_HOST": "127.0.0.1",
             "PREFECT_SERVER_API_PORT": str(port),
             "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+            # API authentication: every request but GET /health needs it; the UI asks for it once (login form).
+            "PREFECT_SERVER_API_AUTH_STRING": auth_string(),
+            "PREFECT_API_AUTH_STRING": auth_string(),  # the server's own clients (services, UI settings)
         }
     )
     return env
@@ -226,7 +277,7 @@ def start(port: int | None = None, timeout: float = START_TIMEOUT_S) -> ServerIn
             if proc.poll() is not None:
                 raise ServerError(f"prefect server exited with status {proc.returncode}; see {log}")
             if healthy(info.url):
-                ensure_zombie_automation(info.url)
+                ensure_zombie_automation(info.url, auth_string())
                 return info
             time.sleep(0.25)
         stop()
@@ -260,9 +311,13 @@ def ensure_api_url() -> str:
     """
     url = os.environ.get("PREFECT_API_URL")
     if url:
+        local = _read_state()
+        if local is not None and local.url == url and auth_file().exists():  # the embedded server, by URL: its string
+            os.environ["PREFECT_API_AUTH_STRING"] = auth_string()
         return url
     info = start()
     os.environ["PREFECT_API_URL"] = info.url
+    os.environ["PREFECT_API_AUTH_STRING"] = auth_string()  # this server's, whatever another one needed
     os.environ.setdefault("PREFECT_HOME", str(_dir()))
     for key, value in SERVER_SETTINGS.items():
         os.environ.setdefault(key, value)

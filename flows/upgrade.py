@@ -37,7 +37,8 @@ from prefect.utilities.annotations import quote
 
 from inventory.loader import load_inventory
 from inventory.models import Evaluation, EvaluationScope, Inventory, Role, Run, RunKind
-from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan_waves, resolve_scope, wave_within_limits
+from inventory.plan import (PlannedWave, UpgradePlan, check_package, impact, plan_waves, releases_dir, resolve_scope,
+                            wave_within_limits)
 from inventory.store import Store
 from tasks.evaluate import Soak, report_markdown, verdict, watch_health, wave_metrics
 from tasks.notify import Notice, NotifyError
@@ -82,14 +83,14 @@ def _run_name() -> str:
 def upgrade_plan(plan: UpgradePlan, inventory: str):
     """Run an upgrade plan on the counters of ``inventory`` (a YAML file on the machine running the flow)."""
     log = get_run_logger()
-    plan = check_package(plan)
+    plan = check_package(plan, releases=releases_dir(inventory))  # inside the release directory, never elsewhere
     inv = load_inventory(inventory)
     waves = plan_waves(plan, resolve_scope(plan, inv))
     announced = impact(plan, inv)
 
     with (Store.open() as store, ConnectionPool(inv.ssh) as pool, ApiWatch.for_this_run() as api,
           recorded_run(store, Run(kind=RunKind.UPGRADE, name=plan.name, initiator=plan.initiator,
-                                  flow_run_id=str(flow_run.id), params=plan.model_dump(mode="json"))) as run):
+                                  flow_run_id=str(flow_run.id), params=plan.record())) as run):
         store.import_inventory(inv, actor=plan.initiator, source=inventory)  # the records name the counters as this run saw them
         store.audit(plan.initiator, "start_upgrade", plan.name, run_id=run.id, details={"target_version": plan.target_version})
         tag_branches(d for w in waves for d in w.devices)

@@ -37,6 +37,7 @@ from inventory.models import (
     SSHSettings,
     inventory_problems,
 )
+from inventory.paths import exposure
 from inventory.yamlfile import InputError, did_you_mean, field_path, problem_text, read_mapping, relative_to, shown
 
 __all__ = ["InventoryError", "dump_inventory", "load_inventory"]
@@ -119,9 +120,15 @@ def _validate_ssh(raw: Any, base: Path, name: str, errors: list[str]) -> SSHSett
         errors += [f"{name}: ssh: {line}" for line in _explain(e, SSHSettings)]
         return None
     # Relative to the file, not to wherever the CLI happens to run.
-    return ssh.model_copy(
-        update={"key_file": relative_to(ssh.key_file, base), "known_hosts": relative_to(ssh.known_hosts, base)}
-    )
+    key_file = relative_to(ssh.key_file, base)
+    try:
+        exposed = exposure(key_file)  # the private key: never readable by group/others
+    except OSError:
+        exposed = None  # a missing key is reported when a counter is reached
+    if exposed:
+        errors.append(f"{name}: ssh.key_file: {exposed}")
+        return None
+    return ssh.model_copy(update={"key_file": key_file, "known_hosts": relative_to(ssh.known_hosts, base)})
 
 
 def _validate_list(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, time, timedelta
@@ -38,6 +39,7 @@ from pydantic import (
 )
 
 from inventory.models import Device, Inventory, OperatorName, SafeId
+from inventory.notify_targets import redact, target_problem
 from inventory.yamlfile import InputError, did_you_mean, field_path, problem_text, read_mapping, relative_to, shown
 
 __all__ = [
@@ -54,8 +56,11 @@ __all__ = [
     "impact",
     "load_plan",
     "plan_waves",
+    "releases_dir",
     "resolve_scope",
 ]
+
+RELEASES_ENV = "COUNTEROPS_RELEASES"
 
 SUMS_FILE = "SHA256SUMS"
 _PERCENT = re.compile(r"(100|[1-9][0-9]?)%")
@@ -138,6 +143,14 @@ def _sha256(value: str | None) -> str | None:
     if value is not None and _SHA256.fullmatch(value) is None:
         raise ValueError(f"must be 64 hexadecimal digits (as printed by sha256sum), got {shown(value)}")
     return value.lower() if value is not None else None
+
+
+def _notify_target(value: str) -> str:
+    """A notice target: an apprise URL without credentials, or secret:NAME; refused naming the URL redacted."""
+    problem = target_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 def _absolute(value: str) -> str:
@@ -298,12 +311,17 @@ class UpgradePlan(_PlanModel):
     maintenance_window: Window = "always"
     """When counters may be taken out of service: "always", or daily hours."""
     initiator: OperatorName
-    notify: list[str] = Field(default_factory=list)
-    """Apprise URLs that receive the notices to branches and head office."""
+    notify: list[Annotated[str, AfterValidator(_notify_target)]] = Field(default_factory=list)
+    """Where the notices to branches and head office go: apprise URLs without credentials, or secret:NAME
+    (a URL kept with `counterops secrets set NAME`)."""
     playbook: SafeId = "smartcounter-upgrade"
     downgrade: bool = False
     """Allow taking counters back to an older release; done only where the release declares it runs on the
     counter's data schema. Without it, a counter on a newer release than the target is refused."""
+
+    def record(self) -> dict[str, Any]:
+        """The plan as a run record keeps it (JSON): notice targets redacted, like everything that shows them."""
+        return self.model_dump(mode="json") | {"notify": [redact(t) for t in self.notify]}
 
     def window_is_open(self, at: datetime) -> bool:
         """Whether counters may be taken out of service at ``at``; "always" is always open."""
@@ -318,12 +336,26 @@ class UpgradePlan(_PlanModel):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_plan(path: str | Path) -> UpgradePlan:
+def releases_dir(inventory: str | Path | None = None) -> Path | None:
+    """The release directory a plan's package must lie in: ``$COUNTEROPS_RELEASES``, else
+    ``packages`` beside the inventory file (``inventory``, else ``$COUNTEROPS_INVENTORY``); with
+    symlinks resolved. None when neither is known."""
+    configured = os.environ.get(RELEASES_ENV, "").strip()
+    if configured:
+        return Path(configured).expanduser().resolve()
+    inventory = inventory or os.environ.get("COUNTEROPS_INVENTORY", "").strip() or None
+    if inventory is None:
+        return None
+    return (Path(inventory).expanduser().resolve().parent / "packages").resolve()
+
+
+def load_plan(path: str | Path, *, releases: str | Path | None = None) -> UpgradePlan:
     """Read and validate a plan file; raise PlanError listing every problem.
 
     ``package`` may be relative to the plan file; the plan returned holds it
-    absolute, with ``package_sha256`` filled from SHA256SUMS when not given,
-    and the package checked against it.
+    absolute (symlinks resolved), with ``package_sha256`` filled from SHA256SUMS when
+    not given, and the package checked against it. It must lie inside ``releases``
+    (default: ``releases_dir()``); anything else is refused before it is read.
     """
     name = str(path)
     file = Path(path).expanduser()
@@ -340,22 +372,57 @@ def load_plan(path: str | Path) -> UpgradePlan:
         errors += [f"{name}: {line}" for line in _explain(e)]
         bad_fields = {err["loc"][0] for err in e.errors() if err["loc"]}
     sha256: str | None = None
+    package: Path | None = None
     if not bad_fields & {"package", "package_sha256"}:  # both fields are valid: the package can be checked
         given = doc.get("package_sha256")
-        sha256, problems = _package_sha256(Path(doc["package"]), given.lower() if given else None)
+        package, problems = _released(Path(doc["package"]), releases)
+        if package is not None:
+            sha256, problems = _package_sha256(package, given.lower() if given else None)
         errors += [f"{name}: {p}" for p in problems]
+    errors += [f"{name}: {p}" for p in _playbook_problems(doc.get("playbook"))]
     if errors or plan is None:
         raise PlanError(errors)
-    return plan.model_copy(update={"package_sha256": sha256})
+    return plan.model_copy(update={"package_sha256": sha256, "package": str(package)})
 
 
-def check_package(plan: UpgradePlan, *, source: str = "plan") -> UpgradePlan:
-    """``plan`` with its package checked and ``package_sha256`` filled in, for a plan that did
-    not come through load_plan (typed into the Prefect form); raise PlanError otherwise."""
-    sha256, problems = _package_sha256(Path(plan.package), plan.package_sha256)
+def check_package(plan: UpgradePlan, *, source: str = "plan", releases: str | Path | None = None) -> UpgradePlan:
+    """``plan`` with its package checked (inside ``releases``, default ``releases_dir()``) and
+    ``package_sha256`` filled in, for a plan that did not come through load_plan (typed into the
+    Prefect form); raise PlanError otherwise."""
+    package, problems = _released(Path(plan.package), releases)
+    sha256 = None
+    if package is not None:
+        sha256, problems = _package_sha256(package, plan.package_sha256)
+    problems += _playbook_problems(plan.playbook)
     if problems:
         raise PlanError([f"{source}: {p}" for p in problems])
-    return plan.model_copy(update={"package_sha256": sha256})
+    return plan.model_copy(update={"package_sha256": sha256, "package": str(package)})
+
+
+def _released(package: Path, releases: str | Path | None) -> tuple[Path | None, list[str]]:
+    """``package`` with symlinks resolved, when it lies inside the release directory; else the
+    problem. Nothing outside is read or hashed: the error never tells anything about such a file."""
+    top = Path(releases).expanduser().resolve() if releases else releases_dir()
+    if top is None:
+        return None, [f"package: no release directory to check it against; set {RELEASES_ENV}=DIR "
+                      "(or give the inventory: its packages/ directory is the default)"]
+    real = package.resolve()
+    if not real.is_relative_to(top):
+        return None, [f"package: {str(package)!r} is outside the release directory {str(top)!r}; put the release "
+                      f"package (and its {SUMS_FILE}) there, or set {RELEASES_ENV} to the directory that holds them"]
+    return real, []
+
+
+def _playbook_problems(playbook: object) -> list[str]:
+    """Only the playbooks shipped with the product run on counters, named, never a path."""
+    if not isinstance(playbook, str):
+        return []
+    from playbooks import shipped_playbooks  # pure python, no prefect: loads nothing but the names
+
+    shipped = shipped_playbooks()
+    if playbook in shipped:
+        return []
+    return [f"playbook: {playbook!r} is not a shipped playbook; write one of: {', '.join(shipped) or 'none'}"]
 
 
 def _package_sha256(package: Path, given: str | None) -> tuple[str | None, list[str]]:

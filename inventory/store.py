@@ -45,7 +45,7 @@ from inventory.models import (
     item_label,
     utcnow,
 )
-from inventory.paths import counterops_home
+from inventory.paths import check_private, counterops_home
 from inventory.records import (
     AuditEventRow,
     BackupRow,
@@ -136,6 +136,19 @@ def database_url() -> str:
     """``COUNTEROPS_DATABASE_URL`` when set, else SQLite at ``$COUNTEROPS_HOME/counterops.db``."""
     url = os.environ.get("COUNTEROPS_DATABASE_URL", "").strip()
     return _with_driver(url) if url else f"sqlite:///{counterops_home() / 'counterops.db'}"
+
+
+def _check_sqlite_file(url: str) -> None:
+    """A SQLite store that group/others may read (customer records, the audit trail) is refused:
+    ExposedPath saying the chmod. One stat; a new file is created under the process's umask 077."""
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:///:memory:"):
+        return
+    path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    check_private(path, st)
 
 
 def _with_driver(url: str) -> str:
@@ -244,7 +257,9 @@ class Store:
     @classmethod
     def open(cls, url: str | None = None) -> Store:
         """Connect to ``url`` (default: database_url()) and bring the schema up to date."""
-        engine = make_engine(_with_driver(url) if url else database_url())
+        url = _with_driver(url) if url else database_url()
+        _check_sqlite_file(url)
+        engine = make_engine(url)
         try:
             upgrade_schema(engine)
         except BaseException:

@@ -1,7 +1,8 @@
 """Declarative procedures (YAML) for the counters, and the schema that checks them.
 
 ``load_playbook("smartcounter-upgrade")`` loads a playbook shipped in this
-package; a path (``./my-upgrade.yaml``) loads any other file.
+package, by name; nothing else is loaded (no path: a plan cannot make the
+counters run a file of its choosing).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from inventory.yamlfile import read_mapping
 from playbooks.schema import Playbook, PlaybookError, parse_playbook
 
-__all__ = ["Playbook", "PlaybookError", "load_playbook", "shipped_playbooks"]
+__all__ = ["Playbook", "PlaybookError", "check_playbook_file", "load_playbook", "shipped_playbooks"]
 
 PLAYBOOK_DIR = Path(__file__).resolve().parent
 _BARE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -24,26 +25,30 @@ def shipped_playbooks() -> list[str]:
     return sorted(p.stem for p in PLAYBOOK_DIR.glob("*.yaml"))
 
 
-def load_playbook(name_or_path: str | Path) -> Playbook:
-    """Read and validate a playbook; raise PlaybookError listing every problem.
+def load_playbook(name: str) -> Playbook:
+    """Read and validate a shipped playbook; raise PlaybookError listing every problem.
 
-    A bare name (``smartcounter-upgrade``: lowercase letters, digits, '-')
-    means ``playbooks/<name>.yaml`` in this package; anything else is a path.
+    ``name`` (``smartcounter-upgrade``: lowercase letters, digits, '-') means
+    ``playbooks/<name>.yaml`` in this package; a path or any other name is refused.
     The parsed playbook is cached per file (path, size and modification time):
     a rollout reads it once per counter, and parsing costs ≈ 20 ms of CPU.
     Treat the returned object as read-only.
     """
-    if isinstance(name_or_path, str) and _BARE_NAME.fullmatch(name_or_path):
-        path = PLAYBOOK_DIR / f"{name_or_path}.yaml"
-        missing = f"no shipped playbook {name_or_path!r} (shipped: {', '.join(shipped_playbooks()) or 'none'})"
-    else:
-        path = Path(name_or_path).expanduser()
-        missing = "no such file"
+    shipped = shipped_playbooks()
+    if not isinstance(name, str) or not _BARE_NAME.fullmatch(name) or name not in shipped:
+        raise PlaybookError([f"playbook: {str(name)!r} is not a shipped playbook; write one of: {', '.join(shipped) or 'none'}"])
+    return check_playbook_file(PLAYBOOK_DIR / f"{name}.yaml")
+
+
+def check_playbook_file(path: str | Path) -> Playbook:
+    """Validate a playbook file (a new one, before it ships in this package); raise PlaybookError
+    listing every problem. Counters only ever run shipped playbooks (``load_playbook``)."""
+    path = Path(path).expanduser()
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise PlaybookError([f"{path}: {missing}"]) from None
-    return _parse_file(str(path), st.st_mtime_ns, st.st_size, missing)
+        raise PlaybookError([f"{path}: no such file"]) from None
+    return _parse_file(str(path), st.st_mtime_ns, st.st_size, "no such file")
 
 
 @functools.lru_cache(maxsize=32)

@@ -17,13 +17,16 @@ if ! $BIN/counterops fleet status --dir "$DIR" >/dev/null 2>&1; then
     $BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
 fi
 $BIN/counterops server start   # with the automation that marks flow runs Crashed when their heartbeat stops
+# The worker (and the flow runs it starts, which inherit its environment) sends the server's auth string.
 eval "$($BIN/python - <<'PY'
 from counterops import localserver
 print(f"export PREFECT_API_URL={localserver.status().url}")
+print(f"export PREFECT_API_AUTH_STRING=\"$(cat {localserver.auth_file()})\"")
 PY
 )"
 $BIN/prefect work-pool create "$COUNTEROPS_WORK_POOL" --type process --overwrite >/dev/null
 $BIN/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
 echo "Worker starting on pool $COUNTEROPS_WORK_POOL; trigger a drill with:"
-echo "  PREFECT_API_URL=$PREFECT_API_URL $BIN/prefect deployment run 'backup-restore-drill/weekly-drill' --watch"
+echo "  PREFECT_API_URL=$PREFECT_API_URL PREFECT_API_AUTH_STRING=\"\$(cat $COUNTEROPS_HOME/prefect/auth-string)\" $BIN/prefect deployment run 'backup-restore-drill/weekly-drill' --watch"
+echo "The UI ($(dirname "$PREFECT_API_URL")) asks for the same auth string (user:password) on its login page."
 exec $BIN/prefect worker start --pool "$COUNTEROPS_WORK_POOL"

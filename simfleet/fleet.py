@@ -466,7 +466,20 @@ def up(
     Calling it again on a running fleet is harmless: what runs is left alone,
     what stopped is started again. Asking for a different size than the one
     already in ``fleet_dir`` is refused (take it down first).
+
+    Runs under umask 022 whatever the caller's (the CLI's is 077): the fleet's login user must
+    enter the counters' directories; private files (keys) get their modes explicitly.
     """
+    saved = os.umask(0o022)
+    try:
+        return _up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets_per_branch,
+                   ssh_base_port=ssh_base_port, http_base_port=http_base_port, parallel=parallel)
+    finally:
+        os.umask(saved)
+
+
+def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branch: int | None, ssh_base_port: int,
+        http_base_port: int, parallel: int) -> list[CounterStatus]:
     if not os.path.exists(SSHD):
         raise FleetError(f"{SSHD} is missing: install OpenSSH's server (apt-get install -y openssh-server)")
     fleet_dir = Path(fleet_dir).resolve()

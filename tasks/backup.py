@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from inventory.models import Backup, Device, utcnow
+from inventory.paths import check_private
 from inventory.store import Store, counterops_home
 from tasks import oncounter
 from tasks.layout import TMP_DIR
@@ -83,7 +84,7 @@ def _store_dir(variable: str, default_name: str) -> Path:
     configured = os.environ.get(variable, "").strip()
     path = Path(configured).expanduser() if configured else counterops_home() / default_name
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    return check_private(path)  # customer data: never readable by group/others
 
 
 def _device_dir(store_dir: Path, device_id: str) -> Path:

@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 import paramiko
 
 from inventory.models import Device, SSHSettings
+from inventory.paths import check_private
 
 Arg = str | int | os.PathLike
 EOF_GRACE_S = 2.0  # after the exit status, how long to wait for the rest of a command's output
@@ -166,11 +167,16 @@ def _load_known_hosts(path: str, mtime: float) -> paramiko.HostKeys:
     return paramiko.HostKeys(path)
 
 
-def _file_key(path: Path) -> tuple[str, float]:
+def _file_key(path: Path, private: bool = False) -> tuple[str, float]:
+    """``path`` and its modification time (the cache key); with ``private``, ExposedPath when
+    group/others may read it (a private key), from the same stat."""
     try:
-        return str(path), path.stat().st_mtime
+        st = path.stat()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist (check ssh.key_file / ssh.known_hosts in the inventory)") from None
+    if private:
+        check_private(path, st)
+    return str(path), st.st_mtime
 
 
 def sha256_file(path: Path) -> str:
@@ -272,7 +278,7 @@ class Connection:
                 "Add the counter's key to known_hosts after checking its fingerprint on the counter "
                 "(keys are never added automatically).",
             )
-        pkey = _load_private_key(*_file_key(t.key_file))
+        pkey = _load_private_key(*_file_key(t.key_file, private=True))
         try:
             sock = socket.create_connection((t.host, t.port), timeout=t.connect_timeout)
         except ConnectionRefusedError as e:

@@ -6,6 +6,8 @@ test process needs before anything imports prefect.
 import os
 import tempfile
 
+os.umask(0o077)  # as the CLI and the flows run (inventory.paths.private_files): a home or backup dir a test makes is private too
+
 # Isolate every test session from the developer's own state.
 _SESSION_HOME = tempfile.mkdtemp(prefix="counterops-test-home-")
 os.environ.setdefault("COUNTEROPS_HOME", _SESSION_HOME)

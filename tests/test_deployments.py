@@ -81,6 +81,7 @@ def stack(request, fleet, prefect_api):
     started = subprocess.run([str(BIN / "counterops"), "server", "start"], env=server_env, capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    env["PREFECT_API_AUTH_STRING"] = (home / "prefect" / "auth-string").read_text().strip()  # that server's own
     try:
         yield Stack(env["PREFECT_API_URL"], env)
     finally:
@@ -122,11 +123,11 @@ EXPECTED_DEPLOYMENTS = {
 }
 
 
-async def _schedules(api: str) -> dict[str, list[tuple[str, str]]]:
+async def _schedules(api: str, auth: str) -> dict[str, list[tuple[str, str]]]:
     """Each expected deployment's cron schedules (read_deployment_by_name fails for a missing one)."""
     from prefect.client.orchestration import PrefectClient
 
-    async with PrefectClient(api=api) as client:
+    async with PrefectClient(api=api, auth_string=auth) as client:  # the server's API auth string
         found = {}
         for name in EXPECTED_DEPLOYMENTS:
             deployment = await client.read_deployment_by_name(name)
@@ -134,11 +135,11 @@ async def _schedules(api: str) -> dict[str, list[tuple[str, str]]]:
         return found
 
 
-async def _run_deployment_and_read_back(api: str, name: str, parameters: dict, timeout: float):
+async def _run_deployment_and_read_back(api: str, auth: str, name: str, parameters: dict, timeout: float):
     from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    async with PrefectClient(api=api) as client:
+    async with PrefectClient(api=api, auth_string=auth) as client:  # the server's API auth string
         deployment = await client.read_deployment_by_name(name)
         run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
         deadline = time.monotonic() + timeout
@@ -154,11 +155,11 @@ async def _run_deployment_and_read_back(api: str, name: str, parameters: dict, t
 def test_deploy_all_then_a_worker_runs_the_drill_deployment(stack, worker, fleet):
     deployed = stack.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE), timeout=300)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    schedules = asyncio.run(_schedules(stack.api))
+    schedules = asyncio.run(_schedules(stack.api, stack.env["PREFECT_API_AUTH_STRING"]))
     for name, cron in EXPECTED_DEPLOYMENTS.items():
         assert schedules[name] == ([(cron, "Asia/Shanghai")] if cron else []), name
 
-    run, artifacts = asyncio.run(_run_deployment_and_read_back(stack.api, DRILL, {"sample": 2}, timeout=300))
+    run, artifacts = asyncio.run(_run_deployment_and_read_back(stack.api, stack.env["PREFECT_API_AUTH_STRING"], DRILL, {"sample": 2}, timeout=300))
     assert run.state.is_completed(), f"{run.state}: see the worker log above"
     assert {a.type for a in artifacts} >= {"table", "markdown"}
     with Store.open(stack.env.get("COUNTEROPS_DATABASE_URL")) as store:
@@ -174,9 +175,14 @@ def test_deploy_all_then_a_worker_runs_the_drill_deployment(stack, worker, fleet
         pytest.skip("chromium not installed (apt-get install -y chromium)")
     ui = stack.api.removesuffix("/api")
     for artifact in artifacts:
-        text = rendered_text(chromium, f"{ui}/artifacts/artifact/{artifact.id}")
+        expected = [run.name, shown_content(artifact)]
+        text = rendered_text(chromium, f"{ui}/artifacts/artifact/{artifact.id}", auth=stack.env["PREFECT_API_AUTH_STRING"],
+                             expect=expected)
         assert run.name in text, f"artifact page {artifact.key} does not name its run"
         assert shown_content(artifact) in text, f"artifact page {artifact.key} does not show its content"
+    # Without the auth string the UI shows its login page, not the run.
+    locked = rendered_text(chromium, f"{ui}/artifacts/artifact/{artifacts[0].id}", auth=None, expect=["password"], timeout=30)
+    assert run.name not in locked
 
 
 def shown_content(artifact) -> str:
@@ -189,14 +195,61 @@ def shown_content(artifact) -> str:
     return str(next(iter(rows[0].values())))
 
 
-def rendered_text(chromium: str, url: str) -> str:
-    """The visible text of a page after its scripts ran (the UI is a single-page app)."""
+def rendered_text(chromium: str, url: str, auth: str | None, expect: list[str], timeout: float = 90) -> str:
+    """The visible text of a page after its scripts ran (the UI is a single-page app), once it shows
+    every ``expect`` (or at ``timeout``). The server asks for an auth string: like a person at the
+    login form, the browser keeps it in the UI's local storage (``prefect-password``, base64) first.
+    Driven over the DevTools protocol (headless Chromium, its own profile)."""
+    import json
     import re
+    import urllib.request
 
-    dom = subprocess.run(
+    from websockets.sync.client import connect
+
+    profile = Path(tempfile.mkdtemp())
+    proc = subprocess.Popen(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", f"--user-data-dir={tempfile.mkdtemp()}", "--virtual-time-budget=40000",
-         "--dump-dom", url],
-        capture_output=True, text=True, timeout=120,
-    ).stdout
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+         "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (profile / "DevToolsActivePort").exists() or not (profile / "DevToolsActivePort").read_text().strip():
+            assert time.monotonic() < deadline and proc.poll() is None, "chromium did not open its DevTools port"
+            time.sleep(0.1)
+        debug_port = (profile / "DevToolsActivePort").read_text().split()[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/list", timeout=10) as r:
+            page = next(t for t in json.load(r) if t["type"] == "page")
+        with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+            ids = iter(range(1, 1_000_000))
+
+            def call(method: str, **params):
+                n = next(ids)
+                ws.send(json.dumps({"id": n, "method": method, "params": params}))
+                while True:
+                    message = json.loads(ws.recv(timeout=30))
+                    if message.get("id") == n:
+                        return message.get("result", {})
+
+            def evaluate(expression: str):
+                return call("Runtime.evaluate", expression=expression, returnByValue=True).get("result", {}).get("value")
+
+            origin = re.match(r"https?://[^/]+", url).group(0)
+            call("Page.navigate", url=f"{origin}/api/health")  # the UI's origin, to set its local storage
+            time.sleep(1)
+            if auth:
+                evaluate(f"localStorage.setItem('prefect-password', btoa({json.dumps(auth)}))")
+            call("Page.navigate", url=url)
+            deadline = time.monotonic() + timeout
+            text = ""
+            while time.monotonic() < deadline:
+                time.sleep(1)
+                dom = evaluate("document.documentElement.outerHTML") or ""  # as --dump-dom gave it: hidden text too
+                text = re.sub(r"<[^>]+>", " ", dom)
+                if all(e.lower() in text.lower() for e in expect):
+                    break
+            return re.sub(r"\s+", " ", text)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        shutil.rmtree(profile, ignore_errors=True)

@@ -14,7 +14,7 @@ import yaml
 
 from inventory.loader import load_inventory
 from inventory.models import Device
-from playbooks import PlaybookError, load_playbook
+from playbooks import PlaybookError, check_playbook_file, load_playbook
 from playbooks.schema import DEVICE_VARIABLES, VARIABLES
 from simfleet import fleet as simfleet
 from tasks.playbook import (
@@ -46,8 +46,17 @@ def test_the_shipped_upgrade_playbook_loads():
 
 
 def test_an_unknown_playbook_name_lists_the_shipped_ones():
-    with pytest.raises(PlaybookError, match=f"no shipped playbook 'nope' \\(shipped: {UPGRADE}\\)"):
+    with pytest.raises(PlaybookError, match=f"playbook: 'nope' is not a shipped playbook; write one of: {UPGRADE}"):
         load_playbook("nope")
+
+
+def test_only_shipped_playbooks_load_by_name_never_a_path(tmp_path):
+    """A plan's playbook is a name from the shipped set: a path (or a name outside it) runs nothing."""
+    own = tmp_path / "mine.yaml"
+    own.write_text(yaml.safe_dump(_minimal()))
+    for ref in (str(own), "../../tmp/mine", "Smartcounter-upgrade", own):
+        with pytest.raises(PlaybookError, match="is not a shipped playbook"):
+            load_playbook(ref)
 
 
 def _minimal(**changes) -> dict:
@@ -113,7 +122,7 @@ def test_schema_errors_name_the_file_section_step_and_field(tmp_path, doc, expec
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(PlaybookError) as e:
-        load_playbook(path)
+        check_playbook_file(path)
     assert f"{path}: {expected}" in str(e.value), str(e.value)
 
 
@@ -121,7 +130,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(_minimal(install=[{"run": ["true"]}, {"name": "x", "run": ["{verison}"]}], backup={})))
     with pytest.raises(PlaybookError) as e:
-        load_playbook(path)
+        check_playbook_file(path)
     assert [line.split(": ")[1] for line in e.value.errors] == ["backup", "install step 1", "install step 2 'x'"]
 
 
@@ -132,16 +141,16 @@ def test_a_key_given_twice_is_refused_with_the_file_and_line(tmp_path):
     path.write_text(text.replace("  run:\n", "  run: [rm, -rf, '{root}']\n  run:\n", 1))
     line = text.splitlines().index("  run:") + 1
     with pytest.raises(PlaybookError) as e:
-        load_playbook(path)
+        check_playbook_file(path)
     assert e.value.errors == [f"{path}: line {line + 1}, column 3: not valid YAML: key 'run' appears twice in this mapping"]
 
 
 def test_a_playbook_is_parsed_once_per_file_version(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(_minimal()))
-    assert load_playbook(path) is load_playbook(path)
+    assert check_playbook_file(path) is check_playbook_file(path)
     path.write_text(yaml.safe_dump(_minimal(description="changed, so its size and time differ")))
-    assert load_playbook(path).description == "changed, so its size and time differ"
+    assert check_playbook_file(path).description == "changed, so its size and time differ"
 
 
 def test_variables_are_the_documented_set():

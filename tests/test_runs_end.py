@@ -101,7 +101,8 @@ def test_undelivered_advance_notice_ends_the_run_failed_and_leaves_the_fleet_fre
     assert len(errors) == 1 and "advance notice" in errors[0] and "no counter was touched" in errors[0], r.stderr
     run = the_run("notice-down-1.1.0")
     assert run.status == "failed" and run.ended_at is not None
-    assert run.summary["reason"].startswith("advance notice not delivered") and nobody_listens in run.summary["reason"]
+    assert run.summary["reason"].startswith("advance notice not delivered") and "json://127.0.0.1:9/…" in run.summary["reason"]
+    assert nobody_listens not in run.summary["reason"]  # named redacted: no path, no query, no userinfo
     with Store.open() as store:
         assert store.device_steps(run.id) == [], "a counter was touched without the advance notice"
     fr = flow_run(run.flow_run_id)
@@ -125,7 +126,9 @@ def mid_install(devices: list[Device], version: str) -> Device | None:
 
 
 def heartbeat_events(api: str, flow_run_id: str) -> list[dict]:
-    found = httpx.post(f"{api}/events/filter", timeout=10, json={
+    from counterops.localserver import auth_headers
+
+    found = httpx.post(f"{api}/events/filter", timeout=10, headers=auth_headers(), json={
         "filter": {"event": {"name": ["prefect.flow-run.heartbeat"]}, "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]}},
         "limit": 50}).raise_for_status().json()
     return found["events"]
@@ -173,13 +176,14 @@ def test_a_controller_killed_mid_install_is_told_crashed_by_its_stopped_heartbea
 
 
 def test_server_setup_keeps_one_zombie_run_automation(prefect_api):
-    from counterops.localserver import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
+    from counterops.localserver import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION, auth_headers
 
     for _ in range(2):
         r = cli("server", "setup")
         assert r.returncode == 0 and ZOMBIE_AUTOMATION in r.stdout, r.stdout + r.stderr
     assert "unchanged" in r.stdout  # the session's server got it when it started
-    found = httpx.post(f"{prefect_api}/automations/filter", json={"automations": {"name": {"any_": [ZOMBIE_AUTOMATION]}}}, timeout=10).json()
+    found = httpx.post(f"{prefect_api}/automations/filter", json={"automations": {"name": {"any_": [ZOMBIE_AUTOMATION]}}}, timeout=10,
+                       headers=auth_headers()).json()
     [automation] = found
     trigger, [action] = automation["trigger"], automation["actions"]
     assert (trigger["posture"], trigger["within"], set(trigger["after"])) == ("Proactive", ZOMBIE_AFTER_S, {"prefect.flow-run.heartbeat"})

@@ -365,11 +365,13 @@ def store_locked(db_path: Path, hold_s: float = 3600) -> Iterator[subprocess.Pop
 @contextmanager
 def damaged_package(layout: FleetLayout, version: str, *, content_of: str | None = None,
                     truncate_to: int | None = None) -> Iterator[Path]:
-    """``packages-damaged/smartcounter-<version>.tar.gz`` with the wrong content under the right name,
-    beside the fleet's genuine ``SHA256SUMS``: either release ``content_of``'s package, or the genuine
-    one cut to ``truncate_to`` bytes. Removed afterwards."""
+    """``packages/damaged/smartcounter-<version>.tar.gz`` (inside the release directory, as a plan's
+    package must be) with the wrong content under the right name, beside the fleet's genuine
+    ``SHA256SUMS``: either release ``content_of``'s package, or the genuine one cut to ``truncate_to``
+    bytes. Removed afterwards."""
     assert (content_of is None) != (truncate_to is None), "give content_of or truncate_to"
-    packages, damaged = layout.dir / "packages", layout.dir / "packages-damaged"
+    packages = layout.dir / "packages"
+    damaged = packages / "damaged"
     name = f"smartcounter-{version}.tar.gz"
     damaged.mkdir()
     try:

@@ -20,13 +20,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-if "COUNTEROPS_TEST_PREFECT_API_URL" in os.environ:  # reuse a server someone already runs
+_SESSION_HOME = os.environ["COUNTEROPS_HOME"]  # set by tests/conftest.py before this plugin loads
+
+if "COUNTEROPS_TEST_PREFECT_API_URL" in os.environ:  # reuse a server someone already runs (and its PREFECT_API_AUTH_STRING)
     os.environ["PREFECT_API_URL"] = os.environ["COUNTEROPS_TEST_PREFECT_API_URL"]
     _PORT = None
 else:
     _PORT = _free_port()
     os.environ["COUNTEROPS_PREFECT_PORT"] = str(_PORT)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PORT}/api"
+    # The session server asks for an auth string, as the embedded default does: the whole suite talks
+    # to it authenticated (Prefect's client sends PREFECT_API_AUTH_STRING), and anything that does not is refused.
+    from counterops import localserver as _localserver
+
+    os.environ["PREFECT_API_AUTH_STRING"] = _localserver.auth_string()
 
 
 def _drain_prefect_workers() -> None:
@@ -36,9 +43,6 @@ def _drain_prefect_workers() -> None:
 
     APILogWorker.drain_all(timeout=10)
     EventsWorker.drain_all(timeout=10)
-
-
-_SESSION_HOME = os.environ["COUNTEROPS_HOME"]  # set by tests/conftest.py before this plugin loads
 
 
 @contextlib.contextmanager
