@@ -24,11 +24,13 @@ import pytest
 import yaml
 
 from inventory.loader import load_inventory
+from inventory.plan import PlanError
 from inventory.models import UpgradeStep
 from inventory.store import Store
 from simfleet import fleet as simfleet
 from tests.plugins.fleet import port
 from tests.plugins.notices import NoticeReceiver
+from tests.plugins.plans import approve_plan
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
 CUSTOMER_TABLES = ("customers", "cards", "transactions")
@@ -44,7 +46,10 @@ def small_fleet(fleet_dir):
     return fleet_dir
 
 
-def write_plan(fleet_dir: Path, name: str, version: str, receiver: NoticeReceiver | None = None, **overrides) -> Path:
+def write_plan(fleet_dir: Path, name: str, version: str, receiver: NoticeReceiver | None = None, *, approved: bool = True,
+               **overrides) -> Path:
+    """A plan file for the fleet in ``fleet_dir``; with ``approved``, signed by its initiator and approved by a
+    second person (tests/plugins/plans.py) unless it cannot be loaded (a test of a bad plan or package)."""
     plan = {
         "name": name,
         "target_version": version,
@@ -61,6 +66,11 @@ def write_plan(fleet_dir: Path, name: str, version: str, receiver: NoticeReceive
     } | overrides
     path = fleet_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    if approved:
+        try:
+            approve_plan(path, fleet_dir / "inventory.yaml")
+        except PlanError:
+            pass  # the run refuses the plan itself: that is what such a test checks
     return path
 
 
