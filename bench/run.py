@@ -274,10 +274,15 @@ def timed(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> t
 
 def run_ours(run_dir: Path, profile_with: Path | None = None) -> dict:
     env = ours_env(run_dir)
-    # Not timed: a fresh store for this run, migrated and holding the inventory (the flow imports it again).
-    subprocess.run([str(COUNTEROPS), "inventory", "import", str(INVENTORY), "--as", "zhang.wei"], env=env, check=True,
-                   capture_output=True)
-    cmd = [str(COUNTEROPS), "upgrade", str(WORK / "plan.yaml"), "--inventory", str(INVENTORY)]
+    # Not timed: a fresh store for this run, migrated, holding the operators (fleet up wrote them and their keys)
+    # and the inventory (the flow imports it again), and the plan signed by zhang.wei and approved by li.na.
+    keys, plan = FLEET / "keys", str(WORK / "plan.yaml")
+    for step in (["operators", "init", "--from", str(FLEET / "operators.yaml")],
+                 ["inventory", "import", str(INVENTORY), "--as", "zhang.wei", "--key", str(keys / "zhang.wei")],
+                 ["plan", "sign", plan, "--inventory", str(INVENTORY), "--as", "zhang.wei", "--key", str(keys / "zhang.wei")],
+                 ["plan", "approve", plan, "--inventory", str(INVENTORY), "--as", "li.na", "--key", str(keys / "li.na")]):
+        subprocess.run([str(COUNTEROPS), *step], env=env, check=True, capture_output=True)
+    cmd = [str(COUNTEROPS), "upgrade", plan, "--inventory", str(INVENTORY), "--as", "zhang.wei", "--key", str(keys / "zhang.wei")]
     if profile_with is not None:
         # wall clock: every thread sampled, waiting or not (--idle), each sample tagged with its thread
         cmd = [str(profile_with), "record", "--format", "raw", "--rate", "100", "--nonblocking", "--idle", "--threads",
