@@ -34,9 +34,10 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
+from pydantic import Field
 
-from inventory.loader import load_inventory
 from inventory.approvals import approved_plan, check_wave_approval, plan_digest
+from inventory.loader import load_inventory
 from inventory.identity import IdentityError, Refused, authorize_run
 from inventory.models import Evaluation, EvaluationScope, Inventory, Run, RunKind
 from inventory.plan import PlannedWave, UpgradePlan, check_package, impact, plan_waves, resolve_scope, wave_within_limits
@@ -58,14 +59,11 @@ class WaveApproval(RunInput):
     statement, one line as `counterops approve RUN --as NAME --print-statement` prints it. A name alone
     proves nothing: it is refused (audited) and the run keeps waiting."""
 
-    statement: str = ""
-    """The signed statement, one line 'cos1.….…': run `counterops approve RUN --as NAME --print-statement` (add --reject to reject)."""
-    approver: str = ""
-    """Not used to decide: the signed statement says who approves."""
-    approve: bool = True
-    """Not used to decide: the signed statement says approve or reject."""
-    comment: str = ""
-    """Not used to decide: the comment inside the signed statement is kept."""
+    statement: str = Field("", description="The signed statement, one line 'cos1.….…': run `counterops approve RUN --as NAME "
+                                            "--print-statement` (add --reject to reject) and paste what it prints.")
+    approver: str = Field("", description="Not used to decide: the signed statement says who approves.")
+    approve: bool = Field(True, description="Not used to decide: the signed statement says approve or reject.")
+    comment: str = Field("", description="Not used to decide: the comment signed in the statement is kept.")
 
 
 def _run_name() -> str:
