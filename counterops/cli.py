@@ -299,19 +299,37 @@ def load_plan_or_exit(plan_file: Path, inv, inventory_file: Path | None = None):
 
 @app.command("upgrade")
 def upgrade(
-    plan_file: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="The upgrade plan.")],
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="The upgrade plan (signed and approved: `counterops plan`).")],
     inventory: InventoryOption = None,
+    operator: OperatorOption = None,
+    key: KeyOption = None,
 ) -> None:
-    """Run an upgrade plan: notify, back up, roll out in waves, test, roll back, evaluate."""
+    """Run an approved upgrade plan: notify, back up, roll out in waves, test, roll back, evaluate.
+
+    The plan must be signed by its initiator and approved by a second person for its current content
+    (`counterops plan status`); you start it with your own signed statement (hq_it, or branch_it within
+    the plan's branches)."""
+    from inventory.approvals import plan_digest, plan_status
+    from inventory.store import Store
+
+    from counterops.common import sign_statement
+
     path = inventory_path(inventory)
     inv = load_inventory_or_exit(path)
     plan = load_plan_or_exit(plan_file, inv, path)
+    branches = _plan_branches(plan, inv)
+    digest = plan_digest(plan)
+    with Store.open() as store:
+        refused = plan_status(store, plan, branches=branches).refusal(str(plan_file))
+        if refused:  # the flow refuses it too (a run from the UI or a deployment): said here before anything starts
+            fail(f"{plan_file}: {refused}")
+        authorization = sign_statement("upgrade.start", plan.name, operator=operator, key=key, store=store, plan_digest=digest,
+                                       details={"branches": branches, "target_version": plan.target_version})
     api = prefect_api()
     from flows.upgrade import upgrade_plan
-    from inventory.store import Store
 
     with flow_in_this_process():
-        state = upgrade_plan(plan=plan, inventory=str(path.resolve()), return_state=True)
+        state = upgrade_plan(plan=plan, inventory=str(path.resolve()), authorization=authorization, return_state=True)
     with Store.open() as store:
         run = next((r for r in store.runs(limit=50) if r.flow_run_id == str(state.state_details.flow_run_id)), None)
         if run is not None:
@@ -334,30 +352,59 @@ def upgrade(
     raise typer.Exit(EXIT_RESUMABLE if run is not None and run.summary.get("resumable") else EXIT_FAILED)
 
 
+def _plan_branches(plan, inv) -> list[str]:
+    from inventory.plan import resolve_scope
+
+    return sorted({d.branch for d in resolve_scope(plan, inv)})
+
+
 @app.command("approve")
 def approve(
     run_ref: Annotated[str, typer.Argument(metavar="RUN", help="The paused flow run: its id, or the plan's name.")],
-    operator: Annotated[str, typer.Option("--as", help="The approver (an operator with the approver role, not the initiator).")],
+    operator: OperatorOption = None,
+    key: KeyOption = None,
     reject: Annotated[bool, typer.Option("--reject", help="Reject the wave instead: the plan halts.")] = False,
-    comment: Annotated[str, typer.Option(help="Why (kept in the audit trail).")] = "",
+    comment: Annotated[str, typer.Option(help="Why (signed with the decision, kept in the audit trail).")] = "",
+    print_statement: Annotated[bool, typer.Option(
+        "--print-statement", help="Print the signed decision (one line) for the Prefect UI's resume form instead of resuming.")] = False,
 ) -> None:
-    """Approve (or reject) the wave a paused upgrade waits on: the two-person rule."""
+    """Approve (or reject) the wave a paused upgrade waits on, with your signature: the two-person rule.
+
+    The decision is a statement signed with your key, bound to that flow run, the plan's digest and the
+    wave (approver role; never the plan's initiator). The run verifies it again before it goes on."""
     prefect_api()
-    from flows.upgrade import approval_problem, find_paused_run
+    from flows.upgrade import find_paused_run, paused_wave
+    from inventory.approvals import check_wave_approval, wave_details
+    from inventory.identity import IdentityError, Refused, Signed
     from inventory.store import Store
     from prefect.flow_runs import resume_flow_run
+
+    from counterops.common import sign_statement
 
     paused = find_paused_run(run_ref)
     if paused is None:
         fail(f"RUN: no paused upgrade run {run_ref!r} (give the flow run id shown in the notice, or the plan's name)", EXIT_BAD_INPUT)
-    plan, inventory_file = paused.parameters["plan"], paused.parameters["inventory"]
-    problem = approval_problem(operator, load_inventory_or_exit(Path(inventory_file)), plan["initiator"])
-    if problem:
-        with Store.open() as store:
-            store.audit(operator, "approve_wave", f"{plan['name']}/{paused.id}", outcome="refused", details={"reason": problem, "via": "cli"})
-        fail(f"--as {operator}: refused: {problem}", EXIT_BAD_INPUT)
-    resume_flow_run(paused.id, run_input={"approver": operator, "approve": not reject, "comment": comment})
-    out.print(f"{'rejected' if reject else 'approved'} by {operator}: run {paused.name} ({paused.id}) resumes")
+    with Store.open() as store:
+        try:
+            plan_name, digest, wave, initiator = paused_wave(store, paused)
+        except ValueError as e:
+            fail(f"RUN {run_ref}: {e}", EXIT_BAD_INPUT)
+        token = sign_statement("wave.approve", plan_name, operator=operator, key=key, store=store, plan_digest=digest, wave=wave,
+                               flow_run=str(paused.id), details=wave_details(not reject, comment))
+        try:  # said here at once; the run checks it again (and records it: a statement is used once)
+            decision = check_wave_approval(store, token, plan=plan_name, digest=digest, wave=wave, flow_run=str(paused.id),
+                                           initiator=initiator, consume=False)
+        except Refused as e:
+            fail(f"refused: {e}")
+        except IdentityError as e:
+            fail(str(e), EXIT_BAD_INPUT)
+    if print_statement:
+        print(token)
+        return
+    approver = Signed.from_token(token).statement.actor
+    resume_flow_run(paused.id, run_input={"statement": token, "approver": approver, "approve": decision.approve, "comment": comment})
+    out.print(f"wave {wave} {'approved' if decision.approve else 'rejected'} by {approver} (signed): run {paused.name} "
+              f"({paused.id}) resumes", highlight=False)
 
 
 @backups_app.command("list")

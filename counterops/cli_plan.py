@@ -1,4 +1,6 @@
-"""`counterops plan`: check an upgrade plan against the inventory before anyone is told about it.
+"""`counterops plan`: check an upgrade plan against the inventory before anyone is told about it,
+and the two people who answer for it: its initiator signs it, an approver approves it
+(inventory/approvals.py holds the rules; this module only talks to people).
 
 Registered in cli.py as a sub-app (``app.add_typer(plan_app, name="plan")``).
 """
@@ -11,9 +13,22 @@ from typing import Annotated
 
 import typer
 
-from counterops.common import EXIT_BAD_INPUT, InventoryOption, fail, inventory_path
+from counterops.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    InventoryOption,
+    JsonOption,
+    KeyOption,
+    OperatorOption,
+    fail,
+    inventory_path,
+    load_inventory_or_exit,
+    out,
+    sign_statement,
+)
 
-plan_app = typer.Typer(no_args_is_help=True, help="Upgrade plans: content, time, scope and impact, checked before they are announced.")
+plan_app = typer.Typer(no_args_is_help=True, help="Upgrade plans: content, time, scope and impact, checked before they are announced; signed by the initiator, approved by a second person.")
+PlanArgument = Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="Upgrade plan YAML.")]
 
 
 @plan_app.command("check")
@@ -63,3 +78,87 @@ def plan_check(
         print(json.dumps(result.model_dump(mode="json") | {"downgrades": [d._asdict() for d in downgrades], "not_read": unread}, indent=2))
     else:
         print(result.render() + describe_downgrades(plan, downgrades, unread))
+
+
+def _plan_in_scope(plan_file: Path, inventory: Path | None):
+    """The plan (package checked, sha256 resolved) and the branches its scope reaches; exit 2 when bad."""
+    from inventory.plan import PlanError, load_plan, releases_dir, resolve_scope
+
+    inventory_file = inventory_path(inventory)
+    inv = load_inventory_or_exit(inventory_file)
+    try:
+        plan = load_plan(plan_file, releases=releases_dir(inventory_file))
+        branches = sorted({d.branch for d in resolve_scope(plan, inv, source=str(plan_file))})
+    except PlanError as e:
+        fail(str(e), EXIT_BAD_INPUT)
+    return plan, branches
+
+
+@plan_app.command("sign")
+def plan_sign(plan_file: PlanArgument, inventory: InventoryOption = None, operator: OperatorOption = None, key: KeyOption = None) -> None:
+    """Sign the plan as its initiator (hq_it; branch_it only for a plan within its branches).
+
+    What is signed: the plan's digest (every field, the package's sha256 included), so changing the
+    plan or the package afterwards voids the signature. If the plan names an initiator, only they may sign.
+    """
+    from inventory.approvals import plan_digest, short, sign_plan
+    from inventory.identity import IdentityError, Refused
+    from inventory.store import Store
+
+    plan, branches = _plan_in_scope(plan_file, inventory)
+    digest = plan_digest(plan)
+    with Store.open() as store:
+        token = sign_statement("plan.sign", plan.name, operator=operator, key=key, store=store, plan_digest=digest,
+                               details={"target_version": plan.target_version, "package_sha256": plan.package_sha256,
+                                        "branches": branches})
+        try:
+            verified = sign_plan(store, plan, token, branches=branches)
+        except Refused as e:
+            fail(f"plan sign {plan_file}: refused: {e}", EXIT_FAILED)
+        except IdentityError as e:
+            fail(str(e), EXIT_BAD_INPUT)
+    out.print(f"plan {plan.name} (digest {short(digest)}) signed by {verified.actor}; a second person approves it with "
+              f"`counterops plan approve {plan_file} --as APPROVER`", highlight=False, soft_wrap=True)
+
+
+@plan_app.command("approve")
+def plan_approve(plan_file: PlanArgument, inventory: InventoryOption = None, operator: OperatorOption = None, key: KeyOption = None) -> None:
+    """Approve a signed plan as a second person (approver role; never the plan's initiator).
+
+    The approval is for the plan's current digest: it counts only while the plan and its package stay as they are.
+    """
+    from inventory.approvals import approve_plan, plan_digest, short
+    from inventory.identity import IdentityError, Refused
+    from inventory.store import Store
+
+    plan, branches = _plan_in_scope(plan_file, inventory)
+    digest = plan_digest(plan)
+    with Store.open() as store:
+        token = sign_statement("plan.approve", plan.name, operator=operator, key=key, store=store, plan_digest=digest,
+                               details={"target_version": plan.target_version, "package_sha256": plan.package_sha256})
+        try:
+            verified = approve_plan(store, plan, token, branches=branches)
+        except Refused as e:
+            fail(f"plan approve {plan_file}: refused: {e}", EXIT_FAILED)
+        except IdentityError as e:
+            fail(str(e), EXIT_BAD_INPUT)
+    out.print(f"plan {plan.name} (digest {short(digest)}) approved by {verified.actor}: "
+              f"`counterops upgrade {plan_file}` may run it", highlight=False, soft_wrap=True)
+
+
+@plan_app.command("status")
+def plan_status_command(plan_file: PlanArgument, inventory: InventoryOption = None, as_json: JsonOption = False) -> None:
+    """The plan's digest, who signed and who approved it (this digest), or what is missing. Exit 1 until approved."""
+    from inventory.approvals import plan_status
+    from inventory.store import Store
+
+    plan, branches = _plan_in_scope(plan_file, inventory)
+    with Store.open() as store:
+        status = plan_status(store, plan, branches=branches)
+    if as_json:
+        print(json.dumps(status.model_dump(mode="json") | {"approved": status.approved, "missing": status.refusal(str(plan_file))},
+                         indent=2, ensure_ascii=False))
+    else:
+        print(status.render(str(plan_file)))
+    if not status.approved:
+        raise typer.Exit(EXIT_FAILED)

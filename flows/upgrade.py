@@ -34,9 +34,12 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
+from pydantic import Field
 
+from inventory.approvals import approved_plan, check_wave_approval, plan_digest
 from inventory.loader import load_inventory
-from inventory.models import Evaluation, EvaluationScope, Inventory, Role, Run, RunKind
+from inventory.identity import IdentityError, Refused, authorize_run
+from inventory.models import Evaluation, EvaluationScope, Inventory, Run, RunKind
 from inventory.plan import (PlannedWave, UpgradePlan, check_package, impact, plan_waves, releases_dir, resolve_scope,
                             wave_within_limits)
 from inventory.store import Store
@@ -53,23 +56,15 @@ PROGRESS_EVERY_S = 1.0  # how often a wave's progress artifact is updated (and w
 
 
 class WaveApproval(RunInput):
-    """What an approver submits (Prefect UI form or `counterops approve`)."""
+    """A wave's approval (the Prefect UI's resume form, or `counterops approve`): the approver's signed
+    statement, one line as `counterops approve RUN --as NAME --print-statement` prints it. A name alone
+    proves nothing: it is refused (audited) and the run keeps waiting."""
 
-    approver: str
-    approve: bool = True
-    comment: str = ""
-
-
-def approval_problem(approver: str, inventory: Inventory, initiator: str) -> str | None:
-    """Why ``approver`` may not approve this plan (None when they may): the two-person rule."""
-    operator = next((o for o in inventory.operators if o.name == approver), None)
-    if operator is None:
-        return f"{approver!r} is not an operator in the inventory"
-    if Role.APPROVER not in operator.roles:
-        return f"{approver!r} does not have the approver role (roles: {', '.join(operator.roles)})"
-    if approver == initiator:
-        return f"{approver!r} initiated this plan; a second person must approve it"
-    return None
+    statement: str = Field("", description="The signed statement, one line 'cos1.….…': run `counterops approve RUN --as NAME "
+                                            "--print-statement` (add --reject to reject) and paste what it prints.")
+    approver: str = Field("", description="Not used to decide: the signed statement says who approves.")
+    approve: bool = Field(True, description="Not used to decide: the signed statement says approve or reject.")
+    comment: str = Field("", description="Not used to decide: the comment signed in the statement is kept.")
 
 
 def _run_name() -> str:
@@ -80,93 +75,108 @@ def _run_name() -> str:
 
 @flow(name="upgrade-plan", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=256), log_prints=True)
 @ends_with_reason
-def upgrade_plan(plan: UpgradePlan, inventory: str):
-    """Run an upgrade plan on the counters of ``inventory`` (a YAML file on the machine running the flow)."""
+def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = None):
+    """Run an upgrade plan on the counters of ``inventory`` (a YAML file on the machine running the flow).
+
+    ``authorization``: the signed ``upgrade.start`` statement of whoever starts it (the CLI passes one);
+    without it (a deployment, the UI) the machine's service identity signs. Either way the plan must be
+    signed by its initiator and approved by a second person, for this very digest, or nothing happens."""
     log = get_run_logger()
     plan = check_package(plan, releases=releases_dir(inventory))  # inside the release directory, never elsewhere
     inv = load_inventory(inventory)
-    waves = plan_waves(plan, resolve_scope(plan, inv))
-    announced = impact(plan, inv)
+    scope = resolve_scope(plan, inv)
+    waves = plan_waves(plan, scope)
+    digest = plan_digest(plan)
+    branches = sorted({d.branch for d in scope})
 
-    with (Store.open() as store, ConnectionPool(inv.ssh) as pool, ApiWatch.for_this_run() as api,
-          recorded_run(store, Run(kind=RunKind.UPGRADE, name=plan.name, initiator=plan.initiator,
-                                  flow_run_id=str(flow_run.id), params=plan.record())) as run):
-        store.import_inventory(inv, actor=plan.initiator, source=inventory)  # the records name the counters as this run saw them
-        store.audit(plan.initiator, "start_upgrade", plan.name, run_id=run.id, details={"target_version": plan.target_version})
-        tag_branches(d for w in waves for d in w.devices)
-        # counters an earlier run of this plan left mid-install: put back from their backup first
-        leftovers = unfinished_installs(store, plan.name, run.id, (d.id for w in waves for d in w.devices))
+    with Store.open() as store:
+        # Who starts it, and whether two people approved this plan: checked in the flow, so a run from the UI
+        # or a deployment goes through the same checks as one from the CLI. A refusal ends the run here.
+        started = authorize_run(store, authorization, action="upgrade.start", target=plan.name, plan_digest=digest, branches=branches)
+        approval = approved_plan(store, plan, branches=branches, actor=started.actor)
+        initiator = approval.initiator
+        announced = impact(plan, inv).model_copy(update={"initiator": initiator, "approved_by": approval.approver})
+        with (ConnectionPool(inv.ssh) as pool, ApiWatch.for_this_run() as api,
+              recorded_run(store, Run(kind=RunKind.UPGRADE, name=plan.name, initiator=initiator, flow_run_id=str(flow_run.id),
+                                      params=plan.record())) as run):
+            store.import_inventory(inv, actor=initiator, source=inventory)  # the records name the counters as this run saw them
+            store.audit(started.actor, "start_upgrade", plan.name, run_id=run.id, statement_digest=started.digest,
+                        details={"target_version": plan.target_version, "plan_digest": digest, "initiator": initiator,
+                                 "approver": approval.approver})
+            tag_branches(d for w in waves for d in w.devices)
+            # counters an earlier run of this plan left mid-install: put back from their backup first
+            leftovers = unfinished_installs(store, plan.name, run.id, (d.id for w in waves for d in w.devices))
 
-        # Branches are told in advance: no counter is touched unless this notice went out.
-        try:
-            deliver(plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
-        except NotifyError as e:  # the run's reason: its record, the Prefect state and the CLI say it
-            raise NotifyError(f"advance notice not delivered, so no counter was touched: {e}") from e
+            # Branches are told in advance: no counter is touched unless this notice went out.
+            try:
+                deliver(plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
+            except NotifyError as e:  # the run's reason: its record, the Prefect state and the CLI say it
+                raise NotifyError(f"advance notice not delivered, so no counter was touched: {e}") from e
 
-        outcomes: list[CounterOutcome] = []
-        wave_reports: list[dict] = []
-        halted: str | None = None
-        resumable = False
-        for index, planned in enumerate(waves):
-            if planned.wave.approval:
-                halted = wait_for_approval(plan, inv, store, run.id, planned, index)
+            outcomes: list[CounterOutcome] = []
+            wave_reports: list[dict] = []
+            halted: str | None = None
+            resumable = False
+            for index, planned in enumerate(waves):
+                if planned.wave.approval:
+                    halted = wait_for_approval(plan, digest, initiator, store, run.id, planned, index)
+                    if halted:
+                        break
+                done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool, leftovers, api)
+                outcomes += done
+                for o in done:
+                    if o.status == "held":  # its data changed since the backup: out of service until someone decides
+                        log.warning(f"{o.device_id}: {o.rollback_error or o.error}")
+                        _notify_quietly(plan, Notice(f"{plan.name}: {o.device_id} held, needs a decision",
+                                                     f"{o.device_id} ({o.outlet}) is out of service: {o.rollback_error or o.error}",
+                                                     "failure"))
+                if api.down:  # nothing more can be reported to Prefect: record why here, and stop
+                    _stopped_without_api(plan, run, api.down, outcomes, sum(len(w.devices) for w in waves))
+                soak = watch_health([inv.device(o.device_id) for o in done if o.status == "upgraded"], planned.wave.soak_seconds)
+                failed = sum(o.failed for o in done)
+                within = wave_within_limits(planned.wave, failed, len(planned.devices)) and not soak.unhealthy
+                metrics = wave_metrics(done, soak)
+                wave_reports.append({"name": planned.wave.name, "metrics": metrics, "verdict": verdict(metrics, within)})
+                store.add(Evaluation(run_id=run.id, scope=EvaluationScope.WAVE, wave=index, verdict=wave_reports[-1]["verdict"], metrics=metrics))
+                summary = (f"wave {planned.wave.name}: {metrics.upgraded} upgraded, {metrics.already_current} already on "
+                           f"{plan.target_version}, {metrics.rolled_back} rolled back, {metrics.failed} failed"
+                           + (f", {metrics.held} held for a decision" if metrics.held else "")
+                           + (f", {metrics.busy} left out (taken by another run)" if metrics.busy else ""))
+                log.info(summary)
+                for o in done:
+                    if o.status == "busy":
+                        log.warning(o.error)
+                if not within:
+                    halted = (f"wave {planned.wave.name} passed its failure threshold ({failed} of {len(planned.devices)} counters "
+                              "rolled back or failed)")
+                elif not_started:
+                    resumable = True
+                    halted = (f"the maintenance window closed; {len(not_started)} counters of wave {planned.wave.name} not started. "
+                              "Run the same plan again in the next window: finished counters are skipped")
+                _notify_quietly(plan, Notice(f"{plan.name}: {summary}", summary, "success" if within else "failure"))
                 if halted:
+                    _notify_quietly(plan, Notice(f"{plan.name} HALTED", f"{halted}. No further counter will be touched.", "failure"))
                     break
-            done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool, leftovers, api)
-            outcomes += done
-            for o in done:
-                if o.status == "held":  # its data changed since the backup: out of service until someone decides
-                    log.warning(f"{o.device_id}: {o.rollback_error or o.error}")
-                    _notify_quietly(plan, Notice(f"{plan.name}: {o.device_id} held, needs a decision",
-                                                 f"{o.device_id} ({o.outlet}) is out of service: {o.rollback_error or o.error}",
-                                                 "failure"))
-            if api.down:  # nothing more can be reported to Prefect: record why here, and stop
-                _stopped_without_api(plan, run, api.down, outcomes, sum(len(w.devices) for w in waves))
-            soak = watch_health([inv.device(o.device_id) for o in done if o.status == "upgraded"], planned.wave.soak_seconds)
-            failed = sum(o.failed for o in done)
-            within = wave_within_limits(planned.wave, failed, len(planned.devices)) and not soak.unhealthy
-            metrics = wave_metrics(done, soak)
-            wave_reports.append({"name": planned.wave.name, "metrics": metrics, "verdict": verdict(metrics, within)})
-            store.add(Evaluation(run_id=run.id, scope=EvaluationScope.WAVE, wave=index, verdict=wave_reports[-1]["verdict"], metrics=metrics))
-            summary = (f"wave {planned.wave.name}: {metrics.upgraded} upgraded, {metrics.already_current} already on "
-                       f"{plan.target_version}, {metrics.rolled_back} rolled back, {metrics.failed} failed"
-                       + (f", {metrics.held} held for a decision" if metrics.held else "")
-                       + (f", {metrics.busy} left out (taken by another run)" if metrics.busy else ""))
-            log.info(summary)
-            for o in done:
-                if o.status == "busy":
-                    log.warning(o.error)
-            if not within:
-                halted = (f"wave {planned.wave.name} passed its failure threshold ({failed} of {len(planned.devices)} counters "
-                          "rolled back or failed)")
-            elif not_started:
-                resumable = True
-                halted = (f"the maintenance window closed; {len(not_started)} counters of wave {planned.wave.name} not started. "
-                          "Run the same plan again in the next window: finished counters are skipped")
-            _notify_quietly(plan, Notice(f"{plan.name}: {summary}", summary, "success" if within else "failure"))
-            if halted:
-                _notify_quietly(plan, Notice(f"{plan.name} HALTED", f"{halted}. No further counter will be touched.", "failure"))
-                break
 
-        overall_metrics = wave_metrics(outcomes, Soak(checks=sum(w["metrics"].soak_checks for w in wave_reports),
-                                                      unhealthy=sum(w["metrics"].soak_unhealthy for w in wave_reports)))
-        in_scope = sum(len(w.devices) for w in waves)
-        # A counter taken by another run (busy) or held for a decision is neither a failure (it does not
-        # halt the plan, nor make the release look bad) nor done: the run does not succeed without it.
-        left_out = {o.device_id: o.error for o in outcomes if o.status == "busy"}
-        worked = not halted and len(outcomes) == in_scope and not any(o.failed for o in outcomes)
-        complete = not halted and len(outcomes) == in_scope and all(o.done for o in outcomes)
-        overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, worked)}
-        store.add(Evaluation(run_id=run.id, scope=EvaluationScope.OVERALL, verdict=overall["verdict"], metrics=overall_metrics))
-        report = report_markdown(plan.name, plan.target_version, wave_reports, overall, halted)
-        create_markdown_artifact(key=artifact_key(plan.name, "evaluation"), markdown=report, description="Upgrade evaluation")
-        publish_final_table(plan, waves, outcomes)
-        status = "succeeded" if complete else "halted" if halted else "failed"
-        why = None if complete else _why_not_complete(outcomes, halted, worked, left_out, in_scope)
-        run.end(status, {"halted": halted, "resumable": resumable, "verdict": overall["verdict"],
-                         **overall_metrics.model_dump(mode="json"), "left_out": left_out,
-                         **({"reason": why} if why else {})})
-        _notify_quietly(plan, Notice(f"{plan.name}: {status}", report, "success" if complete else "failure"))
+            overall_metrics = wave_metrics(outcomes, Soak(checks=sum(w["metrics"].soak_checks for w in wave_reports),
+                                                          unhealthy=sum(w["metrics"].soak_unhealthy for w in wave_reports)))
+            in_scope = sum(len(w.devices) for w in waves)
+            # A counter taken by another run (busy) or held for a decision is neither a failure (it does not
+            # halt the plan, nor make the release look bad) nor done: the run does not succeed without it.
+            left_out = {o.device_id: o.error for o in outcomes if o.status == "busy"}
+            worked = not halted and len(outcomes) == in_scope and not any(o.failed for o in outcomes)
+            complete = not halted and len(outcomes) == in_scope and all(o.done for o in outcomes)
+            overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, worked)}
+            store.add(Evaluation(run_id=run.id, scope=EvaluationScope.OVERALL, verdict=overall["verdict"], metrics=overall_metrics))
+            report = report_markdown(plan.name, plan.target_version, wave_reports, overall, halted)
+            create_markdown_artifact(key=artifact_key(plan.name, "evaluation"), markdown=report, description="Upgrade evaluation")
+            publish_final_table(plan, waves, outcomes)
+            status = "succeeded" if complete else "halted" if halted else "failed"
+            why = None if complete else _why_not_complete(outcomes, halted, worked, left_out, in_scope)
+            run.end(status, {"halted": halted, "resumable": resumable, "verdict": overall["verdict"],
+                             **overall_metrics.model_dump(mode="json"), "left_out": left_out,
+                             **({"reason": why} if why else {})})
+            _notify_quietly(plan, Notice(f"{plan.name}: {status}", report, "success" if complete else "failure"))
 
     if why:
         return Failed(message=why, data=[o.model_dump(mode="json") for o in outcomes])
@@ -223,6 +233,25 @@ def find_paused_run(ref: str):
         return runs[0] if runs else None
 
 
+def paused_wave(store: Store, paused) -> tuple[str, str, str, str | None]:
+    """What a paused upgrade run waits on: (plan name, plan digest, wave name, the plan's verified
+    initiator), from its run record (the plan as the run checked it) and its pause key; ValueError
+    when the run is not waiting for a wave's approval."""
+    key = (paused.state.state_details.pause_key or "") if paused.state else ""
+    parts = key.split("-")
+    if len(parts) != 3 or parts[0] != "approve" or not parts[1].isdigit():
+        raise ValueError(f"the run is paused, but not for a wave's approval (pause key {key!r})")
+    record = next((r for r in store.runs(kind=RunKind.UPGRADE, limit=500) if r.flow_run_id == str(paused.id)), None)
+    if record is not None:
+        plan, initiator = UpgradePlan.model_validate(record.params), record.initiator
+    else:  # the run records to another store: the plan as the run was given it
+        plan, initiator = check_package(UpgradePlan.model_validate(paused.parameters["plan"])), None
+    index = int(parts[1])
+    if index >= len(plan.waves):
+        raise ValueError(f"the run waits on wave #{index}, which its plan does not have")
+    return plan.name, plan_digest(plan), plan.waves[index].name, initiator
+
+
 def _stopped_without_api(plan: UpgradePlan, run: OpenRun, reason: str, outcomes: list[CounterOutcome],
                          in_scope: int) -> NoReturn:
     """The Prefect API is gone and the running counters have ended: tell the branches, and raise (no
@@ -244,26 +273,39 @@ def _notify_quietly(plan: UpgradePlan, notice: Notice) -> None:
         get_run_logger().warning(str(e))
 
 
-def wait_for_approval(plan: UpgradePlan, inv: Inventory, store: Store, run_id: int, planned: PlannedWave, index: int) -> str | None:
-    """Pause until an approver who is not the initiator approves; returns why the plan stops, or None."""
+def wait_for_approval(plan: UpgradePlan, digest: str, initiator: str, store: Store, run_id: int, planned: PlannedWave,
+                      index: int) -> str | None:
+    """Pause until an approver other than the initiator signs the wave's approval, bound to this run,
+    this plan digest and this wave; returns why the plan stops (rejected), or None. Anything else
+    (a name without a signature, another run's or wave's statement, a replay, the initiator) is
+    refused, audited and logged, and the run keeps waiting."""
     log = get_run_logger()
-    target = f"{plan.name}/{planned.wave.name}"
-    _notify_quietly(plan, Notice(f"{plan.name}: approval needed", f"Wave {planned.wave.name} ({len(planned.devices)} counters) "
-                                 f"waits for an approver other than {plan.initiator}: counterops approve {flow_run.id} --as NAME"))
+    wave = planned.wave.name
+    how = (f"counterops approve {flow_run.id} --as NAME [--reject] [--comment TEXT], or in the Prefect UI's resume form "
+           f"the line `counterops approve {flow_run.id} --as NAME --print-statement` prints")
+    _notify_quietly(plan, Notice(f"{plan.name}: approval needed", f"Wave {wave} ({len(planned.devices)} counters) waits for a "
+                                 f"signed approval by an approver other than {initiator}: {how}"))
+    log.info(f"wave {wave} waits for a signed approval by an approver other than {initiator}: {how}")
     attempt = 0
     while True:
-        decision = pause_flow_run(wait_for_input=WaveApproval, timeout=APPROVAL_TIMEOUT_S, poll_interval=1, key=f"approve-{index}-{attempt}")
+        form = pause_flow_run(wait_for_input=WaveApproval, timeout=APPROVAL_TIMEOUT_S, poll_interval=1, key=f"approve-{index}-{attempt}")
         attempt += 1
-        problem = approval_problem(decision.approver, inv, plan.initiator)
-        if problem:
-            store.audit(decision.approver, "approve_wave", target, run_id=run_id, outcome="refused", details={"reason": problem})
-            log.warning(f"approval refused: {problem}; waiting for a valid approver")
+        try:
+            decision = check_wave_approval(store, form.statement, plan=plan.name, digest=digest, wave=wave, flow_run=str(flow_run.id),
+                                           initiator=initiator, run_id=run_id)
+        except IdentityError as e:  # not a statement at all (a name only, a damaged line): not audited by authorize
+            store.audit(form.approver or "unknown", "wave.approve", plan.name, run_id=run_id, outcome="refused",
+                        details={"reason": str(e), "wave": wave, "typed_name": form.approver})
+            log.warning(f"wave {wave}: approval refused: {e}; still waiting")
             continue
-        outcome = "ok" if decision.approve else "rejected"
-        store.audit(decision.approver, "approve_wave", target, run_id=run_id, outcome=outcome, details={"comment": decision.comment})
+        except Refused as e:  # audited by the check
+            log.warning(f"wave {wave}: approval refused: {e}; still waiting")
+            continue
+        store.audit(decision.approver, "wave.approve", plan.name, run_id=run_id, outcome="ok" if decision.approve else "rejected",
+                    statement_digest=decision.statement_digest, details={"wave": wave, "comment": decision.comment})
         if not decision.approve:
-            return f"wave {planned.wave.name} rejected by {decision.approver}" + (f": {decision.comment}" if decision.comment else "")
-        log.info(f"wave {planned.wave.name} approved by {decision.approver}")
+            return f"wave {wave} rejected by {decision.approver}" + (f": {decision.comment}" if decision.comment else "")
+        log.info(f"wave {wave} approved by {decision.approver}" + (f": {decision.comment}" if decision.comment else ""))
         return None
 
 

@@ -310,7 +310,9 @@ class UpgradePlan(_PlanModel):
     """Counters of one outlet out of service at the same time, so an outlet keeps serving customers."""
     maintenance_window: Window = "always"
     """When counters may be taken out of service: "always", or daily hours."""
-    initiator: OperatorName
+    initiator: OperatorName | None = None
+    """Who initiates the plan. Optional: the run's initiator is whoever signs the plan (`counterops plan
+    sign`); when given, only that operator may sign it."""
     notify: list[Annotated[str, AfterValidator(_notify_target)]] = Field(default_factory=list)
     """Where the notices to branches and head office go: apprise URLs without credentials, or secret:NAME
     (a URL kept with `counterops secrets set NAME`)."""
@@ -618,7 +620,9 @@ class PlanImpact(BaseModel):
     target_version: str
     package: str
     package_sha256: str | None
-    initiator: str
+    initiator: str | None
+    """The verified signer once the plan is signed (the flow's notice); else what the file says, if anything."""
+    approved_by: str | None = None
     window: str
     counters: int
     branches: int
@@ -635,7 +639,8 @@ class PlanImpact(BaseModel):
         lines = [
             f"Upgrade plan {self.plan}: smart counter software version {self.target_version}",
             f"Package: {self.package}" + (f" (sha256 {self.package_sha256})" if self.package_sha256 else ""),
-            f"Initiated by: {self.initiator}",
+            f"Initiated by: {self.initiator or 'whoever signs the plan (counterops plan sign)'}",
+            *([f"Approved by: {self.approved_by}"] if self.approved_by else []),
             f"Time: {self.window}",
             f"Scope: {_counters(self.counters)} in {self.outlets} outlet{'s' * (self.outlets != 1)} "
             f"of {self.branches} branch{'es' * (self.branches != 1)}",

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The demo: the main job on the embedded default.
 #   1. bring up 12 simulated counters in 3 branches (real sshd + counter app each)
-#   2. import the inventory, check the plan (scope, waves, impact)
-#   3. run the upgrade plan to 1.2.0: canary, then a pilot wave that needs a second
-#      person's approval (given here by li.na, since zhang.wei initiated it), then the rest
-#   4. show the records, and where to open the run in the Prefect UI
+#   2. set up the operators (fleet up writes operators.yaml and each one's SSH key), import the
+#      inventory signed by zhang.wei, check the plan (scope, waves, impact)
+#   3. two people answer for the plan: zhang.wei signs it, li.na approves it (each with their own key)
+#   4. run the upgrade plan to 1.2.0: canary, then a pilot wave that needs a second person's
+#      signed approval (li.na's, since zhang.wei initiated it), then the rest
+#   5. show the records, and where to open the run in the Prefect UI
 # The fleet is taken down at the end; the Prefect server stays up for the UI (`make stop`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,9 @@ $BIN/counterops fleet down --dir "$DIR" --remove >/dev/null
 # A new fleet each time: start its records afresh too (the Prefect server keeps earlier runs for the UI).
 rm -rf "$COUNTEROPS_HOME"/counterops.db* "$COUNTEROPS_HOME"/backups "$COUNTEROPS_HOME"/offsite
 $BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
-$BIN/counterops inventory import "$COUNTEROPS_INVENTORY" --as zhang.wei
+KEYS=$DIR/keys
+$BIN/counterops operators init --from "$DIR/operators.yaml"
+$BIN/counterops inventory import "$COUNTEROPS_INVENTORY" --as zhang.wei --key "$KEYS/zhang.wei"
 
 PLAN=$DIR/plan-1.2.0.yaml
 cat > "$PLAN" <<YAML
@@ -36,20 +40,28 @@ maintenance_window: always
 initiator: zhang.wei
 YAML
 $BIN/counterops plan check "$PLAN"
+# Two people: the initiator signs the plan, an approver approves it (both bound to the plan's digest,
+# the package's sha256 in it: change a byte of either and neither counts).
+$BIN/counterops plan sign "$PLAN" --as zhang.wei --key "$KEYS/zhang.wei"
+$BIN/counterops plan approve "$PLAN" --as li.na --key "$KEYS/li.na"
+$BIN/counterops plan status "$PLAN"
 
-# li.na approves the pilot wave as soon as the run waits for it (two-person rule).
+# li.na approves the pilot wave as soon as the run waits for it, with a statement signed with her key
+# and bound to this run, this plan and this wave (from the Prefect UI: paste the line that
+# `counterops approve RUN --as li.na --print-statement` prints into the resume form).
 (
     for _ in $(seq 1 240); do
-        if $BIN/counterops approve demo-smartcounter-1.2.0 --as li.na --comment "canary healthy" 2>/dev/null; then exit 0; fi
+        if $BIN/counterops approve demo-smartcounter-1.2.0 --as li.na --key "$KEYS/li.na" --comment "canary healthy" 2>/dev/null; then exit 0; fi
         sleep 1
     done
 ) &
 approver=$!
-$BIN/counterops upgrade "$PLAN"
+$BIN/counterops upgrade "$PLAN" --as zhang.wei --key "$KEYS/zhang.wei"
 wait $approver || true
 
 $BIN/counterops backups list --limit 5
 $BIN/counterops fleet status --dir "$DIR"
 $BIN/counterops server status
+# TODO(issue 10, audit chain): once `counterops audit verify` is on main, run it here.
 echo "Demo finished in $(( $(date +%s) - started )) s. Open the UI URL above → Runs → demo-smartcounter-1.2.0"
 echo "(artifacts: wave progress, every counter's final state, the evaluation). 'make stop' stops the server."

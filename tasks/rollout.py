@@ -38,7 +38,7 @@ from prefect.states import Failed, State
 from pydantic import BaseModel
 
 from inventory.leases import lease
-from inventory.models import Backup, Device, DeviceStep, Fault, RunKind, UpgradeStep
+from inventory.models import Backup, Device, DeviceStep, Fault, Run, RunKind, UpgradeStep
 from inventory.plan import UpgradePlan
 from inventory.store import Store
 from playbooks import load_playbook
@@ -231,7 +231,7 @@ def upgrade_counter_pipeline(
                 changes = data_changed_since(conn, device, backup_then, playbook.backup.paths)
                 if changes:  # e.g. put back in service by hand after the crash, and a customer served
                     found["held_for_decision"] = backup_then.id
-                    fault = hold(store, device, backup_then, changes, actor=plan.initiator, run_id=run_id, context={
+                    fault = hold(store, device, backup_then, changes, actor=_initiator(store, run_id), run_id=run_id, context={
                         "run_id": run_id, "plan": plan.name, "target_version": plan.target_version,
                         "version_then": version_then, "installed_version": out.from_version,
                         "situation": f"an earlier run of {plan.name} left the install unfinished"})
@@ -317,6 +317,11 @@ def _held(rec: _Recorder, out: CounterOutcome, message: str, **details) -> Count
     return out
 
 
+def _initiator(store: Store, run_id: int) -> str:
+    """The run's verified initiator (the plan's signer, as the flow recorded it), who holds a counter."""
+    return store.get(Run, run_id).initiator
+
+
 def _data_changed(e: BaseException) -> DataChangedSinceBackup | None:
     """The DataChangedSinceBackup behind ``e`` (a playbook step wraps its callback's errors), if any."""
     while e is not None:
@@ -380,7 +385,7 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
         restore_backup(conn, device, backup, playbook.backup.paths)
 
     def hold_for_decision(changed: DataChangedSinceBackup) -> None:
-        fault = hold(rec.store, device, changed.backup, changed.changes, actor=plan.initiator, run_id=rec.run_id, context={
+        fault = hold(rec.store, device, changed.backup, changed.changes, actor=_initiator(rec.store, rec.run_id), run_id=rec.run_id, context={
             "run_id": rec.run_id, "plan": plan.name, "target_version": plan.target_version,
             "version_then": out.from_version, "failed_step": out.failed_step,
             "situation": f"the upgrade failed at {out.failed_step} and its rollback would have restored the backup"})

@@ -113,6 +113,23 @@ def ids(devices: Any) -> list[str]:
 # ----------------------------------------------------------------------------- loading
 
 
+def test_a_plan_without_an_initiator_loads_its_initiator_is_whoever_signs_it(tmp_path, package):
+    """The run's initiator is the verified signer of the plan (`counterops plan sign`), not a name in the file."""
+    plan = load_plan(write_plan(tmp_path, initiator=None))
+    assert plan.initiator is None
+
+
+def test_the_plan_digest_covers_every_field_and_the_package_but_not_where_the_package_lies(tmp_path, package):
+    from inventory.approvals import plan_digest
+
+    plan = load_plan(write_plan(tmp_path))
+    digest = plan_digest(plan)
+    assert digest == plan_digest(plan.model_copy(update={"package": "/elsewhere/smartcounter-1.2.0.tar.gz"}))
+    assert digest != plan_digest(plan.model_copy(update={"parallelism": plan.parallelism + 1}))
+    assert digest != plan_digest(plan.model_copy(update={"package_sha256": "0" * 64}))
+    assert digest != plan_digest(plan.model_copy(update={"initiator": "li.na"}))
+
+
 def test_the_example_plan_loads_with_the_package_made_absolute_and_its_sha256_from_sha256sums(tmp_path, package):
     plan = load_plan(write_plan(tmp_path))
     assert plan.package == str(package) and Path(plan.package).is_absolute()
@@ -212,7 +229,6 @@ def _wave(index: int, **changes: Any) -> list[dict[str, Any]]:
         ),
         ({"initiator": "Zhang.Wei"}, f"initiator: {ID_RULE}, got 'Zhang.Wei'"),
         ({"initiator": "zhang wei"}, f"initiator: {ID_RULE}, got 'zhang wei'"),
-        ({"initiator": None}, "initiator: required field is missing"),
         ({"scope": {"branchs": ["BR01"]}}, "scope.branchs: unknown field; did you mean 'branches'? (allowed: branches, outlets, devices)"),
         ({"package_sha256": "xyz"}, "package_sha256: must be 64 hexadecimal digits (as printed by sha256sum), got 'xyz'"),
     ],

@@ -23,6 +23,8 @@ from inventory.models import Device, Run, utcnow
 from inventory.store import Store, run_is_alive, run_stale_after
 from simfleet import fleet as simfleet
 from tests.plugins.fleet import port
+from tests.plugins.identity import enroll
+from tests.plugins.plans import approve_plan
 from tests.test_inventory import db_url, store  # noqa: F401  (fixtures: a fresh SQLite / PostgreSQL store)
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
@@ -68,13 +70,15 @@ def write_plan(fleet_dir: Path, name: str, version: str, **overrides) -> Path:
     } | overrides
     path = fleet_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    approve_plan(path, fleet_dir / "inventory.yaml")  # signed by zhang.wei, approved by li.na
     return path
 
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    """A store of this test's own: another test's runs must not make this fleet look busy."""
+    """A store of this test's own (with the session's operators): another test's runs must not make this fleet look busy."""
     monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
+    enroll()
     return tmp_path / "home"
 
 

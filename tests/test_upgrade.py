@@ -24,11 +24,13 @@ import pytest
 import yaml
 
 from inventory.loader import load_inventory
+from inventory.plan import PlanError
 from inventory.models import UpgradeStep
 from inventory.store import Store
 from simfleet import fleet as simfleet
 from tests.plugins.fleet import port
 from tests.plugins.notices import NoticeReceiver
+from tests.plugins.plans import approve_plan
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
 CUSTOMER_TABLES = ("customers", "cards", "transactions")
@@ -44,7 +46,10 @@ def small_fleet(fleet_dir):
     return fleet_dir
 
 
-def write_plan(fleet_dir: Path, name: str, version: str, receiver: NoticeReceiver | None = None, **overrides) -> Path:
+def write_plan(fleet_dir: Path, name: str, version: str, receiver: NoticeReceiver | None = None, *, approved: bool = True,
+               **overrides) -> Path:
+    """A plan file for the fleet in ``fleet_dir``; with ``approved``, signed by its initiator and approved by a
+    second person (tests/plugins/plans.py) unless it cannot be loaded (a test of a bad plan or package)."""
     plan = {
         "name": name,
         "target_version": version,
@@ -61,6 +66,11 @@ def write_plan(fleet_dir: Path, name: str, version: str, receiver: NoticeReceive
     } | overrides
     path = fleet_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    if approved:
+        try:
+            approve_plan(path, fleet_dir / "inventory.yaml")
+        except PlanError:
+            pass  # the run refuses the plan itself: that is what such a test checks
     return path
 
 
@@ -223,8 +233,8 @@ def test_approval_by_a_second_person_resumes_and_by_the_initiator_is_refused(sma
     plan = write_plan(small_fleet, "approve-1.1.0", "1.1.0", initiator="li.na", waves=[
         {"name": "canary", "size": 1, "max_failures": 0},
         {"name": "rest", "size": "100%", "max_failures": 0, "approval": True},
-    ])  # li.na is an approver herself, but may not approve her own plan
-    proc = subprocess.Popen([*CLI, "upgrade", str(plan), "--inventory", str(small_fleet / "inventory.yaml")],
+    ])  # li.na is an approver herself, but may not approve her own plan's wave (chen.jie approved the plan)
+    proc = subprocess.Popen([*CLI, "upgrade", str(plan), "--inventory", str(small_fleet / "inventory.yaml"), "--as", "li.na"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -240,9 +250,9 @@ def test_approval_by_a_second_person_resumes_and_by_the_initiator_is_refused(sma
         assert sum(health(d)["version"] == "1.1.0" for d in inv.devices) == 1  # only the canary so far
 
         refused = cli("approve", str(fr.id), "--as", "li.na")
-        assert refused.returncode == 2 and "initiated this plan" in refused.stderr
+        assert refused.returncode == 1 and "li.na initiated this plan" in refused.stderr, refused.stderr
         not_an_approver = cli("approve", "approve-1.1.0", "--as", "wang.fang")
-        assert not_an_approver.returncode == 2 and "approver role" in not_an_approver.stderr
+        assert not_an_approver.returncode == 1 and "may not wave.approve" in not_an_approver.stderr, not_an_approver.stderr
         assert flow_run("approve-1.1.0").state.is_paused()
 
         ok = cli("approve", "approve-1.1.0", "--as", "chen.jie", "--comment", "canary looks good")
@@ -253,8 +263,10 @@ def test_approval_by_a_second_person_resumes_and_by_the_initiator_is_refused(sma
             proc.kill()
     assert all(health(d)["version"] == "1.1.0" for d in inv.devices)
     with Store.open() as store:
-        events = [e for e in store.audit_events(limit=50, action="approve_wave") if "approve-1.1.0" in e.target]
+        events = [e for e in store.audit_events(limit=50, action="wave.approve") if e.target == "approve-1.1.0"]
+        run, _ = run_record("approve-1.1.0")
     assert {(e.actor, e.outcome) for e in events} >= {("li.na", "refused"), ("wang.fang", "refused"), ("chen.jie", "ok")}
+    assert run.initiator == "li.na"
 
 
 def test_approving_a_run_prefect_does_not_know_is_a_clear_error(prefect_api):

@@ -23,6 +23,7 @@ from simfleet import fleet as simfleet
 from tests.faults.inject import FleetLayout
 from tests.faults.scenario import FaultCase
 from tests.plugins.fleet import port, traversable_tmpdir
+from tests.plugins.identity import enroll
 
 SSH_BASE, HTTP_BASE = 27400, 27700
 
@@ -37,6 +38,7 @@ def case(request, prefect_api, monkeypatch) -> Iterator[FaultCase]:
     (the fleets reuse counter ids: a counter one fault leaves held must not reach the next)."""
     d = traversable_tmpdir("counterops-faults-")
     monkeypatch.setenv("COUNTEROPS_HOME", str(d / "home"))
+    enroll()  # the session's operators, in this case's own store
     fleet_dir = d / "fleet"
     started = time.monotonic()
     c: FaultCase | None = None
