@@ -19,10 +19,10 @@ def approve_plan(plan_file: Path, inventory: Path, *, initiator: str | None = No
     from inventory.approvals import approve_plan as approve, plan_digest, sign_plan
     from inventory.identity import Statement, sign
     from inventory.loader import load_inventory
-    from inventory.plan import load_plan, resolve_scope
+    from inventory.plan import load_plan, releases_dir, resolve_scope
     from inventory.store import Store
 
-    plan = load_plan(plan_file)
+    plan = load_plan(plan_file, releases=releases_dir(inventory))
     branches = sorted({d.branch for d in resolve_scope(plan, load_inventory(inventory))})
     initiator = initiator or plan.initiator or "zhang.wei"
     approver = approver or ("chen.jie" if initiator == "li.na" else "li.na")
