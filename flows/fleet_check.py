@@ -43,7 +43,7 @@ def fleet_check(inventory: str, branch: str | None = None, authorization: str | 
         facts = [f.result() for f in futures]
         publish_fleet_check(facts)
         ready = sum(f.ok for f in facts)
-        by.audit(store, ACTION, by.target, outcome="ok" if ready == len(facts) else "not ready",
+        by.audit(store, ACTION, by.target, outcome="ok" if ready == len(facts) else "not_ready",
                  details={"counters": len(facts), "ready": ready, "flow_run": str(flow_run.id)})
     print(f"{ready} of {len(facts)} counters ready")
     return facts

@@ -59,7 +59,7 @@ def periodic_maintenance(inventory: str, branch: str | None = None, notify: list
             store.import_inventory(inv, actor=by.actor, source=inventory)
             busy = work_in_progress(store)
             if busy:
-                by.audit(store, ACTION, by.target, outcome="not started", details={"reason": busy})
+                by.audit(store, ACTION, by.target, outcome="not_started", details={"reason": busy})
                 return Failed(message=f"maintenance not started: {busy}")
             with acting_run(store, by, Run(kind=RunKind.MAINTENANCE, name=_run_name(), initiator=by.actor,
                                            flow_run_id=str(flow_run.id), params={"inventory": inventory, "branch": branch})) as run:

@@ -249,7 +249,7 @@ def look_and_fix(device: Device, phase: InspectionPhase, pool: ConnectionPool, h
         second = look(device, phase, pool)
     still = {f.symptom for f in second if f.standing}
     for symptom, attempt in attempts.items():
-        outcome = "fixed" if attempt.ran and symptom not in still else "not fixed" if attempt.ran else "failed"
+        outcome = "fixed" if attempt.ran and symptom not in still else "not_fixed" if attempt.ran else "failed"
         by.audit(store, "inspection.fix", device.id, run_id=run_id, outcome=outcome,
                  details={"symptom": str(symptom), "did": attempt.said, "phase": str(phase)})
     fixed = [f.model_copy(update={"resolution": attempts[f.symptom].said}) for f in fixable

@@ -139,14 +139,14 @@ def maintain_counter(device: Device, by: Acting, run_id: int, store: Store, pool
         if held is not None:
             findings = [Finding(check="lease", detail=f"{held}; left out, not maintained")]
             visit = record_visit(device, InspectionPhase.MAINTENANCE, by, started, findings, run_id=run_id, store=store, notify=notify)
-            by.audit(store, "maintenance.counter", device.id, run_id=run_id, outcome="left out", details={"reason": str(held)})
+            by.audit(store, "maintenance.counter", device.id, run_id=run_id, outcome="left_out", details={"reason": str(held)})
             return visit.model_copy(update={"left_out": f"{held}; left out"})
         try:
             findings = maintain(device, pool)
         finally:
             pool.release(device)
     visit = record_visit(device, InspectionPhase.MAINTENANCE, by, started, findings, run_id=run_id, store=store, notify=notify)
-    by.audit(store, "maintenance.counter", device.id, run_id=run_id, outcome="ok" if visit.ok else "needs attention",
+    by.audit(store, "maintenance.counter", device.id, run_id=run_id, outcome="ok" if visit.ok else "needs_attention",
              details={"inspection_id": visit.inspection_id,
                       "problems": [f"{f.symptom}: {f.detail}" for f in findings if f.standing]})
     return visit
@@ -181,7 +181,7 @@ def publish_maintenance(results: list[CounterInspection]) -> None:
         db, service = _data(r, "database"), _data(r, "service")
         rows.append({
             "counter": r.device_id, "branch": r.branch, "outlet": r.outlet,
-            "result": "left out" if r.left_out else "ok" if r.ok else "needs attention",
+            "result": "left out" if r.left_out else "ok" if r.ok else "needs_attention",
             "logs rotated": len(_data(r, "logs").get("rotated", [])), "temp files removed": _data(r, "temp_files").get("removed", ""),
             "database": "; ".join(f.detail for f in r.findings if f.check == "database"),
             "KiB before → after": f"{db['bytes_before'] // 1024} → {db['bytes_after'] // 1024}" if "bytes_after" in db else "",

@@ -23,6 +23,7 @@ from inventory.models import Device, Run, utcnow
 from inventory.store import Store, run_is_alive, run_stale_after
 from simfleet import fleet as simfleet
 from tests.plugins.fleet import port
+from tests.plugins.identity import enroll
 from tests.test_inventory import db_url, store  # noqa: F401  (fixtures: a fresh SQLite / PostgreSQL store)
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
@@ -75,6 +76,7 @@ def write_plan(fleet_dir: Path, name: str, version: str, **overrides) -> Path:
 def home(tmp_path, monkeypatch):
     """A store of this test's own: another test's runs must not make this fleet look busy."""
     monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
+    enroll()  # the session's operators: every command is signed by one
     return tmp_path / "home"
 
 
