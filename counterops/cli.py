@@ -255,18 +255,23 @@ def server_status() -> None:
 def check(
     inventory: InventoryOption = None,
     branch: Annotated[str | None, typer.Option(help="Only this branch.")] = None,
+    operator: OperatorOption = None,
+    key: KeyOption = None,
 ) -> None:
-    """Precheck every counter (SSH + host key, version, disk, health) as a Prefect flow."""
-    path = inventory_path(inventory)
-    inv = load_inventory_or_exit(path)
-    if branch is not None and branch not in {b.id for b in inv.branches}:
-        known = ", ".join(b.id for b in inv.branches)
-        fail(f"--branch {branch}: no such branch in {path} (branches: {known})", EXIT_BAD_INPUT)
-    api = prefect_api()
-    from flows.fleet_check import fleet_check
+    """Precheck every counter (SSH + host key, version, disk, health) as a Prefect flow (signed: any operator)."""
+    from counterops.common import checked_branch, sign_statement
 
+    path = inventory_path(inventory)
+    branch = checked_branch(load_inventory_or_exit(path), branch, path)
+    api = prefect_api()
+    from flows.fleet_check import ACTION, check_target, fleet_check
+
+    token = sign_statement(ACTION, check_target(branch), operator=operator, key=key)
     with flow_in_this_process():
-        facts = fleet_check(inventory=str(path.resolve()), branch=branch)
+        state = fleet_check(inventory=str(path.resolve()), branch=branch, authorization=token, return_state=True)
+    if not state.is_completed():
+        fail(f"the fleet check did not finish: {state.message}")
+    facts = state.result()
     table = Table("counter", "outlet", "version", "app", "free disk MB")
     for f in facts:
         table.add_row(f.device_id, f.outlet, f.version or "", f.app_status or "[red]no answer[/]", str(f.free_disk_mb or ""))

@@ -14,7 +14,8 @@ from rich.table import Column, Table
 
 from counterops.common import (
     InventoryOption,
-    current_operator,
+    KeyOption,
+    OperatorOption,
     err,
     fail,
     flow_in_this_process,
@@ -22,6 +23,7 @@ from counterops.common import (
     load_inventory_or_exit,
     out,
     prefect_api,
+    sign_statement,
 )
 
 if TYPE_CHECKING:
@@ -32,17 +34,21 @@ def drill_command(
     inventory: InventoryOption = None,
     sample: Annotated[int | None, typer.Option(min=1, help="Drill N counters, chosen at random but the same all day (default: all).")] = None,
     use_latest: Annotated[bool, typer.Option("--use-latest", help="Drill each counter's newest stored backup instead of taking a fresh one.")] = False,
+    operator: OperatorOption = None,
+    key: KeyOption = None,
 ) -> None:
-    """Restore counters' backups into a scratch directory here, verify them, and print RTO and RPO."""
+    """Restore counters' backups into a scratch directory here, verify them, and print RTO and RPO.
+    Signed with your key (drill.run: hq_it; a drill downloads customer data)."""
     path = inventory_path(inventory)
     load_inventory_or_exit(path)
     api = prefect_api()
-    from flows.drill import backup_restore_drill
+    from flows.drill import ACTION, backup_restore_drill, drill_target
     from tasks.drill import DrillSummary
 
+    token = sign_statement(ACTION, drill_target(sample, use_latest), operator=operator, key=key)
     with flow_in_this_process():
         state = backup_restore_drill(inventory=str(path.resolve()), sample=sample, use_latest=use_latest,
-                                     initiator=current_operator(None), return_state=True)
+                                     authorization=token, return_state=True)
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, DrillSummary):
         fail(f"the drill did not finish: {state.message or summary!r}")

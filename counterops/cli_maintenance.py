@@ -17,21 +17,24 @@ from rich.table import Column, Table
 from counterops.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
+    BranchOption,
     InventoryOption,
     JsonOption,
+    KeyOption,
     NotifyOption,
     OperatorOption,
+    checked_branch,
     checked_notify,
-    current_operator,
     fail,
     flow_in_this_process,
     inventory_path,
     load_inventory_or_exit,
     out,
     prefect_api,
+    sign_statement,
 )
 
-faults_app = typer.Typer(no_args_is_help=True, help="Faults found by inspections and maintenance: list them, report on them.")
+faults_app = typer.Typer(no_args_is_help=True, help="Faults found by inspections and maintenance: list them (a read, unsigned), report on them (signed).")
 
 PHASES = ("pre-open", "in-business", "post-close")
 
@@ -39,20 +42,24 @@ PHASES = ("pre-open", "in-business", "post-close")
 def inspect_command(
     phase: Annotated[str, typer.Option(help=f"Which daily inspection: {', '.join(PHASES)}.")],
     inventory: InventoryOption = None,
+    branch: BranchOption = None,
     operator: OperatorOption = None,
+    key: KeyOption = None,
     notify: NotifyOption = None,
 ) -> None:
-    """Inspect every counter now: fix what is simple, record every fault, escalate the rest to the branch."""
+    """Inspect every counter (or one branch's) now: fix what is simple, record every fault, escalate the rest to the branch.
+    Signed with your key (inspection.run: hq_it, or branch_it with --branch of your own)."""
     if phase not in PHASES:
         fail(f"--phase {phase}: must be one of {', '.join(PHASES)}", EXIT_BAD_INPUT)
     path = inventory_path(inventory)
-    load_inventory_or_exit(path)
+    branch = checked_branch(load_inventory_or_exit(path), branch, path)
     urls = checked_notify(notify)
     api = prefect_api()
-    from flows.inspection import daily_inspection
+    from flows.inspection import ACTION, daily_inspection, inspection_target
 
+    token = sign_statement(ACTION, inspection_target(phase, branch), operator=operator, key=key)
     with flow_in_this_process():
-        state = daily_inspection(phase=phase, inventory=str(path.resolve()), inspector=current_operator(operator), notify=urls,
+        state = daily_inspection(phase=phase, inventory=str(path.resolve()), branch=branch, notify=urls, authorization=token,
                                  return_state=True)
     if not state.is_completed():
         fail(f"the {phase} inspection did not finish: {state.message}")
@@ -70,17 +77,20 @@ def inspect_command(
         raise typer.Exit(EXIT_FAILED)
 
 
-def maintain_command(inventory: InventoryOption = None, operator: OperatorOption = None, notify: NotifyOption = None) -> None:
-    """Periodic maintenance now: logs, temp files, database check and vacuum (one counter per outlet at a time), paper levels."""
+def maintain_command(inventory: InventoryOption = None, branch: BranchOption = None, operator: OperatorOption = None,
+                     key: KeyOption = None, notify: NotifyOption = None) -> None:
+    """Periodic maintenance now: logs, temp files, database check and vacuum (one counter per outlet at a time), paper levels.
+    Signed with your key (maintenance.run: hq_it, or branch_it with --branch of your own)."""
     path = inventory_path(inventory)
-    load_inventory_or_exit(path)
+    branch = checked_branch(load_inventory_or_exit(path), branch, path)
     urls = checked_notify(notify)
     prefect_api()
-    from flows.maintenance import periodic_maintenance
+    from flows.maintenance import ACTION, maintenance_target, periodic_maintenance
     from tasks.maintenance import paper_level
 
+    token = sign_statement(ACTION, maintenance_target(branch), operator=operator, key=key)
     with flow_in_this_process():
-        state = periodic_maintenance(inventory=str(path.resolve()), notify=urls, inspector=current_operator(operator), return_state=True)
+        state = periodic_maintenance(inventory=str(path.resolve()), branch=branch, notify=urls, authorization=token, return_state=True)
     if not state.is_completed():
         fail(state.message or "periodic maintenance failed")
     results = state.result()
@@ -131,18 +141,21 @@ def faults_report(
     days: Annotated[int, typer.Option(min=1, max=3660, help="The period: the last N days.")] = 30,
     as_json: JsonOption = False,
     operator: OperatorOption = None,
+    key: KeyOption = None,
     notify: NotifyOption = None,
 ) -> None:
-    """The fault report (a fault-report flow run): counts, recurring symptoms, mean time to repair."""
+    """The fault report (a fault-report flow run): counts, recurring symptoms, mean time to repair.
+    Signed with your key (fault_report.run: hq_it or auditor)."""
     urls = checked_notify(notify)
     prefect_api()
     from rich.markdown import Markdown
 
-    from flows.fault_report import fault_report
+    from flows.fault_report import ACTION, fault_report, fault_report_target
     from tasks.faults import fault_report_markdown
 
+    token = sign_statement(ACTION, fault_report_target(days), operator=operator, key=key)
     with flow_in_this_process():
-        state = fault_report(period_days=days, notify=urls, initiator=current_operator(operator), return_state=True)
+        state = fault_report(period_days=days, notify=urls, authorization=token, return_state=True)
     if not state.is_completed():
         fail(f"the fault report did not finish: {state.message}")
     report = state.result()

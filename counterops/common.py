@@ -107,6 +107,17 @@ def load_inventory_or_exit(path: Path) -> Inventory:
         fail(str(e), EXIT_BAD_INPUT)
 
 
+def checked_branch(inv: Inventory, branch: str | None, path: Path) -> str | None:
+    """``--branch``: None (the whole fleet) or a branch of the inventory; exit 2 naming the known ones."""
+    if branch is not None and branch not in {b.id for b in inv.branches}:
+        known = ", ".join(b.id for b in inv.branches)
+        fail(f"--branch {branch}: no such branch in {path} (branches: {known})", EXIT_BAD_INPUT)
+    return branch
+
+
+BranchOption = Annotated[str | None, typer.Option(help="Only this branch (branch IT: one of your own branches).")]
+
+
 def checked_notify(urls: list[str] | None) -> list[str]:
     """The --notify targets, refused (exit 2) when apprise cannot send to one (an escalation must not
     vanish) or a URL carries a credential (it would show in the flow run's parameters: keep it as a

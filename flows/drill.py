@@ -1,5 +1,7 @@
 """Backup-restore drill — the bank's rule that backups are kept off-site and regularly restored.
 
+    check who asks: the signed statement (drill.run), or the service identity for a scheduled run;
+    head-office IT only (a drill downloads every drilled counter's customer data)
     choose the counters (a sample, the same all day, or all)
     for each counter (one task run each):
         a fresh verified backup (a read of the counter), or with use_latest its newest stored backup
@@ -25,13 +27,21 @@ from inventory.loader import load_inventory
 from inventory.models import Device, Run, RunKind
 from inventory.store import Store
 from playbooks import load_playbook
+from tasks.acting import acting_run, authorized
 from tasks.drill import CounterDrill, DrillSummary, drill_counter, drill_notice, drill_sample, publish_drill
 from tasks.notify import NotifyError
 from tasks.report import deliver, tag_branches
-from tasks.run_record import ends_with_reason, recorded_run
+from tasks.run_record import ends_with_reason
 from tasks.ssh import ConnectionPool
 
 UPGRADE_PLAYBOOK = "smartcounter-upgrade"  # the drill backs up what an upgrade would have to restore
+ACTION = "drill.run"
+
+
+def drill_target(sample: int | None, use_latest: bool) -> str:
+    """What a ``drill.run`` statement names: how many counters, from which backups."""
+    return (f"backup-restore drill of {f'{sample} counters' if sample else 'every counter'}, "
+            f"{'newest stored' if use_latest else 'fresh'} backups")
 
 
 def _run_name() -> str:
@@ -43,27 +53,32 @@ def _run_name() -> str:
 @flow(name="backup-restore-drill", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
 @ends_with_reason
 def backup_restore_drill(
-    inventory: str, sample: int | None = None, use_latest: bool = False, notify: list[str] = [], initiator: str = "deployment"
+    inventory: str, sample: int | None = None, use_latest: bool = False, notify: list[str] = [], authorization: str | None = None
 ) -> State:
     """Restore-drill ``sample`` counters of ``inventory`` (all when None) from fresh backups, or from
     their newest stored ones with ``use_latest``; the report goes to ``notify`` (apprise URLs).
+    ``authorization``: the operator's signed statement (`counterops drill` makes it); none: the
+    service identity's (a scheduled run).
     The result's data is the DrillSummary: per-counter ok/RTO/RPO/errors, worst RTO and RPO."""
     inv = load_inventory(inventory)
     devices = drill_sample(inv.devices, sample, datetime.now(UTC).date())
     paths = load_playbook(UPGRADE_PLAYBOOK).backup.paths
-    with (Store.open() as store, ConnectionPool(inv.ssh) as pool,
-          recorded_run(store, Run(kind=RunKind.DRILL, name="backup-restore-drill", initiator=initiator, flow_run_id=str(flow_run.id),
-                                  params={"inventory": inventory, "sample": sample, "use_latest": use_latest})) as run):
-        store.import_inventory(inv, actor=initiator, source=inventory)  # the records name the counters as this run saw them
-        tag_branches(devices)
-        futures = [
-            drill_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]")
-            .submit(d, paths, use_latest, run.id, store, pool)
-            for d in devices
-        ]
-        summary = DrillSummary.of([_drilled(f, d, use_latest) for f, d in zip(futures, devices)])
-        publish_drill(summary)
-        run.end("failed" if summary.failed else "succeeded", summary.model_dump(mode="json", exclude={"counters"}))
+    with Store.open() as store:
+        by = authorized(store, authorization, action=ACTION, target=drill_target(sample, use_latest),
+                        branches={d.branch for d in devices})
+        with (ConnectionPool(inv.ssh) as pool,
+              acting_run(store, by, Run(kind=RunKind.DRILL, name="backup-restore-drill", initiator=by.actor, flow_run_id=str(flow_run.id),
+                                        params={"inventory": inventory, "sample": sample, "use_latest": use_latest})) as run):
+            store.import_inventory(inv, actor=by.actor, source=inventory)  # the records name the counters as this run saw them
+            tag_branches(devices)
+            futures = [
+                drill_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]")
+                .submit(d, paths, use_latest, run.id, store, pool, by)
+                for d in devices
+            ]
+            summary = DrillSummary.of([_drilled(f, d, use_latest) for f, d in zip(futures, devices)])
+            publish_drill(summary)
+            run.end("failed" if summary.failed else "succeeded", summary.model_dump(mode="json", exclude={"counters"}))
     message = summary.failure_message() if summary.failed else f"{summary.passed} of {len(devices)} counters restored and verified"
     print(message)
     try:

@@ -1,6 +1,8 @@
 """Daily inspection — the bank's inspection round, before opening, during business and after closing.
 
-    for each counter (one task run each):
+    check who asks: the signed statement (inspection.run on this phase and scope), or the service
+    identity for a scheduled run; branch IT only within its own branches
+    for each counter in scope (one task run each):
         look        SSH with host key, clock, disk; app health, peripherals, receipt paper;
                     after closing also: back in service, no stale temp files
         fix         what is simple (app down → restart; left in maintenance → back in service;
@@ -25,44 +27,60 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from inventory.loader import load_inventory
 from inventory.models import InspectionPhase, Run, RunKind
 from inventory.store import Store
+from tasks.acting import acting_run, authorized, scope
 from tasks.inspect import CounterInspection, inspect_counter, publish_inspection, work_in_progress
 from tasks.report import artifact_key, tag_branches
-from tasks.run_record import ends_with_reason, recorded_run
+from tasks.run_record import ends_with_reason
 from tasks.ssh import ConnectionPool
 
 Phase = Literal["pre-open", "in-business", "post-close"]
+ACTION = "inspection.run"
+
+
+def inspection_target(phase: str, branch: str | None) -> str:
+    """What an ``inspection.run`` statement names: the phase and the counters it reaches."""
+    return f"{phase} inspection of {scope(branch)}"
 
 
 def _run_name() -> str:
-    return f"inspection-{flow_run.parameters.get('phase')}"
+    branch = flow_run.parameters.get("branch")
+    return f"inspection-{flow_run.parameters.get('phase')}" + (f"-{branch}" if branch else "")
 
 
 @flow(name="daily-inspection", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True)
 @ends_with_reason
-def daily_inspection(phase: Phase, inventory: str, inspector: str = "deployment", notify: list[str] = []) -> list[CounterInspection]:
-    """Inspect every counter of ``inventory`` for ``phase``; faults left standing are escalated to ``notify`` (apprise URLs)."""
+def daily_inspection(phase: Phase, inventory: str, branch: str | None = None, notify: list[str] = [],
+                     authorization: str | None = None) -> list[CounterInspection]:
+    """Inspect every counter of ``inventory`` (or of one ``branch``) for ``phase``; faults left standing are
+    escalated to ``notify`` (apprise URLs). ``authorization``: the operator's signed statement
+    (`counterops inspect` makes it); none: the service identity's (a scheduled run)."""
     log = get_run_logger()
     inv = load_inventory(inventory)
+    devices = inv.devices_in(branch=branch)
     when = InspectionPhase(phase)
-    with (Store.open() as store, ConnectionPool(inv.ssh) as pool,
-          recorded_run(store, Run(kind=RunKind.INSPECTION, name=f"inspection-{phase}", initiator=inspector,
-                                  flow_run_id=str(flow_run.id), params={"phase": phase, "inventory": inventory})) as run):
-        store.import_inventory(inv, actor=inspector, source=inventory)  # faults name the counters as this run saw them
-        tag_branches(inv.devices)
-        hands_off = work_in_progress(store)
-        if hands_off:
-            log.warning(f"{hands_off}: nothing will be fixed, every problem goes to the branch")
-        futures = [
-            inspect_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]")
-            .submit(d, when, inspector, run.id, store, pool, notify, hands_off)
-            for d in inv.devices
-        ]
-        results = [f.result() for f in futures]
-        publish_inspection(artifact_key("inspection", phase), results, f"{phase} inspection by {inspector}")
-        summary = {"counters": len(results), "ok": sum(r.ok for r in results),
-                   "fixed": sum(1 for r in results for f in r.findings if f.resolution),
-                   "standing_faults": sum(len(r.standing) for r in results)}
-        run.end("succeeded", summary)
-    print(f"{summary['ok']} of {summary['counters']} counters fine after the {phase} inspection; "
+    name = f"inspection-{phase}" + (f"-{branch}" if branch else "")
+    with Store.open() as store:
+        by = authorized(store, authorization, action=ACTION, target=inspection_target(phase, branch),
+                        branches=[branch] if branch else None)
+        with (ConnectionPool(inv.ssh) as pool,
+              acting_run(store, by, Run(kind=RunKind.INSPECTION, name=name, initiator=by.actor, flow_run_id=str(flow_run.id),
+                                        params={"phase": phase, "inventory": inventory, "branch": branch})) as run):
+            store.import_inventory(inv, actor=by.actor, source=inventory)  # faults name the counters as this run saw them
+            tag_branches(devices)
+            hands_off = work_in_progress(store)
+            if hands_off:
+                log.warning(f"{hands_off}: nothing will be fixed, every problem goes to the branch")
+            futures = [
+                inspect_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]")
+                .submit(d, when, by, run.id, store, pool, notify, hands_off)
+                for d in devices
+            ]
+            results = [f.result() for f in futures]
+            publish_inspection(artifact_key("inspection", phase), results, f"{phase} inspection of {scope(branch)} by {by.actor}")
+            summary = {"counters": len(results), "ok": sum(r.ok for r in results),
+                       "fixed": sum(1 for r in results for f in r.findings if f.resolution),
+                       "standing_faults": sum(len(r.standing) for r in results)}
+            run.end("succeeded", summary)
+    print(f"{summary['ok']} of {summary['counters']} counters fine after the {phase} inspection by {by.actor}; "
           f"{summary['fixed']} problems fixed, {summary['standing_faults']} faults standing")
     return results

@@ -1,6 +1,8 @@
 """Periodic maintenance — the bank's monthly maintenance round.
 
-    for each counter (one task run each; ONE counter of an outlet at a time):
+    check who asks: the signed statement (maintenance.run on this scope), or the service identity
+    for a scheduled run; branch IT only within its own branches
+    for each counter in scope (one task run each; ONE counter of an outlet at a time):
         rotate its logs, clean its temp files
         out of service → database integrity check → vacuum → check again → back in service
         read its health and receipt paper
@@ -21,40 +23,61 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from inventory.loader import load_inventory
 from inventory.models import Run, RunKind
 from inventory.store import Store
-from tasks.report import deliver, tag_branches
+from tasks.acting import acting_run, authorized, scope
 from tasks.inspect import CounterInspection, work_in_progress
 from tasks.maintenance import maintain_counter, maintenance_notice, outlet_turns, publish_maintenance
-from tasks.run_record import ends_with_reason, recorded_run
+from tasks.report import deliver, tag_branches
+from tasks.run_record import ends_with_reason
 from tasks.ssh import ConnectionPool
 
+ACTION = "maintenance.run"
 
-@flow(name="periodic-maintenance", flow_run_name="periodic-maintenance", task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
+
+def maintenance_target(branch: str | None) -> str:
+    """What a ``maintenance.run`` statement names: the counters it reaches."""
+    return f"periodic maintenance of {scope(branch)}"
+
+
+def _run_name() -> str:
+    branch = flow_run.parameters.get("branch")
+    return "periodic-maintenance" + (f"-{branch}" if branch else "")
+
+
+@flow(name="periodic-maintenance", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
 @ends_with_reason
-def periodic_maintenance(inventory: str, notify: list[str] = [], inspector: str = "deployment") -> State:
-    """Maintain every counter of ``inventory``, one per outlet at a time; the summary goes to ``notify`` (apprise URLs)."""
+def periodic_maintenance(inventory: str, branch: str | None = None, notify: list[str] = [],
+                         authorization: str | None = None) -> State:
+    """Maintain every counter of ``inventory`` (or of one ``branch``), one per outlet at a time; the summary
+    goes to ``notify`` (apprise URLs). ``authorization``: the operator's signed statement (`counterops
+    maintain` makes it); none: the service identity's (a scheduled run)."""
     inv = load_inventory(inventory)
-    with Store.open() as store, ConnectionPool(inv.ssh) as pool:
-        store.import_inventory(inv, actor=inspector, source=inventory)
-        busy = work_in_progress(store)
-        if busy:
-            return Failed(message=f"maintenance not started: {busy}")
-        with recorded_run(store, Run(kind=RunKind.MAINTENANCE, name="periodic-maintenance", initiator=inspector,
-                                     flow_run_id=str(flow_run.id), params={"inventory": inventory})) as run:
-            tag_branches(inv.devices)
-            last_in_outlet: dict[str, PrefectFuture[CounterInspection]] = {}
-            futures = []
-            for d in outlet_turns(inv.devices):
-                before = last_in_outlet.get(d.outlet)
-                future = maintain_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]").submit(
-                    d, inspector, run.id, store, pool, notify, wait_for=[allow_failure(before)] if before else None)
-                last_in_outlet[d.outlet] = future
-                futures.append(future)
-            results = [f.result() for f in futures]
-            publish_maintenance(results)
-            attention = sum(not r.ok for r in results)
-            left_out = {r.device_id: r.left_out for r in results if r.left_out}  # taken by another run: not done
-            run.end("failed" if left_out else "succeeded", {"counters": len(results), "need_attention": attention,
-                                                             "left_out": left_out})
+    devices = inv.devices_in(branch=branch)
+    with Store.open() as store:
+        by = authorized(store, authorization, action=ACTION, target=maintenance_target(branch),
+                        branches=[branch] if branch else None)
+        with ConnectionPool(inv.ssh) as pool:
+            store.import_inventory(inv, actor=by.actor, source=inventory)
+            busy = work_in_progress(store)
+            if busy:
+                by.audit(store, ACTION, by.target, outcome="not_started", details={"reason": busy})
+                return Failed(message=f"maintenance not started: {busy}")
+            with acting_run(store, by, Run(kind=RunKind.MAINTENANCE, name=_run_name(), initiator=by.actor,
+                                           flow_run_id=str(flow_run.id), params={"inventory": inventory, "branch": branch})) as run:
+                tag_branches(devices)
+                last_in_outlet: dict[str, PrefectFuture[CounterInspection]] = {}
+                futures = []
+                for d in outlet_turns(devices):
+                    before = last_in_outlet.get(d.outlet)
+                    future = maintain_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]").submit(
+                        d, by, run.id, store, pool, notify, wait_for=[allow_failure(before)] if before else None)
+                    last_in_outlet[d.outlet] = future
+                    futures.append(future)
+                results = [f.result() for f in futures]
+                publish_maintenance(results)
+                attention = sum(not r.ok for r in results)
+                left_out = {r.device_id: r.left_out for r in results if r.left_out}  # taken by another run: not done
+                run.end("failed" if left_out else "succeeded", {"counters": len(results), "need_attention": attention,
+                                                                 "left_out": left_out})
     if notify:
         deliver(notify, maintenance_notice(results))
     message = f"{len(results) - len(left_out)} counters maintained, {attention} need attention"

@@ -12,9 +12,15 @@ export COUNTEROPS_HOME=${COUNTEROPS_HOME:-$PWD/.demo/home}
 export COUNTEROPS_CHECKOUT=$PWD
 export COUNTEROPS_INVENTORY=${COUNTEROPS_INVENTORY:-$DIR/inventory.yaml}
 export COUNTEROPS_WORK_POOL=${COUNTEROPS_WORK_POOL:-counterops}
+# Scheduled runs act as the service identity: the demo fleet's counterops-scheduler key (its role: service).
+export COUNTEROPS_SERVICE_KEY=${COUNTEROPS_SERVICE_KEY:-$DIR/keys/counterops-scheduler}
 
 if ! $BIN/counterops fleet status --dir "$DIR" >/dev/null 2>&1; then
     $BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
+fi
+# The operators (and the service identity) in the store, once: `operators init` refuses a store that has them.
+if ! $BIN/counterops operators list --json | grep -q '"name"'; then
+    $BIN/counterops operators init --from "$DIR/operators.yaml"
 fi
 $BIN/counterops server start   # with the automation that marks flow runs Crashed when their heartbeat stops
 # The worker (and the flow runs it starts, which inherit its environment) sends the server's auth string.

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, computed_field
 from inventory.leases import lease
 from inventory.models import Backup, Device, RestoreDrill, utcnow
 from inventory.store import Store
+from tasks.acting import Acting
 from tasks.backup import BackupError, Source, restore_to_scratch, take_backup, verify_backup
 from tasks.layout import DATABASE
 from tasks.notify import Notice
@@ -129,13 +130,21 @@ def drill_sample(devices: list[Device], sample: int | None, day: date) -> list[D
 
 @task(name="drill-counter", cache_policy=NO_CACHE)
 def drill_counter(
-    device: Device, paths: list[str], use_latest: bool, run_id: int, store: Store, pool: ConnectionPool
+    device: Device, paths: list[str], use_latest: bool, run_id: int, store: Store, pool: ConnectionPool, by: Acting
 ) -> CounterDrill:
     """Drill one counter (a fresh backup of ``paths`` first, unless ``use_latest``) and record it.
 
     A counter's failure is returned, never raised: the drill goes on and names it. A fresh backup is
     taken holding the counter's lease; a counter another run holds is left out (a failed drill, named).
+    Audited (``drill.counter``: it downloads and restores customer data), under the run's verified actor.
     """
+    drill = _drill_counter(device, paths, use_latest, run_id, store, pool)
+    by.audit(store, "drill.counter", device.id, run_id=run_id, outcome="ok" if drill.ok else "failed",
+             details={"backup_id": drill.backup_id, "fresh_backup": drill.fresh_backup, "errors": drill.errors})
+    return drill
+
+
+def _drill_counter(device: Device, paths: list[str], use_latest: bool, run_id: int, store: Store, pool: ConnectionPool) -> CounterDrill:
     drill = CounterDrill(device_id=device.id, branch=device.branch, outlet=device.outlet, fresh_backup=not use_latest)
     try:
         if use_latest:

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from inventory.models import Device, Fault, FaultStatus, utcnow
 from inventory.store import Store
+from tasks.acting import Acting
 from tasks.notify import Notice, send_notice
 
 RECURRING_AT = 3  # the same symptom this often on one counter in a report's period calls for a root cause
@@ -119,33 +120,48 @@ def unfixed_faults(store: Store, device_id: str) -> list[Fault]:
 
 
 def record_faults(store: Store, device: Device, inspection_id: int, found_at: datetime, findings: list[Finding],
-                  cleared_by: str) -> list[StandingFault]:
+                  cleared_by: str, *, by: Acting | None = None, run_id: int | None = None) -> list[StandingFault]:
     """Bring the counter's faults in line with what was just found; returns the faults left standing.
 
     A symptom found with no unfixed fault opens one; one the first-line fix cleared is closed
     with that fix as resolution; an unfixed fault whose check ran and came back clean (or fixed)
-    is closed as cleared on site, by ``cleared_by``.
+    is closed as cleared on site, by ``cleared_by``. Each change is audited under ``by`` (the run's
+    verified actor and statement): ``fault.open``, ``fault.fix``, ``fault.clear``.
     """
+    def audit(action: str, fault: Fault, **details: Any) -> None:
+        if by is not None:
+            by.audit(store, action, _fault_target(fault), run_id=run_id,
+                     details={"fault_id": fault.id, "symptom": str(fault.symptom), **details})
+
     unfixed = {f.symptom: f for f in unfixed_faults(store, device.id)}
     now = utcnow()
     standing: list[StandingFault] = []
     for finding in findings:
         if finding.symptom is None:
             continue
-        fault = unfixed.pop(finding.symptom, None) or store.add(Fault(
-            device_id=device.id, branch_id=device.branch, outlet_id=device.outlet, reported_at=found_at,
-            symptom=finding.symptom, severity=CATALOGUE[finding.symptom].severity, inspection_id=inspection_id))
+        fault = unfixed.pop(finding.symptom, None)
+        if fault is None:
+            fault = store.add(Fault(
+                device_id=device.id, branch_id=device.branch, outlet_id=device.outlet, reported_at=found_at,
+                symptom=finding.symptom, severity=CATALOGUE[finding.symptom].severity, inspection_id=inspection_id))
+            audit("fault.open", fault, severity=fault.severity, detail=finding.detail)
         if finding.resolution is not None:
             store.update(Fault, fault.id, status=FaultStatus.FIXED, fixed_at=now, resolution=finding.resolution)
+            audit("fault.fix", fault, resolution=finding.resolution)
         else:
             standing.append(StandingFault(fault=fault, detail=finding.detail))
     clean_checks = _clean_checks(findings)
     for symptom, fault in unfixed.items():
         kind = CATALOGUE.get(symptom)
         if kind is not None and kind.check in clean_checks:
-            store.update(Fault, fault.id, status=FaultStatus.FIXED, fixed_at=now,
-                         resolution=f"no longer found by {cleared_by}: cleared on site")
+            resolution = f"no longer found by {cleared_by}: cleared on site"
+            store.update(Fault, fault.id, status=FaultStatus.FIXED, fixed_at=now, resolution=resolution)
+            audit("fault.clear", fault, resolution=resolution)
     return standing
+
+
+def _fault_target(fault: Fault) -> str:
+    return f"{fault.device_id} (fault #{fault.id})"
 
 
 def _clean_checks(findings: Iterable[Finding]) -> set[str]:
@@ -155,7 +171,8 @@ def _clean_checks(findings: Iterable[Finding]) -> set[str]:
     return ran - {f.check for f in findings if f.standing}
 
 
-def escalate(device: Device, standing: list[StandingFault], urls: list[str], context: str, store: Store) -> list[StandingFault]:
+def escalate(device: Device, standing: list[StandingFault], urls: list[str], context: str, store: Store, *,
+             by: Acting | None = None, run_id: int | None = None) -> list[StandingFault]:
     """Tell the branch about the counter's faults nobody has been told about yet, and mark them escalated.
 
     One notice per counter, naming it, its place and each symptom. Raises NotifyError when the
@@ -167,6 +184,10 @@ def escalate(device: Device, standing: list[StandingFault], urls: list[str], con
         return standing
     send_notice(urls, fault_notice(device, untold, context))
     told = {s.fault.id: store.update(Fault, s.fault.id, status=FaultStatus.ESCALATED) for s in untold}
+    if by is not None:
+        for s in untold:
+            by.audit(store, "fault.escalate", _fault_target(s.fault), run_id=run_id,
+                     details={"fault_id": s.fault.id, "symptom": str(s.fault.symptom), "to": len(urls)})
     return [StandingFault(fault=told.get(s.fault.id, s.fault), detail=s.detail) for s in standing]
 
 

@@ -79,10 +79,13 @@ def hold(store: Store, device: Device, backup: Backup, changes: list[str], *, ac
     return fault
 
 
-def release_hold(store: Store, fault: Fault, *, actor: str, resolution: str, run_id: int | None, details: dict[str, Any]) -> Fault:
-    """Close the hold's fault with the decision as its resolution (audited)."""
+def release_hold(store: Store, fault: Fault, *, actor: str, resolution: str, run_id: int | None, details: dict[str, Any],
+                 statement_digest: str | None = None) -> Fault:
+    """Close the hold's fault with the decision as its resolution (audited, with the digest of the
+    decider's signed statement)."""
     closed = store.update(Fault, fault.id, status=FaultStatus.FIXED, fixed_at=utcnow(), resolution=resolution)
-    store.audit(actor, "decide_held_counter", fault.device_id, run_id=run_id, details={"fault_id": fault.id, **details})
+    store.audit(actor, "decide_held_counter", fault.device_id, run_id=run_id, details={"fault_id": fault.id, **details},
+                statement_digest=statement_digest)
     return closed
 
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from inventory.leases import lease
 from inventory.models import Device, Inspection, InspectionPhase, RunKind, utcnow
 from inventory.store import Store, run_is_alive
+from tasks.acting import Acting
 from tasks.checks import MIN_PAPER_PCT, read_free_disk_mb
 from tasks.counter_app import read_health, read_maintenance, set_in_service
 from tasks.hold import held, held_reason
@@ -231,9 +232,10 @@ def try_fix(device: Device, pool: ConnectionPool, symptom: str) -> Attempt:
 
 
 def look_and_fix(device: Device, phase: InspectionPhase, pool: ConnectionPool, hands_off: str | None, *,
-                 store: Store, run_id: int) -> list[Finding]:
+                 store: Store, run_id: int, by: Acting) -> list[Finding]:
     """Look; fix what is simple, holding the counter's lease; look again. Returns the second look plus
-    the problems it proved fixed. A counter another run holds is looked at but not fixed."""
+    the problems it proved fixed. A counter another run holds is looked at but not fixed. Every fix
+    tried is audited (``inspection.fix``: the verified actor, the statement's digest, fixed or not)."""
     first = look(device, phase, pool)
     fixable = [f for f in first if f.standing and f.symptom in FIRST_LINE_FIXES]
     if not fixable:
@@ -246,6 +248,10 @@ def look_and_fix(device: Device, phase: InspectionPhase, pool: ConnectionPool, h
         attempts = {f.symptom: try_fix(device, pool, f.symptom) for f in fixable}
         second = look(device, phase, pool)
     still = {f.symptom for f in second if f.standing}
+    for symptom, attempt in attempts.items():
+        outcome = "fixed" if attempt.ran and symptom not in still else "not_fixed" if attempt.ran else "failed"
+        by.audit(store, "inspection.fix", device.id, run_id=run_id, outcome=outcome,
+                 details={"symptom": str(symptom), "did": attempt.said, "phase": str(phase)})
     fixed = [f.model_copy(update={"resolution": attempts[f.symptom].said}) for f in fixable
              if attempts[f.symptom].ran and f.symptom not in still]
     return fixed + [_unfixed(f, attempts[f.symptom]) if f.standing and f.symptom in attempts else f for f in second]
@@ -273,16 +279,16 @@ def work_in_progress(store: Store) -> str | None:
     return None
 
 
-def record_visit(device: Device, phase: InspectionPhase, inspector: str, started: datetime, findings: list[Finding], *,
+def record_visit(device: Device, phase: InspectionPhase, by: Acting, started: datetime, findings: list[Finding], *,
                  run_id: int, store: Store, notify: list[str]) -> CounterInspection:
-    """Store the inspection (time, phase, who, what was found), bring the counter's faults in line
-    and escalate to the branch what is left standing."""
-    context = f"{phase} inspection by {inspector}"
-    inspection = store.add(Inspection(device_id=device.id, run_id=run_id, phase=phase, inspector=inspector, started_at=started,
+    """Store the inspection (time, phase, who — the run's verified actor —, what was found), bring the
+    counter's faults in line and escalate to the branch what is left standing (fault changes audited)."""
+    context = f"{phase} inspection by {by.actor}"
+    inspection = store.add(Inspection(device_id=device.id, run_id=run_id, phase=phase, inspector=by.actor, started_at=started,
                                       ok=not any(f.standing for f in findings), findings=[f.model_dump(mode="json") for f in findings]))
-    standing = record_faults(store, device, inspection.id, started, findings, cleared_by=f"the {context}")
+    standing = record_faults(store, device, inspection.id, started, findings, cleared_by=f"the {context}", by=by, run_id=run_id)
     try:
-        standing = escalate(device, standing, notify, context, store)
+        standing = escalate(device, standing, notify, context, store, by=by, run_id=run_id)
     except NotifyError as e:
         get_run_logger().warning(f"{e}; the faults stay open and the next inspection tells the branch again")
     return CounterInspection(device_id=device.id, branch=device.branch, outlet=device.outlet, inspection_id=inspection.id,
@@ -290,16 +296,17 @@ def record_visit(device: Device, phase: InspectionPhase, inspector: str, started
 
 
 @task(name="inspect-counter", cache_policy=NO_CACHE, retries=0)
-def inspect_counter(device: Device, phase: InspectionPhase, inspector: str, run_id: int, store: Store, pool: ConnectionPool,
+def inspect_counter(device: Device, phase: InspectionPhase, by: Acting, run_id: int, store: Store, pool: ConnectionPool,
                     notify: list[str], hands_off: str | None) -> CounterInspection:
     """One counter's inspection: look, fix what is simple, look again, record, tell the branch the rest."""
     started = utcnow()
     hold = held(store, device.id)  # a held counter stays out of service until someone decides
     try:
-        findings = look_and_fix(device, phase, pool, hands_off or (held_reason(hold) if hold else None), store=store, run_id=run_id)
+        findings = look_and_fix(device, phase, pool, hands_off or (held_reason(hold) if hold else None), store=store, run_id=run_id,
+                                by=by)
     finally:
         pool.release(device)
-    return record_visit(device, phase, inspector, started, findings, run_id=run_id, store=store, notify=notify)
+    return record_visit(device, phase, by, started, findings, run_id=run_id, store=store, notify=notify)
 
 
 def publish_inspection(key: str, results: list[CounterInspection], description: str) -> None:

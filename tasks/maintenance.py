@@ -29,6 +29,7 @@ from inventory.leases import lease
 from inventory.models import Device, InspectionPhase, utcnow
 from inventory.store import Store
 from tasks import oncounter
+from tasks.acting import Acting
 from tasks.counter_app import read_health, set_in_service
 from tasks.faults import Finding, Symptom
 from tasks.inspect import CounterInspection, check_app, check_peripherals, reach, record_visit, remove_stale_temp_files
@@ -128,21 +129,27 @@ def maintain(device: Device, pool: ConnectionPool) -> list[Finding]:
 
 
 @task(name="maintain-counter", cache_policy=NO_CACHE, retries=0)
-def maintain_counter(device: Device, inspector: str, run_id: int, store: Store, pool: ConnectionPool,
+def maintain_counter(device: Device, by: Acting, run_id: int, store: Store, pool: ConnectionPool,
                      notify: list[str]) -> CounterInspection:
     """One counter's periodic maintenance, recorded like an inspection (phase maintenance); problems become faults.
-    A counter another run holds is left out untouched (``left_out`` says by whom)."""
+    A counter another run holds is left out untouched (``left_out`` says by whom). Audited
+    (``maintenance.counter``: the verified actor, the statement's digest, how it came out)."""
     started = utcnow()
     with lease(store, device.id, run_id) as held:
         if held is not None:
             findings = [Finding(check="lease", detail=f"{held}; left out, not maintained")]
-            visit = record_visit(device, InspectionPhase.MAINTENANCE, inspector, started, findings, run_id=run_id, store=store, notify=notify)
+            visit = record_visit(device, InspectionPhase.MAINTENANCE, by, started, findings, run_id=run_id, store=store, notify=notify)
+            by.audit(store, "maintenance.counter", device.id, run_id=run_id, outcome="left_out", details={"reason": str(held)})
             return visit.model_copy(update={"left_out": f"{held}; left out"})
         try:
             findings = maintain(device, pool)
         finally:
             pool.release(device)
-    return record_visit(device, InspectionPhase.MAINTENANCE, inspector, started, findings, run_id=run_id, store=store, notify=notify)
+    visit = record_visit(device, InspectionPhase.MAINTENANCE, by, started, findings, run_id=run_id, store=store, notify=notify)
+    by.audit(store, "maintenance.counter", device.id, run_id=run_id, outcome="ok" if visit.ok else "needs_attention",
+             details={"inspection_id": visit.inspection_id,
+                      "problems": [f"{f.symptom}: {f.detail}" for f in findings if f.standing]})
+    return visit
 
 
 def outlet_turns(devices: list[Device]) -> list[Device]:
@@ -174,7 +181,7 @@ def publish_maintenance(results: list[CounterInspection]) -> None:
         db, service = _data(r, "database"), _data(r, "service")
         rows.append({
             "counter": r.device_id, "branch": r.branch, "outlet": r.outlet,
-            "result": "left out" if r.left_out else "ok" if r.ok else "needs attention",
+            "result": "left out" if r.left_out else "ok" if r.ok else "needs_attention",
             "logs rotated": len(_data(r, "logs").get("rotated", [])), "temp files removed": _data(r, "temp_files").get("removed", ""),
             "database": "; ".join(f.detail for f in r.findings if f.check == "database"),
             "KiB before → after": f"{db['bytes_before'] // 1024} → {db['bytes_after'] // 1024}" if "bytes_after" in db else "",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 from inventory.loader import load_inventory
+from tests.plugins.identity import OPERATORS_FILE
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
 
@@ -72,7 +73,7 @@ def test_check_names_the_counter_whose_app_is_down(fleet, prefect_api):
     inv = load_inventory(fleet.inventory)
     victim = inv.devices[-1]
     ctl = Path(victim.root, "opt/smartcounter/current/bin/ctl")
-    stop = subprocess.run(["ssh", "-i", str(inv.ssh.key_file), "-p", str(victim.ssh_port), "-o", "BatchMode=yes",
+    stop = subprocess.run(["ssh", "-i", str(inv.ssh.key_file), "-p", str(victim.ssh_port), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
                            "-o", f"UserKnownHostsFile={fleet.known_hosts}", "-o", "StrictHostKeyChecking=yes",
                            f"{inv.ssh.user}@{victim.host}", f"{ctl} stop"], capture_output=True, text=True, timeout=60)
     assert stop.returncode == 0, stop.stderr
@@ -83,7 +84,7 @@ def test_check_names_the_counter_whose_app_is_down(fleet, prefect_api):
         runs = asyncio.run(_flow_runs(f"fleet-check-{victim.branch}"))
         assert runs and runs[0].state.is_completed()
     finally:
-        subprocess.run(["ssh", "-i", str(inv.ssh.key_file), "-p", str(victim.ssh_port), "-o", "BatchMode=yes",
+        subprocess.run(["ssh", "-i", str(inv.ssh.key_file), "-p", str(victim.ssh_port), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
                         "-o", f"UserKnownHostsFile={fleet.known_hosts}", "-o", "StrictHostKeyChecking=yes",
                         f"{inv.ssh.user}@{victim.host}", f"{ctl} start"], check=True, capture_output=True, timeout=60)
 
@@ -113,6 +114,8 @@ def test_cli_starts_and_reuses_the_local_server_when_no_api_url_is_set(fleet, pr
     env |= {"COUNTEROPS_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "COUNTEROPS_PREFECT_PORT": "4300"}
     try:
         assert run_cli("server", "status", env=env).returncode == 1
+        enrolled = run_cli("operators", "init", "--from", str(OPERATORS_FILE), env=env)  # this home's store: its operators
+        assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
         first = run_cli("check", "--inventory", str(fleet.inventory), "--branch", "BR01", env=env)
         assert first.returncode == 0, first.stdout + first.stderr
         status = run_cli("server", "status", env=env)

@@ -20,7 +20,9 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from inventory.models import RunKind
 from inventory.store import Store
+from tests.plugins.identity import OPERATORS_FILE, SERVICE
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -61,6 +63,7 @@ def stack(request, fleet, prefect_api):
         "COUNTEROPS_WORK_POOL": f"counterops-test-{request.param}",
         "PREFECT_API_URL": prefect_api,
     }
+    assert env.get("COUNTEROPS_SERVICE_KEY"), "the worker's scheduled runs sign as the service identity (tests/plugins/identity.py)"
     if request.param == "sqlite":
         yield Stack(prefect_api, env)
         return
@@ -82,6 +85,9 @@ def stack(request, fleet, prefect_api):
     assert started.returncode == 0, started.stdout + started.stderr
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     env["PREFECT_API_AUTH_STRING"] = (home / "prefect" / "auth-string").read_text().strip()  # that server's own
+    enrolled = subprocess.run([str(BIN / "counterops"), "operators", "init", "--from", str(OPERATORS_FILE)], env=env,
+                              capture_output=True, text=True, timeout=120)  # this store's operators, the service identity among them
+    assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
     try:
         yield Stack(env["PREFECT_API_URL"], env)
     finally:
@@ -164,7 +170,12 @@ def test_deploy_all_then_a_worker_runs_the_drill_deployment(stack, worker, fleet
     assert {a.type for a in artifacts} >= {"table", "markdown"}
     with Store.open(stack.env.get("COUNTEROPS_DATABASE_URL")) as store:
         drills = store.restore_drills(limit=50)
+        [drill_run] = [r for r in store.runs(kind=RunKind.DRILL, limit=50) if r.flow_run_id == str(run.id)]
+        audited = [e for e in store.audit_events(limit=200, action="drill.counter") if e.run_id == drill_run.id]
     assert sum(d.ok for d in drills) >= 2  # the worker's flow run wrote to this stack's store
+    # nobody signed for it: the run acted as the service identity, and its records say so
+    assert drill_run.initiator == SERVICE and len(audited) == 2
+    assert all(e.actor == SERVICE and e.details["statement_digest"] for e in audited)
 
     # Branch IT's view: each artifact's page in the Prefect UI, rendered by headless Chromium,
     # shows its content and the run it belongs to.

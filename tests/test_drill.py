@@ -27,6 +27,7 @@ from tasks.backup import take_backup
 from tasks.drill import drill_sample
 from tasks.ssh import ConnectionPool
 from tests.test_backup import damage
+from tests.plugins.identity import enroll
 from tests.test_check_flow import _artifacts, _task_runs
 
 # `counterops drill` once cli.py registers drill_command; until then its own typer app, run the same way.
@@ -63,6 +64,7 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
     for variable in ("COUNTEROPS_BACKUP_DIR", "COUNTEROPS_OFFSITE_DIR", "COUNTEROPS_DATABASE_URL"):
         monkeypatch.delenv(variable, raising=False)
+    enroll()  # the session's operators: every command is signed by one
     return tmp_path / "home"
 
 

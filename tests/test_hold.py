@@ -119,7 +119,9 @@ def test_a_rerun_holds_a_counter_that_served_customers_after_a_crash_instead_of_
 
     # Restoring over the changed data needs a second person: nobody approves their own decision.
     assert cli("decide", victim_id, "restore", "--as", "zhang.wei", "--inventory", str(inventory)).returncode == 2
-    self_approved = cli("decide", victim_id, "restore", "--as", "li.na", "--approved-by", "li.na", "--inventory", str(inventory))
+    own = cli("decide", victim_id, "restore", "--print-statement", "--as", "li.na")
+    assert own.returncode == 0, own.stdout + own.stderr
+    self_approved = cli("decide", victim_id, "restore", "--as", "li.na", "--approval", own.stdout.strip(), "--inventory", str(inventory))
     assert self_approved.returncode == 1 and "second person" in self_approved.stdout, self_approved.stdout
     assert customer_rows(victim.root) == served
 
@@ -168,7 +170,9 @@ def test_a_rollback_holds_a_counter_whose_data_changed_during_the_upgrade_and_a_
         assert fault.details["changes"] == ["var/lib/smartcounter/counter.db: customers has as many rows as the backup "
                                             "but some of their values changed"], fault.details
 
-    decided = cli("decide", victim.id, "restore", "--as", "zhang.wei", "--approved-by", "li.na", "--inventory", str(inventory))
+    approval = cli("decide", victim.id, "restore", "--print-statement", "--as", "li.na")  # li.na signs her consent
+    assert approval.returncode == 0, approval.stdout + approval.stderr
+    decided = cli("decide", victim.id, "restore", "--as", "zhang.wei", "--approval", approval.stdout.strip(), "--inventory", str(inventory))
     assert decided.returncode == 0, decided.stdout + decided.stderr
     h = health(victim)
     assert (h["version"], h["status"], h["in_service"]) == ("1.0.0", "ok", True), h
@@ -181,4 +185,7 @@ def test_a_rollback_holds_a_counter_whose_data_changed_during_the_upgrade_and_a_
         assert set_aside.fingerprint != store.get(type(set_aside), fault.details["backup_id"]).fingerprint, \
             "the changed data was backed up before it was restored over"
         decisions = [e for e in store.audit_events(limit=50) if e.action == "decide_held_counter" and e.outcome == "ok"]
-        assert decisions and decisions[0].details["approver"] == "li.na"
+        assert decisions and decisions[0].details["approver"] == "li.na" and decisions[0].actor == "zhang.wei"
+        assert decisions[0].details["statement_digest"] and decisions[0].details["approval_digest"]
+        [consent] = [e for e in store.audit_events(limit=50, action="restore.approve") if e.outcome == "ok"]
+        assert consent.actor == "li.na" and consent.details["statement_digest"] == decisions[0].details["approval_digest"]

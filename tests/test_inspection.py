@@ -23,6 +23,7 @@ from inventory.models import Device, Fault, FaultStatus, InspectionPhase, utcnow
 from inventory.store import Store
 from simfleet import fleet as simfleet
 from tests.plugins.fleet import port
+from tests.plugins.identity import enroll
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
 
@@ -44,6 +45,7 @@ def faults_of(device: Device) -> list[Fault]:
 def home(tmp_path, monkeypatch):
     """A store of this test's own, for the CLI's subprocesses and for reading the records back here."""
     monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
+    enroll()  # the session's operators: every command is signed by one
     return tmp_path / "home"
 
 

@@ -19,6 +19,7 @@ from inventory.models import InspectionPhase
 from inventory.store import Store
 from simfleet import fleet as simfleet
 from tests.plugins.fleet import port
+from tests.plugins.identity import enroll
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
 CUSTOMER_TABLES = ("customers", "cards", "transactions")
@@ -28,6 +29,7 @@ CUSTOMER_TABLES = ("customers", "cards", "transactions")
 def outlets(fleet_dir, tmp_path, monkeypatch):
     """Four counters, two per outlet, and a store of this test's own; returns the inventory file."""
     monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
+    enroll()  # the session's operators: every command is signed by one
     simfleet.up(fleet_dir, devices=4, branches=2, outlets_per_branch=1, ssh_base_port=port(32200), http_base_port=port(32300))
     return fleet_dir / "inventory.yaml"
 

@@ -19,6 +19,7 @@ from inventory.models import InspectionPhase, Run, RunKind, UpgradeStep
 from inventory.store import Store
 from simfleet import fleet as simfleet
 from tests.plugins.fleet import port
+from tests.plugins.identity import enroll
 from tests.test_upgrade import CLI, cli, customer_digest, health, run_record, write_plan
 
 SCHEMA_OF_RELEASE = {"1.0.0": 1, "1.1.0": 1, "1.2.0": 2}  # simfleet/releases.py
@@ -165,6 +166,7 @@ def test_a_plan_to_an_older_release_is_refused_per_counter_unless_it_says_downgr
 
 def test_an_inspections_fix_maintenance_and_a_drill_leave_a_counter_held_by_another_run_alone(fleet_dir, prefect_api, tmp_path, monkeypatch):
     monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))  # a store of this test's own
+    enroll()  # with the session's operators
     monkeypatch.setenv("COUNTEROPS_RUN_STALE_AFTER_S", "600")  # the holder below stays alive for the whole test
     simfleet.up(fleet_dir, devices=2, branches=1, outlets_per_branch=1, ssh_base_port=port(28400), http_base_port=port(28500))
     inventory = fleet_dir / "inventory.yaml"
