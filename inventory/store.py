@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Engine, and_, create_engine, event, func, 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from inventory import audit as audit_chain
 from inventory.models import (
     AuditEvent,
     Backup,
@@ -65,7 +66,7 @@ from inventory.records import (
 from inventory.yamlfile import InputError as InventoryError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-SCHEMA_HEAD = "0003"  # newest migration; a test keeps it equal to Alembic's head
+SCHEMA_HEAD = "0004"  # newest migration; a test keeps it equal to Alembic's head
 SQLITE_BUSY_TIMEOUT_S = 30.0  # flow workers write concurrently; wait for the lock rather than fail
 _MIGRATION_LOCK_KEY = 0x5C0_0001  # PostgreSQL advisory lock: one migrating process at a time
 _SQLITE_BEGIN = "counterops_sqlite_begin"  # execution option read by _sqlite_begin
@@ -281,7 +282,7 @@ class Store:
         try:
             with self._write() as s:
                 summary = _import(s, inv, source, prune)
-                s.add(_row(AuditEvent(actor=actor, action="inventory.import", target=source, details=summary.model_dump())))
+                audit_chain.append(s, AuditEvent(actor=actor, action="inventory.import", target=source, details=summary.model_dump()))
         except InventoryError as e:
             self.audit(actor, "inventory.import", source, outcome="rejected", details={"errors": e.errors})
             raise
@@ -340,14 +341,25 @@ class Store:
         run_id: int | None = None,
         outcome: str = "ok",
         details: dict[str, Any] | None = None,
+        statement_digest: str | None = None,
     ) -> AuditEvent:
-        """Record who did what to which target and how it ended."""
-        event = AuditEvent(actor=actor, action=action, target=target, run_id=run_id, outcome=outcome, details=details or {})
+        """Record who did what to which target and how it ended, as the next row of the hash chain
+        (inventory/audit.py); ``statement_digest`` names the signed statement that authorised it."""
+        event = AuditEvent(actor=actor, action=action, target=target, run_id=run_id, outcome=outcome,
+                           details=details or {}, statement_digest=statement_digest)
         return self.add(event)
 
-    def audit_events(self, limit: int = 100, action: str | None = None) -> list[AuditEvent]:
-        """Newest first."""
-        return self._list(AuditEvent, limit, action=action)
+    def audit_events(self, limit: int | None = 100, action: str | None = None, *, actor: str | None = None,
+                     since: datetime | None = None) -> list[AuditEvent]:
+        """Newest first; optionally one action, one actor, at or after ``since``."""
+        query = select(AuditEventRow).order_by(AuditEventRow.seq.desc()).limit(limit)
+        for column, value in ((AuditEventRow.action, action), (AuditEventRow.actor, actor)):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(AuditEventRow.at >= since)
+        with self._read() as s:
+            return [AuditEvent.model_validate(row) for row in s.scalars(query)]
 
     # ------------------------------------------------------------------------- run records
 
@@ -356,6 +368,8 @@ class Store:
         if record.id is not None:
             raise ValueError(f"{type(record).__name__} {record.id} is already stored; use update()")
         with self._write() as s:
+            if isinstance(record, AuditEvent):  # every audit row goes through the chain
+                return audit_chain.append(s, record)  # type: ignore[return-value]
             row = _row(record)
             s.add(row)
             s.flush()
@@ -366,6 +380,8 @@ class Store:
         the changed record is validated as a whole before anything is written."""
         if "id" in changes:
             raise TypeError("a record's id cannot change")
+        if kind is AuditEvent:
+            raise TypeError("the audit trail is append-only: an audit event cannot be changed")
         with self._write() as s:
             row = s.get(_ROW_OF[kind], id)
             if row is None:
