@@ -8,7 +8,8 @@ of prev_digest and the row's content (``canonical``: sorted-key JSON, times in U
 - ``append(session, event)`` adds a row in the caller's write transaction. Appenders take turns:
   SQLite's writers hold the database's write lock already (the store's BEGIN IMMEDIATE);
   PostgreSQL's take a transaction-scoped advisory lock before reading the head. The unique index
-  on ``seq`` is the last line of defence: a clash is retried from a fresh head.
+  on ``seq`` is the last line of defence: a clash inserts nothing (ON CONFLICT DO NOTHING) and is
+  retried from a fresh head.
 - ``verify(engine)`` walks the rows by seq and names the first that was changed, removed or
   inserted out of order, then checks every anchor of this store.
 - ``anchor(engine)`` appends the chain head (seq, digest, time) as one JSON line to
@@ -35,8 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.orm import Session
 
 from inventory.models import AuditEvent, utcnow
@@ -90,23 +90,36 @@ def append(s: Session, event: AuditEvent) -> AuditEvent:
     if event.id is not None or event.seq is not None:
         raise ValueError(f"audit event {event.id or event.seq} is already in the chain: the audit trail is append-only")
     values = _values(event)
-    if s.get_bind().dialect.name == "postgresql":
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
         s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": APPEND_LOCK_KEY})
     for attempt in range(1, APPEND_ATTEMPTS + 1):
-        last = s.execute(select(_T.c.seq, _T.c.digest).order_by(_T.c.seq.desc()).limit(1)).first()
-        seq, prev = (last.seq + 1, last.digest) if last else (1, GENESIS)
+        seq, prev = _next_link(s)
         row = {**values, "seq": seq, "prev_digest": prev}
         row["digest"] = row_digest(prev, row)
-        try:
-            with s.begin_nested():  # a clash undoes this insert only, not the caller's transaction
-                new_id = s.execute(insert(_T).values(**row)).inserted_primary_key[0]
-        except IntegrityError as e:
-            if "seq" not in str(e.orig).lower() or attempt == APPEND_ATTEMPTS:
-                raise AuditChainError(f"audit row not appended: seq {seq} was taken {attempt} times "
-                                      f"(another writer bypasses the chain's lock?): {e.orig}") from e
-            continue
-        return AuditEvent.model_validate({**row, "id": new_id})
-    raise AssertionError("unreachable")
+        # ON CONFLICT DO NOTHING: a seq another writer took inserts nothing (no savepoint needed, the
+        # caller's transaction goes on) and the head is read again.
+        new_id = s.execute(_insert_unless_taken(dialect).values(**row)).scalar()
+        if new_id is not None:
+            return AuditEvent.model_validate({**row, "id": new_id})
+    raise AuditChainError(f"audit row not appended: seq {seq} was taken {APPEND_ATTEMPTS} times in a row "
+                          "(another writer bypasses the chain's lock?)")
+
+
+def _next_link(s: Session) -> tuple[int, str]:
+    """The next row's seq and prev_digest, from the head as this transaction sees it."""
+    last = s.execute(select(_T.c.seq, _T.c.digest).order_by(_T.c.seq.desc()).limit(1)).first()
+    return (last.seq + 1, last.digest) if last else (1, GENESIS)
+
+
+def _insert_unless_taken(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:
+        raise AuditChainError(f"the audit chain supports SQLite and PostgreSQL, not {dialect}")
+    return dialect_insert(_T).on_conflict_do_nothing(index_elements=[_T.c.seq]).returning(_T.c.id)
 
 
 def _values(event: AuditEvent) -> dict[str, Any]:

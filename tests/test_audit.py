@@ -13,6 +13,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -38,7 +39,19 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'counterops.db'}"
         return
-    server = request.getfixturevalue("pg_url")
+    with pg_schema(request.getfixturevalue("pg_url")) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_db_url(pg_url: str) -> Iterator[str]:
+    with pg_schema(pg_url) as url:
+        yield url
+
+
+@contextmanager
+def pg_schema(server: str) -> Iterator[str]:
+    """A new schema on the session's PostgreSQL, as a URL whose search_path is that schema."""
     schema = f"audit_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(server)
     with admin.begin() as conn:
@@ -273,10 +286,8 @@ def test_anchors_of_other_stores_are_left_alone_and_a_garbled_anchor_file_is_nam
 # ----------------------------------------------------------------------------- PostgreSQL refuses
 
 
-def test_postgresql_refuses_update_delete_and_truncate_of_audit_rows(db_url: str, home: Path) -> None:
-    if not db_url.startswith("postgresql"):
-        pytest.skip("the append-only trigger is PostgreSQL's")
-    with Store.open(db_url) as store:
+def test_postgresql_refuses_update_delete_and_truncate_of_audit_rows(pg_db_url: str, home: Path) -> None:
+    with Store.open(pg_db_url) as store:
         some_events(store, 3)
         before = rows(store)
         for sql in ("UPDATE audit_events SET actor = 'mallory' WHERE seq = 2", "DELETE FROM audit_events WHERE seq = 3",
@@ -328,6 +339,22 @@ def test_concurrent_appends_from_processes_and_threads_give_a_gap_free_valid_cha
     assert sorted(r["id"] for r in chain) == [r["id"] for r in chain], "seq follows the order rows were written"
     verdict = verify(store.engine)
     assert verdict.ok and verdict.rows == total
+
+
+def test_a_seq_taken_behind_the_locks_back_is_retried_from_a_fresh_head(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    some_events(store, 3)
+    real = audit._next_link
+    stale = iter([(2, rows(store)[0]["digest"])])  # as if row 3 had not been seen: seq 2 is taken
+    monkeypatch.setattr(audit, "_next_link", lambda s: next(stale, None) or real(s))
+
+    event = store.audit("li.na", "approve_wave", "x")
+
+    assert event.seq == 4 and [r["seq"] for r in rows(store)] == [1, 2, 3, 4]
+    assert verify(store.engine).ok
+    monkeypatch.setattr(audit, "_next_link", lambda s: (1, GENESIS))  # never a free seq: refused, nothing written
+    with pytest.raises(audit.AuditChainError, match="seq 1 was taken 3 times"):
+        store.audit("li.na", "approve_wave", "y")
+    assert len(rows(store)) == 4
 
 
 # ----------------------------------------------------------------------------- migration 0004
