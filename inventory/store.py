@@ -414,6 +414,8 @@ class Store:
                 row.status, row.ended_at = "crashed", now
                 row.summary = {**row.summary, "reason": f"no heartbeat since {since:%Y-%m-%d %H:%M:%S} UTC; "
                                                         "the process or its Prefect server died"}
+                audit_chain.append(s, AuditEvent(actor=row.initiator, action="end_run", target=row.name, run_id=row.id,
+                                                 outcome="crashed", details={"kind": row.kind, "reason": row.summary["reason"]}))
             s.flush()
             return [Run.model_validate(row) for row in rows]
 

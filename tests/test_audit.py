@@ -159,6 +159,16 @@ def test_rows_recorded_by_real_operations_form_a_chain_that_verifies(store: Stor
     assert json.loads(cli("audit", "list", "--since", "2999-01-01", "--json", db_url=db_url, home=home).stdout) == []
 
 
+def test_a_run_closed_as_crashed_is_audited_too(store: Store) -> None:
+    dead = store.add(Run(kind="upgrade", name="killed", initiator="zhang.wei", started_at=datetime.now(UTC) - timedelta(hours=1)))
+
+    assert [r.id for r in store.close_dead_runs()] == [dead.id]
+
+    event = store.audit_events(limit=1)[0]
+    assert (event.actor, event.action, event.target, event.run_id, event.outcome) == ("zhang.wei", "end_run", "killed", dead.id, "crashed")
+    assert event.details["reason"].startswith("no heartbeat since") and verify(store.engine).ok
+
+
 def test_audit_rows_cannot_be_changed_through_the_store(store: Store) -> None:
     event = store.audit("zhang.wei", "fix_counter", "SC-01")
 
