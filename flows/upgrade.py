@@ -46,7 +46,7 @@ from inventory.store import Store
 from tasks.evaluate import Soak, report_markdown, verdict, watch_health, wave_metrics
 from tasks.notify import Notice, NotifyError
 from tasks.prefect_api import ApiWatch, PrefectAPIUnreachable
-from tasks.report import artifact_key, deliver, publish_final_table, tag_branches
+from tasks.report import artifact_key, audit_head_markdown, deliver, publish_final_table, tag_branches
 from tasks.rollout import CounterOutcome, Leftover, outcome_line, unfinished_installs, upgrade_counter
 from tasks.run_record import OpenRun, ends_with_reason, recorded_run
 from tasks.ssh import ConnectionPool
@@ -168,7 +168,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
             complete = not halted and len(outcomes) == in_scope and all(o.done for o in outcomes)
             overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, worked)}
             store.add(Evaluation(run_id=run.id, scope=EvaluationScope.OVERALL, verdict=overall["verdict"], metrics=overall_metrics))
-            report = report_markdown(plan.name, plan.target_version, wave_reports, overall, halted)
+            report = report_markdown(plan.name, plan.target_version, wave_reports, overall, halted) + audit_head_markdown(store)
             create_markdown_artifact(key=artifact_key(plan.name, "evaluation"), markdown=report, description="Upgrade evaluation")
             publish_final_table(plan, waves, outcomes)
             status = "succeeded" if complete else "halted" if halted else "failed"

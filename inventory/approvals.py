@@ -225,7 +225,7 @@ def approved_plan(store: Store, plan: UpgradePlan, *, branches: Iterable[str] | 
 
 
 def _refuse(store: Store, actor: str, action: str, target: str, signed: Signed, reason: str) -> None:
-    store.audit(actor, action, target, outcome="refused", details={"reason": reason, "statement_digest": signed.statement.digest})
+    store.audit(actor, action, target, outcome="refused", details={"reason": reason}, statement_digest=signed.statement.digest)
     raise Refused(reason)
 
 
@@ -268,14 +268,14 @@ def check_wave_approval(store: Store, statement: str, *, plan: str, digest: str,
     if initiator is not None and verified.actor == initiator:
         reason = f"{verified.actor} initiated this plan; a second person must approve its wave {wave}"
         store.audit(verified.actor, "wave.approve", plan, run_id=run_id, outcome="refused",
-                    details={"reason": reason, "wave": wave, "statement_digest": verified.digest})
+                    details={"reason": reason, "wave": wave}, statement_digest=verified.digest)
         raise Refused(reason)
     details = verified.statement.details
     decision = details.get("decision")
     if decision not in ("approve", "reject"):
         reason = f"the statement says neither approve nor reject (decision: {decision!r})"
         store.audit(verified.actor, "wave.approve", plan, run_id=run_id, outcome="refused",
-                    details={"reason": reason, "wave": wave, "statement_digest": verified.digest})
+                    details={"reason": reason, "wave": wave}, statement_digest=verified.digest)
         raise Refused(reason)
     return WaveDecision(approver=verified.actor, approve=decision == "approve", comment=str(details.get("comment") or ""),
                         statement_digest=verified.digest)

@@ -452,7 +452,7 @@ def authorize(
             verified = verified.model_copy(update={"statement_id": _consume(store, signed, verified)})
     except Refused as e:
         store.audit(claimed, action, target or st.target, run_id=run_id, outcome="refused",
-                    details={"reason": str(e), "statement_digest": st.digest})
+                    details={"reason": str(e)}, statement_digest=st.digest)
         raise
     return verified
 

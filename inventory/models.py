@@ -587,6 +587,9 @@ class Evaluation(Record):
 
 
 class AuditEvent(Record):
+    """One row of the audit trail. ``seq``, ``prev_digest`` and ``digest`` are its place in the
+    hash chain (inventory/audit.py), set by the store when it appends the row; None until then."""
+
     at: UTCDatetime = Field(default_factory=utcnow)
     actor: str = Field(min_length=1, max_length=64)
     action: str = Field(min_length=1, max_length=64)
@@ -594,6 +597,10 @@ class AuditEvent(Record):
     run_id: int | None = None
     outcome: Status = "ok"
     details: dict[str, Any] = Field(default_factory=dict)
+    statement_digest: str | None = Field(default=None, min_length=1, max_length=128)  # the signed statement that authorised it
+    seq: int | None = None
+    prev_digest: str | None = None
+    digest: str | None = None
 
 
 class Counts(BaseModel):

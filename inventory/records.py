@@ -344,9 +344,15 @@ class EvaluationRow(Base):
 
 
 class AuditEventRow(Base):
-    """Who did what to which target, and how it ended: the bank's audit trail."""
+    """Who did what to which target, and how it ended: the bank's audit trail.
+
+    Append-only and hash-chained (inventory/audit.py): ``seq`` counts 1, 2, 3… without gaps,
+    ``digest`` is sha256 over ``prev_digest`` (the row before's digest) and this row's content.
+    On PostgreSQL a trigger (migration 0004) refuses UPDATE, DELETE and TRUNCATE.
+    """
 
     __tablename__ = "audit_events"
+    __table_args__ = (Index("uq_audit_events_seq", "seq", unique=True),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     at: Mapped[datetime] = mapped_column(index=True)
@@ -356,3 +362,7 @@ class AuditEventRow(Base):
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
     outcome: Mapped[str] = mapped_column(String(32))
     details: Mapped[dict[str, Any]] = mapped_column()
+    statement_digest: Mapped[str | None] = mapped_column(String(128))  # the signed statement that authorised it
+    seq: Mapped[int] = mapped_column(Integer)
+    prev_digest: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64))

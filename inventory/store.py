@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Engine, and_, create_engine, event, func, 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from inventory import audit as audit_chain
 from inventory.models import (
     AuditEvent,
     Backup,
@@ -293,7 +294,7 @@ class Store:
         try:
             with self._write() as s:
                 summary = _import(s, inv, source, prune)
-                s.add(_row(AuditEvent(actor=actor, action="inventory.import", target=source, details=summary.model_dump())))
+                audit_chain.append(s, AuditEvent(actor=actor, action="inventory.import", target=source, details=summary.model_dump()))
         except InventoryError as e:
             self.audit(actor, "inventory.import", source, outcome="rejected", details={"errors": e.errors})
             raise
@@ -347,16 +348,23 @@ class Store:
         details: dict[str, Any] | None = None,
         statement_digest: str | None = None,
     ) -> AuditEvent:
-        """Record who did what to which target and how it ended (and the signed statement that allowed it)."""
-        details = dict(details or {})
-        if statement_digest:
-            details["statement_digest"] = statement_digest
-        event = AuditEvent(actor=actor, action=action, target=target, run_id=run_id, outcome=outcome, details=details)
+        """Record who did what to which target and how it ended, as the next row of the hash chain
+        (inventory/audit.py); ``statement_digest`` names the signed statement that authorised it."""
+        event = AuditEvent(actor=actor, action=action, target=target, run_id=run_id, outcome=outcome,
+                           details=details or {}, statement_digest=statement_digest)
         return self.add(event)
 
-    def audit_events(self, limit: int = 100, action: str | None = None) -> list[AuditEvent]:
-        """Newest first."""
-        return self._list(AuditEvent, limit, action=action)
+    def audit_events(self, limit: int | None = 100, action: str | None = None, *, actor: str | None = None,
+                     since: datetime | None = None) -> list[AuditEvent]:
+        """Newest first; optionally one action, one actor, at or after ``since``."""
+        query = select(AuditEventRow).order_by(AuditEventRow.seq.desc()).limit(limit)
+        for column, value in ((AuditEventRow.action, action), (AuditEventRow.actor, actor)):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(AuditEventRow.at >= since)
+        with self._read() as s:
+            return [AuditEvent.model_validate(row) for row in s.scalars(query)]
 
     # ------------------------------------------------------------------------- run records
 
@@ -365,6 +373,8 @@ class Store:
         if record.id is not None:
             raise ValueError(f"{type(record).__name__} {record.id} is already stored; use update()")
         with self._write() as s:
+            if isinstance(record, AuditEvent):  # every audit row goes through the chain
+                return audit_chain.append(s, record)  # type: ignore[return-value]
             row = _row(record)
             s.add(row)
             s.flush()
@@ -375,6 +385,8 @@ class Store:
         the changed record is validated as a whole before anything is written."""
         if "id" in changes:
             raise TypeError("a record's id cannot change")
+        if kind is AuditEvent:
+            raise TypeError("the audit trail is append-only: an audit event cannot be changed")
         with self._write() as s:
             row = s.get(_ROW_OF[kind], id)
             if row is None:
@@ -407,6 +419,8 @@ class Store:
                 row.status, row.ended_at = "crashed", now
                 row.summary = {**row.summary, "reason": f"no heartbeat since {since:%Y-%m-%d %H:%M:%S} UTC; "
                                                         "the process or its Prefect server died"}
+                audit_chain.append(s, AuditEvent(actor=row.initiator, action="end_run", target=row.name, run_id=row.id,
+                                                 outcome="crashed", details={"kind": row.kind, "reason": row.summary["reason"]}))
             s.flush()
             return [Run.model_validate(row) for row in rows]
 

@@ -78,7 +78,7 @@ def second_person(store: Store, token: str | None, *, action: str, target: str, 
         reason = (f"{first.actor} decided this and cannot also give the {action}: a second person must sign it"
                   f"{' (' + how + ')' if how else ''}")
         store.audit(first.actor, action, target, outcome="refused",
-                    details={"reason": reason, "statement_digest": signed.statement.digest})
+                    details={"reason": reason}, statement_digest=signed.statement.digest)
         raise identity.Refused(reason)
     verified = identity.authorize(store, signed, action=action, target=target,
                                   branches=None if branches is None else sorted(set(branches)))

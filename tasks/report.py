@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
+from inventory.audit import head as audit_head
 from inventory.models import Device
 from inventory.plan import PlannedWave, UpgradePlan
 from tasks.checks import CounterFacts
 from tasks.notify import Notice, send_notice
 from tasks.rollout import CounterOutcome
+
+if TYPE_CHECKING:
+    from inventory.store import Store
 
 
 @task(name="notify", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -75,6 +80,16 @@ def publish_fleet_check(facts: list[CounterFacts], key: str = "fleet-check") -> 
     if bad:
         lines += ["", "## Counters that need attention", ""] + [f"- **{f.device_id}** ({f.outlet}): {f.error or f.app_status}" for f in bad]
     create_markdown_artifact(key=f"{key}-summary", markdown="\n".join(lines))
+
+
+def audit_head_markdown(store: Store) -> str:
+    """The audit chain's head as a closing line of the report head office receives: a copy of it
+    outside the database, so a later rewrite of the audit table shows (`counterops audit verify`)."""
+    top = audit_head(store.engine)
+    if top is None:
+        return ""
+    return (f"\n\nAudit trail head when this report was written: seq {top.seq}, digest `{top.digest}` "
+            f"({top.at:%Y-%m-%d %H:%M:%S} UTC).")
 
 
 def publish_final_table(plan: UpgradePlan, waves: list[PlannedWave], outcomes: list[CounterOutcome]) -> None:

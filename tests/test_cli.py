@@ -17,7 +17,7 @@ def _loaded_after(code: str) -> set[str]:
 
 
 def test_sub_command_modules_do_not_import_the_cli_module():
-    loaded = _loaded_after("import counterops.cli_plan, counterops.cli_drill, counterops.cli_maintenance, counterops.cli_decide")
+    loaded = _loaded_after("import counterops.cli_plan, counterops.cli_drill, counterops.cli_maintenance, counterops.cli_decide, counterops.cli_audit")
     assert "counterops.common" in loaded
     assert "counterops.cli" not in loaded
 

@@ -282,7 +282,7 @@ def test_a_request_by_one_admin_takes_effect_when_a_second_admin_approves(enroll
     assert "ma.lin" not in names() and json.loads(cli("operators", "requests", "--json").stdout)[0]["status"] == "pending"
     refusals = [e for e in audit("operators.approve") if e.outcome == "refused"]
     assert {e.actor for e in refusals} == {"zhou.min", "li.na"}
-    assert all(e.details["statement_digest"] for e in refusals)
+    assert all(e.statement_digest for e in refusals)
 
     approved = cli("operators", "approve", "1", "--as", "wu.qiang")
 
@@ -305,7 +305,7 @@ def test_a_request_by_one_admin_takes_effect_when_a_second_admin_approves(enroll
     [approved_event] = [e for e in audit("operators.approve") if e.outcome == "ok"]
     assert (asked_event.actor, asked_event.target, asked_event.details["request"]) == ("zhou.min", "ma.lin", 1)
     assert (approved_event.actor, approved_event.target) == ("wu.qiang", "ma.lin")
-    assert {asked_event.details["statement_digest"], approved_event.details["statement_digest"]} <= digests
+    assert {asked_event.statement_digest, approved_event.statement_digest} <= digests
 
 
 def test_a_removed_operators_statements_are_refused(enrolled: str, inventory_file: Path) -> None:
@@ -386,7 +386,7 @@ def test_a_request_by_a_non_admin_is_refused(enrolled_sqlite: Path) -> None:
     assert json.loads(cli("operators", "requests", "--json").stdout) == [] and "chen.jie" in names()
     [event] = audit("operators.request")
     assert (event.actor, event.target, event.outcome) == ("zhang.wei", "chen.jie", "refused")
-    assert event.details["statement_digest"] and table_count("signed_statements") == 0
+    assert event.statement_digest and table_count("signed_statements") == 0
 
 
 # ----------------------------------------------------------------------------- statements
@@ -402,7 +402,7 @@ def test_a_replayed_statement_is_refused(enrolled: str) -> None:
     assert first.actor == "zhang.wei" and first.statement_id is not None
     assert statement_digests() == {first.digest}
     refused = audit("inventory.import", limit=1)[0]
-    assert (refused.outcome, refused.details["statement_digest"]) == ("refused", first.digest)
+    assert (refused.outcome, refused.statement_digest) == ("refused", first.digest)
 
 
 def test_a_stale_or_future_statement_is_refused(enrolled_sqlite: Path, monkeypatch: pytest.MonkeyPatch) -> None:

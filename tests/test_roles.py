@@ -83,7 +83,7 @@ def test_branch_it_inspects_its_own_branch_and_nothing_else(fleet, prefect_api, 
     assert sorted(i.device_id for i in visits) == br01 and {i.inspector for i in visits} == {"wang.fang"}
     [done] = audit("inspection.run", "succeeded")
     assert done.actor == "wang.fang" and done.run_id == run.id and done.target == "in-business inspection of branch BR01"
-    assert done.details["statement_digest"] in statement_digests(), "the audit row names the statement that allowed the run"
+    assert done.statement_digest in statement_digests(), "the audit row names the statement that allowed the run"
 
 
 def test_maintenance_is_refused_to_branch_it_outside_its_branch_and_to_an_auditor(fleet, prefect_api, home):
@@ -119,7 +119,7 @@ def test_a_drill_is_refused_to_branch_it_and_to_an_auditor_who_may_still_read_an
         [run] = store.runs()
     assert (run.kind, run.initiator, run.status) == (RunKind.REPORT, "sun.li", "succeeded")
     [done] = audit("fault_report.run", "succeeded")
-    assert done.actor == "sun.li" and done.details["statement_digest"]
+    assert done.actor == "sun.li" and done.statement_digest
 
 
 def test_a_statement_for_another_action_or_target_or_used_twice_is_refused(fleet, prefect_api, home):
@@ -166,7 +166,7 @@ def test_a_scheduled_run_acts_as_the_service_identity_which_may_not_decide(fleet
     assert visits and {i.inspector for i in visits} == {SERVICE}
     for action in ("fault_report.run", "inspection.run"):
         [done] = audit(action, "succeeded")
-        assert done.actor == SERVICE and done.details["statement_digest"] in statement_digests()
+        assert done.actor == SERVICE and done.statement_digest in statement_digests()
 
     # nobody signed a decision: the service identity may not make one
     victim = load_inventory(fleet.inventory).devices[0]

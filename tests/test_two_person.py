@@ -356,4 +356,4 @@ def test_a_wave_is_approved_only_by_a_signed_statement_for_this_run_plan_and_wav
     assert any("replayed" in r for r in refused), refused
     ok = [e for e in events if e.outcome == "ok"]
     assert [(e.actor, e.details["comment"]) for e in ok] == [("li.na", "canary healthy")]
-    assert ok[0].details.get("statement_digest")
+    assert ok[0].statement_digest
