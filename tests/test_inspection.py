@@ -72,7 +72,9 @@ def test_stopped_app_is_restarted_and_low_paper_is_escalated_once(pair, prefect_
     down, low = load_inventory(pair).devices
     ctl = Path(down.root, "opt/smartcounter/current/bin/ctl")
     subprocess.run([str(ctl), "stop"], check=True, capture_output=True, timeout=60)
-    Path(low.root, "var/lib/smartcounter/peripherals.json").write_text(json.dumps({"receipt_printer": {"paper_level_pct": 5}}))
+    peripherals = Path(low.root, "var/lib/smartcounter/peripherals.json")
+    peripherals.write_text(json.dumps({"receipt_printer": {"paper_level_pct": 5}}))
+    peripherals.chmod(0o644)  # the counter app (the fleet's login user) reads it; this process writes 0600 (umask 077)
 
     r = cli("inspect", "--phase", "pre-open", "--inventory", str(pair), "--as", "li.na", "--notify", receiver.url)
     assert r.returncode == 1, r.stdout + r.stderr  # the paper fault is left standing

@@ -64,7 +64,9 @@ def test_maintenance_vacuums_one_counter_per_outlet_at_a_time_and_puts_all_back_
     log = Path(chatty.root, "var/log/smartcounter/counterd.log")
     with log.open("a") as f:
         f.write("request served\n" * 100_000)  # ≈ 1.5 MiB
-    Path(low.root, "var/lib/smartcounter/peripherals.json").write_text(json.dumps({"receipt_printer": {"paper_level_pct": 20}}))
+    peripherals = Path(low.root, "var/lib/smartcounter/peripherals.json")
+    peripherals.write_text(json.dumps({"receipt_printer": {"paper_level_pct": 20}}))
+    peripherals.chmod(0o644)  # the counter app (the fleet's login user) reads it; this process writes 0600 (umask 077)
 
     r = subprocess.run([*CLI, "maintain", "--inventory", str(outlets), "--notify", receiver.url], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -28,6 +28,8 @@ from inventory.paths import ExposedPath
 from inventory.plan import PlanError, UpgradePlan, check_package, load_plan
 from inventory.store import Store
 from simfleet import fleet as simfleet
+from tests.plugins.identity import enroll
+from tests.plugins.plans import approve_plan
 from tests.plugins.fleet import port
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
@@ -258,6 +260,7 @@ def test_secrets_set_keeps_the_url_0600_lists_names_only_and_refuses_a_file_othe
 
 
 def test_a_notice_that_fails_names_its_target_redacted(home):
+    enroll()  # the fault report is signed (as zhang.wei, hq_it)
     down = f"json://ops:{PASSWORD}@127.0.0.1:{_closed_port()}/notices"
     assert cli("secrets", "set", "down", stdin=down).returncode == 0
     reported = cli("faults", "report", "--notify", "secret:down")
@@ -289,6 +292,7 @@ def test_an_upgrade_notifying_a_secret_url_never_shows_its_password(fleet_dir, a
     assert cli("secrets", "set", "hq", stdin=url).returncode == 0
     plan = _plan(fleet_dir, name="doors-secret-notify", package="packages/smartcounter-1.1.0.tar.gz", target_version="1.1.0",
                  notify=["secret:hq", f"json://127.0.0.1:{auth_receiver.port}/plain"])
+    approve_plan(plan, fleet_dir / "inventory.yaml")  # signed by zhang.wei, approved by li.na
     upgraded = cli("upgrade", str(plan), "--inventory", str(fleet_dir / "inventory.yaml"))
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
     assert PASSWORD not in upgraded.stdout + upgraded.stderr

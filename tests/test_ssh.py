@@ -202,7 +202,7 @@ def test_real_openssh_client_with_strict_host_keys(inv, fleet):
     assert ssh, "OpenSSH client missing"
     for d in inv.devices:
         r = subprocess.run(
-            [ssh, "-i", str(inv.ssh.key_file), "-p", str(d.ssh_port), "-o", "StrictHostKeyChecking=yes",
+            [ssh, "-i", str(inv.ssh.key_file), "-p", str(d.ssh_port), "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
              "-o", f"UserKnownHostsFile={fleet.known_hosts}", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
              f"{inv.ssh.user}@{d.host}", "true"],
             capture_output=True, text=True, timeout=30,

@@ -166,7 +166,7 @@ def test_a_plan_whose_initiator_is_no_operator_cannot_be_signed(fleet, tmp_path)
     as_someone = plan_cli("sign", plan, fleet.inventory)
     assert as_someone.returncode == 1 and "the plan names 'nobody.here' as its initiator" in as_someone.stderr, as_someone.stderr
     as_nobody = plan_cli("sign", plan, fleet.inventory, "--as", "nobody.here")
-    assert as_nobody.returncode == 1 and "--as nobody.here: not an operator in the store" in as_nobody.stderr, as_nobody.stderr
+    assert as_nobody.returncode == 1 and "'nobody.here' (--as) is not an operator in the store" in as_nobody.stderr, as_nobody.stderr
     up = cli("upgrade", str(plan), "--inventory", str(fleet.inventory))
     assert up.returncode == 1 and "not signed" in up.stderr
 
@@ -174,9 +174,9 @@ def test_a_plan_whose_initiator_is_no_operator_cannot_be_signed(fleet, tmp_path)
 def test_a_replayed_statement_is_refused(fleet, tmp_path):
     from inventory.approvals import approve_plan, plan_digest, sign_plan
     from inventory.identity import Refused, Statement, sign
-    from inventory.plan import load_plan
+    from inventory.plan import load_plan, releases_dir
 
-    plan = load_plan(plan_file(fleet, tmp_path, "two-person-replay"))
+    plan = load_plan(plan_file(fleet, tmp_path, "two-person-replay"), releases=releases_dir(fleet.inventory))
     digest = plan_digest(plan)
     with Store.open() as store:
         token = sign(Statement.new("plan.sign", "zhang.wei", plan.name, plan_digest=digest), key=key("zhang.wei")).token()
@@ -222,8 +222,9 @@ def test_a_plan_changed_after_approval_is_refused_by_the_cli_and_by_the_flow(fle
     assert state["type"] == "FAILED" and "changed after approval" in state["message"], state
     assert refusals("upgrade.start", "two-person-changed")
 
-    # the package changed under the same name (and its SHA256SUMS with it): another digest, not approved either
-    packages = tmp_path / "packages"
+    # the package changed under the same name (and its SHA256SUMS with it): another digest, not approved either.
+    # (Inside the release directory, as every package must be.)
+    packages = fleet.dir / "packages" / f"changed-{tmp_path.name}"
     packages.mkdir()
     shutil.copy(fleet.dir / "packages" / "smartcounter-1.1.0.tar.gz", packages / "smartcounter-1.1.0.tar.gz")
     edit(plan, parallelism=2, package=str(packages / "smartcounter-1.1.0.tar.gz"))
@@ -235,6 +236,7 @@ def test_a_plan_changed_after_approval_is_refused_by_the_cli_and_by_the_flow(fle
     sha = hashlib.sha256((packages / "smartcounter-1.1.0.tar.gz").read_bytes()).hexdigest()
     (packages / "SHA256SUMS").write_text(f"{sha}  smartcounter-1.1.0.tar.gz\n")
     repacked = plan_cli("status", plan, fleet.inventory)
+    shutil.rmtree(packages)
     assert repacked.returncode == 1 and "older version of the plan" in repacked.stdout, repacked.stdout
     assert all(health(d)["version"] == "1.0.0" for d in counters(fleet))
 
@@ -243,10 +245,10 @@ def test_an_unapproved_plan_is_refused_by_the_flow_started_without_the_cli(fleet
     """A start statement used by a refused run cannot start another one either (replay)."""
     from inventory.approvals import plan_digest
     from inventory.identity import Statement, sign
-    from inventory.plan import load_plan
+    from inventory.plan import load_plan, releases_dir
 
     plan = plan_file(fleet, tmp_path, "two-person-unapproved", scope={"branches": ["BR01"]})
-    digest = plan_digest(load_plan(plan))
+    digest = plan_digest(load_plan(plan, releases=releases_dir(fleet.inventory)))
     start = sign(Statement.new("upgrade.start", "zhang.wei", "two-person-unapproved", plan_digest=digest), key=key("zhang.wei")).token()
     state = run_flow_directly(plan, fleet.inventory, start)
     assert state["type"] == "FAILED" and "is not signed by its initiator" in state["message"], state

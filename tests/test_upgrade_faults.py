@@ -22,6 +22,7 @@ from inventory.loader import load_inventory
 from inventory.models import Device, Run, UpgradeStep
 from inventory.store import Store
 from simfleet import fleet as simfleet
+from tests.plugins.identity import enroll
 from tests.plugins.fleet import port
 from tests.test_upgrade import CLI, cli, customer_digest, health, run_record, write_plan
 
@@ -101,6 +102,7 @@ def small_disk(directory: Path, size: str) -> Iterator[None]:
 def home(tmp_path, monkeypatch):
     """A store of this test's own, shared with the CLI subprocesses."""
     monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
+    enroll()  # the session's operators: every command is signed by one
     return tmp_path / "home"
 
 
@@ -240,7 +242,7 @@ def test_a_damaged_package_shows_where_and_why_in_runs_show_and_prefect(one_coun
     and the counter's task run ended Completed."""
     fleet_dir, device = one_counter
     good = (fleet_dir / "packages" / "smartcounter-1.2.0.tar.gz").read_bytes()
-    damaged = fleet_dir / "damaged" / "smartcounter-1.2.0.tar.gz"
+    damaged = fleet_dir / "packages" / "damaged" / "smartcounter-1.2.0.tar.gz"  # inside the release directory
     damaged.parent.mkdir()
     damaged.write_bytes(good[: len(good) // 2])  # right name, cut short: it passes the sha256 check of its own plan
     plan = one_wave_plan(fleet_dir, "damaged-package", package=str(damaged), package_sha256=hashlib.sha256(damaged.read_bytes()).hexdigest())

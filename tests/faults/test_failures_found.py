@@ -40,6 +40,7 @@ from tests.faults.invariants import (
     staging_left,
 )
 from tests.faults.scenario import NEW, OLD, VICTIM, describe, error_of, one_wave_plan, upgrade, upgrade_argv, versions_now
+from tests.plugins.identity import OPERATORS_FILE
 from tests.plugins.prefect_server import _free_port
 from tests.test_upgrade import CLI, write_plan
 
@@ -86,12 +87,18 @@ def test_prefect_server_killed_mid_run(case, tmp_path):
     name = "fault-prefect-killed"
     home = tmp_path / "home"
     _copy_prefect_database(home)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
     env |= {"COUNTEROPS_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "COUNTEROPS_PREFECT_PORT": str(_free_port())}
     before = snapshot(case.layout)
     plan = one_wave_plan(case, name, max_unavailable_per_outlet=2)
     argv = upgrade_argv(case, plan)
     store_url = f"sqlite:///{home / 'counterops.db'}"
+    # this home's store gets the session's operators, and the plan its two people (signed, approved)
+    for step in (["operators", "init", "--from", str(OPERATORS_FILE)],
+                 ["plan", "sign", str(plan), "--inventory", str(case.inventory), "--as", "zhang.wei"],
+                 ["plan", "approve", str(plan), "--inventory", str(case.inventory), "--as", "li.na"]):
+        done = subprocess.run([*CLI, *step], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
     try:
         with inject.controller(argv, case.dir / "prefect-killed.log", env=env) as ctl:
             inject.wait_for(lambda: sum(inject.mid_install(case.layout, d, NEW) for d in case.layout.ids()) >= 2,
