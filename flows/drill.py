@@ -27,7 +27,7 @@ from inventory.loader import load_inventory
 from inventory.models import Device, Run, RunKind
 from inventory.store import Store
 from playbooks import load_playbook
-from tasks.acting import acting_run, authorized
+from tasks.acting import acting_run, authorized, fleet_as_seen
 from tasks.drill import CounterDrill, DrillSummary, drill_counter, drill_notice, drill_sample, publish_drill
 from tasks.notify import NotifyError
 from tasks.report import deliver, tag_branches
@@ -69,7 +69,7 @@ def backup_restore_drill(
         with (ConnectionPool(inv.ssh) as pool,
               acting_run(store, by, Run(kind=RunKind.DRILL, name="backup-restore-drill", initiator=by.actor, flow_run_id=str(flow_run.id),
                                         params={"inventory": inventory, "sample": sample, "use_latest": use_latest})) as run):
-            store.import_inventory(inv, actor=by.actor, source=inventory)  # the records name the counters as this run saw them
+            fleet_as_seen(store, by.actor, inv, inventory, statement_digest=by.statement_digest)  # the records name the counters as this run saw them
             tag_branches(devices)
             futures = [
                 drill_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]")

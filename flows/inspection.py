@@ -27,7 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from inventory.loader import load_inventory
 from inventory.models import InspectionPhase, Run, RunKind
 from inventory.store import Store
-from tasks.acting import acting_run, authorized, scope
+from tasks.acting import acting_run, authorized, fleet_as_seen, scope
 from tasks.inspect import CounterInspection, inspect_counter, publish_inspection, work_in_progress
 from tasks.report import artifact_key, tag_branches
 from tasks.run_record import ends_with_reason
@@ -65,7 +65,7 @@ def daily_inspection(phase: Phase, inventory: str, branch: str | None = None, no
         with (ConnectionPool(inv.ssh) as pool,
               acting_run(store, by, Run(kind=RunKind.INSPECTION, name=name, initiator=by.actor, flow_run_id=str(flow_run.id),
                                         params={"phase": phase, "inventory": inventory, "branch": branch})) as run):
-            store.import_inventory(inv, actor=by.actor, source=inventory)  # faults name the counters as this run saw them
+            fleet_as_seen(store, by.actor, inv, inventory, statement_digest=by.statement_digest)  # faults name the counters as this run saw them
             tag_branches(devices)
             hands_off = work_in_progress(store)
             if hands_off:

@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from inventory.loader import load_inventory
 from inventory.models import Run, RunKind
 from inventory.store import Store
-from tasks.acting import acting_run, authorized, scope
+from tasks.acting import acting_run, authorized, fleet_as_seen, scope
 from tasks.inspect import CounterInspection, work_in_progress
 from tasks.maintenance import maintain_counter, maintenance_notice, outlet_turns, publish_maintenance
 from tasks.report import deliver, tag_branches
@@ -56,7 +56,7 @@ def periodic_maintenance(inventory: str, branch: str | None = None, notify: list
         by = authorized(store, authorization, action=ACTION, target=maintenance_target(branch),
                         branches=[branch] if branch else None)
         with ConnectionPool(inv.ssh) as pool:
-            store.import_inventory(inv, actor=by.actor, source=inventory)
+            fleet_as_seen(store, by.actor, inv, inventory, statement_digest=by.statement_digest)
             busy = work_in_progress(store)
             if busy:
                 by.audit(store, ACTION, by.target, outcome="not_started", details={"reason": busy})

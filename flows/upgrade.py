@@ -48,6 +48,7 @@ from tasks.notify import Notice, NotifyError
 from tasks.prefect_api import ApiWatch, PrefectAPIUnreachable
 from tasks.report import artifact_key, audit_head_markdown, deliver, publish_final_table, tag_branches
 from tasks.rollout import CounterOutcome, Leftover, outcome_line, unfinished_installs, upgrade_counter
+from tasks.acting import fleet_as_seen
 from tasks.run_record import OpenRun, ends_with_reason, recorded_run
 from tasks.ssh import ConnectionPool
 
@@ -99,7 +100,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
         with (ConnectionPool(inv.ssh) as pool, ApiWatch.for_this_run() as api,
               recorded_run(store, Run(kind=RunKind.UPGRADE, name=plan.name, initiator=initiator, flow_run_id=str(flow_run.id),
                                       params=plan.record())) as run):
-            store.import_inventory(inv, actor=initiator, source=inventory)  # the records name the counters as this run saw them
+            fleet_as_seen(store, started.actor, inv, inventory, statement_digest=started.digest)  # the records name the counters as this run saw them
             store.audit(started.actor, "start_upgrade", plan.name, run_id=run.id, statement_digest=started.digest,
                         details={"target_version": plan.target_version, "plan_digest": digest, "initiator": initiator,
                                  "approver": approval.approver})

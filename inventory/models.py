@@ -617,6 +617,10 @@ class ImportSummary(BaseModel):
     devices: Counts
     retired_devices: list[str] = Field(default_factory=list)  # with --prune: out of the fleet, history kept
 
+    @property
+    def changes_anything(self) -> bool:
+        return bool(self.retired_devices) or any(c.added or c.updated for c in (self.branches, self.outlets, self.devices))
+
     def __str__(self) -> str:
         return "; ".join(
             f"{kind}: {c.added} added, {c.updated} updated, {c.unchanged} unchanged"

@@ -160,6 +160,14 @@ def _with_driver(url: str) -> str:
     return url
 
 
+class _Preview(Exception):
+    """Raised inside a write transaction to roll it back, carrying what it would have written."""
+
+    def __init__(self, summary: ImportSummary) -> None:
+        super().__init__("preview")
+        self.summary = summary
+
+
 class StoreLocked(RuntimeError):
     """Another process held the store's write lock for longer than the busy timeout."""
 
@@ -299,6 +307,16 @@ class Store:
             self.audit(actor, "inventory.import", source, outcome="rejected", details={"errors": e.errors})
             raise
         return summary
+
+    def inventory_changes(self, inv: Inventory, *, source: str) -> ImportSummary:
+        """What ``import_inventory(inv)`` would change in the stored fleet, without changing it (nothing audited).
+        InventoryError when the file clashes with the store."""
+        try:
+            with self._write() as s:
+                summary = _import(s, inv, source, prune=False)
+                raise _Preview(summary)  # roll the transaction back
+        except _Preview as preview:
+            return preview.summary
 
     def devices(self, branch: str | None = None, outlet: str | None = None) -> list[Device]:
         """Devices sorted by id, optionally in one branch/outlet (unknown ones are a KeyError)."""

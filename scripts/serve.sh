@@ -22,6 +22,8 @@ fi
 if ! $BIN/counterops operators list --json | grep -q '"name"'; then
     $BIN/counterops operators init --from "$DIR/operators.yaml"
 fi
+# The fleet as head-office IT declares it (scheduled runs act as the service identity, which may not change it).
+$BIN/counterops inventory import "$COUNTEROPS_INVENTORY" --as zhang.wei --key "$DIR/keys/zhang.wei"
 $BIN/counterops server start   # with the automation that marks flow runs Crashed when their heartbeat stops
 # The worker (and the flow runs it starts, which inherit its environment) sends the server's auth string.
 eval "$($BIN/python - <<'PY'

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from inventory import identity
-from inventory.models import AuditEvent, Run
+from inventory.models import AuditEvent, Inventory, Run
 from inventory.store import Store
 from tasks.run_record import OpenRun, _log, reason_for, recorded_run
 
@@ -83,6 +83,26 @@ def second_person(store: Store, token: str | None, *, action: str, target: str, 
     verified = identity.authorize(store, signed, action=action, target=target,
                                   branches=None if branches is None else sorted(set(branches)))
     return Acting(actor=verified.actor, action=action, target=target, statement_digest=verified.digest)
+
+
+def fleet_as_seen(store: Store, actor: str, inv: Inventory, source: str, *, statement_digest: str | None = None) -> None:
+    """Make the store's fleet the one this run reads, so its records name the counters as it saw them.
+
+    Only an operator who may import inventories (admin, hq_it) changes the stored fleet this way
+    (audited as an import). For anyone else — branch IT, the scheduler's service identity — the file
+    must say what the store already says: a file that would add or change a branch, outlet or counter is
+    refused (audited), since running a flow is not a way around ``inventory.import``."""
+    op = identity.operator(store, actor)
+    if op is not None and identity.permission_problem(op, "inventory.import") is None:
+        store.import_inventory(inv, actor=actor, source=source)
+        return
+    changes = store.inventory_changes(inv, source=source)
+    if changes.changes_anything:
+        reason = (f"{source} differs from the fleet in the store ({changes}); {actor} may not change the stored fleet: "
+                  f"an admin or hq_it imports it first (`counterops inventory import {source}`)")
+        store.audit(actor, "inventory.import", source, outcome="refused", details={"reason": reason},
+                    statement_digest=statement_digest)
+        raise identity.Refused(reason)
 
 
 @contextmanager

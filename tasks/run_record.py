@@ -39,6 +39,7 @@ from prefect.exceptions import MissingContextError, TerminationSignal
 from prefect.states import Failed, State
 
 from inventory.audit import anchor
+from inventory.identity import IdentityError, Refused
 from inventory.leases import release_all
 from inventory.models import Run, utcnow
 from inventory.store import Store, run_stale_after
@@ -87,7 +88,8 @@ def ends_with_reason(fn: Callable[P, T]) -> Callable[P, T | State]:
             if api_down() is not None:
                 raise  # no state can reach Prefect any more: the CLI says it, in one line
             reason = reason_for(e)
-            _log().error(reason, exc_info=True)
+            # a refusal (not allowed, or a bad statement) is an answer, not a fault: its one line says it all
+            _log().error(reason, exc_info=not isinstance(e, (Refused, IdentityError)))
             return Failed(message=reason)
 
     # Prefect validates a flow's parameters against its signature, resolving string annotations

@@ -88,6 +88,9 @@ def stack(request, fleet, prefect_api):
     enrolled = subprocess.run([str(BIN / "counterops"), "operators", "init", "--from", str(OPERATORS_FILE)], env=env,
                               capture_output=True, text=True, timeout=120)  # this store's operators, the service identity among them
     assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
+    imported = subprocess.run([str(BIN / "counterops"), "inventory", "import", str(fleet.inventory)], env=env,
+                              capture_output=True, text=True, timeout=120)  # by zhang.wei (hq_it): scheduled runs may not change the fleet
+    assert imported.returncode == 0, imported.stdout + imported.stderr
     try:
         yield Stack(env["PREFECT_API_URL"], env)
     finally:

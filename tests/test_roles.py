@@ -52,13 +52,22 @@ def statement_digests() -> set[str]:
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A store of this test's own with the session's operators (the CLI's subprocesses inherit it)."""
+def bare_home(tmp_path, monkeypatch):
+    """A store of this test's own with the session's operators and no fleet yet (the CLI's subprocesses inherit it)."""
     monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
     for variable in ("COUNTEROPS_BACKUP_DIR", "COUNTEROPS_OFFSITE_DIR", "COUNTEROPS_DATABASE_URL"):
         monkeypatch.delenv(variable, raising=False)
     enroll()
     return tmp_path / "home"
+
+
+@pytest.fixture
+def home(bare_home, fleet):
+    """bare_home with the session fleet imported by hq_it, as head office sets it up: only an operator who may
+    import inventories (admin, hq_it) changes the stored fleet; branch IT and the scheduler work on it."""
+    with Store.open() as store:
+        store.import_inventory(load_inventory(fleet.inventory), actor="zhang.wei", source=str(fleet.inventory))
+    return bare_home
 
 
 def test_branch_it_inspects_its_own_branch_and_nothing_else(fleet, prefect_api, home):
@@ -227,3 +236,34 @@ def test_a_restore_needs_a_valid_approvers_statement_from_a_second_person(fleet,
     refused = audit("restore.approve", "refused")
     assert {e.actor for e in refused} == {"li.na", "zhang.wei", "chen.jie"} and len(refused) == 4
     assert {e.actor for e in audit("fault.decide", "refused")} == {"wang.fang", "chen.jie"}
+
+
+def test_running_a_flow_is_no_way_around_inventory_import(fleet, prefect_api, bare_home, tmp_path):
+    """Branch IT and the scheduler run flows on the fleet the store holds; an inventory file that would add or
+    change counters is refused for them (audited), while hq_it's run brings the store in line (an import)."""
+    from flows.inspection import daily_inspection
+
+    args = ("inspect", "--phase", "in-business", "--branch", "BR01")
+    refused = cli(*args, "--inventory", str(fleet.inventory), "--as", "wang.fang")
+    assert refused.returncode == 1, one_line(refused)
+    assert "differs from the fleet in the store" in one_line(refused) and "wang.fang may not change the stored fleet" in one_line(refused)
+    state = daily_inspection(phase="in-business", inventory=str(fleet.inventory), branch="BR01", return_state=True)
+    assert state.is_failed() and f"{SERVICE} may not change the stored fleet" in state.message, state.message
+    with Store.open() as store:
+        assert store.devices() == [] and store.inspections() == [], "nothing imported, no counter inspected"
+    assert sorted(e.actor for e in audit("inventory.import", "refused")) == sorted(["wang.fang", SERVICE])
+
+    done = cli(*args, "--inventory", str(fleet.inventory))  # zhang.wei, hq_it: may import, so the store follows the file
+    assert done.returncode == 0, one_line(done)
+    assert cli(*args, "--inventory", str(fleet.inventory), "--as", "wang.fang").returncode == 0  # the same fleet: fine
+
+    renamed = tmp_path / "inventory.yaml"
+    text = fleet.inventory.read_text().replace("name: Branch 01", "name: Branch One")
+    assert text != fleet.inventory.read_text()
+    renamed.write_text(text.replace("key_file: id_ed25519", f"key_file: {fleet.key_file}")
+                       .replace("known_hosts: known_hosts", f"known_hosts: {fleet.known_hosts}"))
+    changed = cli(*args, "--inventory", str(renamed), "--as", "wang.fang")
+    assert changed.returncode == 1 and "branches: 0 added, 1 updated" in one_line(changed), one_line(changed)
+    with Store.open() as store:
+        stored = store.inventory(load_inventory(fleet.inventory).ssh)
+    assert {b.id: b.name for b in stored.branches}["BR01"] == "Branch 01", "the store's fleet is unchanged"
