@@ -15,11 +15,12 @@ DIR=${DEMO_DIR:-$PWD/.demo/fleet}
 export COUNTEROPS_HOME=${COUNTEROPS_HOME:-$PWD/.demo/home}
 export COUNTEROPS_INVENTORY=$DIR/inventory.yaml
 started=$(date +%s)
+[ -t 1 ] || export COLUMNS=${COLUMNS:-160}   # tables readable in a log too
 
 trap '$BIN/counterops fleet down --dir "$DIR" >/dev/null' EXIT
 $BIN/counterops fleet down --dir "$DIR" --remove >/dev/null
 # A new fleet each time: start its records afresh too (the Prefect server keeps earlier runs for the UI).
-rm -rf "$COUNTEROPS_HOME"/counterops.db* "$COUNTEROPS_HOME"/backups "$COUNTEROPS_HOME"/offsite
+rm -rf "$COUNTEROPS_HOME"/counterops.db* "$COUNTEROPS_HOME"/backups "$COUNTEROPS_HOME"/offsite "$COUNTEROPS_HOME"/audit-anchors.log
 $BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
 KEYS=$DIR/keys
 $BIN/counterops operators init --from "$DIR/operators.yaml"
@@ -43,6 +44,8 @@ $BIN/counterops plan check "$PLAN"
 # Two people: the initiator signs the plan, an approver approves it (both bound to the plan's digest,
 # the package's sha256 in it: change a byte of either and neither counts).
 $BIN/counterops plan sign "$PLAN" --as zhang.wei --key "$KEYS/zhang.wei"
+echo "# zhang.wei approving his own plan by typing --as li.na: refused, his key is not hers"
+$BIN/counterops plan approve "$PLAN" --as li.na --key "$KEYS/zhang.wei" || true
 $BIN/counterops plan approve "$PLAN" --as li.na --key "$KEYS/li.na"
 $BIN/counterops plan status "$PLAN"
 
@@ -62,6 +65,8 @@ wait $approver || true
 $BIN/counterops backups list --limit 5
 $BIN/counterops fleet status --dir "$DIR"
 $BIN/counterops server status
-# TODO(issue 10, audit chain): once `counterops audit verify` is on main, run it here.
+# Who did what, and proof that nobody changed it since: the audit trail is a hash chain, anchored outside the database.
+$BIN/counterops audit list --limit 12
+$BIN/counterops audit verify
 echo "Demo finished in $(( $(date +%s) - started )) s. Open the UI URL above → Runs → demo-smartcounter-1.2.0"
 echo "(artifacts: wave progress, every counter's final state, the evaluation). 'make stop' stops the server."
