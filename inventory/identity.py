@@ -451,8 +451,11 @@ def authorize(
         if consume:
             verified = verified.model_copy(update={"statement_id": _consume(store, signed, verified)})
     except Refused as e:
-        store.audit(claimed, action, target or st.target, run_id=run_id, outcome="refused",
-                    details={"reason": str(e)}, statement_digest=st.digest)
+        # the refused row names who really signed when the signature proves it (zhang.wei typing --as li.na
+        # is zhang.wei's attempt), else the name the statement claims
+        actor = signer_of(store, signed) or claimed
+        store.audit(actor, action, target or st.target, run_id=run_id, outcome="refused",
+                    details={"reason": str(e)} | ({"claimed": claimed} if actor != claimed else {}), statement_digest=st.digest)
         raise
     return verified
 
@@ -498,11 +501,22 @@ def _why_not(store: Store, signed: Signed, tried: list[str]) -> str:
         return f"it was made with {fp}, a key of {st.actor}, but not over this statement: it was changed after signing"
     owner = operator_of_key(store, used)
     if owner and owner.name != st.actor:
+        if verify_signature(signed, owner.name, [used]) is not None:  # proven: it is theirs (no one is framed by a pasted key)
+            return f"it was made with {fp}, a key of {owner.name}, who signed it claiming to be {st.actor}"
         return f"it was made with {fp}, a key of {owner.name}"
     if fp in _fingerprints(store, st.actor):
         return (f"it was made with {fp}, a key of {st.actor} that was removed (or not yet registered when the "
                 f"statement is dated, {st.at:%Y-%m-%d %H:%M:%S} UTC)")
     return f"it was made with {fp}, not a registered key of {st.actor}"
+
+
+def signer_of(store: Store, signed: Signed) -> str | None:
+    """The operator whose registered key really made ``signed``'s signature (verified), or None."""
+    used = signature_key(signed)
+    owner = operator_of_key(store, used) if used else None
+    if owner is None:
+        return None
+    return owner.name if verify_signature(signed, owner.name, [used]) is not None else None
 
 
 def _fingerprints(store: Store, name: str) -> set[str]:

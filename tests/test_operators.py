@@ -431,8 +431,8 @@ def test_another_operators_key_is_refused_naming_whose_key_it_is(enrolled_sqlite
     assert (f"the signature does not verify for li.na: it was made with {fingerprint(pub(key('zhang.wei')))}, "
             "a key of zhang.wei") in error_of(done)
     assert devices() == [] and table_count("signed_statements") == 0
-    event = audit("inventory.import", limit=1)[0]
-    assert (event.actor, event.outcome) == ("li.na", "refused")
+    event = audit("inventory.import", limit=1)[0]  # zhang.wei's attempt, proven by his signature, claiming to be li.na
+    assert (event.actor, event.outcome, event.details["claimed"]) == ("zhang.wei", "refused", "li.na")
 
 
 def _retoken(token: str, raw: bytes) -> str:
