@@ -125,6 +125,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
                         break
                 done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool, leftovers, api)
                 outcomes += done
+                audit_counters(store, started, run.id, planned, done)
                 for o in done:
                     if o.status == "held":  # its data changed since the backup: out of service until someone decides
                         log.warning(f"{o.device_id}: {o.rollback_error or o.error}")
@@ -308,6 +309,17 @@ def wait_for_approval(plan: UpgradePlan, digest: str, initiator: str, store: Sto
             return f"wave {wave} rejected by {decision.approver}" + (f": {decision.comment}" if decision.comment else "")
         log.info(f"wave {wave} approved by {decision.approver}" + (f": {decision.comment}" if decision.comment else ""))
         return None
+
+
+def audit_counters(store: Store, started, run_id: int, planned: PlannedWave, done: list[CounterOutcome]) -> None:
+    """One audit row per counter the wave touched or left out: upgraded, rolled back (its backup restored),
+    failed, held, busy — under the run's verified actor and start statement."""
+    for o in done:
+        details = {"wave": planned.wave.name, "from_version": o.from_version, "version": o.version}
+        details |= {k: v for k, v in (("failed_step", o.failed_step), ("error", (o.error or "")[:300] or None),
+                                      ("backup_id", o.backup_id), ("rollback_error", (o.rollback_error or "")[:300] or None)) if v}
+        store.audit(started.actor, "upgrade.counter", o.device_id, run_id=run_id, outcome=o.status, details=details,
+                    statement_digest=started.digest)
 
 
 def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index: int, store: Store, run_id: int,

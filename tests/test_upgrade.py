@@ -227,6 +227,12 @@ def test_a_bad_release_halts_at_the_canary_which_is_rolled_back(small_fleet, pre
     fr = flow_run(name)
     assert fr.state.is_failed()
     assert canary in cli("runs", "show", name).stdout
+    # the rollback is in the audit trail: who (the verified starter), which counter, the start statement's digest
+    with Store.open() as store:
+        rows = [e for e in store.audit_events(limit=200, action="upgrade.counter") if e.run_id == run.id]
+    assert [(e.target, e.outcome, e.actor) for e in rows] == [(canary, "rolled_back", "zhang.wei")]
+    assert rows[0].statement_digest and rows[0].details["failed_step"] == failing_step
+    assert cli("audit", "verify").returncode == 0
 
 
 def test_approval_by_a_second_person_resumes_and_by_the_initiator_is_refused(small_fleet, prefect_api):
