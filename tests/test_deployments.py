@@ -65,6 +65,9 @@ def stack(request, fleet, prefect_api):
     }
     assert env.get("COUNTEROPS_SERVICE_KEY"), "the worker's scheduled runs sign as the service identity (tests/plugins/identity.py)"
     if request.param == "sqlite":
+        imported = subprocess.run([str(BIN / "counterops"), "inventory", "import", str(fleet.inventory)], env=env,
+                                  capture_output=True, text=True, timeout=120)  # by zhang.wei (hq_it): scheduled runs may not change the fleet
+        assert imported.returncode == 0, imported.stdout + imported.stderr
         yield Stack(prefect_api, env)
         return
     # PostgreSQL for both: the Prefect server's database and our store.
