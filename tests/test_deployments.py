@@ -55,7 +55,7 @@ class Stack:
         return subprocess.run(list(cmd), env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.slow), "postgresql"])  # PostgreSQL: how a bank runs it
 def stack(request, fleet, prefect_api):
     env = dict(os.environ) | {
         "COUNTEROPS_CHECKOUT": str(REPO),

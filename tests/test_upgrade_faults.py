@@ -163,6 +163,7 @@ def runs_show(name: str) -> str:
 # ----------------------------------------------------------------------------- scenarios
 
 
+@pytest.mark.slow  # the same fault as tests/faults' test_session_hung_mid_upload, which `make test` runs
 def test_a_session_frozen_mid_upload_is_rolled_back_over_a_new_connection(one_counter, prefect_api):
     """The old code hung ≈ 250 s, then tried the rollback on the same dead transport: the counter
     stayed out of service with the .part file in its tmp."""
@@ -330,6 +331,7 @@ def doomed_prefect_server(home, prefect_api):
             os.killpg(info.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # the same fault as tests/faults' test_prefect_server_killed_mid_run, which `make test` runs
 def test_a_prefect_server_killed_mid_run_is_one_line_and_the_rerun_finishes(ten_outlets, doomed_prefect_server, prefect_api):
     """The old CLI went on retrying for ≈ 150 s, then died with a 468-line ConnectError traceback and
     "Finished in state Running()"."""
