@@ -42,7 +42,11 @@ def _start_agent() -> int:
     pid = int(re.search(r"SSH_AGENT_PID=(\d+);", out).group(1))
     os.environ["SSH_AGENT_PID"] = str(pid)
     people = [str(p) for p in sorted(KEYS.iterdir()) if not p.name.endswith(".pub") and p.name != SERVICE]
-    subprocess.run(["ssh-add", "-q", *people], check=True, capture_output=True)
+    try:
+        subprocess.run(["ssh-add", "-q", *people], check=True, capture_output=True)
+    except BaseException:  # the plugin did not load: pytest_unconfigure will not stop the agent, so stop it here
+        os.kill(pid, signal.SIGTERM)
+        raise
     return pid
 
 
