@@ -39,7 +39,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.orm import Session
 
-from inventory.models import AuditEvent, utcnow
+from inventory.models import AuditEvent, canonical_json, utcnow
 from inventory.paths import counterops_home
 from inventory.records import AuditEventRow
 
@@ -68,7 +68,7 @@ def canonical(prev_digest: str, content: Mapping[str, Any]) -> bytes:
     doc = {name: content[name] for name in CHAINED}
     doc["at"] = _utc_iso(doc["at"])
     doc["prev_digest"] = prev_digest
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return canonical_json(doc)
 
 
 def row_digest(prev_digest: str, content: Mapping[str, Any]) -> str:

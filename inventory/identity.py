@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -35,7 +34,7 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import insert, or_, select
 from sqlalchemy.exc import IntegrityError
 
-from inventory.models import Operator, Role, utcnow
+from inventory.models import Operator, Role, canonical_json, utcnow
 from inventory.paths import counterops_home
 from inventory.records import OperatorKeyRow, OperatorRow, SignedStatementRow
 from inventory.store import Store
@@ -134,7 +133,7 @@ class Statement(BaseModel):
                    nonce=secrets.token_hex(16), **bindings)
 
     def canonical(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        return canonical_json(self.model_dump(mode="json"))
 
     @property
     def digest(self) -> str:
@@ -174,6 +173,11 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _armored(text: str) -> bytes:
+    """The bytes inside an OpenSSH armored block (a private key file, an SSH signature)."""
+    return base64.b64decode("".join(line for line in text.splitlines() if line and not line.startswith("-----")))
 
 
 def fingerprint(public_key: str) -> str:
@@ -225,7 +229,7 @@ def _encrypted(key: Path) -> bool:
     try:
         text = key.read_text()
         if "-----BEGIN OPENSSH PRIVATE KEY-----" in text:
-            blob = base64.b64decode("".join(l for l in text.splitlines() if l and not l.startswith("-----")))
+            blob = _armored(text)
             magic = b"openssh-key-v1\0"
             if blob.startswith(magic):
                 n = int.from_bytes(blob[len(magic):len(magic) + 4], "big")
@@ -300,8 +304,7 @@ def verify_signature(signed: Signed, principal: str, public_keys: Iterable[str])
 def signature_key(signed: Signed) -> str | None:
     """The public key embedded in an SSH signature (to name whose key signed it in a refusal)."""
     try:
-        body = "".join(l for l in signed.signature.splitlines() if l and not l.startswith("-----"))
-        blob = base64.b64decode(body)
+        blob = _armored(signed.signature)
         # SSHSIG: magic(6) version(u32) publickey(string) ...
         n = int.from_bytes(blob[10:14], "big")
         key_blob = blob[14:14 + n]
@@ -331,16 +334,18 @@ class Verified(BaseModel):
         return self.operator.name
 
 
-def operators(store: Store, *, include_removed: bool = False) -> list[Operator]:
-    """Every operator with their active keys, by name."""
+def operators(store: Store, *, include_removed: bool = False, name: str | None = None) -> list[Operator]:
+    """Every operator (or only ``name``) with their active keys, by name."""
     with store._read() as s:
         query = select(OperatorRow.__table__).order_by(OperatorRow.name)
+        keys_query = select(OperatorKeyRow.operator, OperatorKeyRow.public_key).where(OperatorKeyRow.removed_at.is_(None))
         if not include_removed:
             query = query.where(OperatorRow.removed_at.is_(None))
+        if name is not None:
+            query, keys_query = query.where(OperatorRow.name == name), keys_query.where(OperatorKeyRow.operator == name)
         rows = s.execute(query).mappings().all()
         keys: dict[str, list[str]] = {}
-        for k in s.execute(select(OperatorKeyRow.operator, OperatorKeyRow.public_key)
-                           .where(OperatorKeyRow.removed_at.is_(None)).order_by(OperatorKeyRow.id)):
+        for k in s.execute(keys_query.order_by(OperatorKeyRow.id)):
             keys.setdefault(k.operator, []).append(k.public_key)
     return [Operator(name=r["name"], full_name=r["full_name"], roles=r["roles"], branches=r["branches"], keys=keys.get(r["name"], []))
             for r in rows]
@@ -348,7 +353,8 @@ def operators(store: Store, *, include_removed: bool = False) -> list[Operator]:
 
 def operator(store: Store, name: str) -> Operator | None:
     """The operator ``name`` (not removed), with their active keys; None when there is none."""
-    return next((o for o in operators(store) if o.name == name), None)
+    found = operators(store, name=name)
+    return found[0] if found else None
 
 
 def operator_of_key(store: Store, public_key: str) -> Operator | None:

@@ -12,6 +12,7 @@ import path of every flow and task and must stay fast to import.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -441,6 +442,12 @@ class Inventory(BaseModel):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def canonical_json(doc: Any) -> bytes:
+    """The one canonical form of what is signed or hashed (statements, plan digests, audit rows):
+    sorted keys, compact separators, UTF-8, no NaN."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def _in_utc(value: datetime) -> datetime:
