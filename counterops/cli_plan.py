@@ -101,23 +101,10 @@ def plan_sign(plan_file: PlanArgument, inventory: InventoryOption = None, operat
     What is signed: the plan's digest (every field, the package's sha256 included), so changing the
     plan or the package afterwards voids the signature. If the plan names an initiator, only they may sign.
     """
-    from inventory.approvals import plan_digest, short, sign_plan
-    from inventory.identity import IdentityError, Refused
-    from inventory.store import Store
+    from inventory.approvals import sign_plan
 
-    plan, branches = _plan_in_scope(plan_file, inventory)
-    digest = plan_digest(plan)
-    with Store.open() as store:
-        token = sign_statement("plan.sign", plan.name, operator=operator, key=key, store=store, plan_digest=digest,
-                               details={"target_version": plan.target_version, "package_sha256": plan.package_sha256,
-                                        "branches": branches})
-        try:
-            verified = sign_plan(store, plan, token, branches=branches)
-        except Refused as e:
-            fail(f"plan sign {plan_file}: refused: {e}", EXIT_FAILED)
-        except IdentityError as e:
-            fail(str(e), EXIT_BAD_INPUT)
-    out.print(f"plan {plan.name} (digest {short(digest)}) signed by {verified.actor}; a second person approves it with "
+    plan, digest, verified = _signed_decision("sign", plan_file, inventory, operator, key, sign_plan, with_branches=True)
+    out.print(f"plan {plan.name} (digest {digest}) signed by {verified.actor}; a second person approves it with "
               f"`counterops plan approve {plan_file} --as APPROVER`", highlight=False, soft_wrap=True)
 
 
@@ -127,23 +114,35 @@ def plan_approve(plan_file: PlanArgument, inventory: InventoryOption = None, ope
 
     The approval is for the plan's current digest: it counts only while the plan and its package stay as they are.
     """
-    from inventory.approvals import approve_plan, plan_digest, short
+    from inventory.approvals import approve_plan
+
+    plan, digest, verified = _signed_decision("approve", plan_file, inventory, operator, key, approve_plan, with_branches=False)
+    out.print(f"plan {plan.name} (digest {digest}) approved by {verified.actor}: "
+              f"`counterops upgrade {plan_file}` may run it", highlight=False, soft_wrap=True)
+
+
+def _signed_decision(kind: str, plan_file: Path, inventory: Path | None, operator: str | None, key: Path | None, record,
+                     *, with_branches: bool):
+    """`plan sign` / `plan approve`: sign ``plan.<kind>`` for the plan's digest with your key and record it
+    (``record``: approvals.sign_plan or approve_plan). Returns the plan, its short digest and the verified
+    decision; a refusal exits 1, a bad key or statement 2."""
+    from inventory.approvals import plan_digest, short
     from inventory.identity import IdentityError, Refused
     from inventory.store import Store
 
     plan, branches = _plan_in_scope(plan_file, inventory)
     digest = plan_digest(plan)
+    details = {"target_version": plan.target_version, "package_sha256": plan.package_sha256}
     with Store.open() as store:
-        token = sign_statement("plan.approve", plan.name, operator=operator, key=key, store=store, plan_digest=digest,
-                               details={"target_version": plan.target_version, "package_sha256": plan.package_sha256})
+        token = sign_statement(f"plan.{kind}", plan.name, operator=operator, key=key, store=store, plan_digest=digest,
+                               details=details | ({"branches": branches} if with_branches else {}))
         try:
-            verified = approve_plan(store, plan, token, branches=branches)
+            verified = record(store, plan, token, branches=branches)
         except Refused as e:
-            fail(f"plan approve {plan_file}: refused: {e}", EXIT_FAILED)
+            fail(f"plan {kind} {plan_file}: refused: {e}", EXIT_FAILED)
         except IdentityError as e:
             fail(str(e), EXIT_BAD_INPUT)
-    out.print(f"plan {plan.name} (digest {short(digest)}) approved by {verified.actor}: "
-              f"`counterops upgrade {plan_file}` may run it", highlight=False, soft_wrap=True)
+    return plan, short(digest), verified
 
 
 @plan_app.command("status")

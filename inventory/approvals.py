@@ -16,15 +16,15 @@ Pure python, no prefect (the CLI and the flow both use it).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from datetime import datetime
+from typing import NoReturn
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import insert, select
 
 from inventory.identity import IdentityError, Refused, Signed, Verified, authorize, stored_statement
-from inventory.models import utcnow
+from inventory.models import canonical_json, utcnow
 from inventory.plan import UpgradePlan
 from inventory.records import PlanApprovalRow
 from inventory.store import Store
@@ -41,7 +41,7 @@ def plan_digest(plan: UpgradePlan) -> str:
     if not plan.package_sha256:
         raise ValueError(f"plan {plan.name}: package_sha256 is not resolved; load it with load_plan or check_package first")
     content = plan.model_dump(mode="json", exclude=set(_LEFT_OUT))
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(content)).hexdigest()
 
 
 def short(digest: str) -> str:
@@ -179,12 +179,12 @@ def sign_plan(store: Store, plan: UpgradePlan, token: str | Signed, *, branches:
     signed = Signed.from_token(token) if isinstance(token, str) else token
     claimed = signed.statement.actor
     if plan.initiator is not None and claimed != plan.initiator:
-        _refuse(store, claimed, "plan.sign", plan.name, signed,
+        _refuse(store, claimed, "plan.sign", plan.name, signed.statement.digest,
                 f"the plan names {plan.initiator!r} as its initiator; only {plan.initiator} may sign it "
                 f"(signed as {claimed}). To initiate it yourself, write your own name as initiator")
     status = plan_status(store, plan, branches=branches)
     if status.signed_by is not None and status.initiator != claimed:
-        _refuse(store, claimed, "plan.sign", plan.name, signed,
+        _refuse(store, claimed, "plan.sign", plan.name, signed.statement.digest,
                 f"plan {plan.name} (digest {short(digest)}) is already signed by {status.initiator}, its initiator")
     verified = authorize(store, signed, action="plan.sign", target=plan.name, plan_digest=digest, branches=branches)
     _record(store, plan.name, digest, SIGN, verified)
@@ -201,10 +201,10 @@ def approve_plan(store: Store, plan: UpgradePlan, token: str | Signed, *, branch
     claimed = signed.statement.actor
     status = plan_status(store, plan, branches=branches)
     if status.signed_by is None:
-        _refuse(store, claimed, "plan.approve", plan.name, signed, status.missing() or "the plan is not signed")
+        _refuse(store, claimed, "plan.approve", plan.name, signed.statement.digest, status.missing() or "the plan is not signed")
     verified = authorize(store, signed, action="plan.approve", target=plan.name, plan_digest=digest)
     if verified.actor == status.initiator:
-        _refuse(store, verified.actor, "plan.approve", plan.name, signed,
+        _refuse(store, verified.actor, "plan.approve", plan.name, signed.statement.digest,
                 f"{verified.actor} signed this plan as its initiator; a second person must approve it")
     _record(store, plan.name, digest, APPROVE, verified)
     store.audit(verified.actor, "plan.approve", plan.name, details={"plan_digest": digest, "initiator": status.initiator},
@@ -224,8 +224,11 @@ def approved_plan(store: Store, plan: UpgradePlan, *, branches: Iterable[str] | 
     return status
 
 
-def _refuse(store: Store, actor: str, action: str, target: str, signed: Signed, reason: str) -> None:
-    store.audit(actor, action, target, outcome="refused", details={"reason": reason}, statement_digest=signed.statement.digest)
+def _refuse(store: Store, actor: str, action: str, target: str, statement_digest: str, reason: str, *,
+            run_id: int | None = None, **details: str) -> NoReturn:
+    """Audit a refusal of ``actor``'s signed statement, then raise Refused with the reason."""
+    store.audit(actor, action, target, run_id=run_id, outcome="refused", details={"reason": reason, **details},
+                statement_digest=statement_digest)
     raise Refused(reason)
 
 
@@ -266,16 +269,12 @@ def check_wave_approval(store: Store, statement: str, *, plan: str, digest: str,
     verified = authorize(store, statement, action="wave.approve", target=plan, plan_digest=digest, wave=wave, flow_run=flow_run,
                          run_id=run_id, consume=consume)
     if initiator is not None and verified.actor == initiator:
-        reason = f"{verified.actor} initiated this plan; a second person must approve its wave {wave}"
-        store.audit(verified.actor, "wave.approve", plan, run_id=run_id, outcome="refused",
-                    details={"reason": reason, "wave": wave}, statement_digest=verified.digest)
-        raise Refused(reason)
+        _refuse(store, verified.actor, "wave.approve", plan, verified.digest,
+                f"{verified.actor} initiated this plan; a second person must approve its wave {wave}", run_id=run_id, wave=wave)
     details = verified.statement.details
     decision = details.get("decision")
     if decision not in ("approve", "reject"):
-        reason = f"the statement says neither approve nor reject (decision: {decision!r})"
-        store.audit(verified.actor, "wave.approve", plan, run_id=run_id, outcome="refused",
-                    details={"reason": reason, "wave": wave}, statement_digest=verified.digest)
-        raise Refused(reason)
+        _refuse(store, verified.actor, "wave.approve", plan, verified.digest,
+                f"the statement says neither approve nor reject (decision: {decision!r})", run_id=run_id, wave=wave)
     return WaveDecision(approver=verified.actor, approve=decision == "approve", comment=str(details.get("comment") or ""),
                         statement_digest=verified.digest)
