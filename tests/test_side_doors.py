@@ -15,8 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -47,32 +45,6 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-class AuthReceiver:
-    """A real HTTP endpoint for apprise's json:// that keeps each notice with its Authorization header."""
-
-    def __init__(self):
-        received = self.received = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append((self.headers.get("Authorization"), json.loads(body)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def auth_receiver():
-    r = AuthReceiver()
-    yield r
-    r.server.shutdown()
 
 
 @pytest.fixture
@@ -229,14 +201,14 @@ def test_redact_keeps_scheme_and_host_only():
     assert redact("not a url") == "…"
 
 
-def test_secrets_set_keeps_the_url_0600_lists_names_only_and_refuses_a_file_others_may_read(home, auth_receiver, prefect_api):
+def test_secrets_set_keeps_the_url_0600_lists_names_only_and_refuses_a_file_others_may_read(home, receiver, prefect_api):
     from tasks.notify import Notice, NotifyError, send_notice
     from tasks.secrets import SecretError, resolve, set_prefect_secret
 
-    url = f"json://ops:{PASSWORD}@127.0.0.1:{auth_receiver.port}/notices"
+    url = f"json://ops:{PASSWORD}@127.0.0.1:{receiver.port}/notices"
     kept = cli("secrets", "set", "hq-notices", stdin=url + "\n")
     assert kept.returncode == 0, kept.stderr
-    assert PASSWORD not in kept.stdout + kept.stderr and f"json://127.0.0.1:{auth_receiver.port}/…" in kept.stdout
+    assert PASSWORD not in kept.stdout + kept.stderr and f"json://127.0.0.1:{receiver.port}/…" in kept.stdout
     path = home / "secrets" / "hq-notices"
     assert path.read_text().strip() == url and path.stat().st_mode & 0o777 == 0o600
     assert (home / "secrets").stat().st_mode & 0o777 == 0o700
@@ -245,7 +217,7 @@ def test_secrets_set_keeps_the_url_0600_lists_names_only_and_refuses_a_file_othe
     assert cli("secrets", "set", "hq-notices", url).returncode == 2  # never from argv
 
     send_notice(["secret:hq-notices"], Notice("t", "b"))  # resolved at send time, the credential sent
-    assert auth_receiver.received and auth_receiver.received[0][0].startswith("Basic ")
+    assert receiver.authorizations and receiver.authorizations[0].startswith("Basic ")
 
     # A Prefect Secret block wins over (or stands in for) the file: workers elsewhere read it there.
     set_prefect_secret("doors-block-only", url)
@@ -284,24 +256,24 @@ async def _prefect_view(flow_run_id: str) -> str:
                        "logs": [log.message for log in logs], "artifacts": [str(a.data) for a in artifacts]})
 
 
-def test_an_upgrade_notifying_a_secret_url_never_shows_its_password(fleet_dir, auth_receiver, prefect_api):
+def test_an_upgrade_notifying_a_secret_url_never_shows_its_password(fleet_dir, receiver, prefect_api):
     """CLI output, the run record (params and summary), `runs show` and its JSON, the Prefect flow run's
     parameters, its logs and its artifacts: the password is nowhere, and the notices arrived with it."""
     simfleet.up(fleet_dir, devices=2, branches=1, outlets_per_branch=1, ssh_base_port=port(25000), http_base_port=port(25500))
-    url = f"json://ops:{PASSWORD}@127.0.0.1:{auth_receiver.port}/notices"
+    url = f"json://ops:{PASSWORD}@127.0.0.1:{receiver.port}/notices"
     assert cli("secrets", "set", "hq", stdin=url).returncode == 0
     plan = _plan(fleet_dir, name="doors-secret-notify", package="packages/smartcounter-1.1.0.tar.gz", target_version="1.1.0",
-                 notify=["secret:hq", f"json://127.0.0.1:{auth_receiver.port}/plain"])
+                 notify=["secret:hq", f"json://127.0.0.1:{receiver.port}/plain"])
     approve_plan(plan, fleet_dir / "inventory.yaml")  # signed by zhang.wei, approved by li.na
     upgraded = cli("upgrade", str(plan), "--inventory", str(fleet_dir / "inventory.yaml"))
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
     assert PASSWORD not in upgraded.stdout + upgraded.stderr
-    auth = [a for a, _ in auth_receiver.received]
+    auth = receiver.authorizations
     assert auth.count(None) >= 2 and sum(a is not None for a in auth) >= 2  # both targets got the notices
 
     with Store.open() as store:
         run = next(r for r in store.runs(limit=20) if r.name == "doors-secret-notify")
-    assert run.params["notify"] == ["secret:hq", f"json://127.0.0.1:{auth_receiver.port}/…"]
+    assert run.params["notify"] == ["secret:hq", f"json://127.0.0.1:{receiver.port}/…"]
     assert PASSWORD not in json.dumps(run.model_dump(mode="json"))
     for args in (("runs", "show", "doors-secret-notify"), ("runs", "show", "doors-secret-notify", "--json"), ("runs", "list", "--json")):
         shown = cli(*args)
