@@ -18,7 +18,7 @@ import apprise
 
 from inventory.notify_targets import CREDENTIAL_ADVICE, redact, secret_name, target_problem
 
-__all__ = ["Notice", "NotifyError", "check_targets", "redact", "redacted", "send_notice", "target_problems"]
+__all__ = ["Notice", "NotifyError", "redact", "send_notice", "target_problems"]
 
 log = logging.getLogger("counterops.notify")
 
@@ -40,11 +40,6 @@ _TYPES = {
 
 class NotifyError(RuntimeError):
     """A notice could not be delivered to one or more targets (named redacted)."""
-
-
-def redacted(targets: list[str]) -> list[str]:
-    """``targets`` as records and messages may show them."""
-    return [redact(t) for t in targets]
 
 
 def _apprise_hides_something(url: str) -> bool:
@@ -69,12 +64,6 @@ def target_problems(targets: list[str], field: str = "notify") -> list[str]:
         if problem:
             problems.append(f"{field}[{i}]: {problem}")
     return problems
-
-
-def check_targets(urls: list[str]) -> list[str]:
-    """The literal URLs apprise cannot use (unknown scheme, malformed), redacted; ``secret:NAME``
-    targets are checked when a notice is sent. Kept for callers that only ask apprise."""
-    return [redact(u) for u in urls if secret_name(u) is None and apprise.Apprise.instantiate(u) is None]
 
 
 def _resolved(target: str) -> str:
