@@ -20,8 +20,8 @@ own end is audited with its outcome (``acting_run``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from inventory import identity
 from inventory.models import AuditEvent, Inventory, Run
 from inventory.store import Store
-from tasks.run_record import OpenRun, _log, reason_for, recorded_run
+from tasks.run_record import EndAudit, OpenRun, recorded_run
 
 
 class Acting(BaseModel):
@@ -105,25 +105,8 @@ def fleet_as_seen(store: Store, actor: str, inv: Inventory, source: str, *, stat
         raise identity.Refused(reason)
 
 
-@contextmanager
-def acting_run(store: Store, by: Acting, run: Run) -> Iterator[OpenRun]:
-    """``recorded_run`` with the verified actor as the run's initiator, and the run's end audited
-    (its action and target, outcome = how the run ended, with the reason when it failed)."""
-    opened: OpenRun | None = None
-    try:
-        with recorded_run(store, run.model_copy(update={"initiator": by.actor})) as opened:
-            yield opened
-    finally:
-        if opened is not None:
-            _audit_end(store, by, opened)
-
-
-def _audit_end(store: Store, by: Acting, run: OpenRun) -> None:
-    status, summary = run.record.status, run.record.summary or {}
-    if status == "running":  # the end could not be recorded: say what the flow said, if anything
-        status, summary = run.outcome or ("failed", {})
-    details = {"run": run.record.name} | ({"reason": summary["reason"]} if summary.get("reason") else {})
-    try:
-        by.audit(store, by.action, by.target, run_id=run.id, outcome=str(status), details=details)
-    except Exception as e:  # the store is gone: the run's record says the rest
-        _log().error(f"run #{run.id}: its end could not be audited ({reason_for(e)})")
+def acting_run(store: Store, by: Acting, run: Run) -> AbstractContextManager[OpenRun]:
+    """``recorded_run`` with the verified actor as the run's initiator, and the run's end audited under
+    the statement's action and target, with its digest (outcome = how the run ended, and the reason)."""
+    return recorded_run(store, run.model_copy(update={"initiator": by.actor}),
+                        EndAudit(action=by.action, target=by.target, statement_digest=by.statement_digest))

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import get_run_logger
@@ -99,14 +100,25 @@ def ends_with_reason(fn: Callable[P, T]) -> Callable[P, T | State]:
     return flow_fn
 
 
+@dataclass(frozen=True)
+class EndAudit:
+    """How a run's end is audited: ``end_run`` on the run's name by default; a run a verified statement
+    allowed (tasks/acting.py) ends under that statement's action and target, with its digest."""
+
+    action: str = "end_run"
+    target: str | None = None  # None: the run's name
+    statement_digest: str | None = None
+
+
 class OpenRun:
     """The run record a flow has open: ``id`` for its tasks, ``end()`` to say how it ended."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, end: EndAudit | None = None) -> None:
         assert run.id is not None
         self.id: int = run.id
         self.record = run
         self.outcome: tuple[str, dict[str, Any]] | None = None
+        self.end_audit = end or EndAudit()
 
     def end(self, status: str, summary: dict[str, Any]) -> None:
         """How the run ended (succeeded, halted, failed) and its summary; recorded when its block closes."""
@@ -114,12 +126,13 @@ class OpenRun:
 
 
 @contextmanager
-def recorded_run(store: Store, run: Run) -> Iterator[OpenRun]:
-    """Add ``run`` and keep it beating while the block works; always record its end (see the module)."""
+def recorded_run(store: Store, run: Run, end: EndAudit | None = None) -> Iterator[OpenRun]:
+    """Add ``run`` and keep it beating while the block works; always record its end, and audit it as
+    ``end`` says (see the module)."""
     closed = store.close_dead_runs()
     for dead in closed:
         _log().warning(f"{dead.kind} run {dead.name!r} (#{dead.id}) closed as crashed: {dead.summary['reason']}")
-    opened = OpenRun(store.add(run))
+    opened = OpenRun(store.add(run), end)
     heart = _Heartbeat(store, opened.id, _prefect_heartbeat())
     try:
         yield opened
@@ -139,9 +152,11 @@ def _audit_end(store: Store, run: OpenRun, status: str, summary: dict[str, Any])
     """The run's end as an audit row, then the chain's head anchored outside the database
     (inventory/audit.py): a later rewrite of the table, this row included, shows in `audit verify`."""
     try:
-        record = run.record
-        store.audit(record.initiator, "end_run", record.name, run_id=run.id, outcome=status,
-                    details={"kind": str(record.kind), **({"reason": summary["reason"]} if summary.get("reason") else {})})
+        record, end = run.record, run.end_audit
+        details = {"kind": str(record.kind)} | ({"run": record.name} if end.target else {})
+        store.audit(record.initiator, end.action, end.target or record.name, run_id=run.id, outcome=status,
+                    details=details | ({"reason": summary["reason"]} if summary.get("reason") else {}),
+                    statement_digest=end.statement_digest)
         anchor(store.engine)
     except Exception as e:  # the run's record says how it ended; the trail's gap is said here
         _log().error(f"run #{run.id} ended {status}, but its audit row or anchor could not be written ({reason_for(e)})")
