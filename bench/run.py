@@ -278,15 +278,8 @@ def run_ours(run_dir: Path, profile_with: Path | None = None) -> dict:
     env = ours_env(run_dir)
     # Not timed: a fresh store for this run, migrated, holding the operators (fleet up wrote them and their keys)
     # and the inventory (the flow imports it again), and the plan signed by zhang.wei and approved by li.na.
-    plan = str(WORK / "plan.yaml")
-    done = subprocess.run([str(COUNTEROPS), "operators", "init", "--from", str(FLEET / "operators.yaml")], env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"counterops operators init failed: {done.stderr.strip()}")
-    signed(env, "inventory", "import", str(INVENTORY), who="zhang.wei")
-    signed(env, "plan", "sign", plan, "--inventory", str(INVENTORY), who="zhang.wei")
-    signed(env, "plan", "approve", plan, "--inventory", str(INVENTORY), who="li.na")
-    cmd = [str(COUNTEROPS), "upgrade", plan, "--inventory", str(INVENTORY), "--as", "zhang.wei", "--key", str(FLEET / "keys" / "zhang.wei")]
+    set_up_identities(env)
+    cmd = [str(COUNTEROPS), "upgrade", str(WORK / "plan.yaml"), "--inventory", str(INVENTORY), "--as", "zhang.wei", "--key", str(FLEET / "keys" / "zhang.wei")]
     if profile_with is not None:
         # wall clock: every thread sampled, waiting or not (--idle), each sample tagged with its thread
         cmd = [str(profile_with), "record", "--format", "raw", "--rate", "100", "--nonblocking", "--idle", "--threads",
@@ -298,6 +291,19 @@ def run_ours(run_dir: Path, profile_with: Path | None = None) -> dict:
         (run_dir / "records.json").write_text(shown.stdout)
         extra["records"] = str(run_dir / "records.json")
     return {"exit_code": code, "seconds": seconds, "started_at": started_at, **extra}
+
+
+def set_up_identities(env: dict[str, str]) -> None:
+    """The bench's store as an operator would set it up: operators from the fleet's operators.yaml, the
+    inventory imported by zhang.wei (hq_it), the plan signed by zhang.wei and approved by li.na."""
+    plan = str(WORK / "plan.yaml")
+    done = subprocess.run([str(COUNTEROPS), "operators", "init", "--from", str(FLEET / "operators.yaml")], env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"counterops operators init failed: {done.stderr.strip()}")
+    signed(env, "inventory", "import", str(INVENTORY), who="zhang.wei")
+    signed(env, "plan", "sign", plan, "--inventory", str(INVENTORY), who="zhang.wei")
+    signed(env, "plan", "approve", plan, "--inventory", str(INVENTORY), who="li.na")
 
 
 def signed(env: dict[str, str], *args: str, who: str) -> None:
