@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from inventory import identity
 from inventory.loader import load_inventory
-from inventory.models import Fault, FaultStatus, InspectionPhase, RunKind, utcnow
+from inventory.models import Fault, FaultStatus, RunKind, utcnow
 from inventory.records import SignedStatementRow
 from inventory.store import Store
 from tasks.hold import HOLD_SYMPTOM
