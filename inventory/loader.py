@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from inventory.models import (
     CROSS_CHECKED,
     ID_PATTERN,
+    BackupSettings,
     Branch,
     Device,
     Inventory,
@@ -50,7 +51,7 @@ _LISTS: dict[str, tuple[type[BaseModel], str]] = {
     "outlets": (Outlet, "id"),
     "devices": (Device, "id"),
 }
-_SECTIONS = ("ssh", *_LISTS)
+_SECTIONS = ("ssh", *_LISTS, "backups")
 _SAFE_ID = re.compile(ID_PATTERN)
 
 
@@ -83,6 +84,8 @@ def _load(path: str | Path) -> Inventory:
     parts: dict[str, Any] = {"ssh": _validate_ssh(doc["ssh"], file.resolve().parent, name, errors) if "ssh" in doc else None}
     for section, (model, key_field) in _LISTS.items():
         parts[section] = _validate_list(doc.get(section) or [], section, model, key_field, name, errors)
+    if doc.get("backups") is not None:
+        parts["backups"] = _validate_backups(doc["backups"], file.resolve().parent, name, errors, parts["ssh"])
     problems = inventory_problems(
         parts["branches"],
         parts["outlets"],
@@ -129,6 +132,37 @@ def _validate_ssh(raw: Any, base: Path, name: str, errors: list[str]) -> SSHSett
         errors.append(f"{name}: ssh.key_file: {exposed}")
         return None
     return ssh.model_copy(update={"key_file": key_file, "known_hosts": relative_to(ssh.known_hosts, base)})
+
+
+def _validate_backups(raw: Any, base: Path, name: str, errors: list[str], ssh: SSHSettings | None) -> BackupSettings | None:
+    """The ``backups:`` section; key files relative to the inventory file, private ones refused when
+    group/others may read them (a missing one is reported where it is needed: the identity only by
+    restores, which may run elsewhere)."""
+    try:
+        settings = BackupSettings.model_validate(raw)
+    except ValidationError as e:
+        errors += [f"{name}: backups: {line}" for line in _explain(e, BackupSettings)]
+        return None
+    update: dict[str, Any] = {}
+    bad = False
+    for field in ("identity", "signing_key"):
+        value = getattr(settings, field)
+        if value.startswith("secret:"):
+            continue
+        path = relative_to(Path(value), base)
+        try:
+            exposed = exposure(path)
+        except OSError:
+            exposed = None
+        if exposed:
+            errors.append(f"{name}: backups.{field}: {exposed}")
+            bad = True
+        update[field] = str(path)
+    if settings.site.key_file is not None:  # its own client key at the site, else the fleet's
+        update["site"] = settings.site.model_copy(update={"key_file": relative_to(settings.site.key_file, base)})
+    elif ssh is not None:
+        update["site"] = settings.site.model_copy(update={"key_file": ssh.key_file})
+    return None if bad else settings.model_copy(update=update)
 
 
 def _validate_list(
@@ -178,6 +212,8 @@ def dump_inventory(inv: Inventory, path: str | Path) -> None:
     doc: dict[str, Any] = {"ssh": _plain(inv.ssh)}
     for section in ("branches", "outlets", "devices"):
         doc[section] = [_plain(item) for item in getattr(inv, section)]
+    if inv.backups is not None:
+        doc["backups"] = inv.backups.model_dump(mode="json", exclude_none=True)
     text = yaml.dump(doc, Dumper=_SafeDumper, sort_keys=False, allow_unicode=True, default_flow_style=None, width=4096)
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")

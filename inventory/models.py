@@ -221,6 +221,78 @@ class Device(_Model):
     tags: Annotated[list[SafeId], AfterValidator(_unique)] = Field(default_factory=list)
 
 
+# ----------------------------------------------------------------------------- backups
+
+_AGE_RECIPIENT = re.compile(r"age1[02-9ac-hj-np-z]{58}")
+
+
+def _recipient(value: str) -> str:
+    """An age X25519 recipient (``age1…``) or an OpenSSH ed25519 public key line (kept without its comment)."""
+    if isinstance(value, str) and _AGE_RECIPIENT.fullmatch(value.strip()):
+        return value.strip()
+    if isinstance(value, str) and value.strip().startswith("ssh-ed25519 "):
+        return _public_key(value)
+    raise ValueError(f"must be an age X25519 recipient (age1…, from `age-keygen -y`) or an `ssh-ed25519 AAAA…` "
+                     f"public key line, got {str(value)[:40]!r}")
+
+
+def _some(values: list[Any]) -> list[Any]:
+    if not values:
+        raise ValueError("must list at least one key")
+    return values
+
+
+def _key_source(value: object) -> object:
+    """A key file path, or ``secret:NAME`` (kept as a string; resolved only where it is used)."""
+    if value == "" or value is None:
+        raise ValueError("must be a file path or secret:NAME, got an empty value")
+    if isinstance(value, str) and value.startswith("secret:"):
+        name = value[len("secret:"):]
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) is None:
+            raise ValueError(f"secret:NAME needs a name of letters, digits, '.', '_', '-', got {value!r}")
+    return value
+
+
+Recipient = Annotated[str, AfterValidator(_recipient)]
+KeySource = Annotated[str, BeforeValidator(_key_source)]
+
+
+class BackupSiteSettings(_Model):
+    """The second site backups are copied to, over SFTP, its host key pinned here."""
+
+    host: Host
+    port: Port = 22
+    user: SSHUser
+    host_key: PublicKey
+    directory: RootPath = "/backups"
+    key_file: LocalPath | None = None  # default: the fleet's ssh.key_file
+    timeout: Timeout = 15
+
+
+class Retention(_Model):
+    keep_all_days: int = Field(default=7, ge=1, le=3650)
+    daily_days: int = Field(default=30, ge=0, le=3650)
+    monthly_months: int = Field(default=12, ge=0, le=1200)
+
+
+class Objectives(_Model):
+    rto_s: float = Field(default=600, gt=0, le=7 * 86400)
+    rpo_s: float = Field(default=93600, gt=0, le=366 * 86400)
+
+
+class BackupSettings(_Model):
+    """The inventory's ``backups:`` section: who can read backups (recipients: public keys only), who
+    signs them, where the second copy goes, how long they are kept, what a restore must achieve."""
+
+    recipients: Annotated[list[Recipient], AfterValidator(_some), AfterValidator(_unique)]
+    identity: KeySource  # the age identity (a 0600 file or secret:NAME): only restores and drills read it
+    signing_key: KeySource  # OpenSSH ed25519 private key (0600): signs each backup's manifest
+    signers: Annotated[list[PublicKey], AfterValidator(_some), AfterValidator(_unique)]
+    site: BackupSiteSettings
+    retention: Retention = Field(default_factory=Retention)
+    objectives: Objectives = Field(default_factory=Objectives)
+
+
 class Operator(_Model):
     """A person (or the scheduler's service identity) who may act on the fleet; kept in the store,
     with the SSH public keys their signed statements are verified against (inventory/identity.py)."""
@@ -386,6 +458,7 @@ class Inventory(BaseModel):
     branches: list[Branch] = Field(default_factory=list)
     outlets: list[Outlet] = Field(default_factory=list)
     devices: list[Device]
+    backups: BackupSettings | None = None
 
     _by_id: dict[str, Device] = PrivateAttr(default_factory=dict)
 
@@ -542,6 +615,12 @@ class Backup(Record):
     # what the backup holds: {database path: {table: {columns, rows, max_id, sha256}}}; None for
     # backups taken before fingerprints existed (they are never restored without a decision)
     fingerprint: dict[str, Any] | None = None
+    manifest: dict[str, Any] | None = None  # the signed manifest (tasks/backup_crypto.py); None: taken before encryption
+    signature: str | None = None  # base64 Ed25519 signature over the manifest's canonical JSON
+    app_version: str | None = None
+    destroyed_at: UTCDatetime | None = None
+    destroyed_by: str | None = None
+    destroy_rule: str | None = None
 
 
 class RestoreDrill(Record):

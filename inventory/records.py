@@ -269,6 +269,12 @@ class BackupRow(Base):
     verified_at: Mapped[datetime | None] = mapped_column()
     row_counts: Mapped[dict[str, Any]] = mapped_column()  # table -> rows, to compare after a restore
     fingerprint: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # what the backup holds, per database and table
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # the signed manifest (tasks/backup_crypto.py)
+    signature: Mapped[str | None] = mapped_column(String(256))
+    app_version: Mapped[str | None] = mapped_column(String(64))
+    destroyed_at: Mapped[datetime | None] = mapped_column()
+    destroyed_by: Mapped[str | None] = mapped_column(String(64))
+    destroy_rule: Mapped[str | None] = mapped_column(String(200))
 
 
 class RestoreDrillRow(Base):

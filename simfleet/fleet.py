@@ -15,6 +15,11 @@ Layout of a fleet directory ``DIR``::
     DIR/packages/              release packages + SHA256SUMS
     DIR/devices/<id>/          the counter's root directory ("/" on a real counter)
     DIR/sshd/<id>/             that counter's sshd: config, host key, pid, log
+    DIR/sshd/_backup-site/     the backup site's sshd (SFTP only, chrooted, login scbackup)
+    DIR/backup-site            -> the site's chroot (as root: /var/lib/counterops-sim-sites/<hash>,
+                               root-owned 0755, holding backups/ owned by scbackup 0700)
+    DIR/keys/backup-identity   the age identity backups are encrypted to (0600); backup-signing: the
+                               ed25519 key their manifests are signed with (0600)
 
 Why loopback and not one network namespace per counter: measured here, 100
 loopback sshd start in ≈ 3.5 s against ≈ 6.1 s for namespaces, need no
@@ -39,6 +44,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import hashlib
+
+import pyrage
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -48,6 +56,9 @@ from simfleet import releases
 SSHD = "/usr/sbin/sshd"
 FLEET_USER = "scops"  # the counters' operations login; never root (least privilege)
 FLEET_USER_HOME = Path("/var/lib/scops")
+SITE_USER = "scbackup"  # the backup site's login: SFTP only, chrooted
+SITE_ID = "_backup-site"  # its sshd's directory under DIR/sshd/ (never a counter id: those start with a letter or digit)
+SITES_ROOT = Path("/var/lib/counterops-sim-sites")  # chroot dirs need root-owned parents all the way up: not /tmp
 INSTALLED_VERSION = "1.0.0"
 DEFAULT_SSH_BASE_PORT = 22000
 DEFAULT_HTTP_BASE_PORT = 24000
@@ -87,6 +98,7 @@ class FleetState:
     dir: str
     user: str
     devices: list[Counter] = field(default_factory=list)
+    site_port: int | None = None
 
     @classmethod
     def load(cls, fleet_dir: Path) -> FleetState | None:
@@ -94,7 +106,7 @@ class FleetState:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
-        return cls(dir=raw["dir"], user=raw["user"], devices=[Counter(**d) for d in raw["devices"]])
+        return cls(dir=raw["dir"], user=raw["user"], devices=[Counter(**d) for d in raw["devices"]], site_port=raw.get("site_port"))
 
     def save(self, fleet_dir: Path) -> None:
         tmp = fleet_dir / "fleet.json.tmp"
@@ -424,7 +436,7 @@ def _ssh_banner(port: int, timeout: float = 2.0) -> bool:
 # ----------------------------------------------------------------------------- inventory
 
 
-def _write_inventory(fleet_dir: Path, state: FleetState) -> None:
+def _write_inventory(fleet_dir: Path, state: FleetState, backups: dict | None = None) -> None:
     branches = sorted({c.branch for c in state.devices})
     outlets = sorted({(c.outlet, c.branch) for c in state.devices})
     doc = {
@@ -444,8 +456,116 @@ def _write_inventory(fleet_dir: Path, state: FleetState) -> None:
             for c in state.devices
         ],
     }
+    if backups is not None:
+        doc["backups"] = backups
     header = "# Written by `counterops fleet up`: the simulated fleet's inventory.\n"
     (fleet_dir / "inventory.yaml").write_text(header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+
+
+# ----------------------------------------------------------------------------- the backup site
+
+
+def _site_user() -> pwd.struct_passwd:
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid())
+    try:
+        return pwd.getpwnam(SITE_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/backups", "--shell", "/usr/sbin/nologin",
+                        "--password", "*", SITE_USER], check=True, capture_output=True)
+        return pwd.getpwnam(SITE_USER)
+
+
+def _site_chroot(fleet_dir: Path) -> Path:
+    """Where the site keeps backups: a chroot that is root's all the way up (sshd insists), linked as DIR/backup-site."""
+    if os.geteuid() != 0:
+        return fleet_dir / "backup-site"
+    return SITES_ROOT / hashlib.sha256(str(fleet_dir).encode()).hexdigest()[:12]
+
+
+def _site_port(ssh_base: int, taken: set[int]) -> int:
+    for port in range(ssh_base - 10, max(1024, ssh_base - 200), -1):
+        if port not in taken and _port_is_free(port):
+            return port
+    raise FleetError(f"no free port below {ssh_base} for the backup site; pass another --ssh-port base")
+
+
+def _prepare_site(fleet_dir: Path, state: FleetState, client_public: str) -> dict:
+    """The backup site's sshd files, chroot and keys; returns the inventory's ``backups:`` section."""
+    user = _site_user()
+    p = _paths(fleet_dir, SITE_ID)
+    p["sshd_dir"].mkdir(parents=True, exist_ok=True)
+    os.chmod(p["sshd_dir"], 0o755)
+    host_public = _write_private_key(p["host_key"]) if not p["host_key"].exists() else _public_key(p["host_key"])
+    p["authorized_keys"].write_text(client_public + "\n")
+    chroot = _site_chroot(fleet_dir)
+    chroot.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chmod(chroot, 0o755)
+    backups = chroot / "backups"
+    backups.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(backups, 0o700)
+    if os.geteuid() == 0:
+        SITES_ROOT.chmod(0o755)
+        os.chown(backups, user.pw_uid, user.pw_gid)
+        (chroot / ".fleet").write_text(str(fleet_dir) + "\n")
+        link = fleet_dir / "backup-site"
+        if not link.is_symlink() and not link.exists():
+            link.symlink_to(chroot)
+        _sweep_sites()
+    directory = "/backups" if os.geteuid() == 0 else str(backups)
+    lines = [f"Port {state.site_port}", f"ListenAddress {HOST}", f"HostKey {p['host_key']}", f"PidFile {p['pid']}",
+             f"AuthorizedKeysFile {p['authorized_keys']}", f"AllowUsers {user.pw_name}", "PubkeyAuthentication yes",
+             "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin no", "UsePAM no",
+             "StrictModes no", "UseDNS no", "PrintMotd no", "X11Forwarding no", "AllowTcpForwarding no",
+             "AllowAgentForwarding no", "PermitTTY no", "PermitUserEnvironment no", "LogLevel INFO",
+             "Subsystem sftp internal-sftp", f"Match User {user.pw_name}", "    ForceCommand internal-sftp -u 0077"]
+    if os.geteuid() == 0:
+        lines.append(f"    ChrootDirectory {chroot}")
+    p["config"].write_text("\n".join(lines) + "\n")
+
+    keys = fleet_dir / "keys"
+    keys.mkdir(mode=0o700, exist_ok=True)
+    identity_file = keys / "backup-identity"
+    if not identity_file.exists():
+        identity = pyrage.x25519.Identity.generate()
+        fd = os.open(identity_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"# public key: {identity.to_public()}\n{identity}\n")
+    identity = pyrage.x25519.Identity.from_str(identity_file.read_text().split("\n")[1].strip())
+    signing = keys / "backup-signing"
+    signer = _write_private_key(signing) if not signing.exists() else _public_key(signing)
+    return {
+        "recipients": [str(identity.to_public())],
+        "identity": "keys/backup-identity",
+        "signing_key": "keys/backup-signing",
+        "signers": [" ".join(signer.split()[:2])],
+        "site": {"host": HOST, "port": state.site_port, "user": user.pw_name, "host_key": " ".join(host_public.split()[:2]),
+                 "directory": directory},
+        "retention": {"keep_all_days": 7, "daily_days": 30, "monthly_months": 12},
+        "objectives": {"rto_s": 600, "rpo_s": 93600},
+    }
+
+
+def _sweep_sites() -> None:
+    """Remove the sites of fleets whose directory is gone (a test removed it without `remove`)."""
+    for chroot in SITES_ROOT.iterdir():
+        try:
+            owner = Path((chroot / ".fleet").read_text().strip())
+        except OSError:
+            continue
+        if not (owner / "fleet.json").exists():
+            shutil.rmtree(chroot, ignore_errors=True)
+
+
+def site_status(fleet_dir: str | Path) -> dict | None:
+    """The backup site: port, sshd pid, whether it answers, where it keeps backups; None without one."""
+    fleet_dir = Path(fleet_dir).resolve()
+    state = FleetState.load(fleet_dir)
+    if state is None or state.site_port is None:
+        return None
+    pid = _read_pid(_paths(fleet_dir, SITE_ID)["pid"])
+    return {"port": state.site_port, "sshd_pid": pid if _pid_alive(pid) else None, "ssh_answers": _ssh_banner(state.site_port),
+            "directory": str(_site_chroot(fleet_dir) / "backups")}
 
 
 # ----------------------------------------------------------------------------- public API
@@ -493,26 +613,31 @@ def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branc
     wanted = plan_counters(devices, branches, outlets_per_branch)
     if state is None:
         _assign_ports(wanted, ssh_base_port, http_base_port)
-        state = FleetState(dir=str(fleet_dir), user=user.pw_name, devices=wanted)
+        taken = {c.ssh_port for c in wanted} | {c.http_port for c in wanted}
+        state = FleetState(dir=str(fleet_dir), user=user.pw_name, devices=wanted, site_port=_site_port(ssh_base_port, taken))
         state.save(fleet_dir)
     elif [c.id for c in state.devices] != [c.id for c in wanted]:
         raise FleetError(
             f"{fleet_dir} already holds a fleet of {len(state.devices)} counters with another layout; "
             f"run `counterops fleet down --dir {fleet_dir}` and remove the directory, or use another --dir"
         )
+    elif state.site_port is None:  # a fleet from before the backup site
+        state.site_port = _site_port(ssh_base_port, {c.ssh_port for c in state.devices} | {c.http_port for c in state.devices})
+        state.save(fleet_dir)
 
     packages = releases.build_packages(fleet_dir / "packages")
     client_public = _client_key(fleet_dir)
     known_hosts = [f"[{HOST}]:{c.ssh_port} {_prepare_sshd(fleet_dir, c, user.pw_name, client_public)}" for c in state.devices]
     (fleet_dir / "known_hosts").write_text("\n".join(known_hosts) + "\n")
-    _write_inventory(fleet_dir, state)
+    _write_inventory(fleet_dir, state, _prepare_site(fleet_dir, state, client_public))
     write_operators(fleet_dir)
 
     deadline = time.monotonic() + READY_TIMEOUT_S
-    started = [(c, _start_sshd(fleet_dir, c)) for c in state.devices]
+    site = Counter(id=SITE_ID, branch="", outlet="", ssh_port=state.site_port or 0, http_port=0)
+    started = [(c, _start_sshd(fleet_dir, c)) for c in [*state.devices, site]]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(lambda c: _prepare_root(fleet_dir, c, packages, user), state.devices))
-        for c, proc in started:
+        for c, proc in started:  # the counters' and the backup site's
             _wait_for_sshd(fleet_dir, c, proc, deadline)
         results = list(pool.map(lambda c: (c, _ctl(fleet_dir, c, "start", user)), state.devices))
     failed = [f"{c.id}: {r.stdout.strip()} {r.stderr.strip()}".strip() for c, r in results if r.returncode != 0]
@@ -634,6 +759,10 @@ def down(fleet_dir: str | Path, timeout: float = 5.0) -> int:
 
 
 def remove(fleet_dir: str | Path) -> None:
-    """Take the fleet down and delete its directory."""
+    """Take the fleet down and delete its directory (and the backup site's chroot)."""
     down(fleet_dir)
+    fleet_dir = Path(fleet_dir).resolve()
+    chroot = _site_chroot(fleet_dir)
+    if chroot.is_relative_to(SITES_ROOT):
+        shutil.rmtree(chroot, ignore_errors=True)
     shutil.rmtree(fleet_dir, ignore_errors=True)

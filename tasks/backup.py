@@ -8,11 +8,14 @@ A backup is taken on the counter, into a private staging directory under its
 API, so the copy is consistent even while the app writes; each copy must pass
 ``PRAGMA integrity_check`` and the customer tables' rows are counted. The copy
 is archived (``tar.gz``, paths relative to the counter's root, e.g.
-``var/lib/smartcounter/counter.db``), downloaded, copied off-site, both copies
-read back and checked against one sha256, and only then given their final
-names and recorded. A restore uploads a verified copy, unpacks and checks it
-on the counter (integrity, row counts equal to the backup's) and only then
-swaps each path in whole.
+``var/lib/smartcounter/counter.db``), streamed here and encrypted on the way
+(age, to the inventory's ``backups.recipients``: tasks/backup_crypto.py), given
+a signed manifest, kept locally and at the backup site (SFTP, pinned host key:
+tasks/backup_site.py), both copies read back and checked, and only then given
+their final names and recorded. A restore verifies the signature, the counter,
+every digest and the decrypted tar here, uploads the plaintext to the counter
+over SSH, unpacks and checks it there (integrity, row counts equal to the
+backup's) and only then swaps each path in whole.
 
 What runs on the counter is the helper in ``tasks/oncounter/helper.py``
 (standard library only: the counter has ``/usr/bin/python3`` but no ``sqlite3``
@@ -22,28 +25,33 @@ customer data: they are 0600 in 0700 directories, and nothing here logs a row.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
-import shutil
+import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
-from inventory.models import Backup, Device, utcnow
+from inventory.models import Backup, BackupSettings, Device, utcnow
 from inventory.paths import check_private
 from inventory.store import Store, counterops_home
-from tasks import oncounter
-from tasks.layout import TMP_DIR
+from tasks import backup_crypto, oncounter
+from tasks.backup_crypto import CryptoError
+from tasks.backup_site import BackupSite, SiteError
+from tasks.layout import CURRENT_LINK, TMP_DIR
 from tasks.ssh import CommandFailed, Connection, SSHError, remote_path, sh, sha256_file
 
 ARCHIVE = "backup.tar.gz"  # name of the archive inside a staging directory on the counter
-Source = Literal["local", "offsite"]
+Source = Literal["local", "offsite"]  # "offsite": the backup site's copy
 
 class BackupError(Exception):
     """A backup or restore failed; ``stage`` says where ("snapshot", "offsite", "check", ...),
@@ -67,44 +75,112 @@ class DataChangedSinceBackup(BackupError):
         self.changes = changes
 
 
-# ----------------------------------------------------------------------------- the stores
+# ----------------------------------------------------------------------------- the vault: keys, local store, site
 
 
-def backup_dirs() -> tuple[Path, Path]:
-    """The local and the off-site backup store, created 0700 if missing (they hold customer data).
-
-    ``$COUNTEROPS_BACKUP_DIR`` (default ``$COUNTEROPS_HOME/backups``) and
-    ``$COUNTEROPS_OFFSITE_DIR`` (default ``$COUNTEROPS_HOME/offsite``; a real
-    deployment points it at another site's mount).
-    """
-    return _store_dir("COUNTEROPS_BACKUP_DIR", "backups"), _store_dir("COUNTEROPS_OFFSITE_DIR", "offsite")
+class NoBackupSettings(BackupError):
+    def __init__(self, device_id: str = "backups"):
+        super().__init__(device_id, "settings", "the inventory has no backups: section: backups are encrypted to its "
+                                                "recipients, signed with its signing_key and copied to its site; add the "
+                                                "section (README, \"Backups\") — no backup is ever taken in plain text")
 
 
-def _store_dir(variable: str, default_name: str) -> Path:
-    configured = os.environ.get(variable, "").strip()
-    path = Path(configured).expanduser() if configured else counterops_home() / default_name
+def local_store_dir() -> Path:
+    """The local backup store, ``$COUNTEROPS_BACKUP_DIR`` (default ``$COUNTEROPS_HOME/backups``), created
+    0700 if missing; ExposedPath when it exists readable by group/others."""
+    configured = os.environ.get("COUNTEROPS_BACKUP_DIR", "").strip()
+    path = Path(configured).expanduser() if configured else counterops_home() / "backups"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return check_private(path)  # customer data: never readable by group/others
+    return check_private(path)  # customer data (encrypted, but still): never readable by group/others
 
 
 def _device_dir(store_dir: Path, device_id: str) -> Path:
+    """``store_dir/device_id``, 0700 whatever the umask, or a directory left looser by an older version."""
     path = store_dir / device_id
     path.mkdir(mode=0o700, exist_ok=True)
+    st = path.stat()
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        if st.st_uid != os.geteuid():
+            check_private(path, st)
+        path.chmod(0o700)
     return path
 
 
-def _write_verified_copy(src: Path, dst: Path, sha256: str) -> None:
-    """Copy ``src`` to ``dst`` (0600), fsync it, drop it from the page cache and read it back:
-    a copy on another site's mount only counts once what is on its disk checks out."""
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(fd, "wb") as out, open(src, "rb") as data:
-        shutil.copyfileobj(data, out, 1 << 20)
-        out.flush()
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    got = sha256_file(dst)
-    if got != sha256:
-        raise OSError(f"{dst} reads back with sha256 {got}, expected {sha256}")
+class Vault:
+    """What a run needs to take, check and restore backups: the ``backups:`` settings, the local
+    store, the signing key, the age identity (only read when a backup is decrypted) and one lazy
+    SFTP connection to the backup site. Thread-safe; open one per run::
+
+        with Vault.open(inv.backups) as vault: ...
+
+    An inventory without ``backups:`` gives a vault that refuses every backup (NoBackupSettings)."""
+
+    def __init__(self, settings: BackupSettings | None):
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._site: BackupSite | None = None
+        self._signing: Any = None
+        self._identities: list[Any] | None = None
+
+    @classmethod
+    def open(cls, settings: BackupSettings | None) -> Vault:
+        return cls(settings)
+
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            site, self._site = self._site, None
+        if site is not None:
+            site.close()
+
+    def settings(self, device_id: str = "backups") -> BackupSettings:
+        if self._settings is None:
+            raise NoBackupSettings(device_id)
+        return self._settings
+
+    def local_dir(self, device_id: str) -> Path:
+        with _stage(device_id, "stores"):
+            return _device_dir(local_store_dir(), device_id)
+
+    def site(self, device_id: str = "backups") -> BackupSite:
+        settings = self.settings(device_id)
+        with self._lock:
+            if self._site is None:
+                key = settings.site.key_file
+                if key is None:
+                    raise BackupError(device_id, "offsite", "backups.site.key_file is not set (the loader sets it to ssh.key_file)")
+                self._site = BackupSite(settings.site, Path(key))
+            return self._site
+
+    def check_site(self, device_id: str = "backups") -> None:
+        """BackupError (stage "offsite") unless the backup site answers with its pinned key and its directory."""
+        try:
+            self.site(device_id).check()
+        except SiteError as e:
+            raise BackupError(device_id, "offsite", str(e)) from None
+
+    def signing_key(self, device_id: str) -> Any:
+        with self._lock:
+            if self._signing is None:
+                try:
+                    self._signing = backup_crypto.signing_key(self.settings(device_id))
+                except CryptoError as e:
+                    raise BackupError(device_id, "sign", str(e)) from None
+            return self._signing
+
+    def identities(self, device_id: str) -> list[Any]:
+        with self._lock:
+            if self._identities is None:
+                try:
+                    self._identities = backup_crypto.identities(self.settings(device_id))
+                except CryptoError as e:
+                    raise BackupError(device_id, "decrypt", str(e)) from None
+            return self._identities
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -117,28 +193,73 @@ def _publish(tmp: Path, final: Path) -> None:
         os.close(dir_fd)
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    with backup_crypto.private_file(path) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 # ----------------------------------------------------------------------------- verifying copies
 
 
-def verify_backup(backup: Backup) -> list[str]:
-    """What is wrong with a backup's copies: each line names a missing or changed copy.
-    An empty list means both the local and the off-site copy match the recorded sha256."""
-    return [problem for _, path, problem in _copies(backup) if problem]
+def _name(backup: Backup) -> str:
+    return Path(backup.path).name
 
 
-def _copies(backup: Backup) -> list[tuple[Source, Path | None, str | None]]:
-    """(which, where, what is wrong with it or None) for the local and the off-site copy."""
-    offsite = None if backup.offsite_path is None else Path(backup.offsite_path)
-    return [
-        ("local", Path(backup.path), _copy_problem("local", Path(backup.path), backup.sha256)),
-        (
-            "offsite",
-            offsite,
-            "no off-site copy recorded"
-            if offsite is None
-            else _copy_problem("off-site", offsite, backup.offsite_sha256 or backup.sha256),
-        ),
-    ]
+def _manifest_problems(backup: Backup, settings: BackupSettings) -> list[str]:
+    """What is wrong with the record's manifest: unsigned, signed by a stranger, or not this record's."""
+    m = backup.manifest
+    if m is None:
+        return [f"backup {backup.id} has no signed manifest (taken before backups were encrypted and signed): it "
+                "cannot be verified"]
+    try:
+        backup_crypto.check_signature(m, backup.signature, settings.signers)
+    except CryptoError as e:
+        return [f"backup {backup.id}: {e}"]
+    problems = []
+    if m.get("format") != backup_crypto.MANIFEST_FORMAT:
+        problems.append(f"backup {backup.id}: unknown manifest format {m.get('format')!r}")
+    if m.get("device_id") != backup.device_id:
+        problems.append(f"backup {backup.id}: its manifest is counter {m.get('device_id')}'s, the record says {backup.device_id}")
+    expected = {"archive": _name(backup), "ciphertext": {"sha256": backup.sha256, "size": backup.size_bytes},
+                "row_counts": dict(sorted(backup.row_counts.items())),
+                "fingerprint_sha256": backup_crypto.fingerprint_digest(backup.fingerprint)}
+    problems += [f"backup {backup.id}: the record's {key} differs from its signed manifest"
+                 for key, value in expected.items() if m.get(key) != value]
+    return problems
+
+
+def verify_backup(backup: Backup, vault: Vault) -> list[str]:
+    """What is wrong with a backup: its signed manifest, and each copy (local, site) read back in full
+    against it (the archive and the manifest kept beside it). [] when all is well. Nothing is decrypted."""
+    settings = vault.settings(backup.device_id)
+    problems = _manifest_problems(backup, settings)
+    if backup.manifest is None:
+        return problems
+    name, sidecar = _name(backup), backup_crypto.sidecar(backup.manifest, backup.signature or "")
+    local = Path(backup.path)
+    problems += [p for p in [_copy_problem("local", local, backup.sha256)] if p]
+    try:
+        if local.with_name(name + ".manifest").read_bytes() != sidecar:
+            problems.append(f"local manifest {local}.manifest differs from the record's")
+    except OSError:
+        problems.append(f"local manifest {local}.manifest is missing")
+    try:
+        site = vault.site(backup.device_id)
+        got = site.sha256(backup.device_id, name)
+        if got is None:
+            problems.append(f"site copy {site.url(backup.device_id, name)} is missing")
+        elif got != backup.sha256:
+            problems.append(f"site copy {site.url(backup.device_id, name)} has sha256 {got}, the backup recorded {backup.sha256}")
+        try:
+            if site.read(backup.device_id, name + ".manifest") != sidecar:
+                problems.append(f"site manifest {site.url(backup.device_id, name)}.manifest differs from the record's")
+        except SiteError:
+            problems.append(f"site manifest {site.url(backup.device_id, name)}.manifest is missing")
+    except SiteError as e:
+        problems.append(f"site copy cannot be read: {e}")
+    return problems
 
 
 def _copy_problem(label: str, path: Path, expected: str) -> str | None:
@@ -153,14 +274,72 @@ def _copy_problem(label: str, path: Path, expected: str) -> str | None:
     return None
 
 
-def _good_copy(backup: Backup) -> tuple[Source, Path]:
-    """The local copy if it verifies, else the off-site one; BackupError when neither does."""
-    copies = _copies(backup)
-    for source, path, problem in copies:
-        if problem is None and path is not None:
-            return source, path
-    raise BackupError(backup.device_id, "verify", f"no intact copy of backup {backup.id}: " + "; ".join(p for _, _, p in copies if p))
+@contextmanager
+def open_verified(backup: Backup, vault: Vault, device_id: str | None = None, *,
+                  onto_standby: bool = False) -> Iterator[tuple[Source, Path]]:
+    """The backup's plaintext tar.gz, verified, as (which copy, a 0600 file in a 0700 temp dir removed
+    afterwards). Before anything is decrypted: a key in ``signers`` signed the manifest, it names
+    the record's counter (and ``device_id``, the counter it is for, unless ``onto_standby``), it
+    matches the record; then the copy's digest, its AEAD decryption, the plaintext digest and a
+    bounded look at the tar. The local copy first, the site's when the local one fails.
+    BackupError names the backup and every problem; nothing has reached a counter."""
+    settings = vault.settings(backup.device_id)
+    who = device_id or backup.device_id
+    problems = _manifest_problems(backup, settings)
+    if device_id is not None and not onto_standby and device_id != backup.device_id:
+        problems.append(f"backup {backup.id} is counter {backup.device_id}'s, not {device_id}'s")
+    if problems:
+        raise BackupError(who, "verify", "; ".join(problems) + "; nothing was restored")
+    manifest = backup.manifest or {}
+    idents = vault.identities(who)
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="counterops-restore-") as tmp:
+        os.chmod(tmp, 0o700)
+        for source in ("local", "offsite"):
+            plain = Path(tmp) / f"{source}.tar.gz"
+            try:
+                cipher = _fetch(backup, vault, source, Path(tmp))
+                got = sha256_file(cipher)
+                if got != backup.sha256:
+                    raise CryptoError(f"its sha256 is {got}, the signed manifest says {backup.sha256}")
+                if backup_crypto.decrypt_file(cipher, plain, idents) != manifest["plaintext"]["sha256"]:
+                    raise CryptoError("it decrypts to other data than the signed manifest's")
+                backup_crypto.check_tar(plain)
+            except (CryptoError, SiteError, OSError) as e:
+                failures.append(f"{'local' if source == 'local' else 'site'} copy: {e}")
+                plain.unlink(missing_ok=True)
+                continue
+            yield source, plain  # type: ignore[misc]
+            return
+    raise BackupError(who, "verify", f"no intact copy of backup {backup.id}: " + "; ".join(failures) + "; nothing was restored")
 
+
+def _fetch(backup: Backup, vault: Vault, source: str, tmp: Path) -> Path:
+    """The ciphertext of ``source``'s copy as a local file (the local copy itself, or a download)."""
+    if source == "local":
+        local = Path(backup.path)
+        if not local.exists():
+            raise CryptoError(f"{local} is missing")
+        return local
+    site = vault.site(backup.device_id)
+    path = tmp / "site.tar.gz.age"
+    with backup_crypto.private_file(path) as f:
+        site.download(backup.device_id, _name(backup), f)
+    return path
+
+
+def destroy_backup(backup: Backup, vault: Vault) -> None:
+    """Remove both copies of ``backup`` and the manifests beside them (local and site); a copy already
+    gone is fine. The store's record is the caller's to mark (destroyed_at/by/rule)."""
+    name, local = _name(backup), Path(backup.path)
+    for path in (local, local.with_name(name + ".manifest")):
+        path.unlink(missing_ok=True)
+    try:
+        site = vault.site(backup.device_id)
+        for remote in (name, name + ".manifest"):
+            site.remove(backup.device_id, remote)
+    except SiteError as e:
+        raise BackupError(backup.device_id, "destroy", f"backup {backup.id}: the local copy is removed, the site's is not: {e}") from None
 
 # ----------------------------------------------------------------------------- on the counter
 
@@ -228,6 +407,9 @@ def _relative_paths(paths: Sequence[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- backup
 
+# $1 the archive, $2 the current-release link: the archive's sha256, then the running version (or nothing)
+_ARCHIVE_FACTS = 'sha256sum -- "$1" && { v=$(readlink -- "$2" 2>/dev/null) && echo "${v##*/}" || echo; }'
+
 
 def take_backup(
     conn: Connection,
@@ -235,57 +417,94 @@ def take_backup(
     paths: Sequence[str],
     *,
     store: Store,
+    vault: Vault,
     run_id: int | None = None,
+    during_snapshot: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> Backup:
-    """Back up ``paths`` (relative to the counter's root) and record the backup; returns the record.
+    """Back up ``paths`` (relative to the counter's root), encrypted, signed and kept at two sites; the record.
 
-    The archive lands as ``<device_id>/<YYYYmmddTHHMMSSZ>-<sha8>.tar.gz`` in the
-    local and the off-site store; both copies are checked against the sha256 the
-    counter computed before they get that name, so a name in a store is always
-    a whole, verified backup. Raises BackupError (naming the stage) on any
-    failure, leaving nothing in the stores and no staging on the counter.
+    The counter archives a consistent copy (``during_snapshot()``, when given, is entered only
+    around that: e.g. the counter out of service for that moment); the archive streams over SFTP
+    and is encrypted to ``backups.recipients`` on the way (plaintext never on this machine's disk),
+    both digests taken as it passes; the plaintext digest must be the counter's. A manifest is
+    signed and kept beside each copy: locally as ``<device>/<time>-<sha8>.tar.gz.age`` (+
+    ``.manifest``) and at the backup site (uploaded as ``.partial``, read back, renamed). The
+    backup counts — is recorded — only when both copies are verified; on any failure nothing
+    is left in either store or on the counter, and BackupError names the stage ("offsite": the
+    site could not be used).
     """
     paths = _relative_paths(paths)
-    with _stage(device.id, "stores"):
-        local_dir, offsite_dir = (_device_dir(d, device.id) for d in backup_dirs())
+    settings = vault.settings(device.id)
+    signing = vault.signing_key(device.id)
+    local_dir = vault.local_dir(device.id)
+    site = vault.site(device.id)
     taken_at = utcnow()
-    partial = f".{taken_at:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}.partial"
-    local_tmp, offsite_tmp = local_dir / partial, offsite_dir / partial
-    published: list[Path] = []
+    stamp = f"{taken_at:%Y%m%dT%H%M%SZ}"
+    partial = local_dir / f".{stamp}-{secrets.token_hex(4)}.partial"
+    made: list[Path] = [partial]
+    uploaded: list[str] = []
     try:
         with _counter_staging(conn, device, "backup") as staging:
-            with _stage(device.id, "snapshot"):
+            with _stage(device.id, "snapshot"), (during_snapshot() if during_snapshot else nullcontext()):
                 taken = _helper(conn, "snapshot", device.root, staging, *paths)
+            archive = f"{staging}/{ARCHIVE}"
             with _stage(device.id, "download"):
-                sha256 = conn.get(f"{staging}/{ARCHIVE}", local_tmp)
-                local_tmp.chmod(0o600)
-        with _stage(device.id, "offsite"):
-            _write_verified_copy(local_tmp, offsite_tmp, sha256)
+                facts = conn.run(sh(_ARCHIVE_FACTS, archive, remote_path(device.root, CURRENT_LINK))).stdout.split("\n")
+                counter_sha256, app_version = facts[0].split()[0], (facts[1].strip() if len(facts) > 1 else "") or None
+                sums = conn.read_stream(archive, lambda f, progress: backup_crypto.encrypt_stream(f, partial, settings, progress))
+                if sums["plaintext_sha256"] != counter_sha256:
+                    raise BackupError(device.id, "download", f"the archive arrived with sha256 {sums['plaintext_sha256']}, "
+                                                             f"the counter has {counter_sha256}")
+        name = f"{stamp}-{sums['ciphertext_sha256'][:8]}.tar.gz.age"
+        manifest = backup_crypto.build_manifest(
+            device_id=device.id, taken_at=taken_at.isoformat(), archive=name,
+            ciphertext_sha256=sums["ciphertext_sha256"], ciphertext_size=sums["ciphertext_size"],
+            plaintext_sha256=sums["plaintext_sha256"], plaintext_size=sums["plaintext_size"],
+            row_counts=taken["row_counts"], fingerprint=taken["fingerprint"], app_version=app_version, settings=settings)
+        with _stage(device.id, "sign"):
+            signature = backup_crypto.sign(manifest, signing)
+            sidecar = backup_crypto.sidecar(manifest, signature)
+            manifest_partial = local_dir / f".{name}.manifest.partial"
+            made.append(manifest_partial)
+            _write_private(manifest_partial, sidecar)
+        with _stage(device.id, "local"):
+            if sha256_file(partial) != sums["ciphertext_sha256"]:
+                raise BackupError(device.id, "local", f"{partial} reads back with another sha256 than was written")
+        try:
+            uploaded.append(site.upload(partial, device.id, name, sums["ciphertext_sha256"]))
+            uploaded.append(site.upload(sidecar, device.id, name + ".manifest", hashlib.sha256(sidecar).hexdigest()))
+        except SiteError as e:
+            raise BackupError(device.id, "offsite", str(e)) from None
         with _stage(device.id, "record"):
-            name = f"{taken_at:%Y%m%dT%H%M%SZ}-{sha256[:8]}.tar.gz"
-            for tmp, final in ((local_tmp, local_dir / name), (offsite_tmp, offsite_dir / name)):
-                _publish(tmp, final)
-                published.append(final)
+            final = local_dir / name
+            for tmp, dst in ((partial, final), (manifest_partial, local_dir / (name + ".manifest"))):
+                _publish(tmp, dst)
+                made.append(dst)
             return store.add(
                 Backup(
                     device_id=device.id,
                     run_id=run_id,
                     taken_at=taken_at,
-                    path=str(published[0]),
-                    sha256=sha256,
-                    size_bytes=published[0].stat().st_size,
-                    offsite_path=str(published[1]),
-                    offsite_sha256=sha256,
+                    path=str(final),
+                    sha256=sums["ciphertext_sha256"],
+                    size_bytes=sums["ciphertext_size"],
+                    offsite_path=site.url(device.id, name),
+                    offsite_sha256=sums["ciphertext_sha256"],
                     verified_at=utcnow(),
                     row_counts=taken["row_counts"],
                     fingerprint=taken["fingerprint"],
+                    manifest=manifest,
+                    signature=signature,
+                    app_version=app_version,
                 )
             )
     except BaseException:
-        for path in (local_tmp, offsite_tmp, *published):
+        for path in made:
             path.unlink(missing_ok=True)
+        for remote in uploaded:
+            with suppress(SiteError):
+                site.remove(device.id, PurePosixPath(remote).name)
         raise
-
 
 # ----------------------------------------------------------------------------- has the data changed?
 
@@ -354,56 +573,50 @@ def _expect_counts(device_id: str, got: dict[str, int], backup: Backup) -> None:
         raise BackupError(device_id, "check", f"restored row counts {got} differ from backup {backup.id}'s {backup.row_counts}")
 
 
-def restore_backup(conn: Connection, device: Device, backup: Backup, paths: Sequence[str], *,
-                   over_changed_data: bool = False) -> Source:
-    """Put ``paths`` on the counter back as they were in ``backup``; returns the copy used.
+def restore_backup(conn: Connection, device: Device, backup: Backup, paths: Sequence[str], *, vault: Vault,
+                   over_changed_data: bool = False, onto_standby: bool = False) -> Source:
+    """Put ``paths`` on the counter back as they were in ``backup``; returns the copy used ("local" or "offsite").
 
-    The caller has stopped the counter app. Never over newer data: unless
-    ``over_changed_data`` (a decision two people took, see tasks/hold.py), the
-    live customer data must be what the backup holds (its fingerprint), compared
-    right before the swap, else DataChangedSinceBackup is raised and the live
-    data is left as it is. (Callers that can still avoid stopping anything look
-    first with check_unchanged_since: the rollback, the recovery of an unfinished
-    install.) The local copy is used if it verifies,
-    else the off-site one; with neither intact, BackupError is raised before
-    anything reaches the counter. The restored data is checked on the counter
-    (integrity, row counts equal to the backup's) before it replaces the live
-    paths, each in one rename, so live data is never half-replaced.
+    The caller has stopped the counter app. Before anything reaches the counter the backup is
+    verified and decrypted here (open_verified: signature, counter, digests, AEAD, a bounded look
+    at the tar); the local copy is used if it passes, else the site's. ``onto_standby``: ``device``
+    is a standby counter receiving another counter's backup (the manifest still names that one).
+    Never over newer data: unless ``over_changed_data`` (a decision two people took, see
+    tasks/hold.py) or ``onto_standby``, the live customer data must be what the backup holds,
+    compared right before the swap, else DataChangedSinceBackup is raised and the live data is
+    left as it is. The restored data is checked on the counter (integrity, row counts equal to
+    the backup's) before it replaces the live paths, each in one rename.
     """
     paths = _relative_paths(paths)
-    source, archive = _good_copy(backup)
-    with _counter_staging(conn, device, "restore") as staging:
-        uploaded, tree = f"{staging}/{ARCHIVE}", f"{staging}/tree"
-        with _stage(device.id, "upload"):
-            if conn.put(archive, uploaded, mode=0o600) != backup.sha256:
-                raise BackupError(device.id, "upload", f"{archive} changed after it was verified")
-        with _stage(device.id, "unpack"):
-            conn.run(sh('mkdir -- "$2" && tar -xzpf "$1" -C "$2" --no-same-owner', uploaded, tree))
-        with _stage(device.id, "check"):
-            _expect_counts(device.id, _helper(conn, "check", tree), backup)
-        if not over_changed_data:
-            check_unchanged_since(conn, device, backup, paths)  # as it is now, with the app stopped
-        with _stage(device.id, "swap"):
-            _helper(conn, "swap", device.root, tree, *paths)
+    with open_verified(backup, vault, device.id, onto_standby=onto_standby) as (source, plain):
+        with _counter_staging(conn, device, "restore") as staging:
+            uploaded, tree = f"{staging}/{ARCHIVE}", f"{staging}/tree"
+            with _stage(device.id, "upload"):
+                conn.put(plain, uploaded, mode=0o600, sha256=(backup.manifest or {})["plaintext"]["sha256"])
+            with _stage(device.id, "unpack"):
+                conn.run(sh('mkdir -- "$2" && tar -xzpf "$1" -C "$2" --no-same-owner', uploaded, tree))
+            with _stage(device.id, "check"):
+                _expect_counts(device.id, _helper(conn, "check", tree), backup)
+            if not over_changed_data and not onto_standby:
+                check_unchanged_since(conn, device, backup, paths)  # as it is now, with the app stopped
+            with _stage(device.id, "swap"):
+                _helper(conn, "swap", device.root, tree, *paths)
     return source
 
 
-def restore_to_scratch(backup: Backup, scratch_dir: Path) -> dict:
-    """Restore drill: unpack a verified copy into an empty LOCAL ``scratch_dir`` and check it
-    (integrity, row counts equal to the backup's) without going near the counter.
-
-    Runs the counter-side helper's own check with the local Python, so a drill proves what
-    a restore on the counter would check, and compares every customer row with the
-    backup's fingerprint. ``scratch_dir`` then holds customer
-    data: the caller removes it. Returns source, row_counts, integrity and seconds.
-    """
+def restore_to_scratch(backup: Backup, scratch_dir: Path, *, vault: Vault) -> dict:
+    """Restore drill: verify and decrypt a copy, unpack it into an empty LOCAL ``scratch_dir`` and check it
+    (integrity, row counts equal to the backup's, every customer row against the fingerprint) without
+    going near the counter. ``scratch_dir`` then holds customer data: the caller removes it.
+    Returns source, row_counts, integrity, fingerprint and seconds."""
     started = time.monotonic()
-    source, archive = _good_copy(backup)
     scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(scratch_dir, 0o700)
     if any(scratch_dir.iterdir()):
         raise ValueError(f"{scratch_dir} is not empty: a drill must count only what the backup holds")
-    with _stage(backup.device_id, "unpack"), tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(scratch_dir, filter="data")
+    with open_verified(backup, vault) as (source, plain):
+        with _stage(backup.device_id, "unpack"), tarfile.open(plain, "r:gz") as tar:
+            tar.extractall(scratch_dir, filter="data")
     with _stage(backup.device_id, "check"):
         row_counts = _local_helper(backup, "check", str(scratch_dir))
         _expect_counts(backup.device_id, row_counts, backup)
@@ -419,7 +632,7 @@ def restore_to_scratch(backup: Backup, scratch_dir: Path) -> dict:
 
 def _local_helper(backup: Backup, command: str, *args: str) -> dict:
     """The counter-side helper's ``command`` run here, with this machine's python (a drill proves
-    what a restore on the counter would check)."""
+    what a restore on the counter would check; the helper opens databases with trusted_schema=OFF)."""
     done = subprocess.run([sys.executable, "-", command, *args], input=oncounter.source(), capture_output=True, timeout=600)
     if done.returncode != 0:
         raise BackupError(backup.device_id, "check", done.stderr.decode(errors="replace").strip()[-2000:])

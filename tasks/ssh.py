@@ -35,11 +35,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
 
 import paramiko
 
 from inventory.models import Device, SSHSettings
 from inventory.paths import check_private
+
+T = TypeVar("T")
 
 Arg = str | int | os.PathLike
 EOF_GRACE_S = 2.0  # after the exit status, how long to wait for the rest of a command's output
@@ -593,6 +596,23 @@ class Connection:
             return TransferError(self.target.device_id, f"disk full on the counter: {free} bytes free in {directory}, "
                                                         f"{size} needed ({what}); free space there and run again")
         return TransferError(self.target.device_id, f"{what} failed: {_plain(e)}")
+
+    def read_stream(self, remote: str, consume: Callable[[Any, Callable[[int, int], None]], T]) -> T:
+        """Open ``remote`` over SFTP and give it to ``consume(file, progress)``, which reads it (calling
+        ``progress`` as it goes, so a stalled link is noticed); its result. Nothing is written here:
+        the caller decides where the bytes go (the backup encrypts them on the way)."""
+        what = f"download of {remote}"
+        with self._sftp_lock, self._progress_watch(what) as progress:
+            try:
+                with self._sftp_client().open(remote, "rb") as f:
+                    f.prefetch()
+                    return consume(f, progress)
+            except (paramiko.SSHException, EOFError, TimeoutError) as e:
+                raise self._lost(what, e) from e
+            except OSError as e:
+                if self.suspect is not None:  # dropped by the progress watch
+                    raise self._lost(what, e) from e
+                raise TransferError(self.target.device_id, f"{what} failed: {_plain(e)}") from e
 
     def get(self, remote: str, local: str | Path) -> str:
         """Download ``remote`` to ``local`` and return the sha256 both ends agree on."""

@@ -40,7 +40,11 @@ JOURNALS = (".db-journal", ".db-wal", ".db-shm")
 
 
 def open_db(path, mode, timeout=30):
-    return sqlite3.connect("file:%s?mode=%s" % (urllib.parse.quote(path), mode), uri=True, timeout=timeout)
+    """A database opened by URI; its schema is not trusted: functions and virtual tables named in
+    views, triggers or defaults of a file that came from elsewhere are not run (trusted_schema=OFF)."""
+    db = sqlite3.connect("file:%s?mode=%s" % (urllib.parse.quote(path), mode), uri=True, timeout=timeout)
+    db.execute("PRAGMA trusted_schema=OFF")
+    return db
 
 
 def integrity(db):
