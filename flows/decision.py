@@ -25,7 +25,7 @@ from inventory.models import Run, RunKind
 from inventory.plan import UpgradePlan
 from inventory.store import Store
 from tasks.acting import acting_run, authorized, second_person
-from tasks.backup import BackupError
+from tasks.backup import BackupError, Vault
 from tasks.hold import Decision, DecisionError, Roll, carry_out, held, release_hold
 from tasks.playbook import StepFailed
 from tasks.report import tag_branches
@@ -75,7 +75,7 @@ def decide_held_counter(device_id: str, decision: Decision, inventory: str, roll
         if decision == "restore":
             approver = second_person(store, approval, action=APPROVAL, target=target, first=by, branches=[device.branch],
                                      how=how_to_approve(device.id))
-        with ConnectionPool(inv.ssh) as pool:
+        with ConnectionPool(inv.ssh) as pool, Vault.open(inv.backups) as vault:
             details = fault.details or {}
             plan_run = store.get(Run, details["run_id"])
             plan = UpgradePlan.model_validate(plan_run.params)
@@ -92,7 +92,7 @@ def decide_held_counter(device_id: str, decision: Decision, inventory: str, roll
                         return Failed(message=f"{device.id} stays held: {taken_by}; decide again once that run has ended")
                     try:
                         done = carry_out(pool.connection(device), device, fault, decision, roll=roll, plan=plan, store=store,
-                                         actor=by.actor, run_id=run.id)
+                                         actor=by.actor, run_id=run.id, vault=vault)
                     except (DecisionError, StepFailed, SSHError, BackupError, OSError, ValueError) as e:
                         message = e.message if isinstance(e, StepFailed) else str(e)
                         by.audit(store, "decide_held_counter", target, run_id=run.id, outcome="failed",

@@ -32,6 +32,7 @@ from tasks.drill import CounterDrill, DrillSummary, drill_counter, drill_notice,
 from tasks.notify import NotifyError
 from tasks.report import deliver, tag_branches
 from tasks.run_record import ends_with_reason
+from tasks.backup import Vault
 from tasks.ssh import ConnectionPool
 
 UPGRADE_PLAYBOOK = "smartcounter-upgrade"  # the drill backs up what an upgrade would have to restore
@@ -66,14 +67,14 @@ def backup_restore_drill(
     with Store.open() as store:
         by = authorized(store, authorization, action=ACTION, target=drill_target(sample, use_latest),
                         branches={d.branch for d in devices})
-        with (ConnectionPool(inv.ssh) as pool,
+        with (ConnectionPool(inv.ssh) as pool, Vault.open(inv.backups) as vault,
               acting_run(store, by, Run(kind=RunKind.DRILL, name="backup-restore-drill", initiator=by.actor, flow_run_id=str(flow_run.id),
                                         params={"inventory": inventory, "sample": sample, "use_latest": use_latest})) as run):
             fleet_as_seen(store, by.actor, inv, inventory, statement_digest=by.statement_digest)  # the records name the counters as this run saw them
             tag_branches(devices)
             futures = [
                 drill_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]")
-                .submit(d, paths, use_latest, run.id, store, pool, by)
+                .submit(d, paths, use_latest, run.id, store, pool, by, vault)
                 for d in devices
             ]
             summary = DrillSummary.of([_drilled(f, d, use_latest) for f, d in zip(futures, devices)])

@@ -50,6 +50,7 @@ from tasks.report import artifact_key, audit_head_markdown, deliver, publish_fin
 from tasks.rollout import CounterOutcome, Leftover, outcome_line, unfinished_installs, upgrade_counter
 from tasks.acting import fleet_as_seen
 from tasks.run_record import OpenRun, ends_with_reason, recorded_run
+from tasks.backup import Vault
 from tasks.ssh import ConnectionPool
 
 APPROVAL_TIMEOUT_S = 24 * 3600
@@ -97,7 +98,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
         approval = approved_plan(store, plan, branches=branches, actor=started.actor)
         initiator = approval.initiator
         announced = impact(plan, inv).model_copy(update={"initiator": initiator, "approved_by": approval.approver})
-        with (ConnectionPool(inv.ssh) as pool, ApiWatch.for_this_run() as api,
+        with (ConnectionPool(inv.ssh) as pool, Vault.open(inv.backups) as vault, ApiWatch.for_this_run() as api,
               recorded_run(store, Run(kind=RunKind.UPGRADE, name=plan.name, initiator=initiator, flow_run_id=str(flow_run.id),
                                       params=plan.record())) as run):
             fleet_as_seen(store, started.actor, inv, inventory, statement_digest=started.digest)  # the records name the counters as this run saw them
@@ -123,7 +124,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
                     halted = wait_for_approval(plan, digest, initiator, store, run.id, planned, index)
                     if halted:
                         break
-                done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool, leftovers, api)
+                done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool, leftovers, api, vault)
                 outcomes += done
                 audit_counters(store, started, run.id, planned, done)
                 for o in done:
@@ -323,7 +324,7 @@ def audit_counters(store: Store, started, run_id: int, planned: PlannedWave, don
 
 
 def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index: int, store: Store, run_id: int,
-                  pool: ConnectionPool, leftovers: dict[str, Leftover], api: ApiWatch) -> tuple[list[CounterOutcome], list[str]]:
+                  pool: ConnectionPool, leftovers: dict[str, Leftover], api: ApiWatch, vault: Vault) -> tuple[list[CounterOutcome], list[str]]:
     """Upgrade the wave's counters: at most ``parallelism`` at once and ``max_unavailable_per_outlet``
     per outlet; none started once the window closes, the wave's failure threshold is passed or the
     Prefect API is gone (the running ones end first). Returns the outcomes and the ids of counters not started."""
@@ -352,7 +353,7 @@ def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index
                     continue
                 # quote(): Prefect would walk every field of these models looking for futures, per counter
                 future = upgrade_counter.with_options(task_run_name=f"{device.id} [{device.outlet}]").submit(
-                    quote(device), quote(plan), run_id, index, quote(pool), quote(store), quote(leftovers.get(device.id)))
+                    quote(device), quote(plan), run_id, index, quote(pool), quote(store), quote(vault), quote(leftovers.get(device.id)))
                 running[future.wrapped_future] = (future, device)
                 busy[device.outlet] += 1
                 pending.remove(device)

@@ -35,7 +35,7 @@ from inventory.leases import lease
 from inventory.models import Backup, Device, RestoreDrill, utcnow
 from inventory.store import Store
 from tasks.acting import Acting
-from tasks.backup import BackupError, Source, restore_to_scratch, take_backup, verify_backup
+from tasks.backup import BackupError, Source, Vault, restore_to_scratch, take_backup, verify_backup
 from tasks.layout import DATABASE
 from tasks.notify import Notice
 from tasks.ssh import ConnectionPool, SSHError
@@ -130,7 +130,8 @@ def drill_sample(devices: list[Device], sample: int | None, day: date) -> list[D
 
 @task(name="drill-counter", cache_policy=NO_CACHE)
 def drill_counter(
-    device: Device, paths: list[str], use_latest: bool, run_id: int, store: Store, pool: ConnectionPool, by: Acting
+    device: Device, paths: list[str], use_latest: bool, run_id: int, store: Store, pool: ConnectionPool, by: Acting,
+    vault: Vault,
 ) -> CounterDrill:
     """Drill one counter (a fresh backup of ``paths`` first, unless ``use_latest``) and record it.
 
@@ -138,13 +139,14 @@ def drill_counter(
     taken holding the counter's lease; a counter another run holds is left out (a failed drill, named).
     Audited (``drill.counter``: it downloads and restores customer data), under the run's verified actor.
     """
-    drill = _drill_counter(device, paths, use_latest, run_id, store, pool)
+    drill = _drill_counter(device, paths, use_latest, run_id, store, pool, vault)
     by.audit(store, "drill.counter", device.id, run_id=run_id, outcome="ok" if drill.ok else "failed",
              details={"backup_id": drill.backup_id, "fresh_backup": drill.fresh_backup, "errors": drill.errors})
     return drill
 
 
-def _drill_counter(device: Device, paths: list[str], use_latest: bool, run_id: int, store: Store, pool: ConnectionPool) -> CounterDrill:
+def _drill_counter(device: Device, paths: list[str], use_latest: bool, run_id: int, store: Store, pool: ConnectionPool,
+                   vault: Vault) -> CounterDrill:
     drill = CounterDrill(device_id=device.id, branch=device.branch, outlet=device.outlet, fresh_backup=not use_latest)
     try:
         if use_latest:
@@ -153,7 +155,7 @@ def _drill_counter(device: Device, paths: list[str], use_latest: bool, run_id: i
             with lease(store, device.id, run_id) as held:
                 if held is not None:
                     return drill.model_copy(update={"errors": [f"{held}; left out: no fresh backup taken"]})
-                backup = take_backup(pool.connection(device), device, paths, store=store, run_id=run_id)
+                backup = take_backup(pool.connection(device), device, paths, store=store, vault=vault, run_id=run_id)
     except BackupError as e:
         return drill.model_copy(update={"errors": [f"fresh backup failed at {e.stage}: {e.reason}"]})
     except SSHError as e:
@@ -162,7 +164,7 @@ def _drill_counter(device: Device, paths: list[str], use_latest: bool, run_id: i
         pool.release(device)
     if backup is None:
         return drill.model_copy(update={"errors": ["no backup stored for this counter: nothing to restore"]})
-    drill = restore_drill(backup, drill)
+    drill = restore_drill(backup, drill, vault)
     assert backup.id is not None and drill.drilled_at is not None
     store.add(RestoreDrill(backup_id=backup.id, device_id=device.id, run_id=run_id, at=drill.drilled_at, rto_s=drill.rto_s, rpo_s=drill.rpo_s,
                            ok=drill.ok, details=drill.model_dump(mode="json", include={"fresh_backup", "restored_from", "row_counts", "errors"})))
@@ -174,17 +176,17 @@ def _newest_backup(store: Store, device: Device) -> Backup | None:
     return backups[0] if backups else None
 
 
-def restore_drill(backup: Backup, drill: CounterDrill) -> CounterDrill:
+def restore_drill(backup: Backup, drill: CounterDrill, vault: Vault) -> CounterDrill:
     """Verify both copies of ``backup``, restore it into a scratch dir and check it; the drill
     with its RTO, RPO and problems."""
     at, started = utcnow(), time.monotonic()
     # max(): a clock stepped back since the backup must not make the record invalid
     update = {"backup_id": backup.id, "drilled_at": at, "rpo_s": max(0.0, (at - backup.taken_at).total_seconds())}
-    problems = copy_problems(backup)
+    problems = copy_problems(backup, vault)
     with TemporaryDirectory(prefix="counterops-drill-") as scratch:  # 0700, and gone whatever happens
         restored = Path(scratch, "restore")
         try:
-            result = restore_to_scratch(backup, restored)
+            result = restore_to_scratch(backup, restored, vault=vault)
             read_customer_tables(backup, restored / DATABASE)
         except BackupError as e:
             return drill.model_copy(update=update | {"errors": [*problems, f"restore failed at {e.stage}: {e.reason}"]})
@@ -195,10 +197,10 @@ def restore_drill(backup: Backup, drill: CounterDrill) -> CounterDrill:
     return drill.model_copy(update=update | {"restored_from": result["source"], "row_counts": result["row_counts"], "errors": problems})
 
 
-def copy_problems(backup: Backup) -> list[str]:
+def copy_problems(backup: Backup, vault: Vault) -> list[str]:
     """What is wrong with the copies: each must match the record. One good copy is not the
     two the bank's rule asks for, so a damaged local copy fails even when off-site is good."""
-    problems = verify_backup(backup)
+    problems = verify_backup(backup, vault)
     if backup.offsite_sha256 not in (None, backup.sha256):
         problems.append(f"the record's off-site sha256 {backup.offsite_sha256} differs from its local sha256 {backup.sha256}")
     return problems
@@ -221,6 +223,7 @@ def read_customer_tables(backup: Backup, db: Path) -> None:
         raise BackupError(backup.device_id, "read", f"{DATABASE} is not in backup {backup.id}")
     try:
         with closing(sqlite3.connect(f"file:{urllib.parse.quote(str(db))}?mode=ro", uri=True)) as conn:
+            conn.execute("PRAGMA trusted_schema=OFF")  # a file from a counter: its schema runs nothing here
             counts = {table: sum(1 for _ in conn.execute(f'SELECT * FROM "{_quoted(table)}"')) for table in backup.row_counts}
     except sqlite3.Error as e:
         raise BackupError(backup.device_id, "read", f"{DATABASE}: {e}") from e

@@ -33,7 +33,7 @@ from inventory.models import Backup, Device, Fault, FaultStatus, utcnow
 from inventory.plan import UpgradePlan
 from inventory.store import Store
 from playbooks import load_playbook
-from tasks.backup import restore_backup, take_backup
+from tasks.backup import Vault, restore_backup, take_backup
 from tasks.checks import business_test, functional_test
 from tasks.counter_app import set_in_service
 from tasks.faults import CATALOGUE, Symptom, unfixed_faults
@@ -97,7 +97,7 @@ class DecisionError(Exception):
 
 
 def carry_out(conn: Connection, device: Device, fault: Fault, decision: Decision, *, roll: Roll | None, plan: UpgradePlan,
-              store: Store, actor: str, run_id: int) -> dict[str, Any]:
+              store: Store, actor: str, run_id: int, vault: Vault) -> dict[str, Any]:
     """Carry out ``decision`` on a held counter and put it back into service once both tests pass.
 
     The live data is backed up first, whatever was decided. keep-live: the live data stays;
@@ -113,7 +113,7 @@ def carry_out(conn: Connection, device: Device, fault: Fault, decision: Decision
     facts = read_facts(conn, playbook, device_vars(device))
     done: dict[str, Any] = {"decision": decision, "installed_before": facts["installed_version"]}
     # Whatever was decided, the live data is backed up first: it is never lost, at most set aside.
-    done["live_data_backup_id"] = take_backup(conn, device, playbook.backup.paths, store=store, run_id=run_id).id
+    done["live_data_backup_id"] = take_backup(conn, device, playbook.backup.paths, store=store, vault=vault, run_id=run_id).id
     if decision == "keep-live" and roll == "forward":
         version = plan.target_version
         vars = playbook_vars(device, version=version, previous_version=version_then or facts["installed_version"],
@@ -125,7 +125,7 @@ def carry_out(conn: Connection, device: Device, fault: Fault, decision: Decision
                              package=Path(plan.package), package_sha256=plan.package_sha256 or "0" * 64)
         if decision == "restore":
             def restore_data() -> None:
-                restore_backup(conn, device, backup, playbook.backup.paths, over_changed_data=True)
+                restore_backup(conn, device, backup, playbook.backup.paths, vault=vault, over_changed_data=True)
         else:
             def restore_data() -> None:
                 return None  # keep-live: the data stays as it is

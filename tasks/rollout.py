@@ -43,7 +43,7 @@ from inventory.plan import UpgradePlan
 from inventory.store import Store
 from playbooks import load_playbook
 from playbooks.schema import Playbook
-from tasks.backup import BackupError, DataChangedSinceBackup, check_unchanged_since, data_changed_since, restore_backup, take_backup
+from tasks.backup import BackupError, DataChangedSinceBackup, Vault, check_unchanged_since, data_changed_since, restore_backup, take_backup
 from tasks.checks import business_test, free_disk_command, free_disk_mb, functional_test
 from tasks.counter_app import read_health, read_metrics, set_in_service
 from tasks.downgrade import check_downgrade
@@ -185,6 +185,7 @@ def upgrade_counter_pipeline(
     wave: int,
     store: Store,
     pool: ConnectionPool,
+    vault: Vault,
     leftover: Leftover | None = None,
 ) -> CounterOutcome:
     """Run the upgrade procedure on one counter and return how it ended (never raises for the counter's faults).
@@ -226,6 +227,7 @@ def upgrade_counter_pipeline(
             if free_mb < need_mb:
                 raise RuntimeError(f"only {free_mb} MB free in {staging} on the counter, {need_mb} MB needed "
                                    f"({MIN_FREE_DISK_FACTOR} × the package: upload, unpack, backup); free space there first")
+            vault.check_site(device.id)  # the backup needs the second site: none down, so no counter is drained in vain
             if leftover is not None:
                 backup_then, version_then = leftover
                 changes = data_changed_since(conn, device, backup_then, playbook.backup.paths)
@@ -238,7 +240,7 @@ def upgrade_counter_pipeline(
                     raise Held(held_reason(fault))
                 found["recovered_from_backup"] = backup_then.id
                 try:
-                    _recover(conn, device, plan, playbook, backup_then, version_then)
+                    _recover(conn, device, plan, playbook, backup_then, version_then, vault)
                 except Exception as e:
                     _needs_attention(store, device, plan, run_id, "precheck (recovering an interrupted install)", _describe(e))
                     raise
@@ -271,7 +273,7 @@ def upgrade_counter_pipeline(
             drained = True
         # 3. backup — verified on both ends, second copy off-site, recorded
         with rec.step(UpgradeStep.BACKUP) as found:
-            backup = take_backup(conn, device, playbook.backup.paths, store=store, run_id=run_id)
+            backup = take_backup(conn, device, playbook.backup.paths, store=store, vault=vault, run_id=run_id)
             out.backup_id = found["backup_id"] = backup.id
         # 4. install — the playbook, step by step
         vars = playbook_vars(device, version=plan.target_version, previous_version=out.from_version,
@@ -299,7 +301,7 @@ def upgrade_counter_pipeline(
         failed_step = _last_step(store, run_id, device.id)
         out.failed_step, out.error = failed_step, _describe(e)
         if drained:
-            _roll_back(device, plan, playbook, rec, out, conn, backup, vars, reason)
+            _roll_back(device, plan, playbook, rec, out, conn, backup, vars, reason, vault)
         out.ended_at = datetime.now(UTC)
         return out
 
@@ -369,7 +371,7 @@ def _confirm_current(device: Device, plan: UpgradePlan, rec: _Recorder, out: Cou
 
 
 def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Recorder, out: CounterOutcome, conn: Connection,
-               backup: Backup | None, vars: dict[str, str], reason: str) -> None:
+               backup: Backup | None, vars: dict[str, str], reason: str, vault: Vault) -> None:
     """Previous release, data from the verified backup, restart, health checked, back into service;
     the install's leftovers removed. Over a new connection when the failure left this one suspect.
     Before the install began (drain or backup failed) nothing is stopped or restored: the app and
@@ -382,7 +384,7 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
     def restore_data() -> None:
         if backup is None:
             return  # failed before the backup: the install never ran, the data is untouched
-        restore_backup(conn, device, backup, playbook.backup.paths)
+        restore_backup(conn, device, backup, playbook.backup.paths, vault=vault)
 
     def hold_for_decision(changed: DataChangedSinceBackup) -> None:
         fault = hold(rec.store, device, changed.backup, changed.changes, actor=_initiator(rec.store, rec.run_id), run_id=rec.run_id, context={
@@ -413,13 +415,14 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
                              f"{out.error}; the rollback failed: {out.rollback_error}")
 
 
-def _recover(conn: Connection, device: Device, plan: UpgradePlan, playbook: Playbook, backup: Backup, version_then: str) -> None:
+def _recover(conn: Connection, device: Device, plan: UpgradePlan, playbook: Playbook, backup: Backup, version_then: str,
+             vault: Vault) -> None:
     """Put a counter caught mid-install back exactly as it was: its old release, the data of its verified backup."""
     vars = playbook_vars(device, version=plan.target_version, previous_version=version_then,
                          package=Path(plan.package), package_sha256=plan.package_sha256 or "0" * 64)
     if conn.suspect is not None:
         conn.reconnect()
-    run_steps(conn, device, playbook.rollback, vars, restore_data=lambda: restore_backup(conn, device, backup, playbook.backup.paths))
+    run_steps(conn, device, playbook.rollback, vars, restore_data=lambda: restore_backup(conn, device, backup, playbook.backup.paths, vault=vault))
 
 
 def _needs_attention(store: Store, device: Device, plan: UpgradePlan, run_id: int, failed_step: str, cause: str) -> None:
@@ -444,7 +447,7 @@ def _needs_attention(store: Store, device: Device, plan: UpgradePlan, run_id: in
 
 @task(name="upgrade-counter", cache_policy=NO_CACHE, retries=0)
 def upgrade_counter(
-    device: Device, plan: UpgradePlan, run_id: int, wave: int, pool: ConnectionPool, store: Store,
+    device: Device, plan: UpgradePlan, run_id: int, wave: int, pool: ConnectionPool, store: Store, vault: Vault,
     leftover: Leftover | None = None,
 ) -> CounterOutcome | State:
     """One counter through the whole upgrade procedure (one task run per counter), holding its lease:
@@ -457,7 +460,7 @@ def upgrade_counter(
             return CounterOutcome(device_id=device.id, branch=device.branch, outlet=device.outlet, wave=wave, status="busy",
                                   error=f"{taken_by}; left out", started_at=now, ended_at=now)
         try:
-            out = upgrade_counter_pipeline(device, plan, run_id=run_id, wave=wave, store=store, pool=pool, leftover=leftover)
+            out = upgrade_counter_pipeline(device, plan, run_id=run_id, wave=wave, store=store, pool=pool, vault=vault, leftover=leftover)
         finally:
             pool.release(device)
     return Failed(message=outcome_line(out), data=out) if out.failed or out.status == "held" else out
