@@ -26,7 +26,7 @@ from inventory.loader import load_inventory
 from inventory.models import Device, Run, RunKind
 from inventory.store import Store
 from simfleet import fleet as simfleet
-from tasks.backup import BackupError, DataChangedSinceBackup, backup_dirs, data_changed_since, restore_backup, restore_to_scratch, take_backup, verify_backup
+from tasks.backup import BackupError, DataChangedSinceBackup, Vault, data_changed_since, local_store_dir, restore_backup, restore_to_scratch, take_backup, verify_backup
 from tasks.ssh import Connection, Target, remote_path, sh
 from tests.plugins.fleet import port, traversable_tmpdir
 
@@ -97,10 +97,10 @@ def damage(path: str | None) -> None:
 
 
 @pytest.fixture
-def stores(tmp_path, monkeypatch) -> tuple[Path, Path]:
+def stores(tmp_path, monkeypatch) -> tuple[Path]:
+    """The local backup store (the second copy is at the fleet's backup site)."""
     monkeypatch.setenv("COUNTEROPS_BACKUP_DIR", str(tmp_path / "backups"))
-    monkeypatch.setenv("COUNTEROPS_OFFSITE_DIR", str(tmp_path / "offsite"))
-    return tmp_path / "backups", tmp_path / "offsite"
+    return (tmp_path / "backups",)
 
 
 @pytest.fixture
@@ -111,17 +111,17 @@ def store(tmp_path, stores):
 
 @pytest.fixture(scope="module")
 def session_conn(fleet):
-    """A connection to a counter of the session fleet, which these tests only read."""
+    """A connection to a counter of the session fleet, which these tests only read, and a vault for its backups."""
     inv = load_inventory(fleet.inventory)
-    with Connection(Target.for_device(inv.devices[0], inv.ssh)) as conn:
-        yield inv, conn
+    with Connection(Target.for_device(inv.devices[0], inv.ssh)) as conn, Vault.open(inv.backups) as vault:
+        yield inv, conn, vault
 
 
 @pytest.fixture
-def session_counter(session_conn, store) -> tuple[Device, Connection]:
-    inv, conn = session_conn
+def session_counter(session_conn, store) -> tuple[Device, Connection, Vault]:
+    inv, conn, vault = session_conn
     store.import_inventory(inv, actor="test", source="session fleet")
-    return inv.devices[0], conn
+    return inv.devices[0], conn, vault
 
 
 @pytest.fixture(scope="module")
@@ -136,22 +136,28 @@ def own_inv():
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def own_vault(own_inv):
+    with Vault.open(own_inv.backups) as vault:
+        yield vault
+
+
 @pytest.fixture
-def running_counter(own_inv, store):
+def running_counter(own_inv, own_vault, store):
     store.import_inventory(own_inv, actor="test", source="own fleet")
     device = own_inv.devices[0]
     with Connection(Target.for_device(device, own_inv.ssh)) as conn:
-        yield device, conn
+        yield device, conn, own_vault
 
 
 @pytest.fixture
-def stopped_counter(own_inv, store):
+def stopped_counter(own_inv, own_vault, store):
     """A counter whose app is stopped, as it is during a rollback; started again afterwards."""
     store.import_inventory(own_inv, actor="test", source="own fleet")
     device = own_inv.devices[1]
     with Connection(Target.for_device(device, own_inv.ssh)) as conn:
         ctl(conn, device, "stop")
-        yield device, conn
+        yield device, conn, own_vault
         ctl(conn, device, "start")
 
 
@@ -159,33 +165,51 @@ def stopped_counter(own_inv, store):
 
 
 def test_a_backup_is_verified_private_off_site_and_recorded(session_counter, store, stores):
-    device, conn = session_counter
+    device, conn, vault = session_counter
     tmp_before = sorted(Path(device.root, "tmp").iterdir())
     data_before = tree_state(Path(device.root, DATA))
 
     run = store.add(Run(kind=RunKind.UPGRADE, name="backup test", initiator="zhang.wei"))
     started = time.monotonic()
-    backup = take_backup(conn, device, PATHS, store=store, run_id=run.id)
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault, run_id=run.id)
     print(f"backup of one counter: {time.monotonic() - started:.2f} s, {backup.size_bytes} bytes")
 
     assert backup.id is not None and store.backups(device_id=device.id) == [backup]
     assert backup.run_id == run.id and backup.verified_at is not None
-    local, offsite = Path(backup.path), Path(backup.offsite_path or "")
-    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{8}\.tar\.gz", local.name)
-    assert local.name.endswith(f"-{backup.sha256[:8]}.tar.gz") and local.name.startswith(f"{backup.taken_at:%Y%m%dT%H%M%SZ}")
-    assert local == stores[0] / device.id / local.name and offsite == stores[1] / device.id / local.name
-    for copy in (local, offsite):
-        assert mode(copy) == 0o600 and sha256(copy) == backup.sha256 == backup.offsite_sha256
-        assert mode(copy.parent) == mode(copy.parent.parent) == 0o700
+    local, site = Path(backup.path), vault.site(device.id)
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{8}\.tar\.gz\.age", local.name)
+    assert local.name.endswith(f"-{backup.sha256[:8]}.tar.gz.age") and local.name.startswith(f"{backup.taken_at:%Y%m%dT%H%M%SZ}")
+    assert local == stores[0] / device.id / local.name
+    assert backup.offsite_path == site.url(device.id, local.name) and backup.offsite_sha256 == backup.sha256
+    assert mode(local) == mode(f"{local}.manifest") == 0o600 and sha256(local) == backup.sha256
+    assert mode(local.parent) == mode(local.parent.parent) == 0o700
+    assert site.sha256(device.id, local.name) == backup.sha256
+    assert site.mode(device.id, local.name) == site.mode(device.id, local.name + ".manifest") == 0o600
+    assert site.mode(device.id) == 0o700
     assert backup.size_bytes == local.stat().st_size
-    assert sorted(p.name for p in local.parent.iterdir()) == [local.name], "no partial files left"
-    assert backup_dirs() == stores
-    assert verify_backup(backup) == []
+    assert sorted(p.name for p in local.parent.iterdir()) == [local.name, f"{local.name}.manifest"], "no partial files left"
+    assert not [n for n in site.listdir(device.id) if n.endswith(".partial")]
+    assert local_store_dir() == stores[0]
+    assert verify_backup(backup, vault) == []
+    m = backup.manifest
+    assert m is not None and backup.signature and m["device_id"] == device.id and m["archive"] == local.name
+    assert m["ciphertext"] == {"sha256": backup.sha256, "size": backup.size_bytes} and m["row_counts"] == backup.row_counts
+    assert backup.app_version == "1.0.0" == m["app_version"]
 
+    # encrypted: not a tar, no gzip magic; it decrypts (with the identity) to the counted rows
+    assert not tarfile.is_tarfile(local) and local.read_bytes()[:2] != b"\x1f\x8b"
+    assert local.read_bytes().startswith(b"age-encryption.org/v1")
+    import pyrage
+    from tasks.backup_crypto import identities
+    plain = pyrage.decrypt(local.read_bytes(), identities(vault.settings()))
+    assert hashlib.sha256(plain).hexdigest() == m["plaintext"]["sha256"]
+    (stores[0] / "plain.tar.gz").write_bytes(plain)
+    with tarfile.open(stores[0] / "plain.tar.gz") as tar:
+        names = tar.getnames()
+        tar.extractall(stores[0] / "plain", filter="data")
+    assert row_counts(stores[0] / "plain" / DATA / "counter.db") == backup.row_counts
     assert backup.row_counts == row_counts(counter_db(device))
     assert all(n > 0 for n in backup.row_counts.values())
-    with tarfile.open(local) as tar:
-        names = tar.getnames()
     assert DATA in names and f"{DATA}/counter.db" in names
     assert all(n == DATA or n.startswith(f"{DATA}/") for n in names), "paths are stored relative to the root"
     assert not any(n.endswith("-journal") for n in names)
@@ -195,45 +219,46 @@ def test_a_backup_is_verified_private_off_site_and_recorded(session_counter, sto
 
 
 def test_a_failed_backup_names_device_and_stage_and_leaves_nothing(session_counter, store, stores):
-    device, conn = session_counter
+    device, conn, vault = session_counter
     tmp_before = sorted(Path(device.root, "tmp").iterdir())
     with pytest.raises(BackupError) as e:
-        take_backup(conn, device, [DATA, "var/lib/no such dir"], store=store)
+        take_backup(conn, device, [DATA, "var/lib/no such dir"], store=store, vault=vault)
     assert e.value.stage == "snapshot" and str(e.value).startswith(f"{device.id}: snapshot: ")
     assert "var/lib/no such dir: no such file or directory" in str(e.value)
     assert [p for s in stores for p in s.rglob("*") if p.is_file()] == []
+    assert not [n for n in vault.site(device.id).listdir(device.id) if n.endswith(".partial")]
     assert store.backups() == []
     assert sorted(Path(device.root, "tmp").iterdir()) == tmp_before
 
 
 def test_a_backup_that_cannot_be_recorded_leaves_no_archive(session_conn, store, stores):
-    inv, conn = session_conn  # the device is not in this store: the record is refused
+    inv, conn, vault = session_conn  # the device is not in this store: the record is refused
     with pytest.raises(BackupError) as e:
-        take_backup(conn, inv.devices[0], PATHS, store=store)
+        take_backup(conn, inv.devices[0], PATHS, store=store, vault=vault)
     assert e.value.stage == "record" and "FOREIGN KEY" in str(e.value)
     assert [p for s in stores for p in s.rglob("*") if p.is_file()] == []
 
 
 def test_an_unusable_store_directory_is_a_backup_error(session_counter, store, stores, monkeypatch, tmp_path):
-    device, conn = session_counter
+    device, conn, vault = session_counter
     (tmp_path / "a file").write_text("")
-    monkeypatch.setenv("COUNTEROPS_OFFSITE_DIR", str(tmp_path / "a file"))
+    monkeypatch.setenv("COUNTEROPS_BACKUP_DIR", str(tmp_path / "a file"))
     with pytest.raises(BackupError) as e:
-        take_backup(conn, device, PATHS, store=store)
+        take_backup(conn, device, PATHS, store=store, vault=vault)
     assert e.value.stage == "stores" and store.backups() == []
 
 
 @pytest.mark.parametrize("paths", [["/var/lib/smartcounter"], ["var/lib/../../etc"], ["var/lib", DATA], "var/lib"])
 def test_paths_outside_the_root_or_overlapping_are_refused(session_counter, store, paths):
-    device, conn = session_counter
+    device, conn, vault = session_counter
     with pytest.raises(ValueError):
-        take_backup(conn, device, paths, store=store)
+        take_backup(conn, device, paths, store=store, vault=vault)
 
 
 def test_a_backup_while_the_app_writes_is_consistent(running_counter, store, stores):
     """Each card is opened with its customer in one transaction: a consistent copy has as many new
     cards as new customers, whatever moment it caught. A plain file copy could tear them apart."""
-    device, conn = running_counter
+    device, conn, vault = running_counter
     before = row_counts(counter_db(device))
     stop, opened = threading.Event(), []
 
@@ -254,7 +279,7 @@ def test_a_backup_while_the_app_writes_is_consistent(running_counter, store, sto
         backups = []
         for _ in range(3):
             wait_for_more_cards(len(opened))  # the app really writes between (and during) the backups
-            backups.append(take_backup(conn, device, PATHS, store=store))
+            backups.append(take_backup(conn, device, PATHS, store=store, vault=vault))
     finally:
         stop.set()
         writer.join()
@@ -264,18 +289,18 @@ def test_a_backup_while_the_app_writes_is_consistent(running_counter, store, sto
     for b in backups:
         assert b.row_counts["cards"] - before["cards"] == b.row_counts["customers"] - before["customers"]
         assert b.row_counts["transactions"] == before["transactions"]
-        assert restore_to_scratch(b, stores[0].parent / f"drill-{b.id}")["integrity"] == "ok"
+        assert restore_to_scratch(b, stores[0].parent / f"drill-{b.id}", vault=vault)["integrity"] == "ok"
 
 
 # ----------------------------------------------------------------------------- restore
 
 
 def test_restore_brings_back_the_data_exactly(stopped_counter, store, stores):
-    device, conn = stopped_counter
+    device, conn, vault = stopped_counter
     data = Path(device.root, DATA)
     spaced = remote_path(device.root, DATA, SPACED)
     conn.run(sh('printf "%s" "$2" > "$1"', spaced, "kept across the round trip\n"))
-    backup = take_backup(conn, device, PATHS, store=store)
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
     digests, files = table_digests(counter_db(device)), sorted(p.name for p in data.iterdir())
 
     with closing(sqlite3.connect(counter_db(device))) as db, db:
@@ -287,13 +312,13 @@ def test_restore_brings_back_the_data_exactly(stopped_counter, store, stores):
 
     # Never over newer data: without a decision the changed live data is refused, untouched.
     with pytest.raises(DataChangedSinceBackup) as refused:
-        restore_backup(conn, device, backup, PATHS)
+        restore_backup(conn, device, backup, PATHS, vault=vault)
     assert refused.value.stage == "compare" and device.id in str(refused.value)
     assert any("cards has" in c for c in refused.value.changes), refused.value.changes
     assert table_digests(counter_db(device)) != digests and (data / "added.txt").exists(), "nothing was touched"
 
     started = time.monotonic()
-    assert restore_backup(conn, device, backup, PATHS, over_changed_data=True) == "local"
+    assert restore_backup(conn, device, backup, PATHS, vault=vault, over_changed_data=True) == "local"
     print(f"restore of one counter: {time.monotonic() - started:.2f} s")
 
     assert table_digests(counter_db(device)) == digests
@@ -308,8 +333,8 @@ def test_restore_brings_back_the_data_exactly(stopped_counter, store, stores):
 
 
 def test_a_corrupt_database_is_refused_and_restored_from_the_last_good_backup(stopped_counter, store, stores):
-    device, conn = stopped_counter
-    good = take_backup(conn, device, PATHS, store=store)
+    device, conn, vault = stopped_counter
+    good = take_backup(conn, device, PATHS, store=store, vault=vault)
     digests = table_digests(counter_db(device))
     (page_size,), (index_root,) = read_db(counter_db(device), "PRAGMA page_size")[0], read_db(
         counter_db(device), "SELECT rootpage FROM sqlite_master WHERE name = 'transactions_card'"
@@ -319,61 +344,61 @@ def test_a_corrupt_database_is_refused_and_restored_from_the_last_good_backup(st
         f.write(b"\x00" * 32)
 
     with pytest.raises(BackupError, match="counter.db: (integrity_check: |database disk image is malformed)") as e:
-        take_backup(conn, device, PATHS, store=store)
+        take_backup(conn, device, PATHS, store=store, vault=vault)
     assert e.value.stage == "snapshot" and store.backups() == [good]
-    assert restore_backup(conn, device, good, PATHS) == "local"
+    assert restore_backup(conn, device, good, PATHS, vault=vault) == "local"
     assert table_digests(counter_db(device)) == digests
     assert read_db(counter_db(device), "PRAGMA integrity_check") == [("ok",)]
 
 
 def test_restore_uses_the_off_site_copy_when_the_local_one_is_damaged(stopped_counter, store, stores):
-    device, conn = stopped_counter
-    backup = take_backup(conn, device, PATHS, store=store)
+    device, conn, vault = stopped_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
     digests = table_digests(counter_db(device))
     with closing(sqlite3.connect(counter_db(device))) as db, db:
         db.execute("DELETE FROM transactions")
 
     damage(backup.path)
-    problems = verify_backup(backup)
+    problems = verify_backup(backup, vault)
     assert len(problems) == 1 and problems[0].startswith(f"local copy {backup.path} has sha256")
-    assert restore_backup(conn, device, backup, PATHS, over_changed_data=True) == "offsite"
+    assert restore_backup(conn, device, backup, PATHS, vault=vault, over_changed_data=True) == "offsite"
     assert table_digests(counter_db(device)) == digests
 
 
 def test_restore_without_an_intact_copy_raises_and_leaves_the_counter_alone(stopped_counter, store, stores):
-    device, conn = stopped_counter
-    backup = take_backup(conn, device, PATHS, store=store)
+    device, conn, vault = stopped_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
     with closing(sqlite3.connect(counter_db(device))) as db, db:
         db.execute("DELETE FROM cards WHERE id % 2 = 0")
     before = tree_state(Path(device.root))
 
     damage(backup.path)
-    Path(backup.offsite_path or "").unlink()
-    problems = verify_backup(backup)
-    assert problems[0].startswith("local copy") and problems[1:] == [f"off-site copy {backup.offsite_path} is missing"]
+    vault.site(device.id).remove(device.id, Path(backup.path).name)
+    problems = verify_backup(backup, vault)
+    assert problems[0].startswith("local copy") and problems[1:] == [f"site copy {backup.offsite_path} is missing"]
     with pytest.raises(BackupError) as e:
-        restore_backup(conn, device, backup, PATHS)
-    assert e.value.stage == "verify" and device.id in str(e.value) and "no intact copy" in str(e.value)
+        restore_backup(conn, device, backup, PATHS, vault=vault)
+    assert e.value.stage == "verify" and device.id in str(e.value) and f"no intact copy of backup {backup.id}" in str(e.value)
     assert tree_state(Path(device.root)) == before, "nothing reached the counter"
 
 
 def test_restore_to_scratch_checks_a_copy_locally_without_the_counter(session_counter, store, stores, tmp_path):
-    device, conn = session_counter
-    backup = take_backup(conn, device, PATHS, store=store)
+    device, conn, vault = session_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
     counter_before = tree_state(Path(device.root, DATA)), sorted(Path(device.root, "tmp").iterdir())
 
-    drill = restore_to_scratch(backup, tmp_path / "drill")
+    drill = restore_to_scratch(backup, tmp_path / "drill", vault=vault)
     assert drill["source"] == "local" and drill["integrity"] == "ok" and drill["row_counts"] == backup.row_counts
     assert 0 < drill["seconds"] < 60
     assert row_counts(tmp_path / "drill" / DATA / "counter.db") == backup.row_counts
 
     damage(backup.path)
-    assert restore_to_scratch(backup, tmp_path / "drill2")["source"] == "offsite"
-    with pytest.raises(BackupError, match="restored row counts .* differ") as e:
-        restore_to_scratch(backup.model_copy(update={"row_counts": {"cards": 1}}), tmp_path / "drill3")
-    assert e.value.stage == "check"
+    assert restore_to_scratch(backup, tmp_path / "drill2", vault=vault)["source"] == "offsite"
+    with pytest.raises(BackupError, match="the record's row_counts differs from its signed manifest") as e:
+        restore_to_scratch(backup.model_copy(update={"row_counts": {"cards": 1}}), tmp_path / "drill3", vault=vault)
+    assert e.value.stage == "verify"
     with pytest.raises(ValueError, match="not empty"):
-        restore_to_scratch(backup, tmp_path / "drill")
+        restore_to_scratch(backup, tmp_path / "drill", vault=vault)
     assert (tree_state(Path(device.root, DATA)), sorted(Path(device.root, "tmp").iterdir())) == counter_before
 
 
@@ -389,8 +414,8 @@ def open_card(device: Device, name: str = "New Customer") -> dict:
 
 
 def test_a_backup_records_a_fingerprint_and_unchanged_data_matches_it(running_counter, store, stores):
-    device, conn = running_counter
-    backup = take_backup(conn, device, PATHS, store=store)
+    device, conn, vault = running_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
     db = "var/lib/smartcounter/counter.db"
     assert set(backup.fingerprint) == {db} and set(backup.fingerprint[db]) == {"customers", "cards", "transactions"}
     cards = backup.fingerprint[db]["cards"]
@@ -400,8 +425,8 @@ def test_a_backup_records_a_fingerprint_and_unchanged_data_matches_it(running_co
 
 
 def test_a_card_opened_through_the_business_api_since_the_backup_is_a_change(running_counter, store, stores):
-    device, conn = running_counter
-    backup = take_backup(conn, device, PATHS, store=store)
+    device, conn, vault = running_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
     opened = open_card(device)
     changes = data_changed_since(conn, device, backup, PATHS)
     assert any("customers has" in c for c in changes) and any("cards has" in c for c in changes), changes
@@ -409,7 +434,7 @@ def test_a_card_opened_through_the_business_api_since_the_backup_is_a_change(run
     try:
         before = table_digests(counter_db(device))
         with pytest.raises(DataChangedSinceBackup) as refused:
-            restore_backup(conn, device, backup, PATHS)
+            restore_backup(conn, device, backup, PATHS, vault=vault)
         assert refused.value.backup == backup and "cards has" in str(refused.value)
         assert table_digests(counter_db(device)) == before, "nothing restored"
         assert read_db(counter_db(device), f"SELECT COUNT(*) FROM cards WHERE card_no = '{opened['card_no']}'") == [(1,)]
@@ -418,22 +443,22 @@ def test_a_card_opened_through_the_business_api_since_the_backup_is_a_change(run
 
 
 def test_a_value_edited_in_the_database_is_a_change_even_with_the_same_row_counts(stopped_counter, store, stores):
-    device, conn = stopped_counter
-    backup = take_backup(conn, device, PATHS, store=store)
+    device, conn, vault = stopped_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
     with closing(sqlite3.connect(counter_db(device))) as db, db:
         db.execute("UPDATE customers SET phone = '13900000000' WHERE id = (SELECT MIN(id) FROM customers)")
     changes = data_changed_since(conn, device, backup, PATHS)
     assert changes == ["var/lib/smartcounter/counter.db: customers has as many rows as the backup but some of their values changed"]
     with pytest.raises(DataChangedSinceBackup):
-        restore_backup(conn, device, backup, PATHS)
+        restore_backup(conn, device, backup, PATHS, vault=vault)
     assert read_db(counter_db(device), "SELECT phone FROM customers ORDER BY id LIMIT 1") == [("13900000000",)]
 
 
 def test_the_releases_own_migration_is_not_a_change(stopped_counter, store, stores):
     """1.2.0's migration adds customers.risk_level and an audit_log table: the customer rows, over the
     columns the backup had, are the same, so a rollback may restore the backup."""
-    device, conn = stopped_counter
-    backup = take_backup(conn, device, PATHS, store=store)
+    device, conn, vault = stopped_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
     digests = table_digests(counter_db(device))
     migrate = Path(__file__).resolve().parents[1] / "simfleet/counter/app/counterdb.py"
     code = (f"import sys; sys.path.insert(0, {str(migrate.parent)!r}); import counterdb; from pathlib import Path\n"
@@ -441,15 +466,18 @@ def test_the_releases_own_migration_is_not_a_change(stopped_counter, store, stor
     subprocess.run([sys.executable, "-c", code], check=True)
     assert "risk_level" in [r[1] for r in read_db(counter_db(device), "PRAGMA table_info(customers)")]
     assert data_changed_since(conn, device, backup, PATHS) == []
-    restore_backup(conn, device, backup, PATHS)
+    restore_backup(conn, device, backup, PATHS, vault=vault)
     assert table_digests(counter_db(device)) == digests
 
 
-def test_a_backup_without_a_fingerprint_is_never_restored_without_a_decision(stopped_counter, store, stores):
-    device, conn = stopped_counter
-    backup = take_backup(conn, device, PATHS, store=store).model_copy(update={"fingerprint": None})
-    with pytest.raises(DataChangedSinceBackup, match="no data fingerprint"):
-        restore_backup(conn, device, backup, PATHS)
+def test_a_backup_without_a_fingerprint_is_never_restored(stopped_counter, store, stores):
+    device, conn, vault = stopped_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault).model_copy(update={"fingerprint": None})
+    before = tree_state(Path(device.root))
+    with pytest.raises(BackupError, match="the record's fingerprint_sha256 differs from its signed manifest"):
+        restore_backup(conn, device, backup, PATHS, vault=vault)
+    assert data_changed_since(conn, device, backup, PATHS)[0].startswith("the backup has no data fingerprint")
+    assert tree_state(Path(device.root)) == before
 
 
 def test_the_counter_side_helper_is_a_real_module_that_agrees_with_the_layout():
@@ -465,11 +493,11 @@ def test_the_counter_side_helper_is_a_real_module_that_agrees_with_the_layout():
 
 
 def test_a_drill_checks_every_restored_customer_row_against_the_fingerprint(session_counter, store, stores, tmp_path):
-    device, conn = session_counter
-    backup = take_backup(conn, device, PATHS, store=store)
-    assert restore_to_scratch(backup, tmp_path / "ok")["fingerprint"] is True
+    device, conn, vault = session_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
+    assert restore_to_scratch(backup, tmp_path / "ok", vault=vault)["fingerprint"] is True
     db = "var/lib/smartcounter/counter.db"
     forged = backup.fingerprint | {db: backup.fingerprint[db] | {"cards": backup.fingerprint[db]["cards"] | {"sha256": "0" * 64}}}
-    with pytest.raises(BackupError, match="cards has as many rows as the backup but some of their values changed") as e:
-        restore_to_scratch(backup.model_copy(update={"fingerprint": forged}), tmp_path / "forged")
-    assert e.value.stage == "check"
+    with pytest.raises(BackupError, match="the record's fingerprint_sha256 differs from its signed manifest") as e:
+        restore_to_scratch(backup.model_copy(update={"fingerprint": forged}), tmp_path / "forged", vault=vault)
+    assert e.value.stage == "verify"
