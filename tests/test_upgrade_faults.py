@@ -226,7 +226,7 @@ def test_a_failed_backup_is_rolled_back_without_stopping_the_app(one_counter, pr
     before, pid = customer_digest(device.root)[0], health(device)["pid"]
     (tmp_path / "not a directory").write_text("")
     proc = upgrade(fleet_dir, one_wave_plan(fleet_dir, "backup-fails"),
-                   env=os.environ | {"COUNTEROPS_OFFSITE_DIR": str(tmp_path / "not a directory")})
+                   env=os.environ | {"COUNTEROPS_BACKUP_DIR": str(tmp_path / "not a directory")})
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err
 
@@ -236,6 +236,27 @@ def test_a_failed_backup_is_rolled_back_without_stopping_the_app(one_counter, pr
     assert [(s.step, s.status) for s in steps] == [
         (UpgradeStep.PRECHECK, "ok"), (UpgradeStep.DRAIN, "ok"), (UpgradeStep.BACKUP, "failed"), (UpgradeStep.ROLLBACK, "ok")]
     assert steps[-1].details["steps"] == []
+
+
+def test_with_the_backup_site_down_no_counter_is_drained_or_upgraded(one_counter, prefect_api):
+    """The backup needs its second site: when the site's sshd is gone the precheck says so, naming the
+    site, and the counter stays on its version, in service, its app never restarted."""
+    fleet_dir, device = one_counter
+    before, pid = customer_digest(device.root)[0], health(device)["pid"]
+    site = simfleet.site_status(fleet_dir)
+    assert site is not None and site["sshd_pid"]
+    os.kill(site["sshd_pid"], signal.SIGTERM)
+    try:
+        proc = upgrade(fleet_dir, one_wave_plan(fleet_dir, "site-down"))
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, out + err
+    finally:
+        simfleet.up(fleet_dir, devices=1, branches=1, outlets_per_branch=1, ssh_base_port=port(28000), http_base_port=port(28500))
+    assert_back_on_1_0_0_in_service(device, before)
+    assert health(device)["pid"] == pid, "the app was restarted"
+    _, steps = run_record("site-down")
+    assert [(s.step, s.status) for s in steps] == [(UpgradeStep.PRECHECK, "failed")]
+    assert f"offsite: backup site scbackup@127.0.0.1:{site['port']}: connection refused" in (steps[0].error or "")
 
 
 def test_a_damaged_package_shows_where_and_why_in_runs_show_and_prefect(one_counter, prefect_api):
