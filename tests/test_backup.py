@@ -7,8 +7,11 @@ overwrite a counter's data, use counters of this module's own.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import secrets
 import shutil
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -501,3 +504,170 @@ def test_a_drill_checks_every_restored_customer_row_against_the_fingerprint(sess
     with pytest.raises(BackupError, match="the record's fingerprint_sha256 differs from its signed manifest") as e:
         restore_to_scratch(backup.model_copy(update={"fingerprint": forged}), tmp_path / "forged", vault=vault)
     assert e.value.stage == "verify"
+
+
+# ----------------------------------------------------------------------------- encryption, signatures, the site
+
+
+def site_file(device: Device, backup) -> Path:
+    """The site's copy on the site's own disk (the simulated site keeps its chroot under the fleet dir's link)."""
+    return Path(device.root).parents[1] / "backup-site" / "backups" / device.id / Path(backup.path).name
+
+
+def customer_rows(device: Device) -> dict[str, str]:
+    return table_digests(counter_db(device))
+
+
+def test_a_flipped_byte_in_both_copies_is_refused_naming_the_backup_and_the_counter_is_untouched(stopped_counter, store, stores):
+    device, conn, vault = stopped_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
+    with closing(sqlite3.connect(counter_db(device))) as db, db:
+        db.execute("DELETE FROM transactions WHERE id % 2 = 0")
+    before, rows = tree_state(Path(device.root)), customer_rows(device)
+    for path in (backup.path, site_file(device, backup)):
+        with open(path, "r+b") as f:  # one byte inside the encrypted payload
+            f.seek(-40, 2)
+            byte = f.read(1)
+            f.seek(-40, 2)
+            f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(BackupError) as e:
+        restore_backup(conn, device, backup, PATHS, vault=vault, over_changed_data=True)
+    assert e.value.stage == "verify" and f"no intact copy of backup {backup.id}" in str(e.value)
+    assert "local copy: its sha256 is" in str(e.value) and "site copy: its sha256 is" in str(e.value)
+    assert tree_state(Path(device.root)) == before and customer_rows(device) == rows, "nothing reached the counter"
+    assert sorted(verify_backup(backup, vault))[0].startswith("local copy")
+
+
+def test_another_counters_backup_swapped_in_is_refused(own_inv, own_vault, store, stores):
+    """Someone with write access to the store and both sites puts counter B's archive and manifest (validly
+    signed) where counter A's backup is: the signed manifest names B, so A is never restored from it."""
+    store.import_inventory(own_inv, actor="test", source="own fleet")
+    a, b = own_inv.devices
+    with Connection(Target.for_device(a, own_inv.ssh)) as conn_a, Connection(Target.for_device(b, own_inv.ssh)) as conn_b:
+        mine = take_backup(conn_a, a, PATHS, store=store, vault=own_vault)
+        theirs = take_backup(conn_b, b, PATHS, store=store, vault=own_vault)
+        for src, dst in ((theirs.path, mine.path), (f"{theirs.path}.manifest", f"{mine.path}.manifest"),
+                         (site_file(b, theirs), site_file(a, mine))):
+            shutil.copyfile(src, dst)
+        swapped = theirs.model_copy(update={"id": mine.id, "device_id": a.id, "path": mine.path})
+        before = tree_state(Path(a.root))
+        for record in (mine, swapped):  # the files alone, then the record too
+            with pytest.raises(BackupError) as e:
+                restore_backup(conn_a, a, record, PATHS, vault=own_vault, over_changed_data=True)
+            assert e.value.stage == "verify" and f"backup {mine.id}" in str(e.value)
+        assert f"its manifest is counter {b.id}'s, the record says {a.id}" in str(e.value)
+        # B's own, intact backup is not A's either (unless restoring onto a standby)
+        with pytest.raises(BackupError, match=f"backup {theirs.id} is counter {b.id}'s, not {a.id}'s"):
+            restore_backup(conn_a, a, theirs, PATHS, vault=own_vault)
+        assert tree_state(Path(a.root)) == before
+
+
+def test_a_manifest_re_signed_by_a_key_not_in_signers_is_refused(running_counter, store, stores):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from tasks.backup_crypto import sign
+
+    device, conn, vault = running_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
+    forged = (backup.manifest or {}) | {"row_counts": {"cards": 1, "customers": 1, "transactions": 1}}
+    stranger = Ed25519PrivateKey.generate()
+    for record in (backup.model_copy(update={"manifest": forged, "signature": sign(forged, stranger), "row_counts": forged["row_counts"]}),
+                   backup.model_copy(update={"signature": sign(backup.manifest or {}, stranger)}),
+                   backup.model_copy(update={"signature": None})):
+        with pytest.raises(BackupError, match=f"backup {backup.id}: the manifest") as e:
+            restore_to_scratch(record, stores[0].parent / f"forged-{secrets.token_hex(2)}", vault=vault)
+        assert e.value.stage == "verify"
+        assert verify_backup(record, vault)[0].startswith(f"backup {backup.id}: the manifest")
+
+
+def test_a_gzip_bomb_is_refused_before_it_is_unpacked_anywhere(stopped_counter, store, stores, tmp_path):
+    """An archive whose tar unpacks to far more than it could hold (here 96 MiB of zeros in 100 kB), signed as
+    a backup would be (a compromised counter made it): refused here, nothing reaches the counter."""
+    import io
+
+    from tasks import backup_crypto
+    from inventory.models import Backup
+
+    device, conn, vault = stopped_counter
+    good = take_backup(conn, device, PATHS, store=store, vault=vault)
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo(f"{DATA}/counter.db")
+        info.size = 96 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    local = Path(good.path).with_name("bomb.tar.gz.age")
+    with open(bomb, "rb") as f:
+        sums = backup_crypto.encrypt_stream(f, local, vault.settings())
+    manifest = (good.manifest or {}) | {"archive": local.name, "plaintext": {"sha256": sums["plaintext_sha256"], "size": sums["plaintext_size"]},
+                                        "ciphertext": {"sha256": sums["ciphertext_sha256"], "size": sums["ciphertext_size"]}}
+    record = store.add(Backup(device_id=device.id, path=str(local), sha256=sums["ciphertext_sha256"], size_bytes=sums["ciphertext_size"],
+                              row_counts=good.row_counts, fingerprint=good.fingerprint, manifest=manifest,
+                              signature=backup_crypto.sign(manifest, vault.signing_key(device.id))))
+    before = tree_state(Path(device.root))
+    with pytest.raises(BackupError, match="decompression bomb") as e:
+        restore_backup(conn, device, record, PATHS, vault=vault, over_changed_data=True)
+    assert e.value.stage == "verify" and f"backup {record.id}" in str(e.value)
+    assert tree_state(Path(device.root)) == before
+    with pytest.raises(BackupError, match="decompression bomb"):
+        restore_to_scratch(record, tmp_path / "scratch", vault=vault)
+    assert not any((tmp_path / "scratch").iterdir())
+
+
+def test_backups_are_private_at_both_sites_whatever_the_umask(session_counter, store, stores):
+    device, conn, vault = session_counter
+    stores[0].mkdir(mode=0o700)
+    (stores[0] / device.id).mkdir(mode=0o755)  # left loose by someone: made private again
+    saved = os.umask(0o022)
+    try:
+        backup = take_backup(conn, device, PATHS, store=store, vault=vault)
+    finally:
+        os.umask(saved)
+    local = Path(backup.path)
+    assert mode(local) == mode(f"{local}.manifest") == 0o600 and mode(local.parent) == 0o700
+    site = site_file(device, backup)
+    assert mode(site) == mode(f"{site}.manifest") == 0o600 and mode(site.parent) == mode(site.parent.parent) == 0o700
+    os.chmod(stores[0], 0o755)  # the store itself readable by others: refused, naming the fix
+    with pytest.raises(BackupError, match=r"stores: .* is readable by group/others \(mode 0755\); fix: chmod 700"):
+        take_backup(conn, device, PATHS, store=store, vault=vault)
+
+
+def test_an_inventory_without_backups_never_takes_a_plain_backup(session_counter, store, stores):
+    device, conn, _ = session_counter
+    with Vault.open(None) as vault, pytest.raises(BackupError, match="the inventory has no backups: section") as e:
+        take_backup(conn, device, PATHS, store=store, vault=vault)
+    assert e.value.stage == "settings" and not stores[0].exists()
+
+
+def test_a_site_that_is_down_fails_the_backup_clearly_and_leaves_nothing(own_inv, store, stores):
+    """The site's sshd stopped: the backup fails at "offsite" naming the site; no archive, partial or record
+    is left here or at the site. The site started again, the next backup works."""
+    store.import_inventory(own_inv, actor="test", source="own fleet")
+    device = own_inv.devices[0]
+    fleet_dir = Path(device.root).parents[1]
+    site = simfleet.site_status(fleet_dir)
+    at_site = sorted((fleet_dir / "backup-site" / "backups").rglob("*"))
+    os.kill(site["sshd_pid"], signal.SIGTERM)
+    try:
+        with Connection(Target.for_device(device, own_inv.ssh)) as conn, Vault.open(own_inv.backups) as vault:
+            with pytest.raises(BackupError) as e:
+                take_backup(conn, device, PATHS, store=store, vault=vault)
+    finally:
+        simfleet.up(fleet_dir, devices=2, branches=1, ssh_base_port=port(31200), http_base_port=port(31700))
+    assert e.value.stage == "offsite"
+    assert str(e.value) == f"{device.id}: offsite: backup site scbackup@127.0.0.1:{site['port']}: connection refused (is the site's sshd running?)"
+    assert [p for p in stores[0].rglob("*") if p.is_file()] == [] and store.backups() == []
+    assert sorted((fleet_dir / "backup-site" / "backups").rglob("*")) == at_site
+    assert not list(Path(device.root, "tmp").iterdir())
+
+
+def test_a_changed_site_host_key_is_refused(session_counter, store, stores):
+    device, conn, vault = session_counter
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from tasks.backup_crypto import public_line
+
+    settings = vault.settings()
+    other = settings.model_copy(update={"site": settings.site.model_copy(update={"host_key": public_line(Ed25519PrivateKey.generate())})})
+    with Vault.open(other) as impostor, pytest.raises(BackupError, match="HOST KEY CHANGED") as e:
+        take_backup(conn, device, PATHS, store=store, vault=impostor)
+    assert e.value.stage == "offsite" and store.backups() == []
