@@ -529,3 +529,41 @@ def test_ten_thousand_devices_load_and_import(tmp_path: Path) -> None:
     assert summary.devices.added == 10_000 and summary.outlets.added == 1000
     assert t1 - t0 < 5, f"loading 10,000 devices took {t1 - t0:.2f} s"
     assert t3 - t2 < 10, f"importing 10,000 devices took {t3 - t2:.2f} s"
+
+
+# ----------------------------------------------------------------------------- the backups: section
+
+AGE_RECIPIENT = "age1k5nz4mjnucvspkl7y55d2zgku7nwmfg0jz8f2vefm9fl07693g6s6xka5h"
+SIGNER = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMITAgtcZj9OPZJ3Y5cwVpfapDQhHDKQ2uG60ASHvtMH"
+
+
+def backups_yaml(**overrides: object) -> str:
+    import yaml
+
+    section = {"recipients": [AGE_RECIPIENT], "identity": "keys/backup-identity", "signing_key": "secret:backup-signing",
+               "signers": [SIGNER], "site": {"host": "127.0.0.1", "port": 23990, "user": "scbackup", "host_key": SIGNER}}
+    section.update(overrides)
+    return fleet_yaml(1) + yaml.safe_dump({"backups": section})
+
+
+def test_the_backups_section_loads_with_key_paths_relative_to_the_file(tmp_path: Path) -> None:
+    write(tmp_path / "keys/backup-identity", "AGE-SECRET-KEY-1...\n").chmod(0o600)
+    inv = load_inventory(write(tmp_path / "inv/../inventory.yaml", backups_yaml()))
+    assert inv.backups is not None and inv.backups.identity == str(tmp_path / "keys/backup-identity")
+    assert inv.backups.signing_key == "secret:backup-signing" and inv.backups.site.key_file == tmp_path / "id_ed25519"
+    assert inv.backups.retention.keep_all_days == 7 and inv.backups.objectives.rto_s == 600
+    assert load_inventory(write(tmp_path / "plain.yaml", fleet_yaml(1))).backups is None
+
+
+def test_backups_section_errors_name_the_field_and_the_fix(tmp_path: Path) -> None:
+    write(tmp_path / "keys/backup-identity", "AGE-SECRET-KEY-1...\n").chmod(0o644)
+    errors = errors_of(write(tmp_path / "inventory.yaml", backups_yaml()))
+    assert errors == [f"{tmp_path / 'inventory.yaml'}: backups.identity: {tmp_path / 'keys/backup-identity'} is readable by "
+                      f"group/others (mode 0644); fix: chmod 600 {tmp_path / 'keys/backup-identity'}"]
+    errors = errors_of(write(tmp_path / "bad.yaml", backups_yaml(recipients=[], signers=["ssh-rsa AAAA"], retention={"keep_all_days": 0})))
+    assert any("backups: recipients: must list at least one key" in e for e in errors), errors
+    assert any("backups: signers[0]: ssh-rsa keys are not accepted" in e for e in errors), errors
+    assert any("backups: retention.keep_all_days:" in e for e in errors), errors
+    errors = errors_of(write(tmp_path / "bad2.yaml", backups_yaml(recipients=["age1nope"], identity="")))
+    assert any("backups: recipients[0]: must be an age X25519 recipient" in e for e in errors), errors
+    assert any("backups: identity: " in e and "empty" in e for e in errors), errors
