@@ -23,7 +23,7 @@ from flows.drill import backup_restore_drill
 from inventory.loader import load_inventory
 from inventory.models import Device, RunKind
 from inventory.store import Store
-from tasks.backup import take_backup
+from tasks.backup import Vault, take_backup
 from tasks.drill import drill_sample
 from tasks.ssh import ConnectionPool
 from tests.test_backup import damage
@@ -127,9 +127,9 @@ def test_sample_2_drills_two_counters_and_use_latest_drills_their_stored_backups
 def test_a_damaged_local_copy_and_a_counter_without_backup_fail_and_are_named(fleet, prefect_api, home):
     inv = load_inventory(fleet.inventory)
     damaged, missing = inv.devices[0], inv.devices[1]
-    with Store.open() as store, ConnectionPool(inv.ssh) as pool:
+    with Store.open() as store, ConnectionPool(inv.ssh) as pool, Vault.open(inv.backups) as vault:
         store.import_inventory(inv, actor="test", source=str(fleet.inventory))
-        backups = {d.id: take_backup(pool.connection(d), d, PATHS, store=store) for d in inv.devices if d != missing}
+        backups = {d.id: take_backup(pool.connection(d), d, PATHS, store=store, vault=vault) for d in inv.devices if d != missing}
     damage(backups[damaged.id].path)
 
     r = drill_cli("--inventory", str(fleet.inventory), "--use-latest")

@@ -302,14 +302,14 @@ def test_what_the_cli_writes_is_private_and_an_exposed_store_is_refused(home):
 
 
 def test_an_exposed_backup_directory_or_key_file_is_refused(home, tmp_path, monkeypatch, fleet):
-    from tasks.backup import backup_dirs
+    from tasks.backup import local_store_dir
 
     exposed = tmp_path / "backups"
     exposed.mkdir(mode=0o755)
     exposed.chmod(0o755)
     monkeypatch.setenv("COUNTEROPS_BACKUP_DIR", str(exposed))
     with pytest.raises(ExposedPath, match=f"{exposed} is readable by group/others \\(mode 0755\\); fix: chmod 700 {exposed}"):
-        backup_dirs()
+        local_store_dir()
 
     inventory = tmp_path / "inventory.yaml"
     key = tmp_path / "id_ed25519"

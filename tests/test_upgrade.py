@@ -184,6 +184,7 @@ def test_happy_path_to_1_2_0_in_three_waves(small_fleet, prefect_api, receiver):
     assert set(mine) == {d.id for d in inv.devices}
     for b in mine.values():
         assert hashlib.sha256(Path(b["path"]).read_bytes()).hexdigest() == b["sha256"] == b["offsite_sha256"]
+        assert b["encrypted"] and b["offsite_path"].startswith("sftp://scbackup@127.0.0.1:")
     # what branch IT sees in the Prefect UI
     fr = flow_run("happy-1.2.0")
     assert fr is not None and fr.state.is_completed()
