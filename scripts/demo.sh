@@ -20,7 +20,7 @@ started=$(date +%s)
 trap '$BIN/counterops fleet down --dir "$DIR" >/dev/null' EXIT
 $BIN/counterops fleet down --dir "$DIR" --remove >/dev/null
 # A new fleet each time: start its records afresh too (the Prefect server keeps earlier runs for the UI).
-rm -rf "$COUNTEROPS_HOME"/counterops.db* "$COUNTEROPS_HOME"/backups "$COUNTEROPS_HOME"/offsite "$COUNTEROPS_HOME"/audit-anchors.log
+rm -rf "$COUNTEROPS_HOME"/counterops.db* "$COUNTEROPS_HOME"/backups "$COUNTEROPS_HOME"/audit-anchors.log
 $BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
 KEYS=$DIR/keys
 $BIN/counterops operators init --from "$DIR/operators.yaml"
@@ -63,6 +63,21 @@ $BIN/counterops upgrade "$PLAN" --as zhang.wei --key "$KEYS/zhang.wei"
 wait $approver || true
 
 $BIN/counterops backups list --limit 5
+# Each backup is at both sites, encrypted: neither copy is a readable tar (only the age identity opens them).
+$BIN/python - "$COUNTEROPS_HOME" "$DIR" <<'PY'
+import json, subprocess, sys, tarfile
+from pathlib import Path
+home, fleet = sys.argv[1], Path(sys.argv[2])
+b = json.loads(subprocess.run([sys.executable, "-m", "counterops.cli", "backups", "list", "--json", "--limit", "1"],
+                              capture_output=True, text=True, check=True).stdout)[0]
+local = Path(b["path"])
+site = fleet / "backup-site" / "backups" / b["device_id"] / local.name
+for where, path in (("local", local), ("backup site", site)):
+    head = path.read_bytes()[:21]
+    print(f"backup {b['id']} ({b['device_id']}) {where}: {path} ({path.stat().st_mode & 0o777:o}), "
+          f"a readable tar: {tarfile.is_tarfile(path)}, starts with {head!r}")
+PY
+$BIN/counterops backups verify "$($BIN/counterops backups list --json --limit 1 | $BIN/python -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')" --decrypt
 $BIN/counterops fleet status --dir "$DIR"
 $BIN/counterops server status
 # Who did what, and proof that nobody changed it since: the audit trail is a hash chain, anchored outside the database.
