@@ -7,6 +7,7 @@ overwrite a counter's data, use counters of this module's own.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -671,3 +672,38 @@ def test_a_changed_site_host_key_is_refused(session_counter, store, stores):
     with Vault.open(other) as impostor, pytest.raises(BackupError, match="HOST KEY CHANGED") as e:
         take_backup(conn, device, PATHS, store=store, vault=impostor)
     assert e.value.stage == "offsite" and store.backups() == []
+
+
+def test_destroy_removes_both_copies_and_their_manifests_and_is_idempotent(session_counter, store, stores):
+    from tasks.backup import destroy_backup
+
+    device, conn, vault = session_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
+    name, site = Path(backup.path).name, vault.site(device.id)
+    assert {name, f"{name}.manifest"} <= set(site.listdir(device.id))
+    destroy_backup(backup, vault)
+    destroy_backup(backup, vault)
+    assert not Path(backup.path).exists() and not Path(f"{backup.path}.manifest").exists()
+    assert not {name, f"{name}.manifest"} & set(site.listdir(device.id))
+    assert verify_backup(backup, vault)[0] == f"local copy {backup.path} is missing"
+
+
+def test_backups_verify_re_reads_both_copies_and_decrypts(session_counter, store, stores, fleet, monkeypatch):
+    """`counterops backups verify ID --decrypt`: 0 when both copies match the signed manifest, 1 naming the damaged copy."""
+    from tests.test_upgrade import cli
+
+    device, conn, vault = session_counter
+    monkeypatch.setenv("COUNTEROPS_HOME", str(stores[0].parent / "home"))
+    monkeypatch.setenv("COLUMNS", "400")  # paths on one line
+    with Store.open() as own:
+        own.import_inventory(load_inventory(fleet.inventory), actor="test", source="session fleet")
+        backup = take_backup(conn, device, PATHS, store=own, vault=vault)
+    ok = cli("backups", "verify", str(backup.id), "--decrypt", "--inventory", str(fleet.inventory))
+    said = " ".join(ok.stdout.split())  # as one line, however rich wrapped it
+    assert ok.returncode == 0 and "both copies verified against the signed manifest, decrypted and its tar checked" in said, ok.stderr
+    listed = cli("backups", "list", "--json")
+    assert [(b["id"], b["encrypted"], b["offsite_path"]) for b in json.loads(listed.stdout)] == [(backup.id, True, backup.offsite_path)]
+    damage(backup.path)
+    bad = cli("backups", "verify", str(backup.id), "--inventory", str(fleet.inventory))
+    said = " ".join(bad.stdout.split())
+    assert bad.returncode == 1 and f"local copy {backup.path} has sha256" in said and "Traceback" not in bad.stderr
