@@ -155,7 +155,6 @@ def ours_env(run_dir: Path | None = None) -> dict[str, str]:
         env |= {
             "COUNTEROPS_DATABASE_URL": f"sqlite:///{run_dir / 'store.db'}",
             "COUNTEROPS_BACKUP_DIR": str(run_dir / "backups"),
-            "COUNTEROPS_OFFSITE_DIR": str(run_dir / "offsite"),
         }
     return env
 

@@ -108,3 +108,36 @@ def test_bad_fleet_arguments_exit_2_and_name_the_option(tmp_path):
     r = subprocess.run([*CLI, "fleet", "up", "--devices", "2", "--branches", "3", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--branches" in r.stderr
     assert not (tmp_path / "fleet.json").exists()
+
+
+def test_the_backup_site_is_sftp_only_chrooted_and_private(fleet, tmp_path):
+    """The fleet's backup site: its own sshd and host key, login scbackup with SFTP only (no shell, no
+    forwarding), chrooted in a root-owned 0755 directory whose backups/ is scbackup's, 0700."""
+    import pwd
+    import stat as st
+
+    inv = load_inventory(fleet.inventory)
+    site = simfleet.site_status(fleet.dir)
+    assert inv.backups is not None and site is not None and site["ssh_answers"] and site["sshd_pid"]
+    assert inv.backups.site.port == site["port"] and inv.backups.site.user == "scbackup"
+    chroot = Path(site["directory"]).parent
+    assert (fleet.dir / "backup-site").resolve() == chroot.resolve()
+    info, backups = chroot.stat(), (chroot / "backups").stat()
+    assert (info.st_uid, st.S_IMODE(info.st_mode)) == (0, 0o755)
+    assert (pwd.getpwuid(backups.st_uid).pw_name, st.S_IMODE(backups.st_mode)) == ("scbackup", 0o700)
+    for key in ("backup-identity", "backup-signing"):
+        assert st.S_IMODE((fleet.dir / "keys" / key).stat().st_mode) == 0o600
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{site['port']} {inv.backups.site.host_key}\n")
+    ssh = ["ssh", "-p", str(site["port"]), "-i", str(fleet.key_file), "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}",
+           "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "IdentitiesOnly=yes"]
+    shell = subprocess.run([*ssh, "scbackup@127.0.0.1", "echo", "a shell"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert "a shell" not in shell.stdout and "denied" not in shell.stderr, "ForceCommand internal-sftp: no command runs"
+    forward = subprocess.run([*ssh, "-N", "-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:22", "scbackup@127.0.0.1"],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert forward.returncode != 0 and "forwarding failed" in forward.stderr, forward.stderr
+    listing = subprocess.run(["sftp", "-P", str(site["port"]), "-i", str(fleet.key_file), "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+                              "-o", f"UserKnownHostsFile={known}", "-b", "-", "scbackup@127.0.0.1"],
+                             input="pwd\nls /\n", capture_output=True, text=True, timeout=30)
+    assert listing.returncode == 0 and "Remote working directory: /" in listing.stdout and "backups" in listing.stdout
+    assert "etc" not in listing.stdout.split(), "chrooted: the machine's / is not visible"
