@@ -707,3 +707,65 @@ def test_backups_verify_re_reads_both_copies_and_decrypts(session_counter, store
     bad = cli("backups", "verify", str(backup.id), "--inventory", str(fleet.inventory))
     said = " ".join(bad.stdout.split())
     assert bad.returncode == 1 and f"local copy {backup.path} has sha256" in said and "Traceback" not in bad.stderr
+
+
+def test_a_backup_restored_onto_a_standby_keeps_naming_its_own_counter(own_inv, own_vault, store, stores):
+    """onto_standby: counter A's backup put on counter B (a standby); without it B refuses A's backup."""
+    store.import_inventory(own_inv, actor="test", source="own fleet")
+    a, standby = own_inv.devices
+    with Connection(Target.for_device(a, own_inv.ssh)) as conn_a, Connection(Target.for_device(standby, own_inv.ssh)) as conn_s:
+        backup = take_backup(conn_a, a, PATHS, store=store, vault=own_vault)
+        digests = table_digests(counter_db(a))
+        ctl(conn_s, standby, "stop")
+        try:
+            with pytest.raises(BackupError, match=f"backup {backup.id} is counter {a.id}'s, not {standby.id}'s"):
+                restore_backup(conn_s, standby, backup, PATHS, vault=own_vault)
+            assert restore_backup(conn_s, standby, backup, PATHS, vault=own_vault, onto_standby=True) == "local"
+            assert table_digests(counter_db(standby)) == digests
+        finally:
+            ctl(conn_s, standby, "start")
+
+
+def test_during_snapshot_wraps_only_the_snapshot(session_counter, store, stores):
+    from contextlib import contextmanager
+
+    device, conn, vault = session_counter
+    events: list[str] = []
+
+    @contextmanager
+    def out_of_service():
+        events.append("out")
+        try:
+            yield
+        finally:
+            events.append("back")
+
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault, during_snapshot=out_of_service)
+    assert events == ["out", "back"] and backup.id is not None
+
+    @contextmanager
+    def refused():
+        raise RuntimeError("the counter cannot leave service now")
+        yield
+
+    with pytest.raises(BackupError, match="snapshot: the counter cannot leave service now"):
+        take_backup(conn, device, PATHS, store=store, vault=vault, during_snapshot=refused)
+    assert store.backups() == [backup]
+
+
+def test_the_identity_can_be_a_secret(session_counter, store, stores, tmp_path, monkeypatch):
+    """identity: secret:NAME, kept with `counterops secrets set` (a 0600 file here, or a Prefect Secret block)."""
+    from tasks.secrets import write_secret
+
+    device, conn, vault = session_counter
+    backup = take_backup(conn, device, PATHS, store=store, vault=vault)
+    monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    identity = Path(vault.settings().identity).read_text()
+    write_secret("backup-identity", "\n".join(line for line in identity.splitlines() if not line.startswith("#")))
+    settings = vault.settings().model_copy(update={"identity": "secret:backup-identity"})
+    with Vault.open(settings) as from_secret:
+        assert restore_to_scratch(backup, tmp_path / "scratch", vault=from_secret)["integrity"] == "ok"
+    with Vault.open(settings.model_copy(update={"identity": "secret:no-such-secret"})) as missing:
+        with pytest.raises(BackupError, match="decrypt: backups.identity: secret:no-such-secret: no Prefect Secret block"):
+            restore_to_scratch(backup, tmp_path / "scratch2", vault=missing)
