@@ -84,6 +84,8 @@ def fleet_up(
     outlets: Annotated[int | None, typer.Option(min=1, help="Outlets per branch (default: chosen from the size).")] = None,
     ssh_port: Annotated[int, typer.Option(min=1024, max=32700, help="First SSH port to try (below 32768, clear of the kernel's client ports).")] = 22000,
     http_port: Annotated[int, typer.Option(min=1024, max=32700, help="First HTTP port to try.")] = 24000,
+    standby: Annotated[int, typer.Option(min=0, max=10, help="Standby counters to add (SC-STANDBY-01…, branch HQ, outlet HQ-LAB; "
+                                                              "`standby: true`): what `counterops drill --standby ID` restores onto.")] = 0,
 ) -> None:
     """Bring up a fleet of simulated counters; return when all answer."""
     import time
@@ -94,7 +96,8 @@ def fleet_up(
         fail(f"--branches ({branches}) cannot exceed --devices ({devices}): every branch needs a counter", EXIT_BAD_INPUT)
     started = time.monotonic()
     try:
-        statuses = fleet.up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets, ssh_base_port=ssh_port, http_base_port=http_port)
+        statuses = fleet.up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets, ssh_base_port=ssh_port, http_base_port=http_port,
+                            standby=standby)
     except fleet.FleetError as e:
         fail(str(e))
     out.print(f"{len(statuses)} counters answering in {time.monotonic() - started:.1f} s")
