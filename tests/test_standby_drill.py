@@ -1,0 +1,131 @@
+"""The standby drill: a counter's newest off-site backup restored onto a standby counter, started and
+tested there, then the standby put back. Real fleet (2 counters + 1 standby), real sshd, real Prefect
+server, real store; each test has a store and backup stores of its own.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import urllib.parse
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from flows.drill import backup_restore_drill
+from inventory.loader import load_inventory
+from inventory.models import Device, RunKind
+from inventory.store import Store
+from simfleet import fleet as simfleet
+from tasks.backup import take_backup
+from tasks.counter_app import read_health
+from tasks.layout import CUSTOMER_TABLES, DATABASE
+from tasks.ssh import ConnectionPool
+from tests.plugins.fleet import RunningFleet, port, traversable_tmpdir
+from tests.test_drill import PATHS, counter_db_sha256, drill_cli, home  # noqa: F401  (home: the fixture)
+
+STANDBY = "SC-STANDBY-01"
+
+
+@pytest.fixture(scope="module")
+def standby_fleet():
+    """Two counters in one outlet and one standby (HQ-LAB), up once for this module."""
+    d = traversable_tmpdir("counterops-standby-fleet-")
+    try:
+        statuses = simfleet.up(d, devices=2, branches=1, standby=1, ssh_base_port=port(23300), http_base_port=port(23400))
+        yield RunningFleet(d, d / "inventory.yaml", d / "known_hosts", d / "id_ed25519", statuses)
+    finally:
+        simfleet.down(d)
+        left = simfleet.fleet_processes(d)
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+        assert not left, f"processes left running after fleet down: {left}"
+
+
+def customer_rows(device: Device) -> dict[str, list[tuple]]:
+    """Every customer row of the counter's live database, read-only, sorted."""
+    db = Path(device.root, DATABASE)
+    with closing(sqlite3.connect(f"file:{urllib.parse.quote(str(db))}?mode=ro", uri=True)) as conn:
+        return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in CUSTOMER_TABLES}
+
+
+def back_up(fleet: RunningFleet) -> dict:
+    """A verified backup of each non-standby counter, in this test's store."""
+    inv = load_inventory(fleet.inventory)
+    with Store.open() as store, ConnectionPool(inv.ssh) as pool:
+        store.import_inventory(inv, actor="test", source=str(fleet.inventory))
+        return {d.id: take_backup(pool.connection(d), d, PATHS, store=store) for d in inv.devices if not d.standby}
+
+
+def test_fleet_up_standby_adds_a_standby_counter_in_head_offices_lab(standby_fleet):
+    inv = load_inventory(standby_fleet.inventory)
+    assert [(d.id, d.branch, d.outlet, d.standby) for d in inv.devices] == [
+        ("SC-BR01-O01-01", "BR01", "BR01-O01", False), ("SC-BR01-O01-02", "BR01", "BR01-O01", False), (STANDBY, "HQ", "HQ-LAB", True)]
+    assert all(s.healthy for s in standby_fleet.statuses)
+
+
+def test_a_standby_drill_serves_each_counters_data_on_the_standby_then_puts_it_back(standby_fleet, prefect_api, home):
+    inv = load_inventory(standby_fleet.inventory)
+    standby, counters = inv.device(STANDBY), [d for d in inv.devices if not d.standby]
+    standby_rows, standby_health = customer_rows(standby), read_health(standby)
+    live = {d.id: (counter_db_sha256(d), customer_rows(d), read_health(d)["in_service"]) for d in counters}
+    assert all(live[d.id][1] != standby_rows for d in counters), "the seeded data differs: the drill can tell whose it serves"
+    backups = back_up(standby_fleet)
+
+    state = backup_restore_drill(inventory=str(standby_fleet.inventory), standby=STANDBY, rto_objective_s=600,
+                                 rpo_objective_s=3600, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    assert state.is_completed(), state.message
+    assert state.message == "2 of 2 counters restored, started and tested on the standby"
+
+    with Store.open() as store:
+        drills = {d.device_id: d for d in store.restore_drills()}
+        own = store.backups(device_id=STANDBY)
+        run = store.runs(kind=RunKind.DRILL)[0]
+    assert run.status == "succeeded" and run.params["standby"] == STANDBY
+    assert sorted(drills) == [d.id for d in counters], "the standby is never drilled as a source"
+    for d in counters:
+        drill, backup = drills[d.id], backups[d.id]
+        assert drill.ok and drill.backup_id == backup.id and drill.rto_s > 0 and drill.rpo_s > 0, drill
+        assert drill.details["mode"] == "standby" and drill.details["standby"] == STANDBY
+        assert drill.details["restored_from"] == "offsite" and drill.details["errors"] == []
+        # The standby served this counter's customer rows: the drill proved them row by row
+        # (fingerprint) after both tests passed there, and recorded them.
+        assert drill.details["tests"] == {"functional": True, "business": True}
+        assert drill.details["row_counts"] == backup.row_counts == {t: len(rows) for t, rows in live[d.id][1].items()}
+    assert len(own) == 1 and drills[counters[0].id].details["standby_own_backup_id"] == own[0].id
+
+    assert summary.standby == STANDBY and summary.standby_problems == []
+    assert summary.rto.max == max(d.rto_s for d in drills.values()) and summary.rto.counters == 2
+    assert summary.rpo.p50 == min(d.rpo_s for d in drills.values())
+
+    # The standby is itself again: its own rows, healthy, as in or out of service as it was.
+    assert customer_rows(standby) == standby_rows
+    health = read_health(standby)
+    assert health["status"] == "ok" and health["version"] == standby_health["version"]
+    assert health["in_service"] == standby_health["in_service"]
+    # The drilled counters were never touched.
+    assert {d.id: (counter_db_sha256(d), customer_rows(d), read_health(d)["in_service"]) for d in counters} == live
+
+
+def test_an_impossible_rto_objective_fails_the_drill_naming_the_counter_and_its_rto(standby_fleet, prefect_api, home):
+    inv = load_inventory(standby_fleet.inventory)
+    standby_rows = customer_rows(inv.device(STANDBY))
+    back_up(standby_fleet)
+
+    state = backup_restore_drill(inventory=str(standby_fleet.inventory), standby=STANDBY, rto_objective_s=0.001, return_state=True)
+    assert state.is_failed()
+    for d in inv.devices[:2]:
+        assert f"{d.id}: RTO " in state.message and "misses the objective of 0.001 s" in state.message, state.message
+    assert state.message.startswith("backup-restore drill failed for 2 of 2 counters: ")
+    with Store.open() as store:
+        assert [d.ok for d in store.restore_drills()] == [False, False]
+        assert store.runs(kind=RunKind.DRILL)[0].status == "failed"
+    assert customer_rows(inv.device(STANDBY)) == standby_rows, "put back even when the drill fails"
+
+
+def test_standby_must_name_a_standby_counter(standby_fleet, home):
+    r = drill_cli("--inventory", str(standby_fleet.inventory), "--standby", "SC-BR01-O01-01")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "error: --standby: SC-BR01-O01-01 is not a standby counter; mark one `standby: true` in the inventory" in r.stderr
