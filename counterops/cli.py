@@ -197,7 +197,7 @@ def inventory_list(
         return
     table = Table("counter", "branch", "outlet", "host", "ssh", "http", "root")
     for d in devices:
-        table.add_row(d.id, d.branch, d.outlet, d.host, str(d.ssh_port), str(d.http_port), d.root)
+        table.add_row(d.id + (" (standby)" if d.standby else ""), d.branch, d.outlet, d.host, str(d.ssh_port), str(d.http_port), d.root)
     out.print(table)
     out.print(f"{len(devices)} counters" + (f" in branch {branch}" if branch else ""))
 

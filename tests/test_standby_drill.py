@@ -5,6 +5,7 @@ server, real store; each test has a store and backup stores of its own.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import urllib.parse
 from contextlib import closing
@@ -14,13 +15,14 @@ import pytest
 
 from flows.drill import backup_restore_drill
 from inventory.loader import load_inventory
-from inventory.models import Device, RunKind
+from inventory.models import Device, DeviceStep, Run, RunKind, UpgradeStep
 from inventory.store import Store
 from simfleet import fleet as simfleet
 from tasks.backup import take_backup
 from tasks.counter_app import read_health
 from tasks.layout import CUSTOMER_TABLES, DATABASE
 from tasks.ssh import ConnectionPool
+from tasks.standby import StandbyState, restore_onto_standby
 from tests.plugins.fleet import RunningFleet, port, traversable_tmpdir
 from tests.test_drill import PATHS, counter_db_sha256, drill_cli, home  # noqa: F401  (home: the fixture)
 
@@ -37,8 +39,6 @@ def standby_fleet():
     finally:
         simfleet.down(d)
         left = simfleet.fleet_processes(d)
-        import shutil
-
         shutil.rmtree(d, ignore_errors=True)
         assert not left, f"processes left running after fleet down: {left}"
 
@@ -129,3 +129,23 @@ def test_standby_must_name_a_standby_counter(standby_fleet, home):
     r = drill_cli("--inventory", str(standby_fleet.inventory), "--standby", "SC-BR01-O01-01")
     assert r.returncode == 2, r.stdout + r.stderr
     assert "error: --standby: SC-BR01-O01-01 is not a standby counter; mark one `standby: true` in the inventory" in r.stderr
+
+
+def test_a_backup_taken_on_another_release_is_not_restored_onto_the_standby(standby_fleet, home):
+    """The upgrade run that took the backup read release 1.1.0 on the counter; the standby runs 1.0.0:
+    that counter fails, naming both, and nothing reaches the standby."""
+    inv = load_inventory(standby_fleet.inventory)
+    counter, standby = inv.devices[0], inv.device(STANDBY)
+    standby_db = counter_db_sha256(standby)
+    with Store.open() as store, ConnectionPool(inv.ssh) as pool:
+        store.import_inventory(inv, actor="test", source=str(standby_fleet.inventory))
+        run = store.add(Run(kind=RunKind.UPGRADE, name="smartcounter-1.2.0", initiator="test"))
+        store.add(DeviceStep(run_id=run.id, device_id=counter.id, wave=0, step=UpgradeStep.PRECHECK,
+                             details={"installed_version": "1.1.0"}))
+        backup = take_backup(pool.connection(counter), counter, PATHS, store=store, run_id=run.id)
+        state = StandbyState(device_id=STANDBY, release="1.0.0", in_service=True, backup_id=backup.id)
+        done = restore_onto_standby(pool.connection(standby), standby, state, counter, PATHS, store)
+    assert done.rto_s is None and done.backup_id == backup.id and done.release == "1.1.0"
+    assert done.errors == [f"backup {backup.id} was taken on release 1.1.0, standby {STANDBY} runs 1.0.0: restoring it there "
+                           "proves nothing about 1.1.0; bring the standby to 1.1.0 first, or drill a backup taken on its release"]
+    assert counter_db_sha256(standby) == standby_db
