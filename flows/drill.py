@@ -126,14 +126,14 @@ def _onto_standby(onto: Device, devices: list[Device], paths: list[str], run_id:
         if held is not None:
             raise StandbyError(f"standby {onto.id}: {held}; run the drill when it is free")
         conn = pool.connection(onto)
-        state = keep_standby.with_options(task_run_name=f"keep {onto.id}")(conn, onto, paths, store, run_id)
+        state = keep_standby.with_options(task_run_name=f"keep {onto.id}")(conn, onto, paths, store, run_id, by)
         drills: list[CounterDrill] = []
         try:
             for d in devices:
                 drills.append(drill_onto_standby.with_options(task_run_name=f"{d.id} [{d.outlet}] onto {onto.id}")(
                     d, onto, state, conn, paths, run_id, store, by, **objectives))
         finally:
-            problems = put_back_standby.with_options(task_run_name=f"put back {onto.id}")(conn, onto, state, paths, store)
+            problems = put_back_standby.with_options(task_run_name=f"put back {onto.id}")(conn, onto, state, paths, store, run_id, by)
     return DrillSummary.of(drills, standby=onto.id, standby_problems=problems)
 
 

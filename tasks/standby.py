@@ -18,6 +18,11 @@ upgrade plan, so it can take any counter's data for a while:
     put back  stop the app, restore the standby's own backup, start it, wait healthy, its data
               proven its own again (fingerprint) and its maintenance mode as it was
 
+Lending the standby is audited (``drill.standby``: outcome "lent" with its state, then "returned",
+or "failed"), so a drill that was killed mid-way, or whose put-back failed, is seen by the next one:
+it puts the standby back from the backup that drill took first, before taking its own, so the
+standby's own data is never mistaken for another counter's copy.
+
 Why ``over_changed_data=True`` is safe here, and only here: restoring X's backup replaces data that
 is the standby's own, already in a verified backup taken seconds earlier by this drill (and no
 customer ever touches a standby); putting the standby back replaces a copy of X's backup, which
@@ -40,6 +45,7 @@ from pydantic import BaseModel, Field
 
 from inventory.models import Backup, Device, UpgradeStep, utcnow
 from inventory.store import Store
+from tasks.acting import Acting
 from tasks.backup import BackupError, Source, data_changed_since, restore_backup, take_backup, verify_backup
 from tasks.checks import business_test, functional_test, read_installed_version
 from tasks.counter_app import read_health, set_in_service
@@ -47,6 +53,8 @@ from tasks.layout import CTL
 from tasks.ssh import Connection, SSHError, remote_path
 
 HEALTHY_TIMEOUT_S = 30.0
+ACTION = "drill.standby"  # audited: outcome "lent" (details: the StandbyState), "returned" or "failed"
+LENT, RETURNED, NOT_RETURNED = "lent", "returned", "failed"
 
 
 class StandbyError(Exception):
@@ -135,10 +143,27 @@ def newest_backup(store: Store, device: Device) -> Backup | None:
 # ----------------------------------------------------------------------------- keep and put back
 
 
+def lent_out(store: Store, standby_id: str) -> StandbyState | None:
+    """The standby's state as an earlier drill recorded it when lending it, if that drill never put it back."""
+    for event in store.audit_events(limit=500, action=ACTION):
+        if event.target == standby_id:
+            return None if event.outcome == RETURNED else StandbyState.model_validate(event.details["state"])
+    return None
+
+
 @task(name="standby-keep", cache_policy=NO_CACHE)
-def keep_standby(conn: Connection, standby: Device, paths: list[str], store: Store, run_id: int) -> StandbyState:
+def keep_standby(conn: Connection, standby: Device, paths: list[str], store: Store, run_id: int, by: Acting) -> StandbyState:
     """Before anything is restored onto the standby: its release, maintenance mode and a verified
-    backup of its own data. StandbyError (nothing touched) when any of it cannot be had."""
+    backup of its own data; lending it is audited. A standby an earlier drill never put back is put
+    back first. StandbyError (nothing restored) when any of it cannot be had."""
+    left = lent_out(store, standby.id)
+    if left is not None:  # an earlier drill was killed, or could not put it back: its data may be another counter's
+        problems = _put_back(conn, standby, left, paths, store)
+        by.audit(store, ACTION, standby.id, run_id=run_id, outcome=NOT_RETURNED if problems else RETURNED,
+                 details={"state": left.model_dump(mode="json"), "left_by_an_earlier_drill": True, "problems": problems})
+        if problems:
+            raise StandbyError(f"an earlier drill left standby {standby.id} without its own data, and it could not be put back: "
+                               + "; ".join(problems))
     try:
         health = read_health(standby)
         if health is None or health.get("status") != "ok":
@@ -152,14 +177,27 @@ def keep_standby(conn: Connection, standby: Device, paths: list[str], store: Sto
     except SSHError as e:
         raise StandbyError(f"standby {standby.id} cannot be reached: {e.reason}") from e
     assert own.id is not None
-    return StandbyState(device_id=standby.id, release=release, in_service=health.get("in_service"), backup_id=own.id)
+    state = StandbyState(device_id=standby.id, release=release, in_service=health.get("in_service"), backup_id=own.id)
+    by.audit(store, ACTION, standby.id, run_id=run_id, outcome=LENT, details={"state": state.model_dump(mode="json")})
+    return state
 
 
 @task(name="standby-put-back", cache_policy=NO_CACHE)
-def put_back_standby(conn: Connection, standby: Device, state: StandbyState, paths: list[str], store: Store) -> list[str]:
+def put_back_standby(conn: Connection, standby: Device, state: StandbyState, paths: list[str], store: Store, run_id: int,
+                     by: Acting) -> list[str]:
     """Put the standby back as it was: its own backup restored, app healthy on its release, its
-    data proven its own, its maintenance mode as before. The problems ([] when it is back)."""
-    own = store.get(Backup, state.backup_id)
+    data proven its own, its maintenance mode as before; audited. The problems ([] when it is back)."""
+    problems = _put_back(conn, standby, state, paths, store)
+    by.audit(store, ACTION, standby.id, run_id=run_id, outcome=NOT_RETURNED if problems else RETURNED,
+             details={"state": state.model_dump(mode="json"), "problems": problems})
+    return problems
+
+
+def _put_back(conn: Connection, standby: Device, state: StandbyState, paths: list[str], store: Store) -> list[str]:
+    try:
+        own = store.get(Backup, state.backup_id)
+    except KeyError as e:  # a store that lost the record: say which backup
+        return [f"standby {standby.id}: its own backup {state.backup_id} cannot be read from the store: {e}"]
     try:
         if conn.suspect is not None:
             conn.reconnect()

@@ -22,7 +22,8 @@ from tasks.backup import take_backup
 from tasks.counter_app import read_health
 from tasks.layout import CUSTOMER_TABLES, DATABASE
 from tasks.ssh import ConnectionPool
-from tasks.standby import StandbyState, restore_onto_standby
+from tasks.acting import authorized
+from tasks.standby import StandbyState, ctl, keep_standby, restore_onto, restore_onto_standby
 from tests.plugins.fleet import RunningFleet, port, traversable_tmpdir
 from tests.test_drill import PATHS, counter_db_sha256, drill_cli, home  # noqa: F401  (home: the fixture)
 
@@ -149,3 +150,29 @@ def test_a_backup_taken_on_another_release_is_not_restored_onto_the_standby(stan
     assert done.errors == [f"backup {backup.id} was taken on release 1.1.0, standby {STANDBY} runs 1.0.0: restoring it there "
                            "proves nothing about 1.1.0; bring the standby to 1.1.0 first, or drill a backup taken on its release"]
     assert counter_db_sha256(standby) == standby_db
+
+
+def test_a_standby_an_earlier_drill_never_put_back_is_put_back_first(standby_fleet, prefect_api, home):
+    """A drill killed after restoring a counter onto the standby: the next drill puts the standby's
+    own data back before it backs anything up as the standby's."""
+    inv = load_inventory(standby_fleet.inventory)
+    counter, standby = inv.devices[0], inv.device(STANDBY)
+    standby_rows = customer_rows(standby)
+    backups = back_up(standby_fleet)
+    with Store.open() as store, ConnectionPool(inv.ssh) as pool:  # what a killed drill leaves: lent, X's data served
+        by = authorized(store, None, action="drill.run", target="a drill killed mid-way")  # the service identity
+        conn = pool.connection(standby)
+        run = store.add(Run(kind=RunKind.DRILL, name="backup-restore-drill", initiator="test", status="failed"))
+        state = keep_standby.fn(conn, standby, PATHS, store, run.id, by)
+        ctl(conn, standby, "stop")
+        restore_onto(conn, standby, backups[counter.id], PATHS)
+        ctl(conn, standby, "start")
+    assert customer_rows(standby) == customer_rows(counter) != standby_rows
+
+    state_now = backup_restore_drill(inventory=str(standby_fleet.inventory), standby=STANDBY, return_state=True)
+    assert state_now.is_completed(), state_now.message
+    assert customer_rows(standby) == standby_rows
+    with Store.open() as store:
+        events = [e for e in store.audit_events(limit=20, action="drill.standby") if e.target == STANDBY]
+    assert [e.outcome for e in reversed(events)] == ["lent", "returned", "lent", "returned"]
+    assert events[2].details["left_by_an_earlier_drill"] and events[2].details["state"]["backup_id"] == state.backup_id
