@@ -25,6 +25,7 @@ from tasks.ssh import ConnectionPool
 from tasks.acting import authorized
 from tasks.standby import StandbyState, ctl, keep_standby, restore_onto, restore_onto_standby
 from tests.plugins.fleet import RunningFleet, port, traversable_tmpdir
+from tests.test_backup import damage
 from tests.test_drill import PATHS, counter_db_sha256, drill_cli, home  # noqa: F401  (home: the fixture)
 
 STANDBY = "SC-STANDBY-01"
@@ -110,19 +111,26 @@ def test_a_standby_drill_serves_each_counters_data_on_the_standby_then_puts_it_b
     assert {d.id: (counter_db_sha256(d), customer_rows(d), read_health(d)["in_service"]) for d in counters} == live
 
 
-def test_an_impossible_rto_objective_fails_the_drill_naming_the_counter_and_its_rto(standby_fleet, prefect_api, home):
+def test_an_impossible_rto_objective_or_a_damaged_offsite_copy_fails_the_drill_naming_each(standby_fleet, prefect_api, home):
+    """One counter misses an impossible RTO objective; the other's off-site copy is damaged (its local
+    copy is fine): the drill restores the off-site copy or nothing. Both named; the standby put back."""
     inv = load_inventory(standby_fleet.inventory)
+    slow, damaged = inv.devices[0], inv.devices[1]
     standby_rows = customer_rows(inv.device(STANDBY))
-    back_up(standby_fleet)
+    backups = back_up(standby_fleet)
+    damage(backups[damaged.id].offsite_path)
 
     state = backup_restore_drill(inventory=str(standby_fleet.inventory), standby=STANDBY, rto_objective_s=0.001, return_state=True)
     assert state.is_failed()
-    for d in inv.devices[:2]:
-        assert f"{d.id}: RTO " in state.message and "misses the objective of 0.001 s" in state.message, state.message
     assert state.message.startswith("backup-restore drill failed for 2 of 2 counters: ")
+    assert f"{slow.id}: RTO " in state.message and "misses the objective of 0.001 s" in state.message, state.message
+    assert (f"{damaged.id}: restore onto standby {STANDBY} failed at verify: off-site copy {backups[damaged.id].offsite_path} "
+            "has sha256") in state.message, state.message
     with Store.open() as store:
-        assert [d.ok for d in store.restore_drills()] == [False, False]
+        drills = {d.device_id: d for d in store.restore_drills()}
         assert store.runs(kind=RunKind.DRILL)[0].status == "failed"
+    assert not drills[slow.id].ok and drills[slow.id].rto_s > 0.001
+    assert not drills[damaged.id].ok and drills[damaged.id].rto_s is None and drills[damaged.id].details["tests"] == {}
     assert customer_rows(inv.device(STANDBY)) == standby_rows, "put back even when the drill fails"
 
 
