@@ -120,7 +120,7 @@ def fleet_status(fleet_dir: FleetDir, as_json: JsonOption = False) -> None:
         table = Table(Column("counter", no_wrap=True), "branch", "outlet", "ssh", "http", "sshd", "app", "version", "in service")
         for s in statuses:
             table.add_row(
-                s.id, s.branch, s.outlet, str(s.ssh_port), str(s.http_port),
+                s.id + (" (standby)" if s.standby else ""), s.branch, s.outlet, str(s.ssh_port), str(s.http_port),
                 "up" if s.ssh_answers else "[red]down[/]",
                 s.app_status or "[red]no answer[/]", s.version or "", str(s.in_service) if s.in_service is not None else "",
             )

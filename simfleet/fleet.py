@@ -115,6 +115,7 @@ class CounterStatus:
     app_status: str | None  # /health "status", None when the app does not answer
     version: str | None
     in_service: bool | None
+    standby: bool = False
 
     @property
     def healthy(self) -> bool:
@@ -571,6 +572,7 @@ def status(fleet_dir: str | Path) -> list[CounterStatus]:
             app_status=health.get("status"),
             version=health.get("version"),
             in_service=health.get("in_service"),
+            standby=c.standby,
         )
 
     with ThreadPoolExecutor(max_workers=16) as pool:
