@@ -84,6 +84,8 @@ def fleet_up(
     outlets: Annotated[int | None, typer.Option(min=1, help="Outlets per branch (default: chosen from the size).")] = None,
     ssh_port: Annotated[int, typer.Option(min=1024, max=32700, help="First SSH port to try (below 32768, clear of the kernel's client ports).")] = 22000,
     http_port: Annotated[int, typer.Option(min=1024, max=32700, help="First HTTP port to try.")] = 24000,
+    standby: Annotated[int, typer.Option(min=0, max=10, help="Standby counters to add (SC-STANDBY-01…, branch HQ, outlet HQ-LAB; "
+                                                              "`standby: true`): what `counterops drill --standby ID` restores onto.")] = 0,
 ) -> None:
     """Bring up a fleet of simulated counters; return when all answer."""
     import time
@@ -94,7 +96,8 @@ def fleet_up(
         fail(f"--branches ({branches}) cannot exceed --devices ({devices}): every branch needs a counter", EXIT_BAD_INPUT)
     started = time.monotonic()
     try:
-        statuses = fleet.up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets, ssh_base_port=ssh_port, http_base_port=http_port)
+        statuses = fleet.up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets, ssh_base_port=ssh_port, http_base_port=http_port,
+                            standby=standby)
     except fleet.FleetError as e:
         fail(str(e))
     out.print(f"{len(statuses)} counters answering in {time.monotonic() - started:.1f} s")
@@ -117,7 +120,7 @@ def fleet_status(fleet_dir: FleetDir, as_json: JsonOption = False) -> None:
         table = Table(Column("counter", no_wrap=True), "branch", "outlet", "ssh", "http", "sshd", "app", "version", "in service")
         for s in statuses:
             table.add_row(
-                s.id, s.branch, s.outlet, str(s.ssh_port), str(s.http_port),
+                s.id + (" (standby)" if s.standby else ""), s.branch, s.outlet, str(s.ssh_port), str(s.http_port),
                 "up" if s.ssh_answers else "[red]down[/]",
                 s.app_status or "[red]no answer[/]", s.version or "", str(s.in_service) if s.in_service is not None else "",
             )
@@ -198,7 +201,7 @@ def inventory_list(
         return
     table = Table("counter", "branch", "outlet", "host", "ssh", "http", "root")
     for d in devices:
-        table.add_row(d.id, d.branch, d.outlet, d.host, str(d.ssh_port), str(d.http_port), d.root)
+        table.add_row(d.id + (" (standby)" if d.standby else ""), d.branch, d.outlet, d.host, str(d.ssh_port), str(d.http_port), d.root)
     out.print(table)
     out.print(f"{len(devices)} counters" + (f" in branch {branch}" if branch else ""))
 

@@ -7,10 +7,17 @@
         a fresh verified backup (a read of the counter), or with use_latest its newest stored backup
         verify both copies' sha256, restore into a scratch dir on this machine, check the databases
         measure RTO and RPO; record the drill
-    publish the table and the report; send the report to ``notify``
-    end Failed, naming every counter whose backup did not restore or verify
+  or, with ``standby`` (a counter marked ``standby: true``), holding the standby's lease:
+    keep the standby's own data (a verified backup of it) and its release
+    for each counter, one at a time: its newest verified backup's off-site copy restored onto the
+        standby, app started, functional and business tests passed there; RTO and RPO; recorded
+    put the standby back: its own backup restored, healthy, as it was (tasks/standby.py)
+  a counter missing an RTO/RPO objective fails, naming the figure
+  publish the table and the report (per-counter RTO/RPO, p50/p90/max); send the report to ``notify``
+  end Failed, naming every counter whose backup did not restore, verify or meet an objective
+      (and the standby, when it could not be put back)
 
-A drill never changes a counter: it restores into a temp dir here, never onto the counter.
+A drill never changes a drilled counter: it restores into a temp dir here, or onto the standby.
 """
 
 from __future__ import annotations
@@ -23,71 +30,115 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from inventory.leases import lease
 from inventory.loader import load_inventory
 from inventory.models import Device, Run, RunKind
 from inventory.store import Store
 from playbooks import load_playbook
-from tasks.acting import acting_run, authorized, fleet_as_seen
-from tasks.drill import CounterDrill, DrillSummary, drill_counter, drill_notice, drill_sample, publish_drill
+from tasks.acting import Acting, acting_run, authorized, fleet_as_seen
+from tasks.backup import Vault
+from tasks.drill import CounterDrill, DrillSummary, drill_counter, drill_notice, drill_onto_standby, drill_sample, publish_drill
 from tasks.notify import NotifyError
 from tasks.report import deliver, tag_branches
 from tasks.run_record import ends_with_reason
-from tasks.backup import Vault
 from tasks.ssh import ConnectionPool
+from tasks.standby import StandbyError, keep_standby, put_back_standby, standby_device
 
 UPGRADE_PLAYBOOK = "smartcounter-upgrade"  # the drill backs up what an upgrade would have to restore
 ACTION = "drill.run"
 
 
-def drill_target(sample: int | None, use_latest: bool) -> str:
-    """What a ``drill.run`` statement names: how many counters, from which backups."""
+def drill_target(sample: int | None, use_latest: bool, standby: str | None = None) -> str:
+    """What a ``drill.run`` statement names: how many counters, from which backups, onto which standby."""
+    if standby:
+        return (f"backup-restore drill of {f'{sample} counters' if sample else 'every counter'}, "
+                f"newest stored backups onto standby {standby}")
     return (f"backup-restore drill of {f'{sample} counters' if sample else 'every counter'}, "
             f"{'newest stored' if use_latest else 'fresh'} backups")
 
 
 def _run_name() -> str:
     sample = flow_run.parameters.get("sample")
-    source = "latest" if flow_run.parameters.get("use_latest") else "fresh"
+    standby = flow_run.parameters.get("standby")
+    source = f"standby-{standby}" if standby else "latest" if flow_run.parameters.get("use_latest") else "fresh"
     return f"drill-{source}" + (f"-sample-{sample}" if sample else "")
 
 
 @flow(name="backup-restore-drill", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
 @ends_with_reason
 def backup_restore_drill(
-    inventory: str, sample: int | None = None, use_latest: bool = False, notify: list[str] = [], authorization: str | None = None
+    inventory: str, sample: int | None = None, use_latest: bool = False, notify: list[str] = [], authorization: str | None = None,
+    standby: str | None = None, rto_objective_s: float | None = None, rpo_objective_s: float | None = None,
 ) -> State:
-    """Restore-drill ``sample`` counters of ``inventory`` (all when None) from fresh backups, or from
-    their newest stored ones with ``use_latest``; the report goes to ``notify`` (apprise URLs).
+    """Restore-drill ``sample`` counters of ``inventory`` (all when None; never a standby counter) from
+    fresh backups, or from their newest stored ones with ``use_latest``; the report goes to ``notify``
+    (apprise URLs). ``standby``: the id of a ``standby: true`` counter to restore each counter's newest
+    verified off-site backup onto, start and test there (the real RTO; implies ``use_latest``).
+    ``rto_objective_s`` / ``rpo_objective_s``: a counter whose RTO / RPO is larger fails the drill
+    (default: the inventory's ``backups.objectives``).
     ``authorization``: the operator's signed statement (`counterops drill` makes it); none: the
     service identity's (a scheduled run).
-    The result's data is the DrillSummary: per-counter ok/RTO/RPO/errors, worst RTO and RPO."""
+    The result's data is the DrillSummary: per-counter ok/RTO/RPO/errors, worst and p50/p90/max RTO and RPO."""
+    for name, value in (("rto_objective_s", rto_objective_s), ("rpo_objective_s", rpo_objective_s)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name}: must be a number of seconds above 0, got {value!r}")
     inv = load_inventory(inventory)
-    devices = drill_sample(inv.devices, sample, datetime.now(UTC).date())
+    onto = standby_device(inv.devices, standby) if standby else None
+    use_latest = use_latest or onto is not None
+    devices = drill_sample([d for d in inv.devices if not d.standby], sample, datetime.now(UTC).date())
     paths = load_playbook(UPGRADE_PLAYBOOK).backup.paths
+    configured = inv.backups.objectives if inv.backups else None  # the inventory's backups.objectives unless given here
+    objectives = {"rto_objective_s": rto_objective_s if rto_objective_s is not None else configured and configured.rto_s,
+                  "rpo_objective_s": rpo_objective_s if rpo_objective_s is not None else configured and configured.rpo_s}
     with Store.open() as store:
-        by = authorized(store, authorization, action=ACTION, target=drill_target(sample, use_latest),
-                        branches={d.branch for d in devices})
+        by = authorized(store, authorization, action=ACTION, target=drill_target(sample, use_latest, standby),
+                        branches={d.branch for d in devices} | ({onto.branch} if onto else set()))
         with (ConnectionPool(inv.ssh) as pool, Vault.open(inv.backups) as vault,
               acting_run(store, by, Run(kind=RunKind.DRILL, name="backup-restore-drill", initiator=by.actor, flow_run_id=str(flow_run.id),
-                                        params={"inventory": inventory, "sample": sample, "use_latest": use_latest})) as run):
+                                        params={"inventory": inventory, "sample": sample, "use_latest": use_latest,
+                                                "standby": standby} | objectives)) as run):
             fleet_as_seen(store, by.actor, inv, inventory, statement_digest=by.statement_digest)  # the records name the counters as this run saw them
-            tag_branches(devices)
-            futures = [
-                drill_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]")
-                .submit(d, paths, use_latest, run.id, store, pool, by, vault)
-                for d in devices
-            ]
-            summary = DrillSummary.of([_drilled(f, d, use_latest) for f, d in zip(futures, devices)])
+            tag_branches(devices + ([onto] if onto else []))
+            if onto is None:
+                futures = [
+                    drill_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]")
+                    .submit(d, paths, use_latest, run.id, store, pool, by, vault, **objectives)
+                    for d in devices
+                ]
+                summary = DrillSummary.of([_drilled(f, d, use_latest) for f, d in zip(futures, devices)])
+            else:
+                summary = _onto_standby(onto, devices, paths, run.id, store, pool, by, vault, objectives)
             publish_drill(summary)
-            run.end("failed" if summary.failed else "succeeded", summary.model_dump(mode="json", exclude={"counters"}))
-    message = summary.failure_message() if summary.failed else f"{summary.passed} of {len(devices)} counters restored and verified"
+            run.end("failed" if summary.is_failed else "succeeded", summary.model_dump(mode="json", exclude={"counters"}))
+    verb = "restored, started and tested on the standby" if onto else "restored and verified"
+    message = summary.failure_message() if summary.is_failed else f"{summary.passed} of {len(devices)} counters {verb}"
     print(message)
     try:
         deliver(notify, drill_notice(summary))
     except NotifyError as e:  # the drill stands; a report nobody received is still a failure to look at
         get_run_logger().error(str(e))
         return Failed(message=f"{message}; but the report was not delivered: {e}", data=summary)
-    return Failed(message=message, data=summary) if summary.failed else Completed(message=message, data=summary)
+    return Failed(message=message, data=summary) if summary.is_failed else Completed(message=message, data=summary)
+
+
+def _onto_standby(onto: Device, devices: list[Device], paths: list[str], run_id: int, store: Store, pool: ConnectionPool,
+                  by: Acting, vault: Vault, objectives: dict) -> DrillSummary:
+    """Each counter restored onto the standby in turn, the standby's lease held and its own data kept
+    first; put back afterwards whatever happened. A standby that cannot be prepared fails the drill
+    with nothing restored; one that cannot be put back fails it too, named."""
+    with lease(store, onto.id, run_id) as held:
+        if held is not None:
+            raise StandbyError(f"standby {onto.id}: {held}; run the drill when it is free")
+        conn = pool.connection(onto)
+        state = keep_standby.with_options(task_run_name=f"keep {onto.id}")(conn, onto, paths, store, run_id, by, vault)
+        drills: list[CounterDrill] = []
+        try:
+            for d in devices:
+                drills.append(drill_onto_standby.with_options(task_run_name=f"{d.id} [{d.outlet}] onto {onto.id}")(
+                    d, onto, state, conn, paths, run_id, store, by, vault, **objectives))
+        finally:
+            problems = put_back_standby.with_options(task_run_name=f"put back {onto.id}")(conn, onto, state, paths, store, run_id, by, vault)
+    return DrillSummary.of(drills, standby=onto.id, standby_problems=problems)
 
 
 def _drilled(future: PrefectFuture[CounterDrill], device: Device, use_latest: bool) -> CounterDrill:

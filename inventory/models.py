@@ -219,6 +219,10 @@ class Device(_Model):
     serial: SafeId | None = None
     location: Text | None = None
     tags: Annotated[list[SafeId], AfterValidator(_unique)] = Field(default_factory=list)
+    # A standby counter serves no customer: standby drills restore other counters' backups onto it
+    # (tasks/standby.py). It is outside every upgrade plan's scope and is never drilled as a source;
+    # inspections, fleet checks and maintenance still cover it (it is a real counter that must work).
+    standby: bool = False
 
 
 # ----------------------------------------------------------------------------- backups

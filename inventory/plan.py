@@ -500,8 +500,9 @@ def resolve_scope(plan: UpgradePlan, inventory: Inventory, *, source: str = "pla
     """The counters in the plan's scope, in inventory order; an id the inventory lacks is an
     error (a typo must never shrink the upgrade silently), and so is selecting nothing."""
     scope = plan.scope
+    standby = {d.id for d in inventory.devices if d.standby}
     if scope.is_everything():
-        chosen = list(inventory.devices)
+        chosen = [d for d in inventory.devices if not d.standby]
     else:
         known = {
             "branches": ("branch", {b.id for b in inventory.branches}),
@@ -515,12 +516,16 @@ def resolve_scope(plan: UpgradePlan, inventory: Inventory, *, source: str = "pla
                     # difflib scans every id (0.15 s among 10,000): suggest for the first few only.
                     hint = did_you_mean(value, ids) if len(errors) < _SHOWN_IDS else ""
                     errors.append(f"{source}: scope.{field}[{i}]: no {kind} {value!r} in the inventory{hint} ({field}: {_some(ids)})")
+        errors += [f"{source}: scope.devices[{i}]: {value} is a standby counter (standby: true in the inventory): standby counters "
+                   "serve no customer and are outside every plan; remove it from the scope" for i, value in enumerate(scope.devices)
+                   if value in standby]
         if errors:
             raise PlanError(errors)
         branches, outlets, devices = set(scope.branches), set(scope.outlets), set(scope.devices)
-        chosen = [d for d in inventory.devices if d.branch in branches or d.outlet in outlets or d.id in devices]
+        chosen = [d for d in inventory.devices if not d.standby and (d.branch in branches or d.outlet in outlets or d.id in devices)]
     if not chosen:
-        raise PlanError([f"{source}: scope: selects no counters (the inventory has none there); list places that have counters"])
+        raise PlanError([f"{source}: scope: selects no counters (the inventory has none there"
+                         + (", standby counters are outside every plan" if standby else "") + "); list places that have counters"])
     return chosen
 
 
@@ -685,7 +690,8 @@ def impact(plan: UpgradePlan, inventory: Inventory, *, source: str = "plan") -> 
     waves = plan_waves(plan, devices, source=source)
     outlet_sizes: dict[str, int] = {}
     for d in inventory.devices:
-        outlet_sizes[d.outlet] = outlet_sizes.get(d.outlet, 0) + 1
+        if not d.standby:  # a standby serves no customer: it keeps no outlet in service
+            outlet_sizes[d.outlet] = outlet_sizes.get(d.outlet, 0) + 1
     in_scope = {d.outlet for d in devices}
     return PlanImpact(
         plan=plan.name,

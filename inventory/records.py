@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -126,6 +128,7 @@ class DeviceRow(Base):
     serial: Mapped[str | None] = mapped_column(ID)
     location: Mapped[str | None] = mapped_column(String(128))
     tags: Mapped[list[Any]] = mapped_column()
+    standby: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # serves no customer (migration 0007_standby)
     retired_at: Mapped[datetime | None] = mapped_column()  # retired (inventory import --prune): history kept
 
 

@@ -7,6 +7,8 @@
 #   4. run the upgrade plan to 1.2.0: canary, then a pilot wave that needs a second person's
 #      signed approval (li.na's, since zhang.wei initiated it), then the rest
 #   5. show the records, and where to open the run in the Prefect UI
+#   6. a standby drill: each counter's newest off-site backup restored onto the standby counter
+#      (SC-STANDBY-01, outside every plan), started and tested there; RTO and RPO per counter, p50/p90/max
 # The fleet is taken down at the end; the Prefect server stays up for the UI (`make stop`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +23,7 @@ trap '$BIN/counterops fleet down --dir "$DIR" >/dev/null' EXIT
 $BIN/counterops fleet down --dir "$DIR" --remove >/dev/null
 # A new fleet each time: start its records afresh too (the Prefect server keeps earlier runs for the UI).
 rm -rf "$COUNTEROPS_HOME"/counterops.db* "$COUNTEROPS_HOME"/backups "$COUNTEROPS_HOME"/audit-anchors.log
-$BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
+$BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --standby 1 --dir "$DIR"
 KEYS=$DIR/keys
 $BIN/counterops operators init --from "$DIR/operators.yaml"
 $BIN/counterops inventory import "$COUNTEROPS_INVENTORY" --as zhang.wei --key "$KEYS/zhang.wei"
@@ -83,5 +85,9 @@ $BIN/counterops server status
 # Who did what, and proof that nobody changed it since: the audit trail is a hash chain, anchored outside the database.
 $BIN/counterops audit list --limit 12
 $BIN/counterops audit verify
+# The real RTO: every counter's newest verified backup (the pre-upgrade one, taken on 1.0.0 like the
+# standby, which no plan upgrades) restored from its off-site copy onto the standby, one at a time,
+# app started, functional and business tests passed there; then the standby gets its own data back.
+$BIN/counterops drill --standby SC-STANDBY-01 --rto-objective 600 --rpo-objective 93600 --as zhang.wei --key "$KEYS/zhang.wei"
 echo "Demo finished in $(( $(date +%s) - started )) s. Open the UI URL above → Runs → demo-smartcounter-1.2.0"
 echo "(artifacts: wave progress, every counter's final state, the evaluation). 'make stop' stops the server."

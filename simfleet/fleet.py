@@ -91,6 +91,7 @@ class Counter:
     outlet: str
     ssh_port: int
     http_port: int
+    standby: bool = False  # a standby counter: serves no customer; standby drills restore onto it
 
 
 @dataclass
@@ -126,6 +127,7 @@ class CounterStatus:
     app_status: str | None  # /health "status", None when the app does not answer
     version: str | None
     in_service: bool | None
+    standby: bool = False
 
     @property
     def healthy(self) -> bool:
@@ -174,6 +176,20 @@ def plan_counters(devices: int, branches: int, outlets_per_branch: int | None) -
             Counter(id=f"SC-{outlet}-{seen[outlet]:02d}", branch=f"BR{b:02d}", outlet=outlet, ssh_port=0, http_port=0)
         )
     return sorted(counters, key=lambda c: c.id)
+
+
+STANDBY_BRANCH, STANDBY_OUTLET = "HQ", "HQ-LAB"
+
+
+def plan_standby(standby: int) -> list[Counter]:
+    """``standby`` standby counters, ``SC-STANDBY-01``…, in head office's lab (branch ``HQ``, outlet
+    ``HQ-LAB``): they serve no customer, so no branch's outlet should count them, and branch IT's
+    filters show only their own counters (a drill restoring a BR01 counter onto the standby is
+    still tagged ``branch:BR01``)."""
+    if standby < 0:
+        raise FleetError(f"--standby must be 0 or more, got {standby}")
+    return [Counter(id=f"SC-STANDBY-{n:02d}", branch=STANDBY_BRANCH, outlet=STANDBY_OUTLET, ssh_port=0, http_port=0, standby=True)
+            for n in range(1, standby + 1)]
 
 
 def _port_is_free(port: int) -> bool:
@@ -441,8 +457,8 @@ def _write_inventory(fleet_dir: Path, state: FleetState, backups: dict | None = 
     outlets = sorted({(c.outlet, c.branch) for c in state.devices})
     doc = {
         "ssh": {"user": state.user, "key_file": "id_ed25519", "known_hosts": "known_hosts"},
-        "branches": [{"id": b, "name": f"Branch {b[2:]}"} for b in branches],
-        "outlets": [{"id": o, "branch": b, "name": f"Outlet {o}"} for o, b in outlets],
+        "branches": [{"id": b, "name": "Head office" if b == STANDBY_BRANCH else f"Branch {b[2:]}"} for b in branches],
+        "outlets": [{"id": o, "branch": b, "name": "Head-office lab" if o == STANDBY_OUTLET else f"Outlet {o}"} for o, b in outlets],
         "devices": [
             {
                 "id": c.id,
@@ -452,7 +468,7 @@ def _write_inventory(fleet_dir: Path, state: FleetState, backups: dict | None = 
                 "ssh_port": c.ssh_port,
                 "http_port": c.http_port,
                 "root": str(_paths(fleet_dir, c.id)["root"]),
-            }
+            } | ({"standby": True} if c.standby else {})
             for c in state.devices
         ],
     }
@@ -580,8 +596,11 @@ def up(
     ssh_base_port: int = DEFAULT_SSH_BASE_PORT,
     http_base_port: int = DEFAULT_HTTP_BASE_PORT,
     parallel: int = 8,
+    standby: int = 0,
 ) -> list[CounterStatus]:
     """Bring the fleet up and return when every counter answers over SSH and HTTP.
+
+    ``standby``: that many more counters marked ``standby: true`` in the inventory (see plan_standby).
 
     Calling it again on a running fleet is harmless: what runs is left alone,
     what stopped is started again. Asking for a different size than the one
@@ -593,13 +612,13 @@ def up(
     saved = os.umask(0o022)
     try:
         return _up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets_per_branch,
-                   ssh_base_port=ssh_base_port, http_base_port=http_base_port, parallel=parallel)
+                   ssh_base_port=ssh_base_port, http_base_port=http_base_port, parallel=parallel, standby=standby)
     finally:
         os.umask(saved)
 
 
 def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branch: int | None, ssh_base_port: int,
-        http_base_port: int, parallel: int) -> list[CounterStatus]:
+        http_base_port: int, parallel: int, standby: int = 0) -> list[CounterStatus]:
     if not os.path.exists(SSHD):
         raise FleetError(f"{SSHD} is missing: install OpenSSH's server (apt-get install -y openssh-server)")
     fleet_dir = Path(fleet_dir).resolve()
@@ -610,7 +629,7 @@ def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branc
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
 
     state = FleetState.load(fleet_dir)
-    wanted = plan_counters(devices, branches, outlets_per_branch)
+    wanted = plan_counters(devices, branches, outlets_per_branch) + plan_standby(standby)
     if state is None:
         _assign_ports(wanted, ssh_base_port, http_base_port)
         taken = {c.ssh_port for c in wanted} | {c.http_port for c in wanted}
@@ -678,6 +697,7 @@ def status(fleet_dir: str | Path) -> list[CounterStatus]:
             app_status=health.get("status"),
             version=health.get("version"),
             in_service=health.get("in_service"),
+            standby=c.standby,
         )
 
     with ThreadPoolExecutor(max_workers=16) as pool:

@@ -276,13 +276,13 @@ def _copy_problem(label: str, path: Path, expected: str) -> str | None:
 
 @contextmanager
 def open_verified(backup: Backup, vault: Vault, device_id: str | None = None, *,
-                  onto_standby: bool = False) -> Iterator[tuple[Source, Path]]:
+                  onto_standby: bool = False, sources: Sequence[Source] = ("local", "offsite")) -> Iterator[tuple[Source, Path]]:
     """The backup's plaintext tar.gz, verified, as (which copy, a 0600 file in a 0700 temp dir removed
     afterwards). Before anything is decrypted: a key in ``signers`` signed the manifest, it names
     the record's counter (and ``device_id``, the counter it is for, unless ``onto_standby``), it
     matches the record; then the copy's digest, its AEAD decryption, the plaintext digest and a
-    bounded look at the tar. The local copy first, the site's when the local one fails.
-    BackupError names the backup and every problem; nothing has reached a counter."""
+    bounded look at the tar. The local copy first, the site's when the local one fails (``sources``:
+    which copies to try, in order; a standby drill proves the site's alone). BackupError names the backup and every problem; nothing has reached a counter."""
     settings = vault.settings(backup.device_id)
     who = device_id or backup.device_id
     problems = _manifest_problems(backup, settings)
@@ -295,7 +295,7 @@ def open_verified(backup: Backup, vault: Vault, device_id: str | None = None, *,
     failures = []
     with tempfile.TemporaryDirectory(prefix="counterops-restore-") as tmp:
         os.chmod(tmp, 0o700)
-        for source in ("local", "offsite"):
+        for source in sources:
             plain = Path(tmp) / f"{source}.tar.gz"
             try:
                 cipher = _fetch(backup, vault, source, Path(tmp))
@@ -574,7 +574,8 @@ def _expect_counts(device_id: str, got: dict[str, int], backup: Backup) -> None:
 
 
 def restore_backup(conn: Connection, device: Device, backup: Backup, paths: Sequence[str], *, vault: Vault,
-                   over_changed_data: bool = False, onto_standby: bool = False) -> Source:
+                   over_changed_data: bool = False, onto_standby: bool = False,
+                   sources: Sequence[Source] = ("local", "offsite")) -> Source:
     """Put ``paths`` on the counter back as they were in ``backup``; returns the copy used ("local" or "offsite").
 
     The caller has stopped the counter app. Before anything reaches the counter the backup is
@@ -588,7 +589,7 @@ def restore_backup(conn: Connection, device: Device, backup: Backup, paths: Sequ
     the backup's) before it replaces the live paths, each in one rename.
     """
     paths = _relative_paths(paths)
-    with open_verified(backup, vault, device.id, onto_standby=onto_standby) as (source, plain):
+    with open_verified(backup, vault, device.id, onto_standby=onto_standby, sources=sources) as (source, plain):
         with _counter_staging(conn, device, "restore") as staging:
             uploaded, tree = f"{staging}/{ARCHIVE}", f"{staging}/tree"
             with _stage(device.id, "upload"):

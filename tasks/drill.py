@@ -17,6 +17,7 @@ would prove nothing more. Nothing here writes to a counter.
 
 from __future__ import annotations
 
+import math
 import random
 import sqlite3
 import time
@@ -38,7 +39,8 @@ from tasks.acting import Acting
 from tasks.backup import BackupError, Source, Vault, restore_to_scratch, take_backup, verify_backup
 from tasks.layout import DATABASE
 from tasks.notify import Notice
-from tasks.ssh import ConnectionPool, SSHError
+from tasks.ssh import Connection, ConnectionPool, SSHError
+from tasks.standby import StandbyState, restore_onto_standby
 
 ARTIFACT_KEY = "backup-restore-drill"
 
@@ -57,6 +59,12 @@ class CounterDrill(BaseModel):
     rpo_s: float | None = None
     row_counts: dict[str, int] = Field(default_factory=dict)
     errors: list[str] = Field(default_factory=list)
+    standby: str | None = None  # restored onto this standby counter (mode "standby"), else into a scratch dir
+    tests: dict[str, bool] = Field(default_factory=dict)  # standby mode: functional / business test passed
+
+    @property
+    def mode(self) -> str:
+        return "standby" if self.standby else "scratch"
 
     @computed_field
     @property
@@ -73,31 +81,81 @@ class Worst(BaseModel):
     seconds: float
 
 
+class Spread(BaseModel):
+    """Percentiles of one measure over the counters that have it (nearest rank)."""
+
+    p50: float
+    p90: float
+    max: float
+    counters: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread | None:
+        if not values:
+            return None
+        ordered = sorted(values)
+
+        def rank(q: float) -> float:
+            return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+        return cls(p50=rank(0.5), p90=rank(0.9), max=ordered[-1], counters=len(ordered))
+
+    def describe(self) -> str:
+        return f"p50 {self.p50:.2f} s, p90 {self.p90:.2f} s, max {self.max:.2f} s"
+
+
 class DrillSummary(BaseModel):
-    """The drill overall: every counter, who failed, and the worst RTO and RPO measured."""
+    """The drill overall: every counter, who failed, the worst RTO and RPO measured and their percentiles;
+    in standby mode the standby and what went wrong with it (not put back: the drill fails)."""
 
     counters: list[CounterDrill]
     passed: int
     failed: list[str]
     worst_rto: Worst | None
     worst_rpo: Worst | None
+    rto: Spread | None = None
+    rpo: Spread | None = None
+    standby: str | None = None
+    standby_problems: list[str] = Field(default_factory=list)
 
     @classmethod
-    def of(cls, drills: list[CounterDrill]) -> DrillSummary:
+    def of(cls, drills: list[CounterDrill], *, standby: str | None = None, standby_problems: list[str] = []) -> DrillSummary:
         return cls(
             counters=drills,
             passed=sum(d.ok for d in drills),
             failed=[d.device_id for d in drills if not d.ok],
             worst_rto=_worst(drills, "rto_s"),
             worst_rpo=_worst(drills, "rpo_s"),
+            rto=Spread.of([d.rto_s for d in drills if d.rto_s is not None]),
+            rpo=Spread.of([d.rpo_s for d in drills if d.rpo_s is not None]),
+            standby=standby,
+            standby_problems=list(standby_problems),
         )
 
+    @property
+    def is_failed(self) -> bool:
+        return bool(self.failed or self.standby_problems)
+
     def failure_message(self) -> str:
-        """Every failed counter, named with what went wrong."""
+        """Every failed counter, named with what went wrong (and the standby, when it was not put back)."""
         failed = [d for d in self.counters if not d.ok]
-        return f"backup-restore drill failed for {len(failed)} of {len(self.counters)} counters: " + "; ".join(
-            f"{d.device_id}: {' / '.join(d.errors)}" for d in failed
-        )
+        parts = [f"{d.device_id}: {' / '.join(d.errors)}" for d in failed] + self.standby_problems
+        return f"backup-restore drill failed for {len(failed)} of {len(self.counters)} counters: " + "; ".join(parts)
+
+
+def objective_problems(drill: CounterDrill, rto_objective_s: float | None, rpo_objective_s: float | None) -> list[str]:
+    """The objectives ``drill`` misses, each naming the figure and the objective ([] when none)."""
+    problems = []
+    if rto_objective_s is not None and drill.rto_s is not None and drill.rto_s > rto_objective_s:
+        problems.append(f"RTO {drill.rto_s:.3f} s misses the objective of {rto_objective_s:g} s")
+    if rpo_objective_s is not None and drill.rpo_s is not None and drill.rpo_s > rpo_objective_s:
+        problems.append(f"RPO {drill.rpo_s:.0f} s misses the objective of {rpo_objective_s:g} s (the newest verified backup is too old)")
+    return problems
+
+
+def with_objectives(drill: CounterDrill, rto_objective_s: float | None, rpo_objective_s: float | None) -> CounterDrill:
+    missed = objective_problems(drill, rto_objective_s, rpo_objective_s)
+    return drill.model_copy(update={"errors": [*drill.errors, *missed]}) if missed else drill
 
 
 def _worst(drills: list[CounterDrill], measure: str) -> Worst | None:
@@ -131,7 +189,7 @@ def drill_sample(devices: list[Device], sample: int | None, day: date) -> list[D
 @task(name="drill-counter", cache_policy=NO_CACHE)
 def drill_counter(
     device: Device, paths: list[str], use_latest: bool, run_id: int, store: Store, pool: ConnectionPool, by: Acting,
-    vault: Vault,
+    vault: Vault, rto_objective_s: float | None = None, rpo_objective_s: float | None = None,
 ) -> CounterDrill:
     """Drill one counter (a fresh backup of ``paths`` first, unless ``use_latest``) and record it.
 
@@ -139,14 +197,14 @@ def drill_counter(
     taken holding the counter's lease; a counter another run holds is left out (a failed drill, named).
     Audited (``drill.counter``: it downloads and restores customer data), under the run's verified actor.
     """
-    drill = _drill_counter(device, paths, use_latest, run_id, store, pool, vault)
+    drill = _drill_counter(device, paths, use_latest, run_id, store, pool, vault, rto_objective_s, rpo_objective_s)
     by.audit(store, "drill.counter", device.id, run_id=run_id, outcome="ok" if drill.ok else "failed",
              details={"backup_id": drill.backup_id, "fresh_backup": drill.fresh_backup, "errors": drill.errors})
     return drill
 
 
 def _drill_counter(device: Device, paths: list[str], use_latest: bool, run_id: int, store: Store, pool: ConnectionPool,
-                   vault: Vault) -> CounterDrill:
+                   vault: Vault, rto_objective_s: float | None = None, rpo_objective_s: float | None = None) -> CounterDrill:
     drill = CounterDrill(device_id=device.id, branch=device.branch, outlet=device.outlet, fresh_backup=not use_latest)
     try:
         if use_latest:
@@ -164,10 +222,36 @@ def _drill_counter(device: Device, paths: list[str], use_latest: bool, run_id: i
         pool.release(device)
     if backup is None:
         return drill.model_copy(update={"errors": ["no backup stored for this counter: nothing to restore"]})
-    drill = restore_drill(backup, drill, vault)
+    drill = with_objectives(restore_drill(backup, drill, vault), rto_objective_s, rpo_objective_s)
     assert backup.id is not None and drill.drilled_at is not None
     store.add(RestoreDrill(backup_id=backup.id, device_id=device.id, run_id=run_id, at=drill.drilled_at, rto_s=drill.rto_s, rpo_s=drill.rpo_s,
-                           ok=drill.ok, details=drill.model_dump(mode="json", include={"fresh_backup", "restored_from", "row_counts", "errors"})))
+                           ok=drill.ok, details=drill.model_dump(mode="json", include={"fresh_backup", "restored_from", "row_counts", "errors"})
+                           | {"mode": drill.mode}))
+    return drill
+
+
+@task(name="drill-onto-standby", cache_policy=NO_CACHE)
+def drill_onto_standby(
+    device: Device, standby: Device, state: StandbyState, conn: Connection, paths: list[str], run_id: int, store: Store, by: Acting,
+    vault: Vault, rto_objective_s: float | None = None, rpo_objective_s: float | None = None,
+) -> CounterDrill:
+    """Restore ``device``'s newest verified backup (its off-site copy) onto ``standby`` and pass the
+    functional and business tests there (tasks/standby.py); RTO, RPO, objectives; recorded and audited.
+    The caller holds the standby's lease and puts it back afterwards. Never raises for a counter's fault."""
+    done = restore_onto_standby(conn, standby, state, device, paths, store, vault)
+    drill = with_objectives(CounterDrill(
+        device_id=device.id, branch=device.branch, outlet=device.outlet, fresh_backup=False, backup_id=done.backup_id,
+        drilled_at=done.drilled_at, restored_from=done.restored_from, rto_s=done.rto_s, rpo_s=done.rpo_s,
+        row_counts=done.row_counts if done.rto_s is not None else {}, errors=done.errors, standby=standby.id, tests=done.tests,
+    ), rto_objective_s, rpo_objective_s)
+    details = drill.model_dump(mode="json", include={"restored_from", "row_counts", "errors", "tests"}) | {
+        "mode": "standby", "standby": standby.id, "release": done.release, "standby_release": state.release,
+        "standby_own_backup_id": state.backup_id}
+    if done.backup_id is not None and drill.drilled_at is not None:
+        store.add(RestoreDrill(backup_id=done.backup_id, device_id=device.id, run_id=run_id, at=drill.drilled_at, rto_s=drill.rto_s,
+                               rpo_s=drill.rpo_s, ok=drill.ok, details=details))
+    by.audit(store, "drill.counter", device.id, run_id=run_id, outcome="ok" if drill.ok else "failed",
+             details={"backup_id": drill.backup_id, "mode": "standby", "standby": standby.id, "errors": drill.errors})
     return drill
 
 
@@ -241,17 +325,32 @@ def format_seconds(value: float | None) -> str:
 def drill_report(summary: DrillSummary) -> str:
     """The drill as markdown: the artifact head office reads and the body of the notice."""
     n = len(summary.counters)
-    lines = [f"# Backup-restore drill: {summary.passed} of {n} counters restored and verified", ""]
-    for label, worst in (("Worst RTO (seconds to a verified restore)", summary.worst_rto),
-                         ("Worst RPO (age of the newest verified backup)", summary.worst_rpo)):
-        lines.append(f"- {label}: " + (f"{worst.seconds:.2f} s ({worst.device_id})" if worst else "none measured"))
+    where = f" onto standby {summary.standby}" if summary.standby else ""
+    rto_means = "restore start to the business test passing" if summary.standby else "seconds to a verified restore"
+    lines = [f"# Backup-restore drill{where}: {summary.passed} of {n} counters {summary_verb(summary)}", ""]
+    for label, worst, spread in ((f"RTO ({rto_means})", summary.worst_rto, summary.rto),
+                                 ("RPO (age of the newest verified backup)", summary.worst_rpo, summary.rpo)):
+        lines.append(f"- {label}: " + (f"{spread.describe()}; worst {worst.device_id}" if worst and spread else "none measured"))
     failed = [d for d in summary.counters if not d.ok]
     if failed:
-        lines += ["", "## Counters whose backup did not restore or verify", ""]
+        lines += ["", "## Counters whose backup did not restore, verify or meet the objectives", ""]
         lines += [f"- **{d.device_id}** ({d.outlet}): {' / '.join(d.errors)}" for d in failed]
-    lines += ["", "Each backup was restored into a scratch directory on the operations server, never onto a counter; "
-              "both copies' sha256, every database's integrity and the customer tables' row counts were checked."]
+    if summary.standby_problems:
+        lines += ["", f"## Standby {summary.standby} NOT put back", ""] + [f"- {p}" for p in summary.standby_problems]
+    if summary.standby:
+        lines += ["", f"Each counter's newest verified backup was restored from its off-site copy onto standby counter "
+                  f"{summary.standby} (serving no customer), its app started, and the functional and business tests "
+                  "(card opening, activation, transfer, account change) run there; the standby's live customer data was "
+                  "checked row by row against the backup. The drilled counters themselves were never touched. Afterwards the "
+                  "standby was put back to its own data, taken in a backup before the drill."]
+    else:
+        lines += ["", "Each backup was restored into a scratch directory on the operations server, never onto a counter; "
+                  "both copies' sha256, every database's integrity and the customer tables' row counts were checked."]
     return "\n".join(lines)
+
+
+def summary_verb(summary: DrillSummary) -> str:
+    return "restored, started and tested" if summary.standby else "restored and verified"
 
 
 def publish_drill(summary: DrillSummary) -> None:
@@ -260,13 +359,19 @@ def publish_drill(summary: DrillSummary) -> None:
         {"counter": d.device_id, "branch": d.branch, "outlet": d.outlet, "result": "ok" if d.ok else "FAILED",
          "backup": d.backup_id or "", "fresh backup": d.fresh_backup, "restored from": copy_name(d.restored_from) if d.restored_from else "",
          "RTO s": format_seconds(d.rto_s), "RPO s": format_seconds(d.rpo_s), "errors": " / ".join(d.errors)}
+        | ({"standby": d.standby or "", "tests": ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in d.tests.items())}
+           if summary.standby else {})
         for d in summary.counters
     ]
+    for name, spread in (("RTO", summary.rto), ("RPO", summary.rpo)):
+        if spread is not None:  # the percentiles as rows of their own, under the counters
+            rows.append(dict.fromkeys(rows[0], "") | {"counter": f"{name} p50 / p90 / max", f"{name} s":
+                                                         f"{spread.p50:.2f} / {spread.p90:.2f} / {spread.max:.2f}"})
     create_table_artifact(key=ARTIFACT_KEY, table=rows, description="Each counter's backup-restore drill")
     create_markdown_artifact(key=f"{ARTIFACT_KEY}-report", markdown=drill_report(summary), description="Backup-restore drill report")
 
 
 def drill_notice(summary: DrillSummary) -> Notice:
     n = len(summary.counters)
-    return Notice(f"Backup-restore drill: {summary.passed} of {n} counters restored and verified", drill_report(summary),
-                  "success" if not summary.failed else "failure")
+    return Notice(f"Backup-restore drill: {summary.passed} of {n} counters {summary_verb(summary)}", drill_report(summary),
+                  "success" if not summary.is_failed else "failure")

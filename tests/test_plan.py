@@ -307,6 +307,22 @@ def test_the_scope_is_the_union_of_branches_outlets_and_devices(tmp_path, packag
     assert len(resolve_scope(load_plan(write_plan(tmp_path, scope=None)), inv)) == len(DEVICES)
 
 
+def test_a_standby_counter_is_outside_every_plan(tmp_path, package, inventory_file):
+    """A standby serves no customer: "everything" and place scopes skip it, naming it is refused,
+    and it keeps no outlet in service."""
+    with inventory_file.open("a") as f:
+        f.write("  - {id: SC-STANDBY-01, branch: BR01, outlet: BR01-O02, host: 10.0.0.99, standby: true}\n")
+    inv = load_inventory(inventory_file)
+    assert inv.device("SC-STANDBY-01").standby and not inv.device("SC-BR01-O02-01").standby
+    assert "SC-STANDBY-01" not in ids(resolve_scope(load_plan(write_plan(tmp_path, scope=None)), inv))
+    assert ids(resolve_scope(load_plan(write_plan(tmp_path, scope={"outlets": ["BR01-O02"]})), inv)) == ["SC-BR01-O02-01"]
+    assert impact(load_plan(write_plan(tmp_path, scope={"outlets": ["BR01-O02"]})), inv).outlets_without_service == ["BR01-O02"]
+    with pytest.raises(PlanError) as e:
+        resolve_scope(load_plan(write_plan(tmp_path, scope={"devices": ["SC-BR03-O01-01", "SC-STANDBY-01"]})), inv, source="plan.yaml")
+    assert e.value.errors == ["plan.yaml: scope.devices[1]: SC-STANDBY-01 is a standby counter (standby: true in the inventory): "
+                              "standby counters serve no customer and are outside every plan; remove it from the scope"]
+
+
 def test_waves_cover_the_scope_exactly_in_order_spread_over_branches_and_outlets(tmp_path, package, inventory_file):
     inv = load_inventory(inventory_file)
     plan = load_plan(write_plan(tmp_path, scope=None))
