@@ -4,7 +4,7 @@ Exit status: 0 done, 1 the work failed (a counter, the fleet, a server),
 2 bad input (argument, inventory, plan) — the message names the field and the fix.
 
 This module assembles the commands: its own, and those of the sub-command
-modules (cli_plan, cli_drill, cli_maintenance, cli_audit). What they share (output, exit
+modules (cli_plan, cli_drill, cli_maintenance, cli_audit, cli_backups). What they share (output, exit
 codes, options, flow set-up) is in counterops.common, which imports none of them.
 
 Prefect is imported only inside the commands that run flows, after the API
@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from counterops.cli_audit import audit_app
+from counterops.cli_backups import backups_app
 from counterops.cli_decide import decide_command, held_command
 from counterops.cli_drill import drill_command
 from counterops.cli_maintenance import faults_app, inspect_command, maintain_command
@@ -52,7 +53,6 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Smart Counte
 fleet_app = typer.Typer(no_args_is_help=True, help="The simulated fleet (real sshd + counter app per counter) for demos and tests.")
 inventory_app = typer.Typer(no_args_is_help=True, help="The fleet inventory: branches, outlets, counters.")
 server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server used when PREFECT_API_URL is not set.")
-backups_app = typer.Typer(no_args_is_help=True, help="Backups taken before upgrades (local and off-site copies).")
 runs_app = typer.Typer(no_args_is_help=True, help="Recorded runs and each counter's steps.")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(inventory_app, name="inventory")
@@ -412,27 +412,6 @@ def approve(
     resume_flow_run(paused.id, run_input={"statement": token, "approver": approver, "approve": decision.approve, "comment": comment})
     out.print(f"wave {wave} {'approved' if decision.approve else 'rejected'} by {approver} (signed): run {paused.name} "
               f"({paused.id}) resumes", highlight=False)
-
-
-@backups_app.command("list")
-def backups_list(
-    device: Annotated[str | None, typer.Option(help="Only this counter.")] = None,
-    as_json: JsonOption = False,
-    limit: Annotated[int, typer.Option(min=1, max=10000)] = 100,
-) -> None:
-    """List backups, newest first."""
-    from inventory.store import Store
-
-    with Store.open() as store:
-        backups = store.backups(device_id=device, limit=limit)
-    rows = [b.model_dump(mode="json") | {"created_at": b.taken_at.isoformat()} for b in backups]
-    if as_json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
-        return
-    table = Table("id", "counter", "created", "size", "sha256", "off-site")
-    for b in backups:
-        table.add_row(str(b.id), b.device_id, b.taken_at.strftime("%Y-%m-%d %H:%M:%S"), f"{b.size_bytes:,}", b.sha256[:16], "yes" if b.offsite_path else "no")
-    out.print(table)
 
 
 def run_status(run) -> str:

@@ -464,6 +464,7 @@ class RunKind(StrEnum):
     MAINTENANCE = "maintenance"
     DRILL = "drill"
     REPORT = "report"
+    PRUNE = "prune"  # backup retention (flows/prune.py)
 
 
 class UpgradeStep(StrEnum):
@@ -542,6 +543,10 @@ class Backup(Record):
     # what the backup holds: {database path: {table: {columns, rows, max_id, sha256}}}; None for
     # backups taken before fingerprints existed (they are never restored without a decision)
     fingerprint: dict[str, Any] | None = None
+    # set when retention destroyed both copies (tasks/prune.py); the record stays, as history
+    destroyed_at: UTCDatetime | None = None
+    destroyed_by: str | None = Field(default=None, max_length=64)
+    destroy_rule: str | None = Field(default=None, max_length=300)
 
 
 class RestoreDrill(Record):

@@ -269,6 +269,9 @@ class BackupRow(Base):
     verified_at: Mapped[datetime | None] = mapped_column()
     row_counts: Mapped[dict[str, Any]] = mapped_column()  # table -> rows, to compare after a restore
     fingerprint: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # what the backup holds, per database and table
+    destroyed_at: Mapped[datetime | None] = mapped_column()  # both copies destroyed by retention (tasks/prune.py)
+    destroyed_by: Mapped[str | None] = mapped_column(String(64))
+    destroy_rule: Mapped[str | None] = mapped_column(String(300))
 
 
 class RestoreDrillRow(Base):
