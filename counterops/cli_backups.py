@@ -108,5 +108,5 @@ def print_prune(summary: PruneSummary) -> None:
         table.add_row(str(p.backup_id), p.device_id, f"{p.taken_at:%Y-%m-%d %H:%M:%S}", result.get(p.action, p.action), escape(p.rule))
     out.print(table)
     for p in summary.failed:
-        err.print(f"[red]backup {p.backup_id}[/]: {escape(p.error or '')}", highlight=False, soft_wrap=True)
-    out.print(f"retention: {summary.retention}. {summary.message() if not summary.failed else ''}".rstrip(), highlight=False)
+        err.print(f"[red]not destroyed[/]: {escape(p.error or '')}", highlight=False, soft_wrap=True)
+    out.print(f"retention: {summary.retention}" + ("" if summary.failed else f". {summary.message()}"), highlight=False)

@@ -55,7 +55,8 @@ class DestroyError(Exception):
     """A copy of a backup could not be deleted; ``site`` says which ("local", "offsite")."""
 
     def __init__(self, backup: Backup, site: str, reason: str):
-        super().__init__(f"backup {backup.id} of {backup.device_id}: {site} copy not deleted: {reason}")
+        super().__init__(f"backup {backup.id} of {backup.device_id}: {site} {'copies' if ' and ' in site else 'copy'} "
+                         f"not deleted: {reason}")
         self.site = site
 
 
@@ -72,16 +73,19 @@ def retention_of(inv: Inventory) -> Retention:  # PROVISIONAL: inv.backups.reten
 def destroy_backup(backup: Backup, vault: Any) -> None:  # PROVISIONAL: tasks.backup.destroy_backup
     """Delete both copies of ``backup``; a copy already gone is fine (idempotent). Raises DestroyError
     naming the first site whose copy could not be deleted (the other site is still tried)."""
-    failures = []
+    failures = {}
     for site, path in (("local", backup.path), ("offsite", backup.offsite_path)):
         if path is None:
             continue
         try:
             Path(path).unlink(missing_ok=True)
         except OSError as e:
-            failures.append((site, e.strerror or str(e)))
+            failures[site] = f"{e.strerror or e} ({path})"
+    if len(failures) == 1:
+        [(site, why)] = failures.items()
+        raise DestroyError(backup, site, why)
     if failures:
-        raise DestroyError(backup, failures[0][0], "; ".join(f"{site}: {why}" for site, why in failures))
+        raise DestroyError(backup, "local and offsite", "; ".join(f"{site}: {why}" for site, why in failures.items()))
 
 # ----------------------------------------------------------------------------- end of the PROVISIONAL seam
 
