@@ -15,6 +15,8 @@ The prune never reaches a counter.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
@@ -54,9 +56,9 @@ def backup_prune(inventory: str, dry_run: bool = False, device: str | None = Non
     with Store.open() as store:
         branches = None if device is None else {_device(store, device).branch}
         by = authorized(store, authorization, action=ACTION, target=prune_target(device, dry_run), branches=branches)
-        with (open_vault(inv) as vault,
-              acting_run(store, by, Run(kind=RunKind.PRUNE, name="backup-prune", initiator=by.actor, flow_run_id=str(flow_run.id),
-                                        params={"inventory": inventory, "dry_run": dry_run, "device": device})) as run):
+        with (acting_run(store, by, Run(kind=RunKind.PRUNE, name="backup-prune", initiator=by.actor, flow_run_id=str(flow_run.id),
+                                        params={"inventory": inventory, "dry_run": dry_run, "device": device})) as run,
+              nullcontext() if dry_run else open_vault(inv) as vault):  # a dry run reaches no site
             summary = prune(store, by, retention=retention, now=utcnow(), vault=vault, run_id=run.id, device_id=device,
                             dry_run=dry_run)
             publish_prune(summary)

@@ -5,8 +5,9 @@ The policy itself is pure (inventory/retention.py). Here:
 
 - ``needed_backups(store)``: the backups something unfinished may still restore, each with why:
   1. every backup taken by a run that has not ended (status ``running``: an upgrade mid-wave or paused
-     for a wave approval, a drill, a held counter's decision; a run whose heartbeat stopped counts too
-     until someone closes it as crashed — its counters may be mid-install);
+     for a wave approval, a drill, a held counter's decision). The prune's own run first closes as
+     crashed the runs whose heartbeat stopped (tasks/run_record.py): what a crashed upgrade still
+     needs is rule 2, what a crashed decision needs is rule 3;
   2. for a counter an upgrade left mid-install (its install step still ``running``, no rollback that
      succeeded, the run ended — killed, crashed, stopped), the backup that run took before the install:
      exactly what the plan's next run puts back first (tasks/rollout.unfinished_installs, asked for
