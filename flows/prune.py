@@ -24,7 +24,7 @@ from prefect.states import Completed, Failed, State
 
 from inventory.loader import load_inventory
 from inventory.models import Run, RunKind, utcnow
-from inventory.store import Store
+from inventory.store import Store, run_is_alive
 from tasks.acting import acting_run, authorized
 from tasks.prune import PruneSummary, open_vault, prune, retention_of
 from tasks.run_record import ends_with_reason
@@ -59,6 +59,7 @@ def backup_prune(inventory: str, dry_run: bool = False, device: str | None = Non
         with (acting_run(store, by, Run(kind=RunKind.PRUNE, name="backup-prune", initiator=by.actor, flow_run_id=str(flow_run.id),
                                         params={"inventory": inventory, "dry_run": dry_run, "device": device})) as run,
               nullcontext() if dry_run else open_vault(inv) as vault):  # a dry run reaches no site
+            one_at_a_time(store, run.id)
             summary = prune(store, by, retention=retention, now=utcnow(), vault=vault, run_id=run.id, device_id=device,
                             dry_run=dry_run)
             publish_prune(summary)
@@ -69,6 +70,19 @@ def backup_prune(inventory: str, dry_run: bool = False, device: str | None = Non
     message = summary.message()
     print(message)
     return Failed(message=message, data=summary) if summary.failed else Completed(message=message, data=summary)
+
+
+class PruneInProgress(Exception):
+    """Another prune is in progress."""
+
+
+def one_at_a_time(store: Store, run_id: int) -> None:
+    """Two prunes at once would both delete, mark and audit the same backups: of the prunes in progress
+    the first started goes on, any later one stops here (before it decides anything)."""
+    earlier = [r for r in store.runs(kind=RunKind.PRUNE, status="running", limit=None) if r.id < run_id and run_is_alive(r)]
+    if earlier:
+        raise PruneInProgress(f"another backup prune is in progress (run {earlier[-1].id}, started by {earlier[-1].initiator} "
+                           f"at {earlier[-1].started_at:%Y-%m-%d %H:%M:%S} UTC); run this one again when it has ended")
 
 
 def _device(store: Store, device: str):

@@ -196,3 +196,15 @@ def test_what_unfinished_work_still_needs(tmp_path, fleet):
         assert needed[before_install_a.id].startswith(f"needed by unfinished run {crashed.id}: {a.id} was left mid-install")
         assert needed[held_for.id].startswith(f"needed by the pending decision on held counter {c.id}")
         assert set(needed) == {of_running.id, before_install_a.id, held_for.id}, (needed, before_install_b, of_done)
+
+
+def test_one_prune_at_a_time(fleet, prefect_api, home):
+    """A prune that finds another one in progress stops before deciding anything; its run says why."""
+    with Store.open() as store:
+        store.import_inventory(load_inventory(fleet.inventory), actor="test", source=str(fleet.inventory))
+        other = store.add(Run(kind=RunKind.PRUNE, name="backup-prune", initiator="zhang.wei"))  # started just now: alive
+    state = backup_prune(inventory=str(fleet.inventory), dry_run=True, return_state=True)
+    assert state.is_failed() and state.message.startswith(f"another backup prune is in progress (run {other.id}, "), state.message
+    with Store.open() as store:
+        [mine] = [r for r in store.runs(kind=RunKind.PRUNE) if r.id != other.id]
+        assert mine.status == "failed" and "another backup prune is in progress" in mine.summary["reason"]
