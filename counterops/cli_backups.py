@@ -104,7 +104,8 @@ def print_prune(summary: PruneSummary) -> None:
     """Every backup with what became of it and the rule; failures on stderr."""
     table = Table("backup", Column("counter", no_wrap=True), "taken (UTC)", "result", "rule")
     for p in summary.backups:
-        result = {"destroyed": "[yellow]destroyed[/]", "would destroy": "[yellow]would destroy[/]", "failed": "[red]FAILED[/]"}
+        result = {"destroyed": "[yellow]destroyed[/]", "would destroy": "[yellow]would destroy[/]", "failed": "[red]FAILED[/]",
+                  "held back": "[red]held back[/]"}
         table.add_row(str(p.backup_id), p.device_id, f"{p.taken_at:%Y-%m-%d %H:%M:%S}", result.get(p.action, p.action), escape(p.rule))
     out.print(table)
     for p in summary.failed:

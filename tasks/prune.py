@@ -20,11 +20,15 @@ The policy itself is pure (inventory/retention.py). Here:
   backup, counter, rule and identity. A copy that cannot be deleted leaves the record as it was (the
   next prune tries again; deleting is idempotent), audited ``failed``, and fails the run naming it.
   A dry run only says what would go and why.
+- the restore point first: before destroying any verified backup of a counter, its newest verified
+  backup (the one the policy always keeps) must still verify at both sites; when it does not, the
+  older verified ones may be all the counter has, so none is destroyed ("held back"), and the run fails
+  naming it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +45,7 @@ from tasks.hold import HOLD_SYMPTOM
 from tasks.rollout import unfinished_installs
 
 DESTROY = "backup.destroy"  # the audit action of one backup's destruction
-Action = Literal["kept", "destroyed", "would destroy", "failed"]
+Action = Literal["kept", "destroyed", "would destroy", "failed", "held back"]
 
 # ----------------------------------------------------------------------------- PROVISIONAL seam
 # Until helper A's tasks/backup.py (Vault, destroy_backup, BackupSettings) is merged, backups live as
@@ -49,6 +53,7 @@ Action = Literal["kept", "destroyed", "would destroy", "failed"]
 # block with:
 #     from tasks.backup import Vault, destroy_backup
 #     def open_vault(inv): return Vault.open(inv.backups)
+#     def verify_restore_point(backup, vault): return verify_backup(backup, vault)
 #     def retention_of(inv): return inv.backups.retention if inv.backups else DEFAULT_RETENTION
 
 
@@ -87,6 +92,12 @@ def destroy_backup(backup: Backup, vault: Any) -> None:  # PROVISIONAL: tasks.ba
         raise DestroyError(backup, site, why)
     if failures:
         raise DestroyError(backup, "local and offsite", "; ".join(f"{site}: {why}" for site, why in failures.items()))
+
+def verify_restore_point(backup: Backup, vault: Any) -> list[str]:  # PROVISIONAL: tasks.backup.verify_backup(backup, vault)
+    """What is wrong with the copies of ``backup`` ([] when they verify)."""
+    from tasks.backup import verify_backup
+
+    return verify_backup(backup)
 
 # ----------------------------------------------------------------------------- end of the PROVISIONAL seam
 
@@ -131,7 +142,8 @@ class PruneSummary(BaseModel):
 
     @property
     def failed(self) -> list[Pruned]:
-        return [p for p in self.backups if p.action == "failed"]
+        """Backups that should have gone and did not: a site would not let go, or held back (see prune)."""
+        return [p for p in self.backups if p.action in ("failed", "held back")]
 
     def message(self) -> str:
         if self.dry_run:
@@ -149,15 +161,29 @@ def prune(store: Store, by: Acting, *, retention: Retention, now: datetime, vaul
     """Apply ``retention`` to every stored backup (or ``device_id``'s) as of ``now``; see the module."""
     backups = store.backups(device_id=device_id, limit=None)
     verdicts = decide(backups, now, retention, needed_backups(store))
+    broken: dict[str, str] = {}  # counter -> why its restore point does not verify
+    if not dry_run:  # a dry run reaches no site
+        for device in sorted({v.backup.device_id for v in verdicts if not v.keep}):
+            point = _newest_verified(b for b in backups if b.device_id == device)
+            problems = ["it has no verified backup"] if point is None else verify_restore_point(point, vault)
+            if problems:
+                broken[device] = (f"the counter's newest verified backup {point.id if point else ''} does not "
+                                  f"verify ({'; '.join(problems)}), so older ones may be all it has; check its copies")
     results = []
     for v in sorted(verdicts, key=lambda v: (v.backup.device_id, v.backup.taken_at)):
         if v.keep:
             results.append(_pruned(v, "kept"))
         elif dry_run:
             results.append(_pruned(v, "would destroy"))
+        elif v.backup.device_id in broken and v.backup.verified_at is not None:
+            results.append(_pruned(v, "held back", f"backup {v.backup_id} of {v.backup.device_id}: {broken[v.backup.device_id]}"))
         else:
             results.append(destroy(store, by, v, vault=vault, run_id=run_id))
     return PruneSummary(dry_run=dry_run, retention=retention, backups=results)
+
+
+def _newest_verified(backups: Iterable[Backup]) -> Backup | None:
+    return max((b for b in backups if b.verified_at is not None), key=lambda b: (b.taken_at, b.id), default=None)
 
 
 def destroy(store: Store, by: Acting, verdict: Verdict, *, vault: Any, run_id: int | None) -> Pruned:

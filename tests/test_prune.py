@@ -28,6 +28,7 @@ from tasks.hold import HOLD_SYMPTOM
 from tasks.prune import DESTROY, needed_backups
 from tasks.ssh import Connection, Target
 from tests.plugins.identity import SERVICE, enroll
+from tests.test_backup import damage
 
 CLI = str(Path(sys.executable).with_name("counterops"))
 PATHS = ["var/lib/smartcounter"]
@@ -74,13 +75,14 @@ def read_only(request):
 
 def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(fleet, prefect_api, home, read_only):
     inv = load_inventory(fleet.inventory)
-    a, b = inv.devices[0], inv.devices[1]
+    a, b, c = inv.devices[0], inv.devices[1], inv.devices[2]
     now = utcnow()
     ten_days_ago = (now - timedelta(days=10)).date()
     with Store.open() as store:
         store.import_inventory(inv, actor="test", source=str(fleet.inventory))
         unfinished = store.add(Run(kind=RunKind.UPGRADE, name="unfinished plan", initiator="zhang.wei"))
-        with Connection(Target.for_device(a, inv.ssh)) as conn_a, Connection(Target.for_device(b, inv.ssh)) as conn_b:
+        with (Connection(Target.for_device(a, inv.ssh)) as conn_a, Connection(Target.for_device(b, inv.ssh)) as conn_b,
+              Connection(Target.for_device(c, inv.ssh)) as conn_c):
             def backup(conn, device, taken_at: datetime, run_id: int | None = None) -> Backup:
                 taken = take_backup(conn, device, PATHS, store=store, run_id=run_id)
                 return store.update(Backup, taken.id, taken_at=taken_at)
@@ -93,8 +95,10 @@ def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(f
             a_new = backup(conn_a, a, now)
             b_old = backup(conn_b, b, now - timedelta(days=400))
             b_new = backup(conn_b, b, now)
+            c_old = backup(conn_c, c, now - timedelta(days=400))
+            c_new = backup(conn_c, c, now)
             print(f"7 backups: {clock.monotonic() - started:.1f} s")
-    everything = [a_old, a_needed, a_early, a_late, a_new, b_old, b_new]
+    everything = [a_old, a_needed, a_early, a_late, a_new, b_old, b_new, c_old, c_new]
     assert all(p.exists() for x in everything for p in copies(x))
 
     # --dry-run: says what would go and why, changes nothing
@@ -102,28 +106,32 @@ def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(f
     assert r.returncode == 0, r.stdout + r.stderr
     print(r.stdout)
     lines = {int(m.group(1)): line for line in r.stdout.splitlines() if (m := re.match(r"\W*(\d+)\s", line))}
-    for gone in (a_old, b_old):
+    for gone in (a_old, b_old, c_old):
         assert "would destroy" in lines[gone.id] and OLDER_THAN_EVERY_RULE[:40] in lines[gone.id]
     assert "would destroy" in lines[a_early.id] and f"backup {a_late.id} is the one kept for {ten_days_ago}" in lines[a_early.id]
     assert f"needed by unfinished run {unfinished.id}" in lines[a_needed.id] and "kept" in lines[a_needed.id]
-    assert "dry run: 3 of 7 backups would be destroyed, 4 kept; nothing changed" in r.stdout
+    assert "dry run: 4 of 9 backups would be destroyed, 5 kept; nothing changed" in r.stdout
     with Store.open() as store:
         assert store.backups(limit=None) == sorted([store.get(Backup, x.id) for x in everything], key=lambda x: -x.id)
         assert all(x.destroyed_at is None for x in store.backups(limit=None))
         assert store.audit_events(action=DESTROY) == []
     assert all(p.exists() for x in everything for p in copies(x)), "a dry run deletes nothing"
 
-    # for real, with counter b's off-site folder read-only: a's go, b's old one is not marked and the run says so
+    # for real, with counter b's off-site folder read-only: a's go, b's old one is not marked and the run says so;
+    # c's newest backup is damaged: its old one may be all c has, so it is held back
     read_only(Path(b_old.offsite_path).parent)
+    damage(c_new.path)
     with Store.open() as store:
         store.beat(unfinished.id)  # the unfinished run is alive (beating), not crashed
     r = cli("backups", "prune", "--inventory", str(fleet.inventory))
     print(r.stdout, r.stderr)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"backup {b_old.id} of {b.id}: offsite copy not deleted" in r.stderr and "Read-only file system" in r.stderr
+    assert f"backup {c_old.id} of {c.id}: the counter's newest verified backup {c_new.id} does not verify (local copy" in r.stderr
+    assert "2 of 9 backups destroyed, 5 kept; 2 not destroyed" in r.stderr
     for gone in (a_old, a_early):
         assert not any(p.exists() for p in copies(gone)), f"backup {gone.id}: both copies deleted"
-    for kept in (a_needed, a_late, a_new, b_new):
+    for kept in (a_needed, a_late, a_new, b_new, c_old, c_new):
         assert all(p.exists() for p in copies(kept)), f"backup {kept.id} kept at both sites"
     assert Path(b_old.offsite_path).exists()
     with Store.open() as store:
@@ -131,7 +139,7 @@ def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(f
         assert set(destroyed) == {a_old.id, a_early.id}
         assert destroyed[a_old.id].destroyed_by == "zhang.wei" and destroyed[a_old.id].destroy_rule == OLDER_THAN_EVERY_RULE
         assert destroyed[a_early.id].destroy_rule == f"backup {a_late.id} is the one kept for {ten_days_ago} (daily, 30 days)"
-        assert {x.id for x in store.backups(limit=None)} == {a_needed.id, a_late.id, a_new.id, b_old.id, b_new.id}
+        assert {x.id for x in store.backups(limit=None)} == {a_needed.id, a_late.id, a_new.id, b_old.id, b_new.id, c_old.id, c_new.id}
         rows = {(e.details["backup_id"], e.outcome): e for e in store.audit_events(action=DESTROY)}
         assert set(rows) == {(a_old.id, "ok"), (a_early.id, "ok"), (b_old.id, "failed")}
         rules = {a_old.id: OLDER_THAN_EVERY_RULE, a_early.id: destroyed[a_early.id].destroy_rule, b_old.id: OLDER_THAN_EVERY_RULE}
@@ -154,7 +162,7 @@ def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(f
         assert verify(store.engine).ok, verify(store.engine)
 
     listed = json.loads(cli("backups", "list", "--json").stdout)
-    assert {x["id"] for x in listed} == {a_needed.id, a_late.id, a_new.id, b_new.id}
+    assert {x["id"] for x in listed} == {a_needed.id, a_late.id, a_new.id, b_new.id, c_old.id, c_new.id}
     listed_all = json.loads(cli("backups", "list", "--json", "--all").stdout)
     assert {x["id"] for x in listed_all} == {x.id for x in everything}
 
