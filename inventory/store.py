@@ -475,7 +475,7 @@ class Store:
     def inspections(self, device_id: str | None = None, run_id: int | None = None, limit: int = 100) -> list[Inspection]:
         return self._list(Inspection, limit, device_id=device_id, run_id=run_id)
 
-    def faults(self, device_id: str | None = None, status: FaultStatus | None = None, limit: int = 100) -> list[Fault]:
+    def faults(self, device_id: str | None = None, status: FaultStatus | None = None, limit: int | None = 100) -> list[Fault]:
         return self._list(Fault, limit, device_id=device_id, status=status)
 
     def _list(self, record_type: type[R], limit: int | None, *, oldest_first: bool = False,

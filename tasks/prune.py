@@ -40,7 +40,7 @@ from inventory.models import AuditEvent, Backup, Inventory, RunKind, utcnow
 from inventory.retention import DEFAULT_RETENTION, Retention, Verdict, decide
 from inventory.store import Store
 from tasks.acting import Acting
-from tasks.faults import unfixed_faults
+from tasks.faults import UNFIXED
 from tasks.hold import HOLD_SYMPTOM
 from tasks.rollout import unfinished_installs
 
@@ -93,11 +93,13 @@ def destroy_backup(backup: Backup, vault: Any) -> None:  # PROVISIONAL: tasks.ba
     if failures:
         raise DestroyError(backup, "local and offsite", "; ".join(f"{site}: {why}" for site, why in failures.items()))
 
+
 def verify_restore_point(backup: Backup, vault: Any) -> list[str]:  # PROVISIONAL: tasks.backup.verify_backup(backup, vault)
     """What is wrong with the copies of ``backup`` ([] when they verify)."""
     from tasks.backup import verify_backup
 
     return verify_backup(backup)
+
 
 # ----------------------------------------------------------------------------- end of the PROVISIONAL seam
 
@@ -113,11 +115,10 @@ def needed_backups(store: Store) -> dict[int, str]:
         for device_id, (backup, version) in unfinished_installs(store, plan, current_run_id=-1, device_ids=devices).items():
             needed.setdefault(backup.id, f"needed by unfinished run {backup.run_id}: {device_id} was left mid-install "  # type: ignore[arg-type]
                                          f"(plan {plan}; its next run restores this backup over version {version})")
-    for device_id in devices:
-        for fault in unfixed_faults(store, device_id):
-            backup_id = (fault.details or {}).get("backup_id")
-            if fault.symptom == HOLD_SYMPTOM and isinstance(backup_id, int):
-                needed.setdefault(backup_id, f"needed by the pending decision on held counter {device_id} (fault #{fault.id})")
+    for fault in (f for status in UNFIXED for f in store.faults(status=status, limit=None)):
+        backup_id = (fault.details or {}).get("backup_id")
+        if fault.symptom == HOLD_SYMPTOM and isinstance(backup_id, int):
+            needed.setdefault(backup_id, f"needed by the pending decision on held counter {fault.device_id} (fault #{fault.id})")
     return needed
 
 
