@@ -4,7 +4,7 @@ Exit status: 0 done, 1 the work failed (a counter, the fleet, a server),
 2 bad input (argument, inventory, plan) — the message names the field and the fix.
 
 This module assembles the commands: its own, and those of the sub-command
-modules (cli_plan, cli_drill, cli_maintenance, cli_audit). What they share (output, exit
+modules (cli_plan, cli_drill, cli_maintenance, cli_audit, cli_backups). What they share (output, exit
 codes, options, flow set-up) is in counterops.common, which imports none of them.
 
 Prefect is imported only inside the commands that run flows, after the API

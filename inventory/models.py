@@ -274,9 +274,15 @@ class BackupSiteSettings(_Model):
 
 
 class Retention(_Model):
-    keep_all_days: int = Field(default=7, ge=1, le=3650)
-    daily_days: int = Field(default=30, ge=0, le=3650)
-    monthly_months: int = Field(default=12, ge=0, le=1200)
+    """How long backups are kept (the inventory's ``backups.retention``; inventory/retention.py applies
+    it); 0 turns a rule off."""
+
+    keep_all_days: int = Field(default=7, ge=0, le=3650, description="keep every backup younger than this many days")
+    daily_days: int = Field(default=30, ge=0, le=3650, description="keep the newest verified backup of each of the last N days")
+    monthly_months: int = Field(default=12, ge=0, le=1200, description="keep the newest verified backup of each of the last N months")
+
+    def __str__(self) -> str:
+        return f"every backup for {self.keep_all_days} days, daily for {self.daily_days} days, monthly for {self.monthly_months} months"
 
 
 class Objectives(_Model):
@@ -541,6 +547,7 @@ class RunKind(StrEnum):
     MAINTENANCE = "maintenance"
     DRILL = "drill"
     REPORT = "report"
+    PRUNE = "prune"  # backup retention (flows/prune.py)
 
 
 class UpgradeStep(StrEnum):
@@ -622,9 +629,10 @@ class Backup(Record):
     manifest: dict[str, Any] | None = None  # the signed manifest (tasks/backup_crypto.py); None: taken before encryption
     signature: str | None = None  # base64 Ed25519 signature over the manifest's canonical JSON
     app_version: str | None = None
+    # set when retention destroyed both copies (tasks/prune.py); the record stays, as history
     destroyed_at: UTCDatetime | None = None
-    destroyed_by: str | None = None
-    destroy_rule: str | None = None
+    destroyed_by: str | None = Field(default=None, max_length=64)
+    destroy_rule: str | None = Field(default=None, max_length=300)
 
 
 class RestoreDrill(Record):

@@ -277,7 +277,7 @@ class BackupRow(Base):
     app_version: Mapped[str | None] = mapped_column(String(64))
     destroyed_at: Mapped[datetime | None] = mapped_column()
     destroyed_by: Mapped[str | None] = mapped_column(String(64))
-    destroy_rule: Mapped[str | None] = mapped_column(String(200))
+    destroy_rule: Mapped[str | None] = mapped_column(String(300))
 
 
 class RestoreDrillRow(Base):

@@ -398,9 +398,10 @@ class Store:
             s.flush()
             return type(record).model_validate(row)
 
-    def update(self, kind: type[R], id: int, **changes: Any) -> R:
+    def update(self, kind: type[R], id: int, *, audited: AuditEvent | None = None, **changes: Any) -> R:
         """Change fields of a stored record, e.g. ``update(Run, 7, status="completed", ended_at=now)``;
-        the changed record is validated as a whole before anything is written."""
+        the changed record is validated as a whole before anything is written. ``audited``: the audit
+        row that records the change, appended in the same transaction (both or neither)."""
         if "id" in changes:
             raise TypeError("a record's id cannot change")
         if kind is AuditEvent:
@@ -412,6 +413,8 @@ class Store:
             changed = kind.model_validate({**kind.model_validate(row).model_dump(), **changes})
             for column, value in _values(changed).items():
                 setattr(row, column, value)
+            if audited is not None:
+                audit_chain.append(s, audited)
             s.flush()
             return kind.model_validate(row)
 
@@ -460,8 +463,11 @@ class Store:
     def evaluations(self, run_id: int) -> list[Evaluation]:
         return self._list(Evaluation, None, oldest_first=True, run_id=run_id)
 
-    def backups(self, device_id: str | None = None, run_id: int | None = None, limit: int = 100) -> list[Backup]:
-        return self._list(Backup, limit, device_id=device_id, run_id=run_id)
+    def backups(self, device_id: str | None = None, run_id: int | None = None, limit: int | None = 100,
+                include_destroyed: bool = False) -> list[Backup]:
+        """Backups newest first; those retention destroyed (tasks/prune.py) only with ``include_destroyed``."""
+        where = [] if include_destroyed else [BackupRow.destroyed_at.is_(None)]
+        return self._list(Backup, limit, device_id=device_id, run_id=run_id, _also=where)
 
     def restore_drills(self, device_id: str | None = None, backup_id: int | None = None, limit: int = 100) -> list[RestoreDrill]:
         return self._list(RestoreDrill, limit, device_id=device_id, backup_id=backup_id)
@@ -469,16 +475,17 @@ class Store:
     def inspections(self, device_id: str | None = None, run_id: int | None = None, limit: int = 100) -> list[Inspection]:
         return self._list(Inspection, limit, device_id=device_id, run_id=run_id)
 
-    def faults(self, device_id: str | None = None, status: FaultStatus | None = None, limit: int = 100) -> list[Fault]:
+    def faults(self, device_id: str | None = None, status: FaultStatus | None = None, limit: int | None = 100) -> list[Fault]:
         return self._list(Fault, limit, device_id=device_id, status=status)
 
-    def _list(self, record_type: type[R], limit: int | None, *, oldest_first: bool = False, **where: Any) -> list[R]:
-        """Records matching the non-None filters, by id (= recording order)."""
+    def _list(self, record_type: type[R], limit: int | None, *, oldest_first: bool = False,
+              _also: Iterable[ColumnElement[bool]] = (), **where: Any) -> list[R]:
+        """Records matching the non-None filters (and the ``_also`` clauses), by id (= recording order)."""
         row_cls = _ROW_OF[record_type]
         row_id = row_cls.id  # type: ignore[attr-defined]
         query = (
             select(row_cls)
-            .where(*(getattr(row_cls, column) == value for column, value in where.items() if value is not None))
+            .where(*(getattr(row_cls, column) == value for column, value in where.items() if value is not None), *_also)
             .order_by(row_id if oldest_first else row_id.desc())
             .limit(limit)
         )

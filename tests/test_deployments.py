@@ -132,6 +132,7 @@ EXPECTED_DEPLOYMENTS = {
     "periodic-maintenance/monthly": "0 22 1 * *",
     DRILL: "0 23 * * 0",
     "fault-report/monthly-report": "0 9 1 * *",
+    "backup-prune/backup-prune": "0 5 * * *",
 }
 
 

@@ -32,7 +32,7 @@ def upgrade() -> None:
         t.add_column(sa.Column("app_version", sa.String(64), nullable=True))
         t.add_column(sa.Column("destroyed_at", _TS, nullable=True))
         t.add_column(sa.Column("destroyed_by", sa.String(64), nullable=True))
-        t.add_column(sa.Column("destroy_rule", sa.String(200), nullable=True))
+        t.add_column(sa.Column("destroy_rule", sa.String(300), nullable=True))
 
 
 def downgrade() -> None:
