@@ -78,6 +78,7 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "inspection.run": frozenset({Role.HQ_IT, Role.BRANCH_IT, Role.SERVICE}),
     "maintenance.run": frozenset({Role.HQ_IT, Role.BRANCH_IT, Role.SERVICE}),
     "drill.run": frozenset({Role.HQ_IT, Role.SERVICE}),
+    "backup.run": frozenset({Role.HQ_IT, Role.SERVICE}),
     "fault_report.run": frozenset({Role.HQ_IT, Role.AUDITOR, Role.SERVICE}),
     "fault.decide": frozenset({Role.HQ_IT, Role.BRANCH_IT}),
     "restore.approve": frozenset({Role.APPROVER}),

@@ -464,6 +464,7 @@ class RunKind(StrEnum):
     MAINTENANCE = "maintenance"
     DRILL = "drill"
     REPORT = "report"
+    BACKUP = "backup"  # the nightly backup (flows/backup.py)
 
 
 class UpgradeStep(StrEnum):

@@ -30,8 +30,8 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -236,6 +236,7 @@ def take_backup(
     *,
     store: Store,
     run_id: int | None = None,
+    during_snapshot: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> Backup:
     """Back up ``paths`` (relative to the counter's root) and record the backup; returns the record.
 
@@ -244,6 +245,9 @@ def take_backup(
     counter computed before they get that name, so a name in a store is always
     a whole, verified backup. Raises BackupError (naming the stage) on any
     failure, leaving nothing in the stores and no staging on the counter.
+
+    ``during_snapshot``: a context-manager factory entered only around the on-counter snapshot
+    (the nightly backup takes the counter out of service for that moment alone, not for the download).
     """
     paths = _relative_paths(paths)
     with _stage(device.id, "stores"):
@@ -254,7 +258,7 @@ def take_backup(
     published: list[Path] = []
     try:
         with _counter_staging(conn, device, "backup") as staging:
-            with _stage(device.id, "snapshot"):
+            with _stage(device.id, "snapshot"), (during_snapshot or nullcontext)():
                 taken = _helper(conn, "snapshot", device.root, staging, *paths)
             with _stage(device.id, "download"):
                 sha256 = conn.get(f"{staging}/{ARCHIVE}", local_tmp)
