@@ -17,7 +17,7 @@ down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_NAME = "ck_runs_kind_allowed"
+_NAME = "ck_runs_kind_allowed"  # as 0001 named it; stored as ck_runs_ck_runs_kind_allowed (the naming convention prefixes it again)
 _BEFORE = ["upgrade", "inspection", "maintenance", "drill", "report"]
 _AFTER = [*_BEFORE, "backup"]
 
@@ -27,9 +27,9 @@ def _kinds(kinds: list[str]) -> str:
 
 
 def _replace_check(kinds: list[str]) -> None:
-    with op.batch_alter_table("runs", recreate="always") as t:
+    with op.batch_alter_table("runs") as t:  # PostgreSQL: ALTER TABLE; SQLite: the table is copied
         t.drop_constraint(_NAME, type_="check")
-        t.create_check_constraint("kind_allowed", _kinds(kinds))  # named ck_runs_kind_allowed by the naming convention
+        t.create_check_constraint(_NAME, _kinds(kinds))
 
 
 def upgrade() -> None:
