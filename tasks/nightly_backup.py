@@ -19,6 +19,7 @@ vault is made in one place each.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -26,6 +27,7 @@ from typing import Literal
 
 import httpx
 from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
@@ -42,6 +44,13 @@ from tasks.notify import Notice, NotifyError, send_notice
 from tasks.ssh import Connection, ConnectionPool, SSHError
 
 REASON = "nightly backup: data snapshot"
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 Status = Literal["backed_up", "failed", "left_out"]
 
 
@@ -176,7 +185,7 @@ def not_back_in_service(store: Store, device: Device, by: Acting, run_id: int, r
     back in service) and a notice to the branch. Returns the fault's id (None when the store failed too)."""
     symptom = Symptom.NOT_BACK_IN_SERVICE
     detail = f"nightly backup took it out of service at {result.out_of_service_from:%H:%M:%S} UTC; {result.not_back}"
-    get_run_logger().error(f"{device.id} ({device.outlet}) is NOT back in service: {detail}")
+    _log().error(f"{device.id} ({device.outlet}) is NOT back in service: {detail}")
     fault_id: int | None = None
     try:
         existing = [f for f in unfixed_faults(store, device.id) if f.symptom == symptom]
@@ -188,14 +197,14 @@ def not_back_in_service(store: Store, device: Device, by: Acting, run_id: int, r
             by.audit(store, "fault.open", f"{device.id} (fault #{fault.id})", run_id=run_id,
                      details={"fault_id": fault.id, "symptom": str(symptom), "detail": detail})
     except Exception as e:  # the store itself may be the cause: the notice still goes out
-        get_run_logger().error(f"{device.id}: no fault recorded for it ({e})")
+        _log().error(f"{device.id}: no fault recorded for it ({e})")
     try:
         send_notice(notify, Notice(f"Counter {device.id} not back in service after its nightly backup",
                                    f"Counter {device.id}, branch {device.branch}, outlet {device.outlet}: {detail}. "
                                    f"Put it back in service (counter app /maintenance) or check it on site"
                                    + (f" (fault #{fault_id})." if fault_id else "."), "failure"))
     except NotifyError as e:
-        get_run_logger().error(f"{device.id}: the branch was not told ({e})")
+        _log().error(f"{device.id}: the branch was not told ({e})")
     return fault_id
 
 
