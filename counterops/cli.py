@@ -4,7 +4,7 @@ Exit status: 0 done, 1 the work failed (a counter, the fleet, a server),
 2 bad input (argument, inventory, plan) — the message names the field and the fix.
 
 This module assembles the commands: its own, and those of the sub-command
-modules (cli_plan, cli_drill, cli_maintenance, cli_audit, cli_backups). What they share (output, exit
+modules (cli_plan, cli_drill, cli_maintenance, cli_audit, cli_backup, cli_backups). What they share (output, exit
 codes, options, flow set-up) is in counterops.common, which imports none of them.
 
 Prefect is imported only inside the commands that run flows, after the API
@@ -25,6 +25,7 @@ from rich.table import Column, Table
 
 from counterops.cli_audit import audit_app
 from counterops.cli_backups import backups_app
+from counterops.cli_backup import backup_command
 from counterops.cli_decide import decide_command, held_command
 from counterops.cli_drill import drill_command
 from counterops.cli_maintenance import faults_app, inspect_command, maintain_command
@@ -67,6 +68,7 @@ app.add_typer(audit_app, name="audit")
 app.command("inspect")(inspect_command)
 app.command("maintain")(maintain_command)
 app.command("drill")(drill_command)
+app.command("backup")(backup_command)
 app.command("held")(held_command)
 app.command("decide")(decide_command)
 

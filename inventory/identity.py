@@ -79,6 +79,7 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "maintenance.run": frozenset({Role.HQ_IT, Role.BRANCH_IT, Role.SERVICE}),
     "drill.run": frozenset({Role.HQ_IT, Role.SERVICE}),
     "backup.prune": frozenset({Role.HQ_IT, Role.SERVICE}),  # destroys customer data backups: head office or the schedule
+    "backup.run": frozenset({Role.HQ_IT, Role.SERVICE}),
     "fault_report.run": frozenset({Role.HQ_IT, Role.AUDITOR, Role.SERVICE}),
     "fault.decide": frozenset({Role.HQ_IT, Role.BRANCH_IT}),
     "restore.approve": frozenset({Role.APPROVER}),

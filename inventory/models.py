@@ -548,6 +548,7 @@ class RunKind(StrEnum):
     DRILL = "drill"
     REPORT = "report"
     PRUNE = "prune"  # backup retention (flows/prune.py)
+    BACKUP = "backup"  # the nightly backup (flows/backup.py)
 
 
 class UpgradeStep(StrEnum):

@@ -56,6 +56,7 @@ class Symptom(StrEnum):
     DATABASE_MAINTENANCE_FAILED = "database maintenance failed"
     DATA_CHANGED_SINCE_BACKUP = "data changed since backup: needs a decision"
     ROLLBACK_FAILED = "upgrade rollback failed: needs attention"
+    BACKUP_STALE = "no verified backup in the last 24 h"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ CATALOGUE: dict[str, Kind] = {  # keyed by Symptom, which are strings: a stored 
     # never cleared by an inspection (no check is called "decision"): only `counterops decide` closes it
     Symptom.DATA_CHANGED_SINCE_BACKUP: Kind("decision", "critical"),
     Symptom.ROLLBACK_FAILED: Kind("upgrade", "high"),  # no inspection runs this check: closed by hand
+    Symptom.BACKUP_STALE: Kind("backup", "high"),  # the post-close inspection's backup age; a fresh backup clears it
 }
 
 

@@ -4,7 +4,8 @@ Each check records what it saw (a :class:`~tasks.faults.Finding`):
 
     reachable over SSH, host key checked  → clock drift against ours, free disk
     the counter app's /health             → app status, each peripheral, receipt paper
-    after closing, also                   → back in service for tomorrow, no stale temp files
+    after closing, also                   → back in service for tomorrow, no stale temp files,
+                                            a verified backup from the last 24 h (tasks/backup_age.py)
 
 Simple problems get a first-line fix — the app down: ``ctl start``; left in maintenance mode:
 back in service; stale temp files: removed — and then the counter is looked at again: a fix
@@ -31,6 +32,7 @@ from inventory.leases import lease
 from inventory.models import Device, Inspection, InspectionPhase, RunKind, utcnow
 from inventory.store import Store, run_is_alive
 from tasks.acting import Acting
+from tasks.backup_age import check_backup_age
 from tasks.checks import MIN_PAPER_PCT, read_free_disk_mb
 from tasks.counter_app import read_health, read_maintenance, set_in_service
 from tasks.hold import held, held_reason
@@ -51,7 +53,7 @@ PERIPHERAL_SYMPTOMS = {
 }
 # Runs that take counters out of service: while one is in progress (inventory.store.run_is_alive),
 # an inspection fixes nothing.
-BUSY_KINDS = (RunKind.UPGRADE, RunKind.MAINTENANCE, RunKind.DRILL)
+BUSY_KINDS = (RunKind.UPGRADE, RunKind.MAINTENANCE, RunKind.DRILL, RunKind.BACKUP)
 
 # Leftovers, NUL-separated, never leaving the file system: files and symlinks under $1 (the counter's tmp)
 # untouched for over $2 minutes, partial uploads there (*.part-*) untouched for over $4 minutes, and
@@ -306,6 +308,8 @@ def inspect_counter(device: Device, phase: InspectionPhase, by: Acting, run_id: 
                                 by=by)
     finally:
         pool.release(device)
+    if phase == InspectionPhase.POST_CLOSE:  # tonight's data must be safe too: a verified backup from the last 24 h
+        findings.append(check_backup_age(store, device))
     return record_visit(device, phase, by, started, findings, run_id=run_id, store=store, notify=notify)
 
 

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from inventory.loader import load_inventory
 from inventory.models import RunKind
 from inventory.store import Store
 from tests.plugins.identity import OPERATORS_FILE, SERVICE
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 DRILL = "backup-restore-drill/weekly-drill"
+BACKUP = "nightly-backup/nightly-backup"
 
 
 def _free_port() -> int:
@@ -108,8 +110,9 @@ def worker(stack):
     created = stack.run(str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process", "--overwrite")
     assert created.returncode == 0, created.stdout + created.stderr
     log = open(Path(tempfile.mkdtemp()) / "worker.log", "w+")
+    env = stack.env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}  # picks each triggered run up within 2 s, not 10
     proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "4"],
-                            env=stack.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc
     finally:
@@ -131,6 +134,7 @@ EXPECTED_DEPLOYMENTS = {
     "daily-inspection/post-close": "30 18 * * *",
     "periodic-maintenance/monthly": "0 22 1 * *",
     DRILL: "0 23 * * 0",
+    BACKUP: "0 20 * * *",
     "fault-report/monthly-report": "0 9 1 * *",
     "backup-prune/backup-prune": "0 5 * * *",
 }
@@ -183,6 +187,15 @@ def test_deploy_all_then_a_worker_runs_the_drill_deployment(stack, worker, fleet
     # nobody signed for it: the run acted as the service identity, and its records say so
     assert drill_run.initiator == SERVICE and len(audited) == 2
     assert all(e.actor == SERVICE and e.statement_digest for e in audited)
+
+    # The nightly backup, as its schedule would start it: every counter backed up, as the service identity.
+    nightly, _ = asyncio.run(_run_deployment_and_read_back(stack.api, stack.env["PREFECT_API_AUTH_STRING"], BACKUP, {}, timeout=300))
+    assert nightly.state.is_completed(), f"{nightly.state}: see the worker log above"
+    with Store.open(stack.env.get("COUNTEROPS_DATABASE_URL")) as store:
+        [backup_run] = [r for r in store.runs(kind=RunKind.BACKUP, limit=50) if r.flow_run_id == str(nightly.id)]
+        backed_up = sorted(b.device_id for b in store.backups(run_id=backup_run.id))
+    assert (backup_run.initiator, backup_run.status) == (SERVICE, "succeeded")
+    assert backed_up == sorted(d.id for d in load_inventory(fleet.inventory).devices)
 
     # Branch IT's view: each artifact's page in the Prefect UI, rendered by headless Chromium,
     # shows its content and the run it belongs to.

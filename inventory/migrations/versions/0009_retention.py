@@ -13,7 +13,6 @@ audit rows stay as they are).
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009_retention"
