@@ -26,7 +26,14 @@ def url(conn: Connection, path: str) -> httpx.URL:
 def request(conn: Connection, method: str, path: str, *, json: Any = None, timeout: float = TIMEOUT_S) -> httpx.Response:
     """One call to the counter app; transport errors raise ``httpx.TransportError`` naming the counter
     (the app does not answer on its loopback port, or the SSH link was lost: then ``conn.suspect`` says so)."""
-    return conn.http.request(method, path, json=json, timeout=timeout)
+    client = conn.http
+    try:
+        return client.request(method, path, json=json, timeout=timeout)
+    except RuntimeError:
+        if not client.is_closed:
+            raise
+        # another thread found the link lost meanwhile, which closed this client: once more, on the new one
+        return conn.http.request(method, path, json=json, timeout=timeout)
 
 
 def read_app(conn: Connection, path: str, timeout: float = TIMEOUT_S) -> dict | None:

@@ -82,6 +82,18 @@ def test_upgrade_inspection_maintenance_and_drill_pass_with_direct_http_dropped(
             for d in inv.devices:
                 h = counter_app.read_health(pool.connection(d))
                 assert (h["version"], h["status"], h["in_service"]) == ("1.1.0", "ok", True), d.id
+            # a stopped app is named as such, with its loopback port; the SSH connection stays sound
+            d = inv.devices[0]
+            conn = pool.connection(d)
+            ctl = f"{d.root}/opt/smartcounter/current/bin/ctl"
+            conn.run([ctl, "stop"], timeout=60)
+            try:
+                with pytest.raises(httpx.ConnectError, match=f"{d.id}: the counter app does not answer on its loopback port {d.http_port}"):
+                    counter_app.request(conn, "GET", "/health")
+                assert conn.suspect is None
+            finally:
+                conn.run([ctl, "start"], timeout=60)
+            assert counter_app.read_health(conn)["status"] == "ok"
         with pytest.raises(httpx.TransportError):  # the rule was in place all along
             httpx.get(f"http://127.0.0.1:{http_ports[0]}/health", timeout=1.0)
 
