@@ -48,6 +48,17 @@ class _ChannelStream(httpcore.NetworkStream):
         transport = self._chan.get_transport()
         return transport is None or not transport.is_active()
 
+    def _ended_without_eof(self) -> bool:
+        """The channel closed without the app's end of output (sshd sends EOF before closing when the app
+        closes its side): the SSH link went. paramiko closes the channels just before it marks the
+        transport inactive, so a dying transport thread is given a moment to end."""
+        if self._chan.eof_received:
+            return False
+        transport = self._chan.get_transport()
+        if transport is not None and transport.is_active():
+            transport.join(0.5)
+        return True
+
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         self._chan.settimeout(timeout)
         try:
@@ -57,9 +68,12 @@ class _ChannelStream(httpcore.NetworkStream):
                                        f"{timeout:g} s") from e
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise httpcore.ReadError(str(self._conn.link_lost(f"reading from {self._where()}", e))) from e
-        if not data and self._link_gone():
-            lost = self._conn.link_lost(f"reading from {self._where()}", EOFError("the SSH transport closed"))
-            raise httpcore.ReadError(str(lost))
+        if not data and self._ended_without_eof():
+            if self._link_gone():
+                lost = self._conn.link_lost(f"reading from {self._where()}", EOFError("the SSH transport closed"))
+                raise httpcore.ReadError(str(lost))
+            raise httpcore.ReadError(f"{self._conn.target.device_id}: the counter's sshd closed the channel to {self._where()} "
+                                     "before the app had answered")
         return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:

@@ -13,6 +13,10 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import signal
+import threading
+import time
+from pathlib import Path
 
 import httpx
 import paramiko
@@ -24,7 +28,7 @@ from inventory.store import Store
 from simfleet import fleet as simfleet
 from tasks import counter_app
 from tasks.ssh import ConnectionPool, ForwardRefused
-from tests.faults.inject import traffic_dropped
+from tests.faults.inject import FleetLayout, session_processes, traffic_dropped
 from tests.plugins.fleet import port
 from tests.test_drill import drill_cli
 from tests.test_upgrade import cli, flow_run, write_plan
@@ -45,6 +49,57 @@ def test_the_counter_sshd_opens_a_channel_to_its_own_app_port_only(fleet):
         with pytest.raises(httpx.ConnectError, match=f"{me.id}: the counter's sshd refuses a channel to 127.0.0.1:{other.http_port}"):
             conn.http.get(f"http://127.0.0.1:{other.http_port}/health")
         assert counter_app.read_health(conn)["device_id"] == me.id  # the connection is still sound
+
+
+def _connected_to(port_: int) -> bool:
+    """A TCP connection to ``port_`` on the loopback is established (the kernel accepts it even while
+    the listening process is stopped)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if int(local.rsplit(":", 1)[1], 16) == port_ and state == "01":
+                return True
+    return False
+
+
+def test_a_link_lost_while_the_app_answers_is_reported_as_such(fleet_dir):
+    simfleet.up(fleet_dir, devices=1, branches=1, outlets_per_branch=1, ssh_base_port=port(32700), http_base_port=port(32720))
+    inv = load_inventory(fleet_dir / "inventory.yaml")
+    [d] = inv.devices
+    app = int(Path(d.root, "var/run/smartcounter/counterd.pid").read_text())
+    with ConnectionPool(inv.ssh) as pool:
+        conn = pool.connection(d)
+        assert counter_app.read_health(conn)["status"] == "ok"
+        outcome: list[BaseException | httpx.Response] = []
+
+        def call() -> None:
+            try:
+                outcome.append(counter_app.request(conn, "GET", "/health", timeout=60))
+            except BaseException as e:  # noqa: BLE001  (handed to the test's thread)
+                outcome.append(e)
+
+        os.kill(app, signal.SIGSTOP)  # the app does not answer: the call waits inside its channel
+        caller = threading.Thread(target=call)
+        try:
+            caller.start()
+            deadline = time.monotonic() + 30
+            while not _connected_to(d.http_port):  # the counter's sshd has connected to the app for us
+                assert time.monotonic() < deadline, "the channel never reached the app"
+                time.sleep(0.01)
+            sessions = session_processes(FleetLayout(fleet_dir), d.id)
+            assert sessions
+            for pid in sessions:  # the SSH link goes (the listener stays)
+                os.kill(pid, signal.SIGKILL)
+            caller.join(30)
+        finally:
+            os.kill(app, signal.SIGCONT)
+        [error] = outcome
+        assert isinstance(error, httpx.TransportError), error
+        assert f"{d.id}: reading from the counter app on its loopback port {d.http_port}" in str(error)
+        assert "the connection to the counter was lost" in str(error) and "not reused" in str(error)
+        assert conn.suspect is not None
+        # the next call is on a new connection, which works
+        assert counter_app.read_health(pool.reconnect(d))["status"] == "ok"
 
 
 @pytest.fixture
