@@ -135,7 +135,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
                                                      "failure"))
                 if api.down:  # nothing more can be reported to Prefect: record why here, and stop
                     _stopped_without_api(plan, run, api.down, outcomes, sum(len(w.devices) for w in waves))
-                soak = watch_health([inv.device(o.device_id) for o in done if o.status == "upgraded"], planned.wave.soak_seconds)
+                soak = watch_health(pool, [inv.device(o.device_id) for o in done if o.status == "upgraded"], planned.wave.soak_seconds)
                 failed = sum(o.failed for o in done)
                 within = wave_within_limits(planned.wave, failed, len(planned.devices)) and not soak.unhealthy
                 metrics = wave_metrics(done, soak)

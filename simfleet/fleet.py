@@ -304,7 +304,9 @@ def _client_key(fleet_dir: Path) -> str:
 # ----------------------------------------------------------------------------- sshd
 
 
-def _sshd_config(p: dict[str, Path], port: int, user: str) -> str:
+def _sshd_config(p: dict[str, Path], port: int, user: str, http_port: int) -> str:
+    """The counter's sshd: key login as ``user`` only; the one forwarding it allows is the controller's
+    channel to this counter's own app on its loopback (the control API goes through SSH, never direct)."""
     return "\n".join(
         [
             f"Port {port}",
@@ -322,7 +324,14 @@ def _sshd_config(p: dict[str, Path], port: int, user: str) -> str:
             "UseDNS no",
             "PrintMotd no",
             "X11Forwarding no",
-            "AllowTcpForwarding no",
+            "AllowTcpForwarding local",
+            f"PermitOpen {HOST}:{http_port}",
+            "PermitListen none",
+            "AllowStreamLocalForwarding no",
+            "AllowAgentForwarding no",
+            "PermitTunnel no",
+            "GatewayPorts no",
+            "PermitTTY no",
             "PermitUserEnvironment no",
             "MaxStartups 100:30:200",
             "MaxSessions 32",
@@ -340,7 +349,7 @@ def _prepare_sshd(fleet_dir: Path, c: Counter, user: str, client_public: str) ->
     os.chmod(p["sshd_dir"], 0o755)  # sshd reads authorized_keys as the login user; the host key stays 0600
     host_public = _write_private_key(p["host_key"]) if not p["host_key"].exists() else _public_key(p["host_key"])
     p["authorized_keys"].write_text(client_public + "\n")
-    p["config"].write_text(_sshd_config(p, c.ssh_port, user))
+    p["config"].write_text(_sshd_config(p, c.ssh_port, user, c.http_port))
     return host_public
 
 

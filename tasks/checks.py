@@ -59,15 +59,15 @@ def look_at_counter(device: Device, ssh: SSHSettings) -> CounterFacts:
             facts.reachable = True
             facts.version = read_installed_version(conn, device.root)
             facts.free_disk_mb = read_free_disk_mb(conn, device.root)
+            health = read_health(conn)
+            if health is not None:
+                facts.app_status = health.get("status")
+                facts.app_version = health.get("version")
+                facts.in_service = health.get("in_service")
+            else:
+                facts.error = f"counter app does not answer on its loopback port {device.http_port} (asked through SSH)"
     except SSHError as e:
         facts.error = e.reason
-    health = read_health(device)
-    if health is not None:
-        facts.app_status = health.get("status")
-        facts.app_version = health.get("version")
-        facts.in_service = health.get("in_service")
-    elif facts.error is None:
-        facts.error = f"counter app does not answer on port {device.http_port}"
     return facts
 
 
@@ -114,17 +114,17 @@ def functional_problems(health: dict | None, expected_version: str) -> list[str]
     return problems
 
 
-def functional_test(device: Device, expected_version: str) -> CheckReport:
+def functional_test(conn: Connection, expected_version: str) -> CheckReport:
     """System-function test: app healthy, on the expected version, every peripheral working."""
-    problems = functional_problems(read_health(device), expected_version)
-    return CheckReport(device_id=device.id, name="functional", passed=not problems, problems=problems)
+    problems = functional_problems(read_health(conn), expected_version)
+    return CheckReport(device_id=conn.target.device_id, name="functional", passed=not problems, problems=problems)
 
 
 TEST_CUSTOMER = {"customer_name": "测试客户", "id_number": "110101199003071234", "phone": "13800138000"}
 TRANSFER_CENTS = 2_500
 
 
-def business_test(device: Device, timeout: float = 10.0) -> CheckReport:
+def business_test(conn: Connection, timeout: float = 10.0) -> CheckReport:
     """Business test in test mode: card opening, activation, transfer, account change.
 
     Each call is checked against the result the service must give; the test
@@ -135,7 +135,7 @@ def business_test(device: Device, timeout: float = 10.0) -> CheckReport:
     latency: dict[str, float] = {}
 
     def call(service: str, path: str, body: dict) -> dict:
-        r = request(device, "POST", path, json=body, timeout=timeout)
+        r = request(conn, "POST", path, json=body, timeout=timeout)
         latency[service] = latency.get(service, 0.0) + r.elapsed.total_seconds() * 1000
         if r.status_code != 200:
             raise ValueError(f"{service}: HTTP {r.status_code} {r.text[:200]}")
@@ -161,7 +161,7 @@ def business_test(device: Device, timeout: float = 10.0) -> CheckReport:
         problems.append(str(e) or type(e).__name__)
     finally:
         try:
-            request(device, "POST", "/test/reset", json={}, timeout=timeout)
+            request(conn, "POST", "/test/reset", json={}, timeout=timeout)
         except httpx.HTTPError:
             pass
-    return CheckReport(device_id=device.id, name="business", passed=not problems, problems=problems, latency_ms=latency)
+    return CheckReport(device_id=conn.target.device_id, name="business", passed=not problems, problems=problems, latency_ms=latency)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from inventory.models import Device
 from tasks.counter_app import read_health
+from tasks.ssh import ConnectionPool, SSHError
 from tasks.rollout import CounterOutcome
 
 
@@ -66,24 +67,33 @@ class UpgradeMetrics(BaseModel):
     soak_unhealthy_devices: list[str]
 
 
-def watch_health(devices: Sequence[Device], seconds: float) -> Soak:
-    """Poll each counter's /health for ``seconds`` (the soak); count healthy and unhealthy answers."""
+def watch_health(pool: ConnectionPool, devices: Sequence[Device], seconds: float) -> Soak:
+    """Poll each counter's /health for ``seconds`` (the soak), through its SSH connection in ``pool``; count
+    healthy and unhealthy answers (a counter that cannot be reached counts as unhealthy). The connections are
+    released at the end."""
     checks = unhealthy = 0
     sick: set[str] = set()
     if not devices or seconds <= 0:
         return Soak()
     interval = min(5.0, max(0.5, seconds / 10))
     deadline = time.monotonic() + seconds
-    while True:
+    try:
+        while True:
+            for d in devices:
+                try:
+                    health = read_health(pool.connection(d), timeout=2.0) or {}
+                except SSHError:
+                    health = {}
+                checks += 1
+                if health.get("status") != "ok":
+                    unhealthy += 1
+                    sick.add(d.id)
+            if time.monotonic() + interval > deadline:
+                break
+            time.sleep(interval)
+    finally:
         for d in devices:
-            health = read_health(d, timeout=2.0) or {}
-            checks += 1
-            if health.get("status") != "ok":
-                unhealthy += 1
-                sick.add(d.id)
-        if time.monotonic() + interval > deadline:
-            break
-        time.sleep(interval)
+            pool.release(d)
     return Soak(seconds=seconds, checks=checks, unhealthy=unhealthy, unhealthy_devices=sorted(sick))
 
 

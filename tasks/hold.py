@@ -57,7 +57,7 @@ def held_reason(fault: Fault) -> str:
             f"{d.get('backup_id')}; decide with `counterops decide {fault.device_id} keep-live|restore`")
 
 
-def hold(store: Store, device: Device, backup: Backup, changes: list[str], *, actor: str, run_id: int | None,
+def hold(store: Store, conn: Connection, device: Device, backup: Backup, changes: list[str], *, actor: str, run_id: int | None,
          context: dict[str, Any]) -> Fault:
     """Hold the counter: out of service, one open fault naming the backup and what changed, audited.
 
@@ -66,7 +66,7 @@ def hold(store: Store, device: Device, backup: Backup, changes: list[str], *, ac
     """
     note = ""
     try:
-        set_in_service(device, False, HOLD_SYMPTOM.value)
+        set_in_service(conn, False, HOLD_SYMPTOM.value)
     except (httpx.HTTPError, RuntimeError) as e:  # e.g. the app is stopped: it serves nobody either way
         note = f"could not set maintenance mode ({e}); the app does not serve customers"
     details = {"backup_id": backup.id, "backup_taken_at": backup.taken_at.isoformat(), "changes": changes,
@@ -130,10 +130,10 @@ def carry_out(conn: Connection, device: Device, fault: Fault, decision: Decision
             def restore_data() -> None:
                 return None  # keep-live: the data stays as it is
         run_recorded(done, conn, device, playbook.rollback, vars, restore_data=restore_data)
-    for report in (functional_test(device, version), business_test(device)):
+    for report in (functional_test(conn, version), business_test(conn)):
         if not report.passed:
             raise DecisionError(f"{device.id}: {report.name} test failed after the decision: {'; '.join(report.problems)}; "
                                 "the counter stays out of service and held")
-    set_in_service(device, True, f"decision on fault #{fault.id}: {decision}")
+    set_in_service(conn, True, f"decision on fault #{fault.id}: {decision}")
     done["version"] = version
     return done

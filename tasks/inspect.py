@@ -132,9 +132,10 @@ def check_temp_files(conn: Connection, device: Device) -> Finding:
 
 
 def check_app(health: dict | None, device: Device) -> Finding:
-    """The counter app answers /health and its own checks (database, schema, self test) pass."""
+    """The counter app answers /health (asked through its SSH connection) and its own checks (database,
+    schema, self test) pass."""
     if health is None:
-        return Finding(check="app", symptom=Symptom.APP_DOWN, detail=f"no answer on http port {device.http_port}")
+        return Finding(check="app", symptom=Symptom.APP_DOWN, detail=f"no answer on its loopback port {device.http_port}")
     status, version = health.get("status"), health.get("version")
     if status == "error":
         failing = {name: result for name, result in (health.get("checks") or {}).items() if str(result).startswith("error")}
@@ -158,31 +159,37 @@ def check_peripherals(health: dict) -> list[Finding]:
     return findings
 
 
-def check_back_in_service(health: dict, device: Device) -> Finding:
+def check_back_in_service(health: dict, conn: Connection) -> Finding:
     """After closing: a counter left in maintenance mode would not serve customers tomorrow."""
     if health.get("in_service") is not False:
         return Finding(check="service", detail="in service")
-    reason = read_maintenance(device).get("reason")
+    reason = read_maintenance(conn).get("reason")
     return Finding(check="service", symptom=Symptom.LEFT_IN_MAINTENANCE, detail=f"out of service after closing (reason: {reason})")
 
 
 def look(device: Device, phase: InspectionPhase, pool: ConnectionPool) -> list[Finding]:
-    """Every check of ``phase`` on the counter, each with what it saw."""
+    """Every check of ``phase`` on the counter, each with what it saw. The app is asked through the
+    counter's SSH connection: an unreachable counter's app checks are not made (nothing is cleared by them)."""
     conn, reached = reach(pool, device)
     findings = [reached]
-    if conn is not None:
-        try:
-            findings += [check_clock(conn), check_disk(conn, device)]
-            if phase == InspectionPhase.POST_CLOSE:
-                findings.append(check_temp_files(conn, device))
-        except SSHError as e:
-            findings.append(Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=f"lost the counter while inspecting: {e.reason}"))
-    health = read_health(device)
+    if conn is None:
+        return findings
+    try:
+        findings += [check_clock(conn), check_disk(conn, device)]
+        if phase == InspectionPhase.POST_CLOSE:
+            findings.append(check_temp_files(conn, device))
+    except SSHError as e:
+        findings.append(Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=f"lost the counter while inspecting: {e.reason}"))
+        return findings
+    health = read_health(conn)
+    if health is None and conn.suspect is not None:  # the link went, not the app
+        findings.append(Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=f"lost the counter while inspecting: {conn.suspect}"))
+        return findings
     findings.append(check_app(health, device))
     if health is not None:
         findings += check_peripherals(health)
         if phase == InspectionPhase.POST_CLOSE:
-            findings.append(check_back_in_service(health, device))
+            findings.append(check_back_in_service(health, conn))
     return findings
 
 
@@ -196,7 +203,7 @@ def restart_app(device: Device, pool: ConnectionPool) -> str:
 
 
 def put_back_in_service(device: Device, pool: ConnectionPool) -> str:
-    set_in_service(device, True, "post-close inspection: back in service for tomorrow")
+    set_in_service(pool.connection(device), True, "post-close inspection: back in service for tomorrow")
     return "put back in service so it opens tomorrow"
 
 

@@ -77,11 +77,11 @@ def check_and_vacuum(conn: Connection, device: Device) -> Finding:
                                                      f"customer rows unchanged ({sum(db['rows_after'].values())})")
 
 
-def back_in_service(device: Device, out_since: datetime) -> Finding:
+def back_in_service(conn: Connection, out_since: datetime) -> Finding:
     """Put the counter back in service; the finding keeps the times it was out (the outlet rule is checked on them)."""
     window = {"out_of_service_from": out_since.isoformat()}
     try:
-        set_in_service(device, True, MAINTENANCE_REASON)
+        set_in_service(conn, True, MAINTENANCE_REASON)
     except (httpx.HTTPError, RuntimeError) as e:
         return Finding(check="service", symptom=Symptom.NOT_BACK_IN_SERVICE, data=window,
                        detail=f"out of service since {out_since:%H:%M:%S} UTC; putting it back failed: {e}")
@@ -92,7 +92,7 @@ def back_in_service(device: Device, out_since: datetime) -> Finding:
 
 def maintain_database(conn: Connection, device: Device) -> list[Finding]:
     """The database work, out of service: the 'database' finding and, when it took the counter out, the 'service' one."""
-    health = read_health(device)
+    health = read_health(conn)
     if health is None:
         return [Finding(check="database", symptom=Symptom.DATABASE_MAINTENANCE_FAILED,
                         detail="not maintained: the counter app does not answer, so customers could not be sent away first")]
@@ -101,13 +101,13 @@ def maintain_database(conn: Connection, device: Device) -> list[Finding]:
         return [database.model_copy(update={"detail": f"{database.detail}; the counter was already out of service and is left so"})]
     out_since = utcnow()
     try:
-        set_in_service(device, False, MAINTENANCE_REASON)
+        set_in_service(conn, False, MAINTENANCE_REASON)
         database = check_and_vacuum(conn, device)
     except (httpx.HTTPError, RuntimeError) as e:
         database = Finding(check="database", symptom=Symptom.DATABASE_MAINTENANCE_FAILED,
                            detail=f"not maintained: could not take the counter out of service: {e}")
     finally:
-        service = back_in_service(device, out_since)
+        service = back_in_service(conn, out_since)
     return [database, service]
 
 
@@ -115,13 +115,14 @@ def maintain(device: Device, pool: ConnectionPool) -> list[Finding]:
     """Every maintenance step on the counter, each with what it did or found."""
     conn, reached = reach(pool, device)
     findings = [reached]
-    if conn is not None:
-        try:
-            findings += [rotate_logs(conn, device), clean_temp(conn, device)]
-        except SSHError as e:
-            findings.append(Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=f"lost the counter during maintenance: {e.reason}"))
-        findings += maintain_database(conn, device)
-    health = read_health(device)
+    if conn is None:  # the app is asked through SSH too: nothing more can be done or seen
+        return findings
+    try:
+        findings += [rotate_logs(conn, device), clean_temp(conn, device)]
+    except SSHError as e:
+        findings.append(Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=f"lost the counter during maintenance: {e.reason}"))
+    findings += maintain_database(conn, device)
+    health = read_health(conn)
     findings.append(check_app(health, device))
     if health is not None:
         findings += check_peripherals(health)

@@ -283,7 +283,7 @@ def _run_step(
             sha256 = conn.put(src, dest, mode=int(step.upload.mode, 8), sha256=want)
             return "ok", f"{src.name} -> {dest} (sha256 {sha256}" + (", as expected)" if want else ")")
         case HttpStep():
-            passed, observation = _http_check(device, step.http, vars)
+            passed, observation = _http_check(conn, step.http, vars)
             if not passed:
                 raise StepError(observation)
             return "ok", observation
@@ -308,7 +308,7 @@ def _wait_for(conn: Connection, device: Device, step: WaitForStep, vars: Mapping
     while True:
         attempts += 1
         if spec.http is not None:
-            passed, observation = _http_check(device, spec.http, vars, transport_errors_are_observations=True)
+            passed, observation = _http_check(conn, spec.http, vars, transport_errors_are_observations=True)
         else:
             assert spec.run is not None  # the schema requires one of http, run
             r = conn.run([render(a, vars) for a in spec.run], check=False, timeout=max(deadline - time.monotonic(), 1.0))
@@ -322,13 +322,13 @@ def _wait_for(conn: Connection, device: Device, step: WaitForStep, vars: Mapping
 
 
 def _http_check(
-    device: Device, spec: HttpSpec, vars: Mapping[str, str], *, transport_errors_are_observations: bool = False
+    conn: Connection, spec: HttpSpec, vars: Mapping[str, str], *, transport_errors_are_observations: bool = False
 ) -> tuple[bool, str]:
     """Send the request; passed when the answer is 2xx and every expected field matches."""
-    url = counter_app.url(device, spec.path)
+    url = counter_app.url(conn, spec.path)
     body = render_json(spec.body, vars) if spec.body is not None else None
     try:
-        response = counter_app.request(device, spec.method, spec.path, json=body, timeout=spec.timeout_s)
+        response = counter_app.request(conn, spec.method, spec.path, json=body, timeout=spec.timeout_s)
     except httpx.TransportError as e:
         if not transport_errors_are_observations:
             raise

@@ -125,8 +125,8 @@ class _Recorder:
         self.store.update(DeviceStep, row.id, status="ok", ended_at=datetime.now(UTC), details=details | extra)
 
 
-def _snapshot(device: Device, business: dict | None = None) -> dict:
-    m = read_metrics(device)
+def _snapshot(conn: Connection, business: dict | None = None) -> dict:
+    m = read_metrics(conn)
     snap = {
         "business_errors_total": m.get("business_errors_total"),
         "restarts": m.get("restarts"),
@@ -233,7 +233,7 @@ def upgrade_counter_pipeline(
                 changes = data_changed_since(conn, device, backup_then, playbook.backup.paths)
                 if changes:  # e.g. put back in service by hand after the crash, and a customer served
                     found["held_for_decision"] = backup_then.id
-                    fault = hold(store, device, backup_then, changes, actor=_initiator(store, run_id), run_id=run_id, context={
+                    fault = hold(store, conn, device, backup_then, changes, actor=_initiator(store, run_id), run_id=run_id, context={
                         "run_id": run_id, "plan": plan.name, "target_version": plan.target_version,
                         "version_then": version_then, "installed_version": out.from_version,
                         "situation": f"an earlier run of {plan.name} left the install unfinished"})
@@ -250,7 +250,7 @@ def upgrade_counter_pipeline(
                 if downgrade.refusal:
                     raise RuntimeError(downgrade.refusal)
                 found["downgrade"] = f"{downgrade.installed} → {downgrade.target}"
-            health = read_health(device)
+            health = read_health(conn)
             if health is None:
                 raise RuntimeError("counter app does not answer /health")
             found["app_status"] = health.get("status")
@@ -261,15 +261,15 @@ def upgrade_counter_pipeline(
         return fail(UpgradeStep.PRECHECK, str(e))
 
     if out.from_version == plan.target_version:
-        return _confirm_current(device, plan, rec, out, reason)
+        return _confirm_current(conn, device, plan, rec, out, reason)
 
-    before_business = business_test(device)
-    out.before = _snapshot(device, before_business.latency_ms)
+    before_business = business_test(conn)
+    out.before = _snapshot(conn, before_business.latency_ms)
 
     try:
         # 2. drain — out of service for customers, test mode still answers
         with rec.step(UpgradeStep.DRAIN):
-            set_in_service(device, False, reason)
+            set_in_service(conn, False, reason)
             drained = True
         # 3. backup — verified on both ends, second copy off-site, recorded
         with rec.step(UpgradeStep.BACKUP) as found:
@@ -283,20 +283,20 @@ def upgrade_counter_pipeline(
         out.version = plan.target_version
         # 5. system-function test
         with rec.step(UpgradeStep.FUNCTIONAL_TEST) as found:
-            report = functional_test(device, plan.target_version)
+            report = functional_test(conn, plan.target_version)
             found["problems"] = report.problems
             if not report.passed:
                 raise RuntimeError("; ".join(report.problems))
         # 6. business test: card opening, activation, transfer, account change
         with rec.step(UpgradeStep.BUSINESS_TEST) as found:
-            report = business_test(device)
+            report = business_test(conn)
             found |= {"problems": report.problems, "latency_ms": report.latency_ms}
             if not report.passed:
                 raise RuntimeError("; ".join(report.problems))
-            out.after = _snapshot(device, report.latency_ms)
+            out.after = _snapshot(conn, report.latency_ms)
         # 7. back into service
         with rec.step(UpgradeStep.RESTORE_SERVICE):
-            set_in_service(device, True, reason)
+            set_in_service(conn, True, reason)
     except Exception as e:  # any failure after drain: roll back, whatever it was
         failed_step = _last_step(store, run_id, device.id)
         out.failed_step, out.error = failed_step, _describe(e)
@@ -343,24 +343,24 @@ def _last_step(store: Store, run_id: int, device_id: str) -> str:
     return (failed[-1] if failed else steps[-1]).step.value
 
 
-def _confirm_current(device: Device, plan: UpgradePlan, rec: _Recorder, out: CounterOutcome, reason: str) -> CounterOutcome:
+def _confirm_current(conn: Connection, device: Device, plan: UpgradePlan, rec: _Recorder, out: CounterOutcome, reason: str) -> CounterOutcome:
     """Already on the target version: prove it works (both tests), make sure it serves customers, touch nothing else."""
     try:
         with rec.step(UpgradeStep.FUNCTIONAL_TEST, already_current=True) as found:
-            report = functional_test(device, plan.target_version)
+            report = functional_test(conn, plan.target_version)
             found["problems"] = report.problems
             if not report.passed:
                 raise RuntimeError("; ".join(report.problems))
         with rec.step(UpgradeStep.BUSINESS_TEST, already_current=True) as found:
-            report = business_test(device)
+            report = business_test(conn)
             found |= {"problems": report.problems, "latency_ms": report.latency_ms}
             if not report.passed:
                 raise RuntimeError("; ".join(report.problems))
-            out.after = _snapshot(device, report.latency_ms)
-        health = read_health(device) or {}
+            out.after = _snapshot(conn, report.latency_ms)
+        health = read_health(conn) or {}
         if health.get("in_service") is False:  # left drained by an interrupted run
             with rec.step(UpgradeStep.RESTORE_SERVICE, already_current=True):
-                set_in_service(device, True, reason)
+                set_in_service(conn, True, reason)
     except Exception as e:
         out.failed_step, out.error = _last_step(rec.store, rec.run_id, device.id), str(e)
         out.ended_at = datetime.now(UTC)
@@ -387,7 +387,7 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
         restore_backup(conn, device, backup, playbook.backup.paths, vault=vault)
 
     def hold_for_decision(changed: DataChangedSinceBackup) -> None:
-        fault = hold(rec.store, device, changed.backup, changed.changes, actor=_initiator(rec.store, rec.run_id), run_id=rec.run_id, context={
+        fault = hold(rec.store, conn, device, changed.backup, changed.changes, actor=_initiator(rec.store, rec.run_id), run_id=rec.run_id, context={
             "run_id": rec.run_id, "plan": plan.name, "target_version": plan.target_version,
             "version_then": out.from_version, "failed_step": out.failed_step,
             "situation": f"the upgrade failed at {out.failed_step} and its rollback would have restored the backup"})
@@ -400,10 +400,10 @@ def _roll_back(device: Device, plan: UpgradePlan, playbook: Playbook, rec: _Reco
             if backup is not None and steps:  # never over newer data: look before stopping anything
                 check_unchanged_since(conn, device, backup, playbook.backup.paths)  # the restore looks again
             run_recorded(found, conn, device, steps, vars, restore_data=restore_data)
-            health = read_health(device) or {}
+            health = read_health(conn) or {}
             if health.get("version") != out.from_version or health.get("status") != "ok":
                 raise RuntimeError(f"after rollback the counter reports {health.get('version')!r} / {health.get('status')!r}")
-            set_in_service(device, True, reason)
+            set_in_service(conn, True, reason)
         out.status, out.version = "rolled_back", out.from_version
     except Exception as e:
         changed = _data_changed(e)

@@ -17,6 +17,10 @@
 - Uploads and downloads are verified by sha256 on both ends and land
   atomically (written beside the target, checked, then renamed).
 - One connection per counter, reused for every step of a run (:class:`ConnectionPool`).
+- The counter app's HTTP API is reached through that same connection, never directly:
+  :meth:`Connection.forward` opens a ``direct-tcpip`` channel to the app's port on the
+  counter's loopback, and :attr:`Connection.http` is the connection's own ``httpx.Client``
+  over such channels (``tasks/ssh_http.py``), closed with the connection.
 """
 
 from __future__ import annotations
@@ -98,6 +102,18 @@ class ConnectionLost(SSHError):
     """The SSH session stopped answering or was dropped mid-step: the connection is not to be reused."""
 
 
+class ForwardRefused(SSHError):
+    """The counter's sshd would not open a channel to a port on its loopback: nothing listens
+    there (the counter app is down), or its ``PermitOpen`` does not allow that port."""
+
+    def __init__(self, device_id: str, message: str, code: int):
+        super().__init__(device_id, message)
+        self.code = code  # the SSH open-failure code: 1 administratively prohibited, 2 connect failed
+
+
+LOOPBACK = "127.0.0.1"  # where a counter's app listens, reached from its own sshd only
+
+
 @dataclass(frozen=True)
 class Result:
     command: str
@@ -140,6 +156,7 @@ class Target:
     connect_timeout: float = 10.0
     command_timeout: float = 120.0
     stall_timeout: float = 15.0
+    http_port: int | None = None  # the counter app's port on the counter's loopback
 
     @classmethod
     def for_device(cls, device: Device, ssh: SSHSettings) -> Target:
@@ -153,6 +170,7 @@ class Target:
             connect_timeout=ssh.connect_timeout,
             command_timeout=ssh.command_timeout,
             stall_timeout=ssh.stall_timeout,
+            http_port=device.http_port,
         )
 
     @property
@@ -230,6 +248,7 @@ class Connection:
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
         self._sftp_lock = threading.Lock()
+        self._http = None  # httpx.Client over this connection (tasks/ssh_http.py), made on first use
         self.suspect: str | None = None  # why the last transport was dropped as dead or frozen; None when sound
 
     # -- connecting ------------------------------------------------------------------
@@ -261,9 +280,11 @@ class Connection:
         so nothing waits on a frozen peer, and any call blocked on it fails at once."""
         with self._lock:
             transport, self._transport, self._sftp = self._transport, None, None
+            http, self._http = self._http, None
             self.suspect = why
         if transport is not None:
             transport.close()
+        _close_http(http)
 
     def _lost(self, what: str, e: BaseException) -> ConnectionLost:
         """The connection failed under ``what``: drop it and say so plainly."""
@@ -351,8 +372,10 @@ class Connection:
     def close(self) -> None:
         with self._lock:
             transport, self._transport, self._sftp = self._transport, None, None
+            http, self._http = self._http, None
         if transport is not None:
             transport.close()
+        _close_http(http)
 
     def __enter__(self) -> Connection:
         return self.open()
@@ -366,6 +389,50 @@ class Connection:
             self.open()
         assert self._transport is not None
         return self._transport
+
+    def link_lost(self, what: str, e: BaseException) -> ConnectionLost:
+        """For a layer above (HTTP over this connection): the link failed under ``what``; it is
+        dropped as suspect (never reused) and the error says so."""
+        return self._lost(what, e)
+
+    # -- the counter app, through this connection -----------------------------------
+
+    def forward(self, port: int, timeout: float | None = None) -> paramiko.Channel:
+        """A ``direct-tcpip`` channel to ``127.0.0.1:port`` on the counter (its own loopback),
+        opened by its sshd: a byte stream to the counter app, inside this host-key-checked session.
+
+        Raises :class:`ForwardRefused` when the counter's sshd cannot or may not connect there,
+        :class:`ConnectionLost` when the SSH link itself failed.
+        """
+        t = self.target
+        wait = t.connect_timeout if timeout is None else timeout
+        try:
+            return self.transport.open_channel("direct-tcpip", (LOOPBACK, port), (LOOPBACK, 0), timeout=wait)
+        except paramiko.ChannelException as e:
+            if e.code == paramiko.common.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED:
+                raise ForwardRefused(t.device_id, f"the counter's sshd refuses a channel to {LOOPBACK}:{port} on its loopback "
+                                                  "(administratively prohibited): its sshd_config must have `AllowTcpForwarding local` "
+                                                  f"and `PermitOpen {LOOPBACK}:<the app's port>`, and the inventory's http_port "
+                                                  f"({t.http_port}) must be that port", e.code) from e
+            if e.code == paramiko.common.OPEN_FAILED_CONNECT_FAILED:
+                raise ForwardRefused(t.device_id, f"the counter app does not answer on its loopback port {port} "
+                                                  f"(the counter's sshd could not connect to {LOOPBACK}:{port}: is the app running?)",
+                                     e.code) from e
+            raise ForwardRefused(t.device_id, f"the counter's sshd would not open {LOOPBACK}:{port}: {e.text or e.code}", e.code) from e
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise self._lost(f"cannot open a channel to the counter app ({LOOPBACK}:{port} on the counter)", e) from e
+
+    @property
+    def http(self):  # -> httpx.Client (httpx is imported only where HTTP is used)
+        """This connection's HTTP client for the counter app (thread-safe, made on first use, one per
+        connection): every request travels in a channel of :meth:`forward`, kept alive between calls.
+        Closed and forgotten when the connection closes or is dropped; the next use makes a new one."""
+        with self._lock:
+            if self._http is None:
+                from tasks.ssh_http import client_for  # noqa: PLC0415  (httpx costs import time; the CLI stays fast)
+
+                self._http = client_for(self)
+            return self._http
 
     # -- commands --------------------------------------------------------------------
 
@@ -684,6 +751,15 @@ class ConnectionPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close_http(http) -> None:
+    """Close a dropped connection's HTTP client; its channels died with the transport."""
+    if http is not None:
+        try:
+            http.close()
+        except Exception:  # noqa: BLE001  (a client on a dead transport: nothing left to release)
+            pass
 
 
 def _plain(e: BaseException) -> str:

@@ -294,14 +294,15 @@ NFT = shutil.which("nft") or "/usr/sbin/nft"
 
 
 @contextmanager
-def traffic_dropped(ports: list[int]) -> Iterator[str]:
-    """Drop every TCP packet root sends to ``ports`` (an nftables output-hook rule): the counter
-    is cut off from the controller (which runs as root) while the fleet's own user is untouched."""
+def traffic_dropped(ports: list[int], uid: int = 0) -> Iterator[str]:
+    """Drop every TCP packet user ``uid`` (root by default) sends to ``ports`` (an nftables output-hook
+    rule): the counter is cut off from the controller (which runs as root) while the fleet's own user
+    is untouched."""
     if not os.path.exists(NFT):
         raise AssertionError("nftables is missing: run `bash scripts/setup-system.sh --for-tests` (apt-get install -y nftables)")
     table = f"counterops_fault_{os.getpid()}_{min(ports)}"
     rules = (f"table inet {table} {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n"
-             f"  meta skuid 0 tcp dport {{ {', '.join(map(str, ports))} }} drop\n }}\n}}\n")
+             f"  meta skuid {uid} tcp dport {{ {', '.join(map(str, ports))} }} drop\n }}\n}}\n")
     subprocess.run([NFT, "-f", "-"], input=rules, check=True, capture_output=True, text=True)
     try:
         yield table
