@@ -98,8 +98,8 @@ class ServiceWindow:
     whatever happened, a counter this run took out of service is put back (one more try).
     """
 
-    def __init__(self, device: Device):
-        self.device = device
+    def __init__(self, device: Device, conn: Connection):
+        self.device, self.conn = device, conn  # the app is reached through the counter's SSH connection
         self.was_in_service: bool | None = None
         self.out_from: datetime | None = None
         self.back_at: datetime | None = None
@@ -107,14 +107,14 @@ class ServiceWindow:
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
-        health = read_health(self.device)
+        health = read_health(self.conn)
         self.was_in_service = None if health is None else health.get("in_service") is not False
         if not self.was_in_service:  # already out of service (left so), or its app does not answer (serving nobody)
             yield
             return
         self.out_from = utcnow()  # from the request on: a failed request may still have taken it out
         try:
-            set_in_service(self.device, False, REASON)
+            set_in_service(self.conn, False, REASON)
         except (httpx.HTTPError, RuntimeError) as e:
             self._put_back()
             raise BackupError(self.device.id, "out of service", f"could not take the counter out of service: {e}") from e
@@ -129,7 +129,7 @@ class ServiceWindow:
 
     def _put_back(self) -> None:
         try:
-            set_in_service(self.device, True, REASON)
+            set_in_service(self.conn, True, REASON)
         except (httpx.HTTPError, RuntimeError) as e:
             self.not_back = f"putting it back in service failed: {e}"
             return
@@ -164,9 +164,14 @@ def _backup_counter(device: Device, paths: list[str], run_id: int, store: Store,
     with lease(store, device.id, run_id) as held:
         if held is not None:
             return result.model_copy(update={"status": "left_out", "error": f"{held}; left out, not backed up"})
-        window = ServiceWindow(device)
         try:
-            backup = _take(pool.connection(device), device, paths, store, run_id, window, vault)
+            conn = pool.connection(device)
+        except SSHError as e:
+            pool.release(device)
+            return result.model_copy(update={"stage": "connect", "error": e.reason})
+        window = ServiceWindow(device, conn)
+        try:
+            backup = _take(conn, device, paths, store, run_id, window, vault)
             result = result.model_copy(update={"status": "backed_up", "backup_id": backup.id, "taken_at": backup.taken_at,
                                                "size_bytes": backup.size_bytes})
         except BackupError as e:

@@ -89,11 +89,11 @@ def ctl(conn: Connection, device: Device, action: str) -> None:
     conn.run([remote_path(device.root, CTL), action], timeout=60)
 
 
-def wait_healthy(device: Device, release: str, timeout_s: float = HEALTHY_TIMEOUT_S) -> dict:
+def wait_healthy(conn: Connection, release: str, timeout_s: float = HEALTHY_TIMEOUT_S) -> dict:
     """The app's /health once it says ok on ``release``; RuntimeError with the last answer after ``timeout_s``."""
     deadline, health = time.monotonic() + timeout_s, None
     while True:
-        health = read_health(device)
+        health = read_health(conn)
         if health is not None and health.get("status") == "ok" and health.get("version") == release:
             return health
         if time.monotonic() > deadline:
@@ -123,9 +123,10 @@ def restore_onto(conn: Connection, standby: Device, backup: Backup, paths: list[
 
 
 def backup_release(store: Store, backup: Backup) -> str | None:
-    """The release the counter ran when ``backup`` was taken, when known: the backup's own record
-    (``app_version``, once backups record it), else the installed version its upgrade run read first."""
-    recorded = getattr(backup, "app_version", None)
+    """The release the counter ran when ``backup`` was taken, when known: its signed manifest's
+    ``app_version`` (read on the counter at backup time), else the record's, else (a backup from
+    before either was recorded) the installed version its upgrade run read first."""
+    recorded = (backup.manifest or {}).get("app_version") or backup.app_version
     if recorded:
         return recorded
     if backup.run_id is None:
@@ -167,7 +168,7 @@ def keep_standby(conn: Connection, standby: Device, paths: list[str], store: Sto
             raise StandbyError(f"an earlier drill left standby {standby.id} without its own data, and it could not be put back: "
                                + "; ".join(problems))
     try:
-        health = read_health(standby)
+        health = read_health(conn)
         if health is None or health.get("status") != "ok":
             raise StandbyError(f"standby {standby.id} is not healthy before the drill "
                                f"({'no answer' if health is None else health.get('status')}); fix it first, nothing was restored onto it")
@@ -206,12 +207,12 @@ def _put_back(conn: Connection, standby: Device, state: StandbyState, paths: lis
         ctl(conn, standby, "stop")
         restore_onto(conn, standby, own, paths, vault, own=True)
         ctl(conn, standby, "start")
-        health = wait_healthy(standby, state.release)
+        health = wait_healthy(conn, state.release)
         changes = data_changed_since(conn, standby, own, paths)
         if changes:
             return [f"standby {standby.id} does not hold its own data again: " + "; ".join(changes)]
         if state.in_service is not None and health.get("in_service") is not state.in_service:
-            set_in_service(standby, state.in_service, "standby drill over: as it was")
+            set_in_service(conn, state.in_service, "standby drill over: as it was")
     except (BackupError, SSHError, RuntimeError, OSError) as e:
         return [f"standby {standby.id} was NOT put back (it may hold another counter's data, its own is backup "
                 f"{state.backup_id}): {e}"]
@@ -262,16 +263,16 @@ def restore_onto_standby(conn: Connection, standby: Device, state: StandbyState,
         result.restored_from = restore_onto(conn, standby, backup, paths, vault)
         step = "start the app"
         ctl(conn, standby, "start")
-        wait_healthy(standby, state.release)
+        wait_healthy(conn, state.release)
         step = "out of service"
-        set_in_service(standby, False, f"standby drill: serving {device.id}'s restored data")
+        set_in_service(conn, False, f"standby drill: serving {device.id}'s restored data")
         step = "functional test"
-        functional = functional_test(standby, state.release)
+        functional = functional_test(conn, state.release)
         result.tests["functional"] = functional.passed
         if not functional.passed:
             raise RuntimeError("; ".join(functional.problems))
         step = "business test"
-        business = business_test(standby)
+        business = business_test(conn)
         result.tests["business"] = business.passed
         if not business.passed:
             raise RuntimeError("; ".join(business.problems))

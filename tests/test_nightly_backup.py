@@ -219,6 +219,7 @@ def test_a_counter_that_cannot_be_put_back_in_service_gets_a_critical_fault_and_
     from inventory.models import Run
     from tasks.acting import acting_run, authorized
     from tasks.nightly_backup import CounterBackup, ServiceWindow, not_back_in_service
+    from tasks.ssh import ConnectionPool
 
     inv = load_inventory(fleet4)
     device = inv.devices[2]
@@ -227,8 +228,9 @@ def test_a_counter_that_cannot_be_put_back_in_service_gets_a_critical_fault_and_
         with Store.open() as store:
             store.import_inventory(inv, actor="zhang.wei", source=str(fleet4))
             by = authorized(store, None, action=ACTION, target=backup_target(None))  # the service identity, as scheduled
-            with acting_run(store, by, Run(kind=RunKind.BACKUP, name="nightly-backup", initiator=by.actor)) as run:
-                window = ServiceWindow(device)
+            with (ConnectionPool(inv.ssh) as pool,
+                  acting_run(store, by, Run(kind=RunKind.BACKUP, name="nightly-backup", initiator=by.actor)) as run):
+                window = ServiceWindow(device, pool.connection(device))
                 with window.snapshot():
                     assert maintenance(device)["in_service"] is False  # out of service for the snapshot
                     subprocess.run([str(ctl), "stop"], check=True, capture_output=True, timeout=60)  # the app dies meanwhile
