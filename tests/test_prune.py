@@ -1,6 +1,7 @@
 """Backup retention for real: real backups of the session fleet's counters (taken with take_backup, then
-backdated in the store), a real store and audit trail, the real `counterops backups prune` signed by an
-operator, a real read-only mount for a site that will not let a copy go.
+backdated in the store), kept locally and at the fleet's real SFTP backup site, a real store and audit
+trail, the real `counterops backups prune` signed by an operator, and a counter's directory at the site
+its login may not write to for a site that will not let a copy go.
 
 Each test has a store and backup stores of its own (COUNTEROPS_HOME), so counts start at zero.
 """
@@ -13,8 +14,11 @@ import re
 import subprocess
 import sys
 import time as clock
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, time, timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -23,7 +27,7 @@ from inventory.audit import verify
 from inventory.loader import load_inventory
 from inventory.models import Backup, DeviceStep, Fault, Run, RunKind, UpgradeStep, utcnow
 from inventory.store import Store
-from tasks.backup import take_backup
+from tasks.backup import Vault, take_backup
 from tasks.hold import HOLD_SYMPTOM
 from tasks.prune import DESTROY, needed_backups
 from tasks.ssh import Connection, Target
@@ -48,43 +52,57 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def home(tmp_path, monkeypatch) -> Path:
     """A store and backup stores of this test's own (the CLI's subprocess inherits them)."""
     monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
-    for variable in ("COUNTEROPS_BACKUP_DIR", "COUNTEROPS_OFFSITE_DIR", "COUNTEROPS_DATABASE_URL"):
+    for variable in ("COUNTEROPS_BACKUP_DIR", "COUNTEROPS_DATABASE_URL"):
         monkeypatch.delenv(variable, raising=False)
     enroll()
     return tmp_path / "home"
 
 
-def copies(b: Backup) -> list[Path]:
-    return [Path(b.path), Path(b.offsite_path or "")]
+def site_copy(fleet, b: Backup) -> Path:
+    """Where the backup site keeps the copy the record names (``sftp://user@host:port/<path>``), on the
+    site's own disk: the fleet's ``backup-site`` is the site's chroot."""
+    url = urllib.parse.urlsplit(b.offsite_path or "")
+    assert url.scheme == "sftp", b.offsite_path
+    return fleet.dir.joinpath("backup-site", *PurePosixPath(url.path).parts[1:])
 
 
-@pytest.fixture
-def read_only(request):
-    """Make directories read-only with a real read-only bind mount; always unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(d: Path) -> None:
-        subprocess.run(["mount", "--bind", str(d), str(d)], check=True)
-        mounted.append(d)
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(d)], check=True)
-
-    yield mount
-    for d in reversed(mounted):
-        subprocess.run(["umount", str(d)], check=False)
+def local_copies(b: Backup) -> list[Path]:
+    return [Path(b.path), Path(f"{b.path}.manifest")]
 
 
-def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(fleet, prefect_api, home, read_only):
+def site_copies(fleet, b: Backup) -> list[Path]:
+    return [site_copy(fleet, b), Path(f"{site_copy(fleet, b)}.manifest")]
+
+
+def copies(fleet, b: Backup) -> list[Path]:
+    """Both copies of a backup (the archive and the signed manifest beside it): local and at the site."""
+    return local_copies(b) + site_copies(fleet, b)
+
+
+@contextmanager
+def site_will_not_let_go(directory: Path) -> Iterator[None]:
+    """A counter's directory at the backup site that the site's login (scbackup, its owner) may read
+    but not write: SFTP removes in it fail. Writable again afterwards, whatever happened."""
+    mode = directory.stat().st_mode & 0o7777
+    os.chmod(directory, 0o500)
+    try:
+        yield
+    finally:
+        os.chmod(directory, mode)
+
+
+def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(fleet, prefect_api, home):
     inv = load_inventory(fleet.inventory)
     a, b, c = inv.devices[0], inv.devices[1], inv.devices[2]
     now = utcnow()
     ten_days_ago = (now - timedelta(days=10)).date()
-    with Store.open() as store:
+    with Store.open() as store, Vault.open(inv.backups) as vault:
         store.import_inventory(inv, actor="test", source=str(fleet.inventory))
         unfinished = store.add(Run(kind=RunKind.UPGRADE, name="unfinished plan", initiator="zhang.wei"))
         with (Connection(Target.for_device(a, inv.ssh)) as conn_a, Connection(Target.for_device(b, inv.ssh)) as conn_b,
               Connection(Target.for_device(c, inv.ssh)) as conn_c):
             def backup(conn, device, taken_at: datetime, run_id: int | None = None) -> Backup:
-                taken = take_backup(conn, device, PATHS, store=store, run_id=run_id)
+                taken = take_backup(conn, device, PATHS, store=store, vault=vault, run_id=run_id)
                 return store.update(Backup, taken.id, taken_at=taken_at)
 
             started = clock.monotonic()
@@ -99,7 +117,7 @@ def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(f
             c_new = backup(conn_c, c, now)
             print(f"7 backups: {clock.monotonic() - started:.1f} s")
     everything = [a_old, a_needed, a_early, a_late, a_new, b_old, b_new, c_old, c_new]
-    assert all(p.exists() for x in everything for p in copies(x))
+    assert all(p.exists() for x in everything for p in copies(fleet, x))
 
     # --dry-run: says what would go and why, changes nothing
     r = cli("backups", "prune", "--inventory", str(fleet.inventory), "--dry-run")
@@ -115,25 +133,26 @@ def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(f
         assert store.backups(limit=None) == sorted([store.get(Backup, x.id) for x in everything], key=lambda x: -x.id)
         assert all(x.destroyed_at is None for x in store.backups(limit=None))
         assert store.audit_events(action=DESTROY) == []
-    assert all(p.exists() for x in everything for p in copies(x)), "a dry run deletes nothing"
+    assert all(p.exists() for x in everything for p in copies(fleet, x)), "a dry run deletes nothing"
 
-    # for real, with counter b's off-site folder read-only: a's go, b's old one is not marked and the run says so;
-    # c's newest backup is damaged: its old one may be all c has, so it is held back
-    read_only(Path(b_old.offsite_path).parent)
+    # for real, with counter b's directory at the site not writable by the site's login: a's go, b's old one is
+    # not marked and the run says so; c's newest backup is damaged: its old one may be all c has, so it is held back
     damage(c_new.path)
     with Store.open() as store:
         store.beat(unfinished.id)  # the unfinished run is alive (beating), not crashed
-    r = cli("backups", "prune", "--inventory", str(fleet.inventory))
+    with site_will_not_let_go(site_copy(fleet, b_old).parent):
+        r = cli("backups", "prune", "--inventory", str(fleet.inventory))
     print(r.stdout, r.stderr)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert f"backup {b_old.id} of {b.id}: offsite copy not deleted" in r.stderr and "Read-only file system" in r.stderr
+    assert (f"backup {b_old.id}: the local copy is removed, the site's is not: backup site " in r.stderr
+            and f"removing {Path(b_old.path).name}: Permission denied" in r.stderr), r.stderr
     assert f"backup {c_old.id} of {c.id}: the counter's newest verified backup {c_new.id} does not verify (local copy" in r.stderr
     assert "2 of 9 backups destroyed, 5 kept; 2 not destroyed" in r.stderr
     for gone in (a_old, a_early):
-        assert not any(p.exists() for p in copies(gone)), f"backup {gone.id}: both copies deleted"
+        assert not any(p.exists() for p in copies(fleet, gone)), f"backup {gone.id}: both copies deleted"
     for kept in (a_needed, a_late, a_new, b_new, c_old, c_new):
-        assert all(p.exists() for p in copies(kept)), f"backup {kept.id} kept at both sites"
-    assert Path(b_old.offsite_path).exists()
+        assert all(p.exists() for p in copies(fleet, kept)), f"backup {kept.id} kept at both sites"
+    assert all(p.exists() for p in site_copies(fleet, b_old)), "the site let nothing of it go"
     with Store.open() as store:
         destroyed = {x.id: x for x in store.backups(limit=None, include_destroyed=True) if x.destroyed_at}
         assert set(destroyed) == {a_old.id, a_early.id}
@@ -146,14 +165,13 @@ def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(f
         for (backup_id, _), e in rows.items():
             assert e.actor == "zhang.wei" and e.statement_digest and e.target.startswith(f"backup {backup_id} of ")
             assert e.details["rule"] == rules[backup_id] and e.run_id is not None
-        assert "Read-only file system" in rows[(b_old.id, "failed")].details["error"]
+        assert "Permission denied" in rows[(b_old.id, "failed")].details["error"]
 
     # the site lets go again: the next prune (one counter's, scheduled: the service identity) finishes the job
-    subprocess.run(["umount", str(Path(b_old.offsite_path).parent)], check=True)
     state = backup_prune(inventory=str(fleet.inventory), device=b.id, return_state=True)
     assert state.is_completed(), state.message
     assert state.message == "1 of 2 backups destroyed, 1 kept"
-    assert not any(p.exists() for p in copies(b_old)) and all(p.exists() for p in copies(b_new))
+    assert not any(p.exists() for p in copies(fleet, b_old)) and all(p.exists() for p in copies(fleet, b_new))
     with Store.open() as store:
         again = store.get(Backup, b_old.id)
         assert again.destroy_rule == OLDER_THAN_EVERY_RULE and again.destroyed_by == SERVICE

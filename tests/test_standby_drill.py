@@ -5,27 +5,29 @@ server, real store; each test has a store and backup stores of its own.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import urllib.parse
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
 
 from flows.drill import backup_restore_drill
 from inventory.loader import load_inventory
-from inventory.models import Device, DeviceStep, Run, RunKind, UpgradeStep
+from inventory.models import Device, Run, RunKind
 from inventory.store import Store
 from simfleet import fleet as simfleet
-from tasks.backup import take_backup
-from tasks.counter_app import read_health
-from tasks.layout import CUSTOMER_TABLES, DATABASE
-from tasks.ssh import ConnectionPool
+from tasks.backup import Vault, take_backup
+from tasks.counter_app import read_health as read_app_health
+from tasks.layout import CURRENT_LINK, CUSTOMER_TABLES, DATABASE, RELEASES_DIR
+from tasks.ssh import Connection, ConnectionPool, Target
 from tasks.acting import authorized
 from tasks.standby import StandbyState, ctl, keep_standby, restore_onto, restore_onto_standby
 from tests.plugins.fleet import RunningFleet, port, traversable_tmpdir
-from tests.test_backup import damage
+from tests.test_backup import damage, site_file
 from tests.test_drill import PATHS, counter_db_sha256, drill_cli, home  # noqa: F401  (home: the fixture)
 
 STANDBY = "SC-STANDBY-01"
@@ -52,12 +54,40 @@ def customer_rows(device: Device) -> dict[str, list[tuple]]:
         return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in CUSTOMER_TABLES}
 
 
+def read_health(inv, device: Device) -> dict | None:
+    """The counter app's /health, over the counter's own SSH connection."""
+    with Connection(Target.for_device(device, inv.ssh)) as conn:
+        return read_app_health(conn)
+
+
 def back_up(fleet: RunningFleet) -> dict:
-    """A verified backup of each non-standby counter, in this test's store."""
+    """A verified backup of each non-standby counter, in this test's store (both copies: local and the site's)."""
     inv = load_inventory(fleet.inventory)
-    with Store.open() as store, ConnectionPool(inv.ssh) as pool:
+    with Store.open() as store, ConnectionPool(inv.ssh) as pool, Vault.open(inv.backups) as vault:
         store.import_inventory(inv, actor="test", source=str(fleet.inventory))
-        return {d.id: take_backup(pool.connection(d), d, PATHS, store=store) for d in inv.devices if not d.standby}
+        return {d.id: take_backup(pool.connection(d), d, PATHS, store=store, vault=vault) for d in inv.devices if not d.standby}
+
+
+@contextmanager
+def running_release(device: Device, version: str) -> Iterator[None]:
+    """The counter's ``current`` link points at release ``version`` (a release directory that is the
+    installed one under that name) for a while: what the counter reports as its release, as an upgrade
+    to ``version`` would leave it; put back as it was afterwards."""
+    current, release = Path(device.root, CURRENT_LINK), Path(device.root, RELEASES_DIR, version)
+    was, owner = os.readlink(current), current.lstat()
+    assert not os.path.lexists(release), f"{release} exists already"
+    release.symlink_to(Path(was).name)  # releases/<version> -> the installed release's directory
+    tmp = current.with_name(".current.test")
+    try:
+        tmp.symlink_to(f"{Path(RELEASES_DIR).name}/{version}")
+        os.replace(tmp, current)
+        yield
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(was)
+        os.lchown(tmp, owner.st_uid, owner.st_gid)
+        os.replace(tmp, current)
+        release.unlink()
 
 
 def test_fleet_up_standby_adds_a_standby_counter_in_head_offices_lab(standby_fleet):
@@ -70,8 +100,8 @@ def test_fleet_up_standby_adds_a_standby_counter_in_head_offices_lab(standby_fle
 def test_a_standby_drill_serves_each_counters_data_on_the_standby_then_puts_it_back(standby_fleet, prefect_api, home):
     inv = load_inventory(standby_fleet.inventory)
     standby, counters = inv.device(STANDBY), [d for d in inv.devices if not d.standby]
-    standby_rows, standby_health = customer_rows(standby), read_health(standby)
-    live = {d.id: (counter_db_sha256(d), customer_rows(d), read_health(d)["in_service"]) for d in counters}
+    standby_rows, standby_health = customer_rows(standby), read_health(inv, standby)
+    live = {d.id: (counter_db_sha256(d), customer_rows(d), read_health(inv, d)["in_service"]) for d in counters}
     assert all(live[d.id][1] != standby_rows for d in counters), "the seeded data differs: the drill can tell whose it serves"
     backups = back_up(standby_fleet)
 
@@ -104,28 +134,29 @@ def test_a_standby_drill_serves_each_counters_data_on_the_standby_then_puts_it_b
 
     # The standby is itself again: its own rows, healthy, as in or out of service as it was.
     assert customer_rows(standby) == standby_rows
-    health = read_health(standby)
+    health = read_health(inv, standby)
     assert health["status"] == "ok" and health["version"] == standby_health["version"]
     assert health["in_service"] == standby_health["in_service"]
     # The drilled counters were never touched.
-    assert {d.id: (counter_db_sha256(d), customer_rows(d), read_health(d)["in_service"]) for d in counters} == live
+    assert {d.id: (counter_db_sha256(d), customer_rows(d), read_health(inv, d)["in_service"]) for d in counters} == live
 
 
 def test_an_impossible_rto_objective_or_a_damaged_offsite_copy_fails_the_drill_naming_each(standby_fleet, prefect_api, home):
-    """One counter misses an impossible RTO objective; the other's off-site copy is damaged (its local
-    copy is fine): the drill restores the off-site copy or nothing. Both named; the standby put back."""
+    """One counter misses an impossible RTO objective; the other's copy at the backup site is damaged (its
+    local copy is fine): the drill restores the site's copy or nothing. Both named; the standby put back."""
     inv = load_inventory(standby_fleet.inventory)
     slow, damaged = inv.devices[0], inv.devices[1]
     standby_rows = customer_rows(inv.device(STANDBY))
     backups = back_up(standby_fleet)
-    damage(backups[damaged.id].offsite_path)
+    damage(site_file(damaged, backups[damaged.id]))
 
     state = backup_restore_drill(inventory=str(standby_fleet.inventory), standby=STANDBY, rto_objective_s=0.001, return_state=True)
     assert state.is_failed()
     assert state.message.startswith("backup-restore drill failed for 2 of 2 counters: ")
     assert f"{slow.id}: RTO " in state.message and "misses the objective of 0.001 s" in state.message, state.message
-    assert (f"{damaged.id}: restore onto standby {STANDBY} failed at verify: off-site copy {backups[damaged.id].offsite_path} "
-            "has sha256") in state.message, state.message
+    assert (f"{damaged.id}: restore onto standby {STANDBY} failed at verify: site copy {backups[damaged.id].offsite_path} "
+            "has sha256 ") in state.message, state.message
+    assert backups[damaged.id].offsite_path.startswith("sftp://") and "local copy" not in state.message, state.message
     with Store.open() as store:
         drills = {d.device_id: d for d in store.restore_drills()}
         assert store.runs(kind=RunKind.DRILL)[0].status == "failed"
@@ -141,19 +172,20 @@ def test_standby_must_name_a_standby_counter(standby_fleet, home):
 
 
 def test_a_backup_taken_on_another_release_is_not_restored_onto_the_standby(standby_fleet, home):
-    """The upgrade run that took the backup read release 1.1.0 on the counter; the standby runs 1.0.0:
-    that counter fails, naming both, and nothing reaches the standby."""
+    """The counter ran release 1.1.0 when its backup was taken (take_backup read it there; its signed
+    manifest says so); the standby runs 1.0.0: that counter fails, naming both, and nothing reaches the standby."""
     inv = load_inventory(standby_fleet.inventory)
     counter, standby = inv.devices[0], inv.device(STANDBY)
     standby_db = counter_db_sha256(standby)
-    with Store.open() as store, ConnectionPool(inv.ssh) as pool:
+    with Store.open() as store, ConnectionPool(inv.ssh) as pool, Vault.open(inv.backups) as vault:
         store.import_inventory(inv, actor="test", source=str(standby_fleet.inventory))
-        run = store.add(Run(kind=RunKind.UPGRADE, name="smartcounter-1.2.0", initiator="test"))
-        store.add(DeviceStep(run_id=run.id, device_id=counter.id, wave=0, step=UpgradeStep.PRECHECK,
-                             details={"installed_version": "1.1.0"}))
-        backup = take_backup(pool.connection(counter), counter, PATHS, store=store, run_id=run.id)
+        with running_release(counter, "1.1.0"):
+            backup = take_backup(pool.connection(counter), counter, PATHS, store=store, vault=vault)
+        assert backup.app_version == backup.manifest["app_version"] == "1.1.0"
+        assert Path(os.readlink(Path(standby.root, CURRENT_LINK))).name == "1.0.0"
         state = StandbyState(device_id=STANDBY, release="1.0.0", in_service=True, backup_id=backup.id)
-        done = restore_onto_standby(pool.connection(standby), standby, state, counter, PATHS, store)
+        done = restore_onto_standby(pool.connection(standby), standby, state, counter, PATHS, store, vault)
+    assert Path(os.readlink(Path(counter.root, CURRENT_LINK))).name == "1.0.0", "the counter is back on its release"
     assert done.rto_s is None and done.backup_id == backup.id and done.release == "1.1.0"
     assert done.errors == [f"backup {backup.id} was taken on release 1.1.0, standby {STANDBY} runs 1.0.0: restoring it there "
                            "proves nothing about 1.1.0; bring the standby to 1.1.0 first, or drill a backup taken on its release"]
@@ -171,9 +203,10 @@ def test_a_standby_an_earlier_drill_never_put_back_is_put_back_first(standby_fle
         by = authorized(store, None, action="drill.run", target="a drill killed mid-way")  # the service identity
         conn = pool.connection(standby)
         run = store.add(Run(kind=RunKind.DRILL, name="backup-restore-drill", initiator="test", status="failed"))
-        state = keep_standby.fn(conn, standby, PATHS, store, run.id, by)
-        ctl(conn, standby, "stop")
-        restore_onto(conn, standby, backups[counter.id], PATHS)
+        with Vault.open(inv.backups) as vault:
+            state = keep_standby.fn(conn, standby, PATHS, store, run.id, by, vault)
+            ctl(conn, standby, "stop")
+            restore_onto(conn, standby, backups[counter.id], PATHS, vault)
         ctl(conn, standby, "start")
     assert customer_rows(standby) == customer_rows(counter) != standby_rows
 
