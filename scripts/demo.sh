@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The demo: the main job on the embedded default.
-#   1. bring up 12 simulated counters in 3 branches (real sshd + counter app each)
+#   1. bring up 12 simulated counters in 3 branches (real sshd + counter app each), a standby
+#      counter, and a backup site (its own sshd: SFTP only, chrooted, pinned host key)
 #   2. set up the operators (fleet up writes operators.yaml and each one's SSH key), import the
 #      inventory signed by zhang.wei, check the plan (scope, waves, impact)
 #   3. two people answer for the plan: zhang.wei signs it, li.na approves it (each with their own key)
 #   4. run the upgrade plan to 1.2.0: canary, then a pilot wave that needs a second person's
 #      signed approval (li.na's, since zhang.wei initiated it), then the rest
-#   5. show the records, and where to open the run in the Prefect UI
+#   5. show the records: each counter's pre-upgrade backup, encrypted (age) at both sites (neither
+#      copy is a readable tar) and verified against its signed manifest; where to open the run in the UI
 #   6. a standby drill: each counter's newest off-site backup restored onto the standby counter
 #      (SC-STANDBY-01, outside every plan), started and tested there; RTO and RPO per counter, p50/p90/max
 # The fleet is taken down at the end; the Prefect server stays up for the UI (`make stop`).
