@@ -560,7 +560,7 @@ def test_backups_section_errors_name_the_field_and_the_fix(tmp_path: Path) -> No
     errors = errors_of(write(tmp_path / "inventory.yaml", backups_yaml()))
     assert errors == [f"{tmp_path / 'inventory.yaml'}: backups.identity: {tmp_path / 'keys/backup-identity'} is readable by "
                       f"group/others (mode 0644); fix: chmod 600 {tmp_path / 'keys/backup-identity'}"]
-    errors = errors_of(write(tmp_path / "bad.yaml", backups_yaml(recipients=[], signers=["ssh-rsa AAAA"], retention={"keep_all_days": 0})))
+    errors = errors_of(write(tmp_path / "bad.yaml", backups_yaml(recipients=[], signers=["ssh-rsa AAAA"], retention={"keep_all_days": -1})))
     assert any("backups: recipients: must list at least one key" in e for e in errors), errors
     assert any("backups: signers[0]: ssh-rsa keys are not accepted" in e for e in errors), errors
     assert any("backups: retention.keep_all_days:" in e for e in errors), errors
