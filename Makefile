@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/setup-system.sh --for-tests
-	$(VENV)/bin/pytest
+	bash scripts/run-tests.sh
 
 bench: $(STAMP)
 	bash scripts/setup-system.sh

@@ -578,7 +578,7 @@ def _sweep_sites() -> None:
             owner = Path((chroot / ".fleet").read_text().strip())
         except OSError:
             continue
-        if not (owner / "fleet.json").exists():
+        if not owner.exists():  # (a fleet still coming up has its directory, maybe not yet its fleet.json)
             shutil.rmtree(chroot, ignore_errors=True)
 
 
