@@ -329,17 +329,20 @@ def _fetch(backup: Backup, vault: Vault, source: str, tmp: Path) -> Path:
 
 
 def destroy_backup(backup: Backup, vault: Vault) -> None:
-    """Remove both copies of ``backup`` and the manifests beside them (local and site); a copy already
-    gone is fine. The store's record is the caller's to mark (destroyed_at/by/rule)."""
+    """Remove both copies of ``backup`` and the manifests beside them (site, then local); a copy
+    already gone is fine. The site's first: when it will not let its copy go, both copies are still
+    there (nothing half-destroyed) and the next prune tries again. The store's record is the
+    caller's to mark (destroyed_at/by/rule)."""
     name, local = _name(backup), Path(backup.path)
-    for path in (local, local.with_name(name + ".manifest")):
-        path.unlink(missing_ok=True)
     try:
         site = vault.site(backup.device_id)
         for remote in (name, name + ".manifest"):
             site.remove(backup.device_id, remote)
     except SiteError as e:
-        raise BackupError(backup.device_id, "destroy", f"backup {backup.id}: the local copy is removed, the site's is not: {e}") from None
+        raise BackupError(backup.device_id, "destroy", f"backup {backup.id} of {backup.device_id}: the site's copy could not be "
+                                                       f"removed, so both copies are kept: {e}") from None
+    for path in (local, local.with_name(name + ".manifest")):
+        path.unlink(missing_ok=True)
 
 # ----------------------------------------------------------------------------- on the counter
 

@@ -144,7 +144,7 @@ def destroy(store: Store, by: Acting, verdict: Verdict, *, vault: Vault, run_id:
     try:
         destroy_backup(b, vault)
     except Exception as e:  # noqa: BLE001 — a site's error of any kind: said, audited, retried next time
-        error = f"{target}: {e}" if not isinstance(e, BackupError) else e.reason
+        error = e.reason if isinstance(e, BackupError) else f"{target}: {e}"
         by.audit(store, DESTROY, target, run_id=run_id, outcome="failed", details=details | {"error": error})
         return _pruned(verdict, "failed", error)
     event = AuditEvent(actor=by.actor, action=DESTROY, target=target, run_id=run_id, details=details,

@@ -144,7 +144,7 @@ def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(f
         r = cli("backups", "prune", "--inventory", str(fleet.inventory))
     print(r.stdout, r.stderr)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert (f"backup {b_old.id}: the local copy is removed, the site's is not: backup site " in r.stderr
+    assert (f"backup {b_old.id} of {b_old.device_id}: the site's copy could not be removed, so both copies are kept: backup site " in r.stderr
             and f"removing {Path(b_old.path).name}: Permission denied" in r.stderr), r.stderr
     assert f"backup {c_old.id} of {c.id}: the counter's newest verified backup {c_new.id} does not verify (local copy" in r.stderr
     assert "2 of 9 backups destroyed, 5 kept; 2 not destroyed" in r.stderr
@@ -152,7 +152,7 @@ def test_prune_destroys_what_no_rule_keeps_at_both_sites_records_and_audits_it(f
         assert not any(p.exists() for p in copies(fleet, gone)), f"backup {gone.id}: both copies deleted"
     for kept in (a_needed, a_late, a_new, b_new, c_old, c_new):
         assert all(p.exists() for p in copies(fleet, kept)), f"backup {kept.id} kept at both sites"
-    assert all(p.exists() for p in site_copies(fleet, b_old)), "the site let nothing of it go"
+    assert all(p.exists() for p in copies(fleet, b_old)), "the site let nothing of it go, and the local copy is kept too"
     with Store.open() as store:
         destroyed = {x.id: x for x in store.backups(limit=None, include_destroyed=True) if x.destroyed_at}
         assert set(destroyed) == {a_old.id, a_early.id}

@@ -6,7 +6,6 @@ server, real store; each test has a store and backup stores of its own.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import urllib.parse
 from collections.abc import Iterator
@@ -19,14 +18,13 @@ from flows.drill import backup_restore_drill
 from inventory.loader import load_inventory
 from inventory.models import Device, Run, RunKind
 from inventory.store import Store
-from simfleet import fleet as simfleet
 from tasks.backup import Vault, take_backup
 from tasks.counter_app import read_health as read_app_health
 from tasks.layout import CURRENT_LINK, CUSTOMER_TABLES, DATABASE, RELEASES_DIR
 from tasks.ssh import Connection, ConnectionPool, Target
 from tasks.acting import authorized
 from tasks.standby import StandbyState, ctl, keep_standby, restore_onto, restore_onto_standby
-from tests.plugins.fleet import RunningFleet, port, traversable_tmpdir
+from tests.plugins.fleet import RunningFleet, port, running_fleet
 from tests.test_backup import damage, site_file
 from tests.test_drill import PATHS, counter_db_sha256, drill_cli, home  # noqa: F401  (home: the fixture)
 
@@ -36,15 +34,9 @@ STANDBY = "SC-STANDBY-01"
 @pytest.fixture(scope="module")
 def standby_fleet():
     """Two counters in one outlet and one standby (HQ-LAB), up once for this module."""
-    d = traversable_tmpdir("counterops-standby-fleet-")
-    try:
-        statuses = simfleet.up(d, devices=2, branches=1, standby=1, ssh_base_port=port(23300), http_base_port=port(23400))
-        yield RunningFleet(d, d / "inventory.yaml", d / "known_hosts", d / "id_ed25519", statuses)
-    finally:
-        simfleet.down(d)
-        left = simfleet.fleet_processes(d)
-        shutil.rmtree(d, ignore_errors=True)
-        assert not left, f"processes left running after fleet down: {left}"
+    with running_fleet("counterops-standby-fleet-", devices=2, branches=1, standby=1,
+                       ssh_base_port=port(23300), http_base_port=port(23400)) as running:
+        yield running
 
 
 def customer_rows(device: Device) -> dict[str, list[tuple]]:

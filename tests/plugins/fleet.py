@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,15 +60,24 @@ def fleet_dir(monkeypatch):
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def fleet() -> RunningFleet:
-    """Four counters in two branches, up once for the session and always taken down."""
-    d = traversable_tmpdir("counterops-test-fleet-")
+@contextmanager
+def running_fleet(prefix: str, **up: object) -> Iterator[RunningFleet]:
+    """A fleet brought up with ``simfleet.up(**up)`` in a fresh directory, always taken down and removed;
+    no process of it may be left running."""
+    d = traversable_tmpdir(prefix)
     try:
-        statuses = simfleet.up(d, devices=4, branches=2, outlets_per_branch=2, ssh_base_port=port(26000), http_base_port=port(27000))
+        statuses = simfleet.up(d, **up)  # type: ignore[arg-type]
         yield RunningFleet(d, d / "inventory.yaml", d / "known_hosts", d / "id_ed25519", statuses)
     finally:
         simfleet.down(d)
         left = simfleet.fleet_processes(d)
         shutil.rmtree(d, ignore_errors=True)
         assert not left, f"processes left running after fleet down: {left}"
+
+
+@pytest.fixture(scope="session")
+def fleet() -> Iterator[RunningFleet]:
+    """Four counters in two branches, up once for the session and always taken down."""
+    with running_fleet("counterops-test-fleet-", devices=4, branches=2, outlets_per_branch=2,
+                       ssh_base_port=port(26000), http_base_port=port(27000)) as running:
+        yield running
