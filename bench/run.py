@@ -362,7 +362,7 @@ def run_floor(run_dir: Path) -> dict:
 
 def backup_of(way: str, run_dir: Path, device_id: str) -> Path | None:
     if way == "ours":
-        found = sorted((run_dir / "backups" / device_id).glob("*.tar.gz"))
+        found = sorted((run_dir / "backups" / device_id).glob("*.tar.gz.age"))  # encrypted to the fleet's backup identity
         return found[-1] if found else None
     path = run_dir / "backups" / f"{device_id}.tar.gz"
     return path if path.exists() else None
@@ -402,6 +402,28 @@ def verify(way: str, run_dir: Path) -> list[str]:
 def backup_problem(archive: Path) -> str | None:
     """None when ``archive`` holds var/lib/smartcounter/counter.db that passes integrity_check with customers in it."""
     member = "var/lib/smartcounter/counter.db"
+    try:
+        with tempfile.TemporaryDirectory() as plain_dir:
+            if archive.name.endswith(".age"):  # ours: decrypt with the fleet's age identity (only restores hold it)
+                import pyrage  # noqa: PLC0415
+
+                key = next(line for line in (FLEET / "keys" / "backup-identity").read_text().splitlines() if line.startswith("AGE-SECRET-KEY-"))
+                identity = pyrage.x25519.Identity.from_str(key)
+                plain = Path(plain_dir) / "backup.tar.gz"
+                plain.write_bytes(pyrage.decrypt(archive.read_bytes(), [identity]))
+                archive = plain
+            return _tar_problem(archive, member)
+    except (OSError, tarfile.TarError, sqlite3.Error, pyrage_error()) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def pyrage_error() -> type[Exception]:
+    import pyrage  # noqa: PLC0415
+
+    return pyrage.DecryptError
+
+
+def _tar_problem(archive: Path, member: str) -> str | None:
     try:
         with tarfile.open(archive, "r:gz") as tar, tempfile.TemporaryDirectory() as tmp:
             if member not in tar.getnames():
@@ -695,12 +717,18 @@ def pyspy_profile(raw: Path, rate: int = 100, top: int = 12) -> dict:
     }
 
 
+def server_auth() -> dict[str, str]:
+    """The embedded server's API auth string (it always asks for one), for a client run from here."""
+    path = HOME / "prefect" / "auth-string"
+    return {"PREFECT_API_AUTH_STRING": path.read_text().strip()} if path.exists() else {}
+
+
 def prefect_times(records_file: Path, expected: int) -> dict | None:
     records = json.loads(records_file.read_text())
     flow_run_id = records["run"].get("flow_run_id")
     info = json.loads((HOME / "prefect" / "server.json").read_text())
     done = subprocess.run([str(PYTHON), str(BENCH / "prefect_times.py"), flow_run_id, str(expected)],
-                          env=clean_env() | {"PREFECT_API_URL": info["url"]}, capture_output=True, text=True, timeout=120)
+                          env=clean_env() | {"PREFECT_API_URL": info["url"], **server_auth()}, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         say(f"could not read Prefect's times: {done.stderr.strip()[-500:]}")
         return None
