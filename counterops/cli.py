@@ -339,6 +339,9 @@ def upgrade(
         refused = plan_status(store, plan, branches=branches).refusal(str(plan_file))
         if refused:  # the flow refuses it too (a run from the UI or a deployment): said here before anything starts
             fail(f"{plan_file}: {refused}")
+        held = _notice_refusal(store, plan, branches, plan_file)
+        if held:  # not_before, lead time, acknowledgements: the flow refuses it too
+            fail(f"{plan_file}: {held}")
         authorization = sign_statement("upgrade.start", plan.name, operator=operator, key=key, store=store, plan_digest=digest,
                                        details={"branches": branches, "target_version": plan.target_version})
     api = prefect_api()
@@ -366,6 +369,16 @@ def upgrade(
     if stopped:
         fail(stopped)
     raise typer.Exit(EXIT_RESUMABLE if run is not None and run.summary.get("resumable") else EXIT_FAILED)
+
+
+def _notice_refusal(store, plan, branches, plan_file) -> str | None:
+    """Why the plan's advance notice does not let it start yet (inventory/notice.py); a bad setting exits 2."""
+    from inventory.notice import NoticeConfigError, notice_status
+
+    try:
+        return notice_status(store, plan, branches=branches).refusal(str(plan_file))
+    except NoticeConfigError as e:
+        fail(str(e), EXIT_BAD_INPUT)
 
 
 def _plan_branches(plan, inv) -> list[str]:

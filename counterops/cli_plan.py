@@ -67,8 +67,12 @@ def plan_check(
         result = impact(plan, inv, source=str(plan_file))
     except PlanError as e:
         fail(str(e), EXIT_BAD_INPUT)
+    notice = _notice_for_check(plan, inv)
     if not read_counters:
-        print(result.model_dump_json(indent=2) if as_json else result.render())
+        if as_json:
+            print(json.dumps(result.model_dump(mode="json") | {"notice": notice.model_dump(mode="json")}, indent=2))
+        else:
+            print(result.render() + "\n\n" + notice.render(str(plan_file)))
         return
     from inventory.plan import resolve_scope
     from tasks.downgrade import describe_downgrades, read_downgrades
@@ -78,6 +82,16 @@ def plan_check(
         print(json.dumps(result.model_dump(mode="json") | {"downgrades": [d._asdict() for d in downgrades], "not_read": unread}, indent=2))
     else:
         print(result.render() + describe_downgrades(plan, downgrades, unread))
+
+
+def _notice_for_check(plan, inv):
+    """not_before, the minimum lead time, publication and acks, as `plan check` shows them."""
+    from inventory.plan import resolve_scope
+    from inventory.store import Store
+
+    branches = sorted({d.branch for d in resolve_scope(plan, inv)})
+    with Store.open() as store:
+        return _notice_status(store, plan, branches)
 
 
 def _plan_in_scope(plan_file: Path, inventory: Path | None):
@@ -154,10 +168,116 @@ def plan_status_command(plan_file: PlanArgument, inventory: InventoryOption = No
     plan, branches = _plan_in_scope(plan_file, inventory)
     with Store.open() as store:
         status = plan_status(store, plan, branches=branches)
+        notice = _notice_status(store, plan, branches)
+    held = notice.refusal(str(plan_file))
     if as_json:
-        print(json.dumps(status.model_dump(mode="json") | {"approved": status.approved, "missing": status.refusal(str(plan_file))},
+        print(json.dumps(status.model_dump(mode="json") | {"approved": status.approved, "missing": status.refusal(str(plan_file))}
+                         | {"notice": notice.model_dump(mode="json") | {"may_start": held is None, "held": held}},
                          indent=2, ensure_ascii=False))
     else:
         print(status.render(str(plan_file)))
+        print(notice.render(str(plan_file)))
+        if held and status.approved:
+            print(f"start:       NOT YET: {held}")
     if not status.approved:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _notice_status(store, plan, branches):
+    """The plan's publication and acks; a bad minimum lead time setting exits 2 naming it."""
+    from inventory.notice import NoticeConfigError, notice_status
+
+    try:
+        return notice_status(store, plan, branches=branches)
+    except NoticeConfigError as e:
+        fail(str(e), EXIT_BAD_INPUT)
+
+
+@plan_app.command("publish")
+def plan_publish(plan_file: PlanArgument, inventory: InventoryOption = None, operator: OperatorOption = None,
+                 key: KeyOption = None) -> None:
+    """Send each branch in scope its own advance notice (what changes, when, its outlets and counters,
+    how many out of service at once and for how long, how to acknowledge) to the plan's notify targets.
+
+    The plan must be signed and approved (this digest). Publication is recorded (signed by you, bound to
+    the digest) once every notice is delivered; its time starts the lead time before not_before."""
+    from inventory.approvals import plan_digest, plan_status, short
+    from inventory.identity import IdentityError, Refused
+    from inventory.notice import branch_notice, measured_counter_minutes, record_publication, release_notes
+    from inventory.store import Store
+    from tasks.notify import Notice, NotifyError, send_notice, target_problems
+
+    inventory_file = inventory_path(inventory)
+    inv = load_inventory_or_exit(inventory_file)
+    plan, branches = _plan_in_scope(plan_file, inventory)
+    if not plan.notify:
+        fail(f"{plan_file}: notify: is empty, so no branch would be told; add the notice targets (apprise URLs or secret:NAME)",
+             EXIT_BAD_INPUT)
+    problems = target_problems(plan.notify)
+    if problems:
+        fail("\n".join(f"{plan_file}: {p}" for p in problems), EXIT_BAD_INPUT)
+    digest = plan_digest(plan)
+    with Store.open() as store:
+        notice = _notice_status(store, plan, branches)
+        refused = plan_status(store, plan, branches=branches).refusal(str(plan_file))
+        if refused:
+            fail(f"{plan_file}: not published: {refused}")
+        token = sign_statement("plan.publish", plan.name, operator=operator, key=key, store=store, plan_digest=digest,
+                               details={"branches": branches})
+        minutes, basis = measured_counter_minutes(store)
+    notes = release_notes(plan)
+    failed = []
+    for branch in branches:
+        body = branch_notice(plan, inv, branch, plan_file=str(plan_file), per_counter_min=minutes, estimate_basis=basis, notes=notes)
+        try:
+            send_notice(plan.notify, Notice(f"Upgrade notice for {branch}: {plan.name} ({plan.target_version})", body))
+        except NotifyError as e:
+            failed.append(f"{branch}: {e}")
+    if failed:
+        fail(f"{plan_file}: not published, notices not delivered (run publish again): " + "; ".join(failed))
+    with Store.open() as store:
+        try:
+            verified = record_publication(store, plan, token, branches=branches)
+        except Refused as e:
+            fail(f"plan publish {plan_file}: refused: {e}", EXIT_FAILED)
+        except IdentityError as e:
+            fail(str(e), EXIT_BAD_INPUT)
+        notice = _notice_status(store, plan, branches)
+    lead = f"; lead time {notice.lead_time.total_seconds() / 3600:.1f} h" if notice.lead_time is not None else ""
+    out.print(f"plan {plan.name} (digest {short(digest)}) published by {verified.actor} to {len(branches)} branch"
+              f"{'es' * (len(branches) != 1)} ({', '.join(branches)}); release notes from {notes[1]}; "
+              f"estimate: {basis}{lead}", highlight=False, soft_wrap=True)
+    held = notice.refusal(str(plan_file))
+    if held:
+        out.print(f"before it may start: {held}", highlight=False, soft_wrap=True)
+
+
+@plan_app.command("ack")
+def plan_ack(plan_file: PlanArgument,
+             branch: Annotated[str, typer.Option("--branch", help="The branch acknowledging the notice, such as BR01.")],
+             inventory: InventoryOption = None, operator: OperatorOption = None, key: KeyOption = None) -> None:
+    """Acknowledge a published plan's notice for one branch (branch_it of that branch, or hq_it).
+
+    Signed with your key and bound to the plan's digest: a changed plan needs new acknowledgements."""
+    from inventory.approvals import plan_digest, short
+    from inventory.identity import IdentityError, Refused
+    from inventory.notice import acknowledge
+    from inventory.store import Store
+
+    plan, branches = _plan_in_scope(plan_file, inventory)
+    if branch not in branches:
+        fail(f"--branch: {branch!r} is not in plan {plan.name}'s scope; write one of: {', '.join(branches)}", EXIT_BAD_INPUT)
+    digest = plan_digest(plan)
+    with Store.open() as store:
+        token = sign_statement("plan.ack", plan.name, operator=operator, key=key, store=store, plan_digest=digest,
+                               details={"branch": branch})
+        try:
+            verified = acknowledge(store, plan, token, branch=branch, branches=branches)
+        except Refused as e:
+            fail(f"plan ack {plan_file}: refused: {e}", EXIT_FAILED)
+        except IdentityError as e:
+            fail(str(e), EXIT_BAD_INPUT)
+        notice = _notice_status(store, plan, branches)
+    missing = notice.missing_acks
+    out.print(f"plan {plan.name} (digest {short(digest)}): branch {branch} acknowledged by {verified.actor}"
+              + (f"; still to acknowledge: {', '.join(missing)}" if missing else ""), highlight=False, soft_wrap=True)

@@ -38,6 +38,7 @@ from pydantic import Field
 
 from inventory.approvals import approved_plan, check_wave_approval, plan_digest
 from inventory.loader import load_inventory
+from inventory.notice import noticed_plan
 from inventory.identity import IdentityError, Refused, authorize_run
 from inventory.models import Evaluation, EvaluationScope, Inventory, Run, RunKind
 from inventory.plan import (PlannedWave, UpgradePlan, check_package, impact, plan_waves, releases_dir, resolve_scope,
@@ -96,6 +97,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
         # or a deployment goes through the same checks as one from the CLI. A refusal ends the run here.
         started = authorize_run(store, authorization, action="upgrade.start", target=plan.name, plan_digest=digest, branches=branches)
         approval = approved_plan(store, plan, branches=branches, actor=started.actor)
+        noticed_plan(store, plan, branches=branches, actor=started.actor)  # not_before, lead time, branch acks
         initiator = approval.initiator
         announced = impact(plan, inv).model_copy(update={"initiator": initiator, "approved_by": approval.approver})
         with (ConnectionPool(inv.ssh) as pool, Vault.open(inv.backups) as vault, ApiWatch.for_this_run() as api,

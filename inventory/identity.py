@@ -73,6 +73,8 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "inventory.import": frozenset({Role.ADMIN, Role.HQ_IT}),
     "plan.sign": frozenset({Role.HQ_IT, Role.BRANCH_IT}),
     "plan.approve": frozenset({Role.APPROVER}),
+    "plan.publish": frozenset({Role.HQ_IT, Role.BRANCH_IT}),
+    "plan.ack": frozenset({Role.HQ_IT, Role.BRANCH_IT}),  # branch_it of the branch acknowledged, or head office
     "upgrade.start": frozenset({Role.HQ_IT, Role.BRANCH_IT, Role.SERVICE}),
     "wave.approve": frozenset({Role.APPROVER}),
     "inspection.run": frozenset({Role.HQ_IT, Role.BRANCH_IT, Role.SERVICE}),

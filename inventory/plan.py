@@ -153,6 +153,21 @@ def _notify_target(value: str) -> str:
     return value
 
 
+def _aware(value: object) -> object:
+    """A date and time with its timezone: a naive one would mean a different moment on every machine."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f'must be an ISO date and time with a timezone, such as "2026-12-05T20:00:00+08:00", got {shown(value)}') from None
+    if not isinstance(value, datetime):
+        raise ValueError(f'must be an ISO date and time with a timezone, such as "2026-12-05T20:00:00+08:00", got {shown(value)}')
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"has no timezone ({value.isoformat()}); write the offset, such as "
+                         f'"{value.isoformat()}+08:00", so every branch reads the same moment')
+    return value
+
+
 def _absolute(value: str) -> str:
     if not Path(value).is_absolute():
         raise ValueError(f"must be an absolute path (in a plan file, a path relative to the file), got {value!r}")
@@ -317,6 +332,14 @@ class UpgradePlan(_PlanModel):
     """Where the notices to branches and head office go: apprise URLs without credentials, or secret:NAME
     (a URL kept with `counterops secrets set NAME`)."""
     playbook: SafeId = "smartcounter-upgrade"
+    not_before: Annotated[datetime | None, BeforeValidator(lambda v: v if v is None else _aware(v)),
+                          WithJsonSchema({"type": "string", "format": "date-time"})] = None
+    """No counter is touched before this moment (ISO date and time with timezone). The advance notice
+    (`counterops plan publish`) must go out at least the minimum lead time before it."""
+    release_notes: str | None = None
+    """What changes, for the branches' notice; when empty, the package's RELEASE_NOTES (if it has one)."""
+    require_ack: bool = False
+    """Every branch in scope must acknowledge the notice (`counterops plan ack`) before the upgrade starts."""
     downgrade: bool = False
     """Allow taking counters back to an older release; done only where the release declares it runs on the
     counter's data schema. Without it, a counter on a newer release than the target is refused."""

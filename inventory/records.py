@@ -198,6 +198,22 @@ class PlanApprovalRow(Base):
     at: Mapped[datetime] = mapped_column()
 
 
+class PlanNoticeRow(Base):
+    """A plan's advance notice published (branch NULL), or one branch's acknowledgement of it, bound to the plan's digest."""
+
+    __tablename__ = "plan_notices"
+    __table_args__ = (CheckConstraint("kind IN ('publish', 'ack')", name="kind_valid"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    plan_name: Mapped[str] = mapped_column(String(200), index=True)
+    plan_digest: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    branch: Mapped[str | None] = mapped_column(String(64))
+    operator: Mapped[str] = mapped_column(String(64))
+    statement_id: Mapped[int] = mapped_column(ForeignKey("signed_statements.id"))
+    at: Mapped[datetime] = mapped_column()
+
+
 class OperatorRequestRow(Base):
     """A change to the operators (add, update, remove) one admin asked for; applied only when a second
     admin approves it."""
