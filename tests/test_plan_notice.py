@@ -15,6 +15,7 @@ from sqlalchemy import update
 from inventory.store import Store
 from simfleet import fleet as simfleet
 from tests.plugins.fleet import port
+from tests.plugins.plans import approve_plan
 from tests.test_two_person import counters, edit, plan_cli, plan_file, refusals, run_flow_directly
 from tests.test_upgrade import cli, health, write_plan
 
@@ -73,7 +74,7 @@ def test_publish_sends_each_branch_its_own_notice_and_acks_are_signed_per_branch
 def test_upgrade_refused_before_not_before_without_acks_or_lead_time_then_runs(fleet, fleet_dir, tmp_path, receiver, prefect_api):
     # refusals on the session fleet (nothing may be touched there)
     early = plan_file(fleet, tmp_path, "notice-early", not_before=_at(48), notify=[receiver.url], scope={"branches": ["BR01"]})
-    _sign_and_approve(early, fleet.inventory)
+    approve_plan(early, fleet.inventory)
     unpublished = cli("upgrade", str(early), "--inventory", str(fleet.inventory))
     assert unpublished.returncode == 1 and "not published" in unpublished.stderr, unpublished.stderr
     assert plan_cli("publish", early, fleet.inventory).returncode == 0
@@ -84,7 +85,7 @@ def test_upgrade_refused_before_not_before_without_acks_or_lead_time_then_runs(f
     assert refusals("upgrade.start", "notice-early")
 
     short = plan_file(fleet, tmp_path, "notice-short", not_before=_at(2), notify=[receiver.url], scope={"branches": ["BR01"]})
-    _sign_and_approve(short, fleet.inventory)
+    approve_plan(short, fleet.inventory)
     assert plan_cli("publish", short, fleet.inventory).returncode == 0
     too_short = cli("upgrade", str(short), "--inventory", str(fleet.inventory))
     assert too_short.returncode == 1 and "minimum lead time is 24 h" in too_short.stderr, too_short.stderr
