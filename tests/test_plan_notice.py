@@ -34,6 +34,10 @@ def test_publish_sends_each_branch_its_own_notice_and_acks_are_signed_per_branch
     bad = plan_cli("check", naive, fleet.inventory)
     assert bad.returncode == 2 and "not_before" in bad.stderr and "timezone" in bad.stderr, bad.stderr
 
+    nobody = plan_file(fleet, tmp_path, "notice-nobody", not_before=_at(48))
+    told = plan_cli("publish", nobody, fleet.inventory)
+    assert told.returncode == 2 and "notify:" in told.stderr, told.stderr
+
     plan = plan_file(fleet, tmp_path, "notice-publish", not_before=_at(48), require_ack=True, notify=[receiver.url],
                      release_notes="Faster card reader start-up.")
     unpublished = plan_cli("publish", plan, fleet.inventory)
@@ -118,3 +122,21 @@ def counters_of(inventory) -> list:
     from inventory.loader import load_inventory
 
     return load_inventory(inventory).devices
+
+
+def test_a_plan_without_notice_fields_keeps_its_digest_and_is_not_held():
+    from inventory.approvals import plan_digest
+    from inventory.models import canonical_json
+    from inventory.notice import NoticeStatus
+    from inventory.plan import UpgradePlan
+
+    base = {"name": "p", "target_version": "1.1.0", "package": "/srv/p.tar.gz", "package_sha256": "0" * 64,
+            "waves": [{"name": "all", "size": "100%"}]}
+    plan = UpgradePlan.model_validate(base)
+    before = plan.model_dump(mode="json", exclude={"package", "not_before", "release_notes", "require_ack"})
+    import hashlib
+
+    assert plan_digest(plan) == hashlib.sha256(canonical_json(before)).hexdigest()  # as digested before these fields
+    assert plan_digest(UpgradePlan.model_validate(base | {"require_ack": True})) != plan_digest(plan)
+    status = NoticeStatus(plan="p", digest="d", not_before=None, require_ack=False, min_lead_time_h=24, branches=["BR01"])
+    assert status.refusal() is None
