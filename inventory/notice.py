@@ -186,7 +186,7 @@ class NoticeStatus(BaseModel):
         if self.published is None:
             why.append(f"its advance notice is not published (digest {short(self.digest)}): run `counterops plan publish {plan_file}`"
                        + (f" at least {_hours(minimum)} before not_before" if self.not_before else ""))
-        elif self.lead_time is not None and self.lead_time < minimum:
+        elif self.lead_time is not None and minimum > timedelta(0) and self.lead_time < minimum:  # 0: no lead time asked
             why.append(f"its notice was published at {self.published.at:%Y-%m-%d %H:%M} UTC, only {_hours(self.lead_time)} before "
                        f"not_before {self.not_before.isoformat()}; the minimum lead time is {_hours(minimum)} "
                        f"({MIN_LEAD_TIME_ENV}): move not_before later, then sign, approve and publish the plan again")

@@ -140,3 +140,11 @@ def test_a_plan_without_notice_fields_keeps_its_digest_and_is_not_held():
     assert plan_digest(UpgradePlan.model_validate(base | {"require_ack": True})) != plan_digest(plan)
     status = NoticeStatus(plan="p", digest="d", not_before=None, require_ack=False, min_lead_time_h=24, branches=["BR01"])
     assert status.refusal() is None
+    from inventory.approvals import Decision
+
+    now = datetime.now(UTC)
+    published = Decision(kind="publish", operator="zhang.wei", plan_digest="d", statement_id=1, at=now)
+    late = NoticeStatus(plan="p", digest="d", not_before=now - timedelta(hours=1), require_ack=False, min_lead_time_h=24,
+                        branches=["BR01"], published=published)
+    assert "minimum lead time is 24 h" in late.refusal()
+    assert late.model_copy(update={"min_lead_time_h": 0}).refusal() is None  # no lead time asked: a late notice will do
