@@ -8,6 +8,7 @@ receiver (tests/plugins/notices.py), real store, real keys; the run itself on a 
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import update
@@ -68,6 +69,8 @@ def test_publish_sends_each_branch_its_own_notice_and_acks_are_signed_per_branch
     check = plan_cli("check", plan, fleet.inventory)
     assert check.returncode == 0 and "ack BR01:    wang.fang" in check.stdout and "ack BR02:    missing (required)" in check.stdout
     assert "minimum 24 h" in check.stdout, check.stdout
+    setting = plan_cli("status", plan, fleet.inventory, env=os.environ | {"COUNTEROPS_MIN_LEAD_TIME_H": "soon"})
+    assert setting.returncode == 2 and "COUNTEROPS_MIN_LEAD_TIME_H='soon'" in setting.stderr, setting.stderr
 
     edit(plan, release_notes="Faster card reader start-up, and a new receipt layout.")  # a changed plan: new acks needed
     _sign_and_approve(plan, fleet.inventory)
