@@ -228,7 +228,7 @@ def plan_publish(plan_file: PlanArgument, inventory: InventoryOption = None, ope
     notes = release_notes(plan)
     failed = []
     for branch in branches:
-        body = branch_notice(plan, inv, branch, plan_file=str(plan_file), per_counter_min=minutes, estimate_basis=basis, notes=notes)
+        body = branch_notice(plan, inv, branch, plan_file=plan_file.name, digest=short(digest), per_counter_min=minutes, estimate_basis=basis, notes=notes)
         try:
             send_notice(plan.notify, Notice(f"Upgrade notice for {branch}: {plan.name} ({plan.target_version})", body))
         except NotifyError as e:

@@ -105,7 +105,7 @@ def measured_counter_minutes(store: Store) -> tuple[float, str]:
     return median(spans), f"measured: median of {len(spans)} counter upgrade{'s' * (len(spans) != 1)} in earlier runs"
 
 
-def branch_notice(plan: UpgradePlan, inventory: Inventory, branch: str, *, plan_file: str, per_counter_min: float,
+def branch_notice(plan: UpgradePlan, inventory: Inventory, branch: str, *, plan_file: str, digest: str, per_counter_min: float,
                   estimate_basis: str, notes: tuple[str | None, str]) -> str:
     """The notice for one branch: what changes, when, which of its outlets and counters in which
     wave, how many out of service at once and for how long, and how to acknowledge."""
@@ -119,7 +119,7 @@ def branch_notice(plan: UpgradePlan, inventory: Inventory, branch: str, *, plan_
     text, origin = notes
     when = plan.not_before.isoformat() if plan.not_before else "when the plan is started (no not_before set)"
     lines = [
-        f"Upgrade notice for branch {branch}: plan {plan.name}, smart counter software {plan.target_version}",
+        f"Upgrade notice for branch {branch}: plan {plan.name} (digest {digest}), smart counter software {plan.target_version}",
         f"Not before: {when}",
         f"Time: {plan.window_description()}",
         "What changes: " + (text if text else "no release notes given (the plan has no release_notes and the package none)")

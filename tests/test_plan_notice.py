@@ -55,7 +55,7 @@ def test_publish_sends_each_branch_its_own_notice_and_acks_are_signed_per_branch
         body = next(m for t, m in notices.items() if f"for {branch}:" in t)
         assert all((dev in body) == (b == branch) for dev, b in by_branch.items()), body
         assert "Faster card reader" in body and "Not before:" in body and "out of service at once" in body
-        assert f"plan ack {plan} --branch {branch}" in body
+        assert f"plan ack {plan.name} --branch {branch}" in body
 
     status = plan_cli("status", plan, fleet.inventory, "--json")
     notice = json.loads(status.stdout)["notice"]
@@ -119,6 +119,11 @@ def test_upgrade_refused_before_not_before_without_acks_or_lead_time_then_runs(f
     ran = cli("upgrade", str(plan), "--inventory", str(inventory))
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert all(health(d)["version"] == "1.1.0" for d in counters_of(inventory))
+    from inventory.notice import measured_counter_minutes
+
+    with Store.open() as store:  # the next plan's notice estimates from this run's device steps
+        minutes, basis = measured_counter_minutes(store)
+    assert basis.startswith("measured: median of 2 counter upgrades") and 0 < minutes < 15, (minutes, basis)
 
 
 def counters_of(inventory) -> list:
