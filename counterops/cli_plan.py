@@ -196,8 +196,10 @@ def _notice_status(store, plan, branches):
 @plan_app.command("publish")
 def plan_publish(plan_file: PlanArgument, inventory: InventoryOption = None, operator: OperatorOption = None,
                  key: KeyOption = None) -> None:
-    """Send each branch in scope its own advance notice (what changes, when, its outlets and counters,
-    how many out of service at once and for how long, how to acknowledge) to the plan's notify targets.
+    """Send each branch in scope its own advance notice, to the plan's notify targets.
+
+    What changes, when, that branch's outlets and counters, how many out of service at once and for how
+    long (measured per-counter times of earlier upgrades, else a stated default), how to acknowledge.
 
     The plan must be signed and approved (this digest). Publication is recorded (signed by you, bound to
     the digest) once every notice is delivered; its time starts the lead time before not_before."""
