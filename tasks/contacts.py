@@ -86,7 +86,9 @@ def alert_head_office(flow: Any, flow_run: Any, state: Any) -> None:
     try:
         params = dict(flow_run.parameters or {})
         inv = inventory_for(params)
-        targets = audience(inv, (), params.get("notify") or [])
+        plan = params.get("plan")
+        plan_notify = (plan.get("notify") if isinstance(plan, dict) else getattr(plan, "notify", None)) or []
+        targets = audience(inv, (), params.get("notify") or plan_notify)
         name = getattr(flow_run, "name", "?")
         title = f"{flow.name} run {name} ended {state.name}"
         body = (f"The run {name} of {flow.name} ended {state.name}: {state.message or 'no reason given'}.\n"
