@@ -231,6 +231,8 @@ def dump_inventory(inv: Inventory, path: str | Path) -> None:
         doc[section] = [_plain(item) for item in getattr(inv, section)]
     if inv.backups is not None:
         doc["backups"] = inv.backups.model_dump(mode="json", exclude_none=True)
+    if inv.contacts.head_office or inv.contacts.branches:  # written as held: secret:NAME stays a name
+        doc["contacts"] = inv.contacts.model_dump(mode="json", exclude_defaults=True)
     text = yaml.dump(doc, Dumper=_SafeDumper, sort_keys=False, allow_unicode=True, default_flow_style=None, width=4096)
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from flows.drill import backup_restore_drill
-from inventory.loader import InventoryError, load_inventory
+from inventory.loader import InventoryError, dump_inventory, load_inventory
 from inventory.models import RunKind
 from inventory.store import Store
 from tests.plugins.notices import NoticeReceiver
@@ -35,6 +35,8 @@ def test_contacts_load_in_the_issues_shape_with_secret_names(tmp_path):
     inv = load_inventory(path)
     assert inv.contacts.head_office == ["json://hq.example/notices"]
     assert inv.contacts.branches == {"BR000": ["mailto://it.br000@bank.example", "secret:br000-wecom"]}
+    dump_inventory(inv, tmp_path / "again.yaml")  # a rewritten inventory keeps its contacts
+    assert load_inventory(tmp_path / "again.yaml").contacts == inv.contacts
 
 
 def test_an_unknown_branch_and_a_url_with_a_password_are_refused_naming_the_field(tmp_path):
