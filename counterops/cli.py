@@ -462,6 +462,8 @@ def print_run(store, run) -> None:
         table.add_row(device_id, "", "", f"[yellow]{escape(why or 'left out')}[/]")
     if steps or left_out:
         out.print(table)
+    for line in run.summary.get("undelivered") or []:  # notices retried and still not delivered (tasks/contacts.py)
+        out.print(f"[red]notice not delivered:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def counter_result(steps, run_ended: bool) -> str:

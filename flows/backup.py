@@ -30,6 +30,7 @@ from tasks.backup import Vault
 from tasks.maintenance import outlet_turns
 from tasks.nightly_backup import BackupSummary, CounterBackup, backup_counter, backup_notice, publish_backups
 from tasks.notify import NotifyError
+from tasks.contacts import alert_head_office, audience
 from tasks.report import deliver, tag_branches
 from tasks.run_record import ends_with_reason
 from tasks.ssh import ConnectionPool
@@ -48,7 +49,7 @@ def _run_name() -> str:
     return "nightly-backup" + (f"-{branch}" if branch else "")
 
 
-@flow(name="nightly-backup", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
+@flow(name="nightly-backup", on_failure=[alert_head_office], on_crashed=[alert_head_office], flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
 @ends_with_reason
 def nightly_backup(inventory: str, branch: str | None = None, notify: list[str] = [], authorization: str | None = None) -> State:
     """Back up every counter of ``inventory`` (or of one ``branch``), one per outlet at a time; the summary
@@ -72,7 +73,7 @@ def nightly_backup(inventory: str, branch: str | None = None, notify: list[str] 
             for d in outlet_turns(devices):  # each waits for the one before it in its outlet
                 before = last_in_outlet.get(d.outlet)
                 future = backup_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]").submit(
-                    d, paths, by, run.id, store, pool, vault, notify, wait_for=[allow_failure(before)] if before else None)
+                    d, paths, by, run.id, store, pool, vault, audience(inv, [d.branch], notify), wait_for=[allow_failure(before)] if before else None)
                 last_in_outlet[d.outlet] = future
                 started.append((future, d))
             summary = BackupSummary.of([_backed_up(f, d) for f, d in started])
@@ -82,7 +83,7 @@ def nightly_backup(inventory: str, branch: str | None = None, notify: list[str] 
     message = summary.message()
     print(message)
     try:
-        deliver(notify, backup_notice(summary))
+        deliver(audience(inv, {d.branch for d in devices}, notify), backup_notice(summary))
     except NotifyError as e:  # the backups stand; a summary nobody received is still a failure to look at
         get_run_logger().error(str(e))
         return Failed(message=f"{message}; but the summary was not delivered: {e}", data=summary)

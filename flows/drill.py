@@ -39,6 +39,7 @@ from tasks.acting import Acting, acting_run, authorized, fleet_as_seen
 from tasks.backup import Vault
 from tasks.drill import CounterDrill, DrillSummary, drill_counter, drill_notice, drill_onto_standby, drill_sample, publish_drill
 from tasks.notify import NotifyError
+from tasks.contacts import alert_head_office, audience
 from tasks.report import deliver, tag_branches
 from tasks.run_record import ends_with_reason
 from tasks.ssh import ConnectionPool
@@ -64,7 +65,7 @@ def _run_name() -> str:
     return f"drill-{source}" + (f"-sample-{sample}" if sample else "")
 
 
-@flow(name="backup-restore-drill", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
+@flow(name="backup-restore-drill", on_failure=[alert_head_office], on_crashed=[alert_head_office], flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
 @ends_with_reason
 def backup_restore_drill(
     inventory: str, sample: int | None = None, use_latest: bool = False, notify: list[str] = [], authorization: str | None = None,
@@ -114,7 +115,7 @@ def backup_restore_drill(
     message = summary.failure_message() if summary.is_failed else f"{summary.passed} of {len(devices)} counters {verb}"
     print(message)
     try:
-        deliver(notify, drill_notice(summary))
+        deliver(audience(inv, {d.branch for d in devices} | ({onto.branch} if onto else set()), notify), drill_notice(summary))
     except NotifyError as e:  # the drill stands; a report nobody received is still a failure to look at
         get_run_logger().error(str(e))
         return Failed(message=f"{message}; but the report was not delivered: {e}", data=summary)

@@ -18,6 +18,7 @@ from inventory.store import Store
 from tasks.acting import acting_run, authorized
 from tasks.faults import FaultReport, build_fault_report, fault_report_markdown, publish_fault_report
 from tasks.notify import Notice
+from tasks.contacts import alert_head_office, audience, inventory_for
 from tasks.report import deliver
 from tasks.run_record import ends_with_reason
 
@@ -33,7 +34,7 @@ def _run_name() -> str:
     return f"fault-report-{flow_run.parameters.get('period_days', 30)}d"
 
 
-@flow(name="fault-report", flow_run_name=_run_name, log_prints=True)
+@flow(name="fault-report", on_failure=[alert_head_office], on_crashed=[alert_head_office], flow_run_name=_run_name, log_prints=True)
 @ends_with_reason
 def fault_report(period_days: int = 30, notify: list[str] = [], authorization: str | None = None) -> FaultReport:
     """Analyse the faults reported in the last ``period_days`` and send the report to head office (``notify``, apprise URLs).
@@ -47,8 +48,9 @@ def fault_report(period_days: int = 30, notify: list[str] = [], authorization: s
             publish_fault_report(report)
             run.end("succeeded", report.model_dump(mode="json", include={"faults", "fixed", "unfixed", "mttr_minutes"})
                     | {"recurring": len(report.recurring)})
-    if notify:
+    told = audience(inventory_for({}), (), notify)  # head office: the inventory of $COUNTEROPS_INVENTORY
+    if told:
         kind = "warning" if report.recurring else "info"
-        deliver(notify, Notice(f"Fault report: the last {period_days} days", fault_report_markdown(report), kind))
+        deliver(told, Notice(f"Fault report: the last {period_days} days", fault_report_markdown(report), kind))
     print(f"{report.faults} faults in {period_days} days, {len(report.recurring)} recurring; MTTR {report.mttr_minutes} min")
     return report

@@ -28,6 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from inventory.loader import load_inventory
 from inventory.models import InspectionPhase, Run, RunKind
 from inventory.store import Store
+from tasks.contacts import alert_head_office, audience
 from tasks.acting import acting_run, authorized, fleet_as_seen, scope
 from tasks.inspect import CounterInspection, inspect_counter, publish_inspection, work_in_progress
 from tasks.report import artifact_key, tag_branches
@@ -48,7 +49,7 @@ def _run_name() -> str:
     return f"inspection-{flow_run.parameters.get('phase')}" + (f"-{branch}" if branch else "")
 
 
-@flow(name="daily-inspection", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True)
+@flow(name="daily-inspection", on_failure=[alert_head_office], on_crashed=[alert_head_office], flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True)
 @ends_with_reason
 def daily_inspection(phase: Phase, inventory: str, branch: str | None = None, notify: list[str] = [],
                      authorization: str | None = None) -> list[CounterInspection]:
@@ -73,7 +74,7 @@ def daily_inspection(phase: Phase, inventory: str, branch: str | None = None, no
                 log.warning(f"{hands_off}: nothing will be fixed, every problem goes to the branch")
             futures = [
                 inspect_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]")
-                .submit(d, when, by, run.id, store, pool, notify, hands_off)
+                .submit(d, when, by, run.id, store, pool, audience(inv, [d.branch], notify), hands_off)
                 for d in devices
             ]
             results = [f.result() for f in futures]

@@ -26,6 +26,7 @@ from inventory.store import Store
 from tasks.acting import acting_run, authorized, fleet_as_seen, scope
 from tasks.inspect import CounterInspection, work_in_progress
 from tasks.maintenance import maintain_counter, maintenance_notice, outlet_turns, publish_maintenance
+from tasks.contacts import alert_head_office, audience
 from tasks.report import deliver, tag_branches
 from tasks.run_record import ends_with_reason
 from tasks.ssh import ConnectionPool
@@ -43,7 +44,7 @@ def _run_name() -> str:
     return "periodic-maintenance" + (f"-{branch}" if branch else "")
 
 
-@flow(name="periodic-maintenance", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
+@flow(name="periodic-maintenance", on_failure=[alert_head_office], on_crashed=[alert_head_office], flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
 @ends_with_reason
 def periodic_maintenance(inventory: str, branch: str | None = None, notify: list[str] = [],
                          authorization: str | None = None) -> State:
@@ -69,7 +70,7 @@ def periodic_maintenance(inventory: str, branch: str | None = None, notify: list
                 for d in outlet_turns(devices):
                     before = last_in_outlet.get(d.outlet)
                     future = maintain_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]").submit(
-                        d, by, run.id, store, pool, notify, wait_for=[allow_failure(before)] if before else None)
+                        d, by, run.id, store, pool, audience(inv, [d.branch], notify), wait_for=[allow_failure(before)] if before else None)
                     last_in_outlet[d.outlet] = future
                     futures.append(future)
                 results = [f.result() for f in futures]
@@ -78,8 +79,7 @@ def periodic_maintenance(inventory: str, branch: str | None = None, notify: list
                 left_out = {r.device_id: r.left_out for r in results if r.left_out}  # taken by another run: not done
                 run.end("failed" if left_out else "succeeded", {"counters": len(results), "need_attention": attention,
                                                                  "left_out": left_out})
-    if notify:
-        deliver(notify, maintenance_notice(results))
+    deliver(audience(inv, {d.branch for d in devices}, notify), maintenance_notice(results))
     message = f"{len(results) - len(left_out)} counters maintained, {attention} need attention"
     if left_out:
         message += f"; {len(left_out)} left out, taken by another run: " + "; ".join(left_out.values())

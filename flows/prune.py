@@ -27,7 +27,10 @@ from inventory.models import Run, RunKind, utcnow
 from inventory.store import Store, run_is_alive
 from tasks.acting import acting_run, authorized
 from tasks.backup import Vault
+from tasks.contacts import alert_head_office, audience
+from tasks.notify import Notice, NotifyError
 from tasks.prune import PruneSummary, prune, retention_of
+from tasks.report import deliver
 from tasks.run_record import ends_with_reason
 
 ACTION = "backup.prune"
@@ -45,7 +48,7 @@ def _run_name() -> str:
     return "prune" + ("-dry-run" if flow_run.parameters.get("dry_run") else "") + (f"-{device}" if device else "")
 
 
-@flow(name="backup-prune", flow_run_name=_run_name, log_prints=True)
+@flow(name="backup-prune", on_failure=[alert_head_office], on_crashed=[alert_head_office], flow_run_name=_run_name, log_prints=True)
 @ends_with_reason
 def backup_prune(inventory: str, dry_run: bool = False, device: str | None = None, authorization: str | None = None) -> State:
     """Apply the retention policy of ``inventory`` to the stored backups (only ``device``'s when given);
@@ -70,6 +73,12 @@ def backup_prune(inventory: str, dry_run: bool = False, device: str | None = Non
                      "failed": [p.backup_id for p in summary.failed]})
     message = summary.message()
     print(message)
+    try:  # head office, and the branch whose counter it was when one was named
+        deliver(audience(inv, branches or (), ()), Notice(f"Backup prune{' (dry run)' if dry_run else ''}: "
+                                                           f"{'FAILED' if summary.failed else 'done'}", message,
+                                                           "failure" if summary.failed else "info"))
+    except NotifyError as e:  # the prune stands; noted in the run record (tasks/report.py deliver)
+        return Failed(message=f"{message}; but the notice was not delivered: {e}", data=summary)
     return Failed(message=message, data=summary) if summary.failed else Completed(message=message, data=summary)
 
 

@@ -20,6 +20,8 @@ ends failed "Prefect API unreachable at URL"; run the plan again when the server
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import concurrent.futures
 import time
 from collections import Counter
@@ -47,6 +49,7 @@ from inventory.store import Store
 from tasks.evaluate import Soak, report_markdown, verdict, watch_health, wave_metrics
 from tasks.notify import Notice, NotifyError
 from tasks.prefect_api import ApiWatch, PrefectAPIUnreachable
+from tasks.contacts import alert_head_office, audience
 from tasks.report import artifact_key, audit_head_markdown, deliver, publish_final_table, tag_branches
 from tasks.rollout import CounterOutcome, Leftover, outcome_line, unfinished_installs, upgrade_counter
 from tasks.acting import fleet_as_seen
@@ -76,7 +79,7 @@ def _run_name() -> str:
     return name or "upgrade"
 
 
-@flow(name="upgrade-plan", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=256), log_prints=True)
+@flow(name="upgrade-plan", on_failure=[alert_head_office], on_crashed=[alert_head_office], flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=256), log_prints=True)
 @ends_with_reason
 def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = None):
     """Run an upgrade plan on the counters of ``inventory`` (a YAML file on the machine running the flow).
@@ -91,6 +94,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
     waves = plan_waves(plan, scope)
     digest = plan_digest(plan)
     branches = sorted({d.branch for d in scope})
+    _told.set(audience(inv, branches, plan.notify))  # the plan's notify + head office + each branch in scope
 
     with Store.open() as store:
         # Who starts it, and whether two people approved this plan: checked in the flow, so a run from the UI
@@ -113,7 +117,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
 
             # Branches are told in advance: no counter is touched unless this notice went out.
             try:
-                deliver(plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
+                deliver(_told.get() or plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
             except NotifyError as e:  # the run's reason: its record, the Prefect state and the CLI say it
                 raise NotifyError(f"advance notice not delivered, so no counter was touched: {e}") from e
 
@@ -270,10 +274,14 @@ def _stopped_without_api(plan: UpgradePlan, run: OpenRun, reason: str, outcomes:
     raise PrefectAPIUnreachable(said)
 
 
+_told: ContextVar[list[str] | None] = ContextVar("counterops_upgrade_audience", default=None)
+"""Who this upgrade run tells (tasks/contacts.py audience), set when its scope is known."""
+
+
 def _notify_quietly(plan: UpgradePlan, notice: Notice) -> None:
     """Progress notices must not stop an upgrade half-way: a failed one is logged and the plan goes on."""
     try:
-        deliver(plan.notify, notice)
+        deliver(_told.get() or plan.notify, notice)
     except NotifyError as e:
         get_run_logger().warning(str(e))
 

@@ -32,6 +32,7 @@ from inventory.models import (
     ID_PATTERN,
     BackupSettings,
     Branch,
+    Contacts,
     Device,
     Inventory,
     Outlet,
@@ -51,7 +52,7 @@ _LISTS: dict[str, tuple[type[BaseModel], str]] = {
     "outlets": (Outlet, "id"),
     "devices": (Device, "id"),
 }
-_SECTIONS = ("ssh", *_LISTS, "backups")
+_SECTIONS = ("ssh", *_LISTS, "backups", "contacts")
 _SAFE_ID = re.compile(ID_PATTERN)
 
 
@@ -86,6 +87,8 @@ def _load(path: str | Path) -> Inventory:
         parts[section] = _validate_list(doc.get(section) or [], section, model, key_field, name, errors)
     if doc.get("backups") is not None:
         parts["backups"] = _validate_backups(doc["backups"], file.resolve().parent, name, errors, parts["ssh"])
+    if doc.get("contacts") is not None:
+        parts["contacts"] = _validate_contacts(doc["contacts"], parts, name, errors)
     problems = inventory_problems(
         parts["branches"],
         parts["outlets"],
@@ -97,6 +100,20 @@ def _load(path: str | Path) -> Inventory:
     if errors:
         raise InventoryError(errors)
     return Inventory.model_validate(parts, context={CROSS_CHECKED: True})
+
+
+def _validate_contacts(raw: Any, parts: dict[str, Any], name: str, errors: list[str]) -> Contacts | None:
+    """The ``contacts:`` section: its shape, then each branch id against the inventory's branches (listed,
+    or those the devices name) and each target (no credential in a literal URL: keep it as secret:NAME)."""
+    try:
+        contacts = Contacts.model_validate(raw)
+    except ValidationError as e:
+        errors += [f"{name}: contacts: {line}" for line in _explain(e, Contacts)]
+        return None
+    known = {b.id for b in parts["branches"] or []} or {d.branch for d in parts["devices"] or []}
+    problems = contacts.problems(known)
+    errors += [f"{name}: {p}" for p in problems]
+    return None if problems else contacts
 
 
 OPERATORS_MOVED = ("operators: operators no longer live in the inventory (a file anyone can edit): they and their "
@@ -214,6 +231,8 @@ def dump_inventory(inv: Inventory, path: str | Path) -> None:
         doc[section] = [_plain(item) for item in getattr(inv, section)]
     if inv.backups is not None:
         doc["backups"] = inv.backups.model_dump(mode="json", exclude_none=True)
+    if inv.contacts.head_office or inv.contacts.branches:  # written as held: secret:NAME stays a name
+        doc["contacts"] = inv.contacts.model_dump(mode="json", exclude_defaults=True)
     text = yaml.dump(doc, Dumper=_SafeDumper, sort_keys=False, allow_unicode=True, default_flow_style=None, width=4096)
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")

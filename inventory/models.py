@@ -453,6 +453,33 @@ def _device_places(
     return problems
 
 
+class Contacts(_Model):
+    """Who is told: apprise URLs without credentials, or ``secret:NAME`` (resolved only when a notice is
+    sent, tasks/notify.py). ``head_office`` receives every flow's notice and every failure alert;
+    ``branches[BR]`` receives the notices of the runs that touched branch BR (tasks/contacts.py)."""
+
+    head_office: list[str] = Field(default_factory=list)
+    branches: dict[str, list[str]] = Field(default_factory=dict)
+
+    def problems(self, known_branches: set[str]) -> list[str]:
+        """One line per problem: ``contacts.branches.BR09: no such branch ...``, or a target that carries
+        a credential (named redacted) — checked without apprise (inventory/notify_targets.py)."""
+        from inventory.notify_targets import target_problem
+
+        out = []
+        for i, t in enumerate(self.head_office):
+            if (why := target_problem(t)):
+                out.append(f"contacts.head_office[{i}]: {why}")
+        for branch, targets in self.branches.items():
+            if branch not in known_branches:
+                out.append(f"contacts.branches.{branch}: no such branch in the inventory "
+                           f"(known: {', '.join(sorted(known_branches)) or 'none'}); fix the id or remove the entry")
+            for i, t in enumerate(targets):
+                if (why := target_problem(t)):
+                    out.append(f"contacts.branches.{branch}[{i}]: {why}")
+        return out
+
+
 class Inventory(BaseModel):
     """The whole fleet: how to log in and where every counter is. (Who may operate it is in the store:
     inventory/identity.py.)
@@ -469,6 +496,7 @@ class Inventory(BaseModel):
     outlets: list[Outlet] = Field(default_factory=list)
     devices: list[Device]
     backups: BackupSettings | None = None
+    contacts: Contacts = Field(default_factory=Contacts)
 
     _by_id: dict[str, Device] = PrivateAttr(default_factory=dict)
 
@@ -491,6 +519,8 @@ class Inventory(BaseModel):
             branches_listed=bool(self.branches),
             outlets_listed=bool(self.outlets),
         )
+        branches = {b.id for b in self.branches} or {d.branch for d in self.devices}
+        problems += self.contacts.problems(branches)
         if problems:
             raise ValueError("\n".join(problems))
 

@@ -21,6 +21,8 @@ SECRET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 SECRET_NAME_RULE = "1-63 lowercase letters, digits or '-', starting with a letter or digit"
 _CREDENTIAL_PARAMS = ("token", "key", "secret", "password", "passwd", "pass", "pwd")
 _HOSTLIKE = re.compile(r"(localhost|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+)")
+_ADDRESS_SCHEMES = ("mailto", "mailtos")
+"""Schemes where ``user@host`` is an e-mail address, not a login (a password after it still is one)."""
 CREDENTIAL_ADVICE = "keep it as a secret: counterops secrets set NAME, then write secret:NAME"
 
 
@@ -62,7 +64,9 @@ def carries_credential(url: str) -> bool:
     except ValueError:
         return True  # unreadable: never shown, never accepted as it is
     if "@" in netloc:
-        return True
+        userinfo = netloc.rsplit("@", 1)[0]
+        # mailto://it.br01@bank.example: the address itself (apprise's mailto://user:password@host has a password)
+        return not (parts.scheme.lower() in _ADDRESS_SCHEMES and ":" not in userinfo)
     return any(name.lower().lstrip("+-:").endswith(_CREDENTIAL_PARAMS) for name, _ in query)
 
 

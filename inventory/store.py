@@ -452,6 +452,17 @@ class Store:
                 raise KeyError(f"no {kind.__name__} {id} in the store")
             return kind.model_validate(row)
 
+    def note_on_run(self, flow_run_id: str, key: str, lines: list[str]) -> bool:
+        """Append ``lines`` to the list ``summary[key]`` of the newest run of ``flow_run_id`` (its status
+        untouched); False when no run has that flow run id."""
+        with self._write() as s:
+            row = s.scalars(select(RunRow).where(RunRow.flow_run_id == flow_run_id)
+                            .order_by(RunRow.id.desc()).limit(1).with_for_update()).first()
+            if row is None:
+                return False
+            row.summary = {**row.summary, key: [*row.summary.get(key, []), *lines]}
+            return True
+
     # Histories come newest first; the parts of one run in the order they were recorded.
 
     def runs(self, kind: RunKind | None = None, limit: int | None = 100, status: str | None = None) -> list[Run]:

@@ -15,7 +15,7 @@ from inventory.audit import head as audit_head
 from inventory.models import Device
 from inventory.plan import PlannedWave, UpgradePlan
 from tasks.checks import CounterFacts
-from tasks.notify import Notice, send_notice
+from tasks.notify import Notice, NotifyError, send_notice
 from tasks.rollout import CounterOutcome
 
 if TYPE_CHECKING:
@@ -23,12 +23,28 @@ if TYPE_CHECKING:
 
 
 @task(name="notify", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def _send(urls: list[str], notice: Notice) -> None:
+    send_notice(urls, notice)
+
+
 def deliver(urls: list[str], notice: Notice) -> None:
     """A notice as its own task run, retried: visible in the run, and a transient failure is not final.
+    Still undelivered after the retries: noted in the run record (``undelivered``, shown by `counterops
+    runs show`), then NotifyError for the flow to decide. ``urls``: usually tasks/contacts.py ``audience``.
 
     Kept out of tasks/notify.py so that validating notice URLs (plan check) does not import prefect.
     """
-    send_notice(urls, notice)
+    if not urls:
+        return
+    try:
+        _send(urls, notice)
+    except NotifyError as e:
+        ctx = FlowRunContext.get()
+        if ctx is not None and ctx.flow_run is not None:
+            from tasks.contacts import record_undelivered
+
+            record_undelivered(str(ctx.flow_run.id), [str(e)])
+        raise
 
 
 def tag_branches(devices: Iterable[Device]) -> None:

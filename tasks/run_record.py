@@ -167,6 +167,8 @@ def _record_end(store: Store, run: OpenRun, status: str, summary: dict[str, Any]
     safety net) and record how it ended."""
     try:
         release_all(store, run.id)
+        noted = store.get(Run, run.id).summary.get("undelivered")  # notices noted during the run (tasks/contacts.py)
+        summary = summary | ({"undelivered": noted} if noted else {})
         run.record = store.update(Run, run.id, status=status, ended_at=utcnow(), summary=summary)
     except Exception as e:  # the store is gone or locked: the stopped heartbeat will tell
         _log().error(f"run #{run.id} ended {status}, but the store could not record it ({reason_for(e)}); "

@@ -207,8 +207,8 @@ def test_an_operators_section_is_refused_saying_where_operators_live_now(tmp_pat
         ("ssh: {user: scops, key_file: k, known_hosts: kh}\ndevice: []\n", "device: unknown section; did you mean 'devices'?"),
         ("ssh: {user: scops, key_file: k, known_hosts: kh}\ndevices: {id: x}\n", "devices: must be a list of entries"),
         ("ssh: {user: scops, key_file: k, known_hosts: kh}\ndevices: [SC-1]\n", "devices[0]: must be a mapping of fields (key: value), got 'SC-1'"),
-        ("- ssh\n- devices\n", "the top level must be a mapping with sections ssh, branches, outlets, devices, backups; got a list"),
-        ("", "the top level must be a mapping with sections ssh, branches, outlets, devices, backups; got an empty file"),
+        ("- ssh\n- devices\n", "the top level must be a mapping with sections ssh, branches, outlets, devices, backups, contacts; got a list"),
+        ("", "the top level must be a mapping with sections ssh, branches, outlets, devices, backups, contacts; got an empty file"),
     ],
 )
 def test_file_structure_errors(tmp_path: Path, text: str, expected: str) -> None:

@@ -107,6 +107,11 @@ def test_undelivered_advance_notice_ends_the_run_failed_and_leaves_the_fleet_fre
     assert run.status == "failed" and run.ended_at is not None
     assert run.summary["reason"].startswith("advance notice not delivered") and "json://127.0.0.1:9/…" in run.summary["reason"]
     assert nobody_listens not in run.summary["reason"]  # named redacted: no path, no query, no userinfo
+    undelivered = run.summary.get("undelivered") or []  # kept in the run record past its end (tasks/contacts.py)
+    assert any(line.startswith("notice 'Upgrade notice: notice-down-1.1.0' not delivered to: json://127.0.0.1:9/…")
+               for line in undelivered), run.summary
+    assert any("ended Failed" in line and "after 3 attempts" in line for line in undelivered), undelivered  # the alert too
+    assert not any(nobody_listens in line for line in undelivered)
     with Store.open() as store:
         assert store.device_steps(run.id) == [], "a counter was touched without the advance notice"
     fr = flow_run(run.flow_run_id)

@@ -1,0 +1,116 @@
+"""Who is told: the inventory's ``contacts:`` (head office and each branch) added to a run's own targets,
+and head office alerted whenever a flow run ends Failed or Crashed.
+
+- ``audience(inv, branches, notify)``: every target a flow's notice goes to — the ``notify`` parameter
+  (the CLI's), head office, and the contacts of the branches the run touched (a branch's contact hears
+  only of runs that touched that branch). Scheduled deployments pass no ``notify``: the inventory's
+  contacts still hear of every run.
+- ``alert_head_office``: an ``on_failure``/``on_crashed`` hook for every flow (Prefect runs it after the
+  final state is set, also when the flow body raised). A notice that cannot be delivered after its
+  retries is logged and written into the run record's summary as ``undelivered`` (``counterops runs
+  show`` prints it): never dropped silently, and the run record's status is left as the flow set it.
+
+Targets are resolved (``secret:NAME``) only at send time, in tasks/notify.py; whatever is recorded or
+logged names them redacted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from inventory.models import Inventory
+from inventory.notify_targets import redact
+from tasks.notify import Notice, NotifyError, send_notice
+
+log = logging.getLogger("counterops.contacts")
+
+ALERT_ATTEMPTS = 3
+
+
+def _unique(targets: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(targets))
+
+
+def audience(inv: Inventory | None, branches: Iterable[str], notify: Iterable[str] = ()) -> list[str]:
+    """``notify`` + head office + the contacts of each branch in ``branches``, each target once, in that order."""
+    targets = list(notify)
+    if inv is not None:
+        targets += inv.contacts.head_office
+        for branch in sorted(set(branches)):
+            targets += inv.contacts.branches.get(branch, [])
+    return _unique(targets)
+
+
+def inventory_for(parameters: dict[str, Any]) -> Inventory | None:
+    """The flow run's inventory (its ``inventory`` parameter, else $COUNTEROPS_INVENTORY); None when there
+    is none or it cannot be read (then only the run's own ``notify`` targets are alerted)."""
+    from inventory.loader import load_inventory
+
+    path = parameters.get("inventory") or os.environ.get("COUNTEROPS_INVENTORY")
+    if not path:
+        return None
+    try:
+        return load_inventory(path)
+    except Exception as e:  # noqa: BLE001 - the alert still goes to notify; the reason is logged
+        log.error("failure alert: the inventory %s could not be read, so head office is not known: %s", path, e)
+        return None
+
+
+def send_with_retries(targets: list[str], notice: Notice, attempts: int = ALERT_ATTEMPTS) -> list[str]:
+    """Send ``notice`` to each target, retrying the ones that failed; the targets (redacted) still not
+    reached after ``attempts``, with the reason, as one line each ([] when all were reached)."""
+    pending, reasons = list(targets), {}
+    for attempt in range(attempts):
+        still = []
+        for target in pending:
+            try:
+                send_notice([target], notice)
+            except NotifyError as e:
+                still.append(target)
+                reasons[target] = str(e)
+        pending = still
+        if not pending:
+            return []
+        if attempt + 1 < attempts:
+            time.sleep(float(os.environ.get("COUNTEROPS_ALERT_RETRY_DELAY_S", "2")))
+    return [f"{redact(t)}: {reasons[t]} (after {attempts} attempts)" for t in pending]
+
+
+def alert_head_office(flow: Any, flow_run: Any, state: Any) -> None:
+    """Hook (on_failure, on_crashed): tell head office (and the run's ``notify`` targets) that the run
+    ended Failed or Crashed, with its reason; record what could not be delivered. Never raises."""
+    try:
+        params = dict(flow_run.parameters or {})
+        inv = inventory_for(params)
+        plan = params.get("plan")
+        plan_notify = (plan.get("notify") if isinstance(plan, dict) else getattr(plan, "notify", None)) or []
+        targets = audience(inv, (), params.get("notify") or plan_notify)
+        name = getattr(flow_run, "name", "?")
+        title = f"{flow.name} run {name} ended {state.name}"
+        body = (f"The run {name} of {flow.name} ended {state.name}: {state.message or 'no reason given'}.\n"
+                f"Prefect flow run id: {flow_run.id}. `counterops runs show {flow_run.id}` shows what it did.")
+        if not targets:
+            log.warning("%s: nobody to alert (no contacts.head_office in the inventory, no notify)", title)
+            return
+        undelivered = send_with_retries(targets, Notice(title, body, "failure"))
+        if undelivered:
+            log.error("failure alert not delivered: %s", "; ".join(undelivered))
+            record_undelivered(str(flow_run.id), [f"{title}: {line}" for line in undelivered])
+    except Exception:  # noqa: BLE001 - a hook that raises changes nothing for the run; say it
+        log.exception("failure alert for flow run %s could not be sent", getattr(flow_run, "id", "?"))
+
+
+def record_undelivered(flow_run_id: str, lines: list[str]) -> None:
+    """Add ``lines`` to the ``undelivered`` list of the run record of ``flow_run_id`` (if the run has one)."""
+    from inventory.store import Store
+
+    try:
+        with Store.open() as store:
+            if not store.note_on_run(flow_run_id, "undelivered", lines):
+                log.error("undelivered notices of flow run %s: no run record to note them in: %s", flow_run_id, lines)
+    except Exception:  # noqa: BLE001
+        log.exception("undelivered notices of flow run %s could not be recorded: %s", flow_run_id, lines)
