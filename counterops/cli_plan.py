@@ -196,7 +196,8 @@ def _notice_status(store, plan, branches):
 @plan_app.command("publish")
 def plan_publish(plan_file: PlanArgument, inventory: InventoryOption = None, operator: OperatorOption = None,
                  key: KeyOption = None) -> None:
-    """Send each branch in scope its own advance notice, to the plan's notify targets.
+    """Send each branch in scope its own advance notice: to the plan's notify targets, head office and
+    that branch's contacts (the inventory's contacts:).
 
     What changes, when, that branch's outlets and counters, how many out of service at once and for how
     long (measured per-counter times of earlier upgrades, else a stated default), how to acknowledge.
@@ -212,10 +213,14 @@ def plan_publish(plan_file: PlanArgument, inventory: InventoryOption = None, ope
     inventory_file = inventory_path(inventory)
     inv = load_inventory_or_exit(inventory_file)
     plan, branches = _plan_in_scope(plan_file, inventory)
-    if not plan.notify:
-        fail(f"{plan_file}: notify: is empty, so no branch would be told; add the notice targets (apprise URLs or secret:NAME)",
-             EXIT_BAD_INPUT)
-    problems = target_problems(plan.notify)
+    from tasks.contacts import audience
+
+    targets = {b: audience(inv, [b], plan.notify) for b in branches}  # the plan's notify + head office + the branch's contacts
+    untold = [b for b in branches if not targets[b]]
+    if untold:
+        fail(f"{plan_file}: no notice target for {', '.join(untold)}: add the plan's notify: targets, or the inventory's "
+             "contacts (head_office, branches.<id>): apprise URLs or secret:NAME", EXIT_BAD_INPUT)
+    problems = target_problems(sorted({t for ts in targets.values() for t in ts}))
     if problems:
         fail("\n".join(f"{plan_file}: {p}" for p in problems), EXIT_BAD_INPUT)
     digest = plan_digest(plan)
@@ -232,7 +237,7 @@ def plan_publish(plan_file: PlanArgument, inventory: InventoryOption = None, ope
     for branch in branches:
         body = branch_notice(plan, inv, branch, plan_file=plan_file.name, digest=short(digest), per_counter_min=minutes, estimate_basis=basis, notes=notes)
         try:
-            send_notice(plan.notify, Notice(f"Upgrade notice for {branch}: {plan.name} ({plan.target_version})", body))
+            send_notice(targets[branch], Notice(f"Upgrade notice for {branch}: {plan.name} ({plan.target_version})", body))
         except NotifyError as e:
             failed.append(f"{branch}: {e}")
     if failed:
