@@ -10,6 +10,8 @@ The bank's rules, as kept here:
 - any other fault is escalated to the branch by notice. It stays escalated until a later check
   no longer finds it (fixed on site), which closes it; a symptom that comes back afterwards is
   a new fault, which is what makes recurrences countable;
+- a fault a person opened or took up (assigned: tasks/fault_lifecycle.py) is never closed by a
+  check: a clean one marks it "not seen since <time>" for the assignee, who retests and closes it;
 - a notice that cannot be delivered leaves the fault open (nobody has been told): the next
   inspection tries again.
 """
@@ -30,6 +32,7 @@ from pydantic import BaseModel
 from inventory.models import Device, Fault, FaultStatus, utcnow
 from inventory.store import Store
 from tasks.acting import Acting
+from tasks.fault_lifecycle import in_lifecycle, lifecycle, mark_not_seen
 from tasks.notify import Notice, send_notice
 
 RECURRING_AT = 3  # the same symptom this often on one counter in a report's period calls for a root cause
@@ -155,7 +158,12 @@ def record_faults(store: Store, device: Device, inspection_id: int, found_at: da
     clean_checks = _clean_checks(findings)
     for symptom, fault in unfixed.items():
         kind = CATALOGUE.get(symptom)
-        if kind is not None and kind.check in clean_checks:
+        if kind is not None and kind.check in clean_checks and in_lifecycle(fault):
+            # a person has taken it up: the clean check is noted for the assignee, who retests and closes it
+            if not lifecycle(fault).get("not_seen_since"):
+                mark_not_seen(store, fault, now, cleared_by)
+                audit("fault.not_seen", fault, since=now.isoformat())
+        elif kind is not None and kind.check in clean_checks:
             resolution = f"no longer found by {cleared_by}: cleared on site"
             store.update(Fault, fault.id, status=FaultStatus.FIXED, fixed_at=now, resolution=resolution)
             audit("fault.clear", fault, resolution=resolution)
