@@ -6,6 +6,7 @@ each test's own. Who is who: zhang.wei hq_it; wang.fang branch_it for BR01 (test
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -78,17 +79,22 @@ def test_a_reported_fault_is_assigned_diagnosed_repaired_retested_and_closed_onl
     r = cli("faults", "close", fid, "--result", "fixed", "--as", "wang.fang")
     assert r.returncode == 1 and "cannot close: it was never retested" in one_line(r), one_line(r)
 
-    # a failing retest (the counter's app is down) keeps the fault open, recorded
-    ctl = Path(counter.root, "opt/smartcounter/current/bin/ctl")
-    subprocess.run([str(ctl), "stop"], check=True, capture_output=True, timeout=60)
+    # a failing retest (the counter still reports its card reader faulty) keeps the fault open, recorded
+    peripherals = Path(counter.root, "var/lib/smartcounter/peripherals.json")
+    before = peripherals.read_bytes() if peripherals.exists() else None  # the session fleet's counter: left as found
+    peripherals.write_text(json.dumps({"card_reader": "fault"}))
+    peripherals.chmod(0o644)  # the counter app (the fleet's login user) reads it; this process writes 0600 (umask 077)
     try:
         r = cli("faults", "retest", fid, "--inventory", str(fleet.inventory), "--as", "wang.fang")
-        assert r.returncode == 1 and "stays open: the retest failed" in one_line(r), one_line(r)
+        assert r.returncode == 1 and "stays open: the retest failed" in one_line(r) and "card_reader" in one_line(r), one_line(r)
         r = cli("faults", "close", fid, "--result", "fixed", "--as", "wang.fang")
         assert r.returncode == 1 and "its last retest failed" in one_line(r), one_line(r)
         assert fault(opened.id).status == FaultStatus.OPEN
     finally:
-        subprocess.run([str(ctl), "start"], check=True, capture_output=True, timeout=60)
+        if before is None:
+            peripherals.unlink()
+        else:
+            peripherals.write_bytes(before)
 
     r = cli("faults", "retest", fid, "--inventory", str(fleet.inventory), "--as", "wang.fang")
     assert r.returncode == 0 and "retest passed" in one_line(r), one_line(r)
