@@ -237,3 +237,35 @@ def overdue(fault: Fault, now: datetime | None = None) -> bool:
 def ordered(faults: list[Fault]) -> list[Fault]:
     """Urgent (and critical) first, then by severity, then oldest first."""
     return sorted(faults, key=lambda f: (_RANK.get(f.severity, 9), f.reported_at, f.id or 0))
+
+
+def escalate_overdue(store: Store, by: Acting, urls: list[str], branches: list[str] | None = None,
+                     run_id: int | None = None, now: datetime | None = None) -> list[Fault]:
+    """Tell head office (``urls``) about urgent faults open past the response-time objective, each once.
+
+    Run by every inspection (flows/inspection.py) over the branches it covers (None: all). Returns the
+    faults escalated now. Raises NotifyError when the notice did not go out: nothing is marked, the next
+    inspection tries again. Without targets nothing is escalated.
+    """
+    from tasks.notify import Notice, send_notice
+
+    now = now or utcnow()
+    late = [f for status in (FaultStatus.OPEN, FaultStatus.ESCALATED) for f in store.faults(status=status, limit=None)
+            if overdue(f, now) and not lifecycle(f).get("escalated_to_hq_at")
+            and (branches is None or f.branch_id in branches)]
+    if not late or not urls:
+        return []
+    late = ordered(late)
+    objective = response_objective()
+    lines = [f"Urgent faults open longer than the response-time objective ({objective.total_seconds() / 3600:g} h):", ""]
+    lines += [f"- fault #{f.id} {f.device_id} (branch {f.branch_id}, outlet {f.outlet_id}) [{f.severity}] {f.symptom}: "
+              f"reported {f.reported_at:%Y-%m-%d %H:%M} UTC, stage {lifecycle(f).get('stage')}, "
+              f"assigned to {lifecycle(f).get('assignee') or 'nobody'}" for f in late]
+    send_notice(urls, Notice(f"{len(late)} urgent fault(s) past the response-time objective", "\n".join(lines), "failure"))
+    done = []
+    for f in late:
+        life = lifecycle(f) | {"escalated_to_hq_at": now.isoformat()}
+        done.append(store.update(Fault, f.id, details={**(f.details or {}), "lifecycle": life}))
+        by.audit(store, "fault.escalate_hq", target(f, "escalate"), run_id=run_id,
+                 details={"fault_id": f.id, "symptom": f.symptom, "reported_at": f.reported_at.isoformat(), "to": len(urls)})
+    return done

@@ -140,3 +140,25 @@ def test_a_clean_inspection_marks_an_assigned_fault_not_seen_instead_of_closing_
     assert kept.status == FaultStatus.ESCALATED and kept.fixed_at is None, "a clean check closed a fault a person had taken up"
     assert lifecycle(kept)["not_seen_since"] and lifecycle(kept)["not_seen_by"] == "the in-business inspection"
     assert cleared.status == FaultStatus.FIXED and "cleared on site" in cleared.resolution
+
+
+def test_an_urgent_fault_open_past_its_response_objective_is_escalated_to_head_office_once(fleet, home, receiver, monkeypatch):
+    from datetime import timedelta
+
+    from tasks.acting import Acting
+    from tasks.fault_lifecycle import escalate_overdue
+
+    monkeypatch.setenv("COUNTEROPS_URGENT_RESPONSE_H", "2")
+    counter = load_inventory(fleet.inventory).devices[0]
+    by = Acting(actor="zhang.wei", action="inspection.run", target="in-business inspection of the whole fleet", statement_digest="0" * 64)
+    with Store.open() as store:
+        late, fresh, normal = (store.add(Fault(device_id=counter.id, branch_id=counter.branch, outlet_id=counter.outlet,
+                                               symptom=symptom, severity=severity, reported_at=utcnow() - timedelta(hours=hours)))
+                               for symptom, severity, hours in (("screen dark", "urgent", 3), ("no paper", "urgent", 1),
+                                                                ("slow", "normal", 30)))
+        assert [f.id for f in escalate_overdue(store, by, [receiver.url])] == [late.id]
+        assert escalate_overdue(store, by, [receiver.url]) == [], "escalated twice"
+    [(_, notice)] = receiver.received
+    assert f"fault #{late.id} {counter.id}" in notice["message"] and "screen dark" in notice["message"]
+    assert "no paper" not in notice["message"] and "slow" not in notice["message"]
+    assert lifecycle(fault(late.id))["escalated_to_hq_at"]
