@@ -92,7 +92,7 @@ def faults_open(
         except (identity.Refused, identity.IdentityError) as e:
             fail(f"refused: {e}")
     out.print(f"fault #{fault.id} opened on {fault.device_id} ({fault.branch_id}/{fault.outlet_id}): "
-              f"[{fault.severity}] {escape(fault.symptom)}; assign it with `counterops faults assign {fault.id} --to NAME`",
+              f"{escape('[' + fault.severity + ']')} {escape(fault.symptom)}; assign it with `counterops faults assign {fault.id} --to NAME`",
               highlight=False)
 
 
