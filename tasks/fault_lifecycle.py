@@ -7,8 +7,8 @@
   repair, passed. A failing retest keeps the fault open and is recorded;
 - urgent faults are listed first and carry a response-time objective (RESPONSE_OBJECTIVE_H,
   $COUNTEROPS_URGENT_RESPONSE_H, default 2 h): `faults list` shows one open past it as overdue;
-- a clean later inspection no longer closes a fault that is in this lifecycle: it marks it
-  "not seen since <time>" for the assignee to retest and close (tasks/faults.record_faults).
+- a clean later inspection no longer closes a fault: it marks it "not seen since <time>" for the
+  assignee to retest and close (tasks/faults.record_faults).
 
 Every transition is signed (``fault.manage``: hq_it, or branch_it of the fault's branch), written to the
 audit trail (``fault.open``, ``fault.assign``, ``fault.diagnose``, ``fault.repair``, ``fault.retest``,

@@ -122,7 +122,7 @@ def test_a_reported_fault_is_assigned_diagnosed_repaired_retested_and_closed_onl
     assert r.returncode == 0 and "closed" in row and "wang.fang" in row and "urgent" in row, r.stdout
 
 
-def test_a_clean_inspection_marks_an_assigned_fault_not_seen_instead_of_closing_it(fleet, home):
+def test_a_clean_inspection_marks_a_fault_not_seen_instead_of_closing_it(fleet, home):
     counter = load_inventory(fleet.inventory).devices[0]
     with Store.open() as store:
         taken, untaken = (store.add(Fault(device_id=counter.id, branch_id=counter.branch, outlet_id=counter.outlet,
@@ -136,10 +136,16 @@ def test_a_clean_inspection_marks_an_assigned_fault_not_seen_instead_of_closing_
         assert record_faults(store, counter, 0, utcnow(), clean, "the in-business inspection") == []
         record_faults(store, counter, 0, utcnow(), clean, "a later inspection")
 
-    kept, cleared = fault(taken.id), fault(untaken.id)
-    assert kept.status == FaultStatus.ESCALATED and kept.fixed_at is None, "a clean check closed a fault a person had taken up"
-    assert lifecycle(kept)["not_seen_since"] and lifecycle(kept)["not_seen_by"] == "the in-business inspection"
-    assert cleared.status == FaultStatus.FIXED and "cleared on site" in cleared.resolution
+    for kept in (fault(taken.id), fault(untaken.id)):
+        assert kept.status == FaultStatus.ESCALATED and kept.fixed_at is None, "a clean check closed a fault by itself"
+        assert lifecycle(kept)["not_seen_since"] and lifecycle(kept)["not_seen_by"] == "the in-business inspection"
+    assert lifecycle(fault(taken.id))["assignee"] == "wang.fang"
+
+    with Store.open() as store:  # found again: no longer "not seen since", and still one fault
+        record_faults(store, counter, 0, utcnow(), [Finding(check="receipt_printer", detail="paper at 4%", symptom=Symptom.PAPER_LOW)],
+                      "the post-close inspection")
+        assert [f.id for f in store.faults(device_id=counter.id) if f.symptom == Symptom.PAPER_LOW] == [taken.id]
+    assert "not_seen_since" not in lifecycle(fault(taken.id)) and lifecycle(fault(untaken.id))["not_seen_since"]
 
 
 def test_an_urgent_fault_open_past_its_response_objective_is_escalated_to_head_office_once(fleet, home, receiver, monkeypatch):
