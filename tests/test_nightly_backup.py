@@ -255,5 +255,6 @@ def test_a_counter_that_cannot_be_put_back_in_service_gets_a_critical_fault_and_
 
     r = cli("inspect", "--phase", "post-close", "--inventory", str(fleet4))
     assert maintenance(device)["in_service"] is True, r.stdout + r.stderr  # the inspection's first-line fix
-    with Store.open() as store:
-        assert store.get(Fault, fault_id).status == FaultStatus.FIXED
+    with Store.open() as store:  # the critical fault is not closed by the check: a person retests and closes it
+        fault = store.get(Fault, fault_id)
+        assert fault.status == FaultStatus.OPEN and fault.details["lifecycle"]["not_seen_since"]
