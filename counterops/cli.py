@@ -28,6 +28,7 @@ from counterops.cli_backups import backups_app
 from counterops.cli_backup import backup_command
 from counterops.cli_decide import decide_command, held_command
 from counterops.cli_drill import drill_command
+from counterops import cli_fault_lifecycle  # noqa: F401  (faults open|assign|diagnose|repair|retest|close on faults_app)
 from counterops.cli_maintenance import faults_app, inspect_command, maintain_command
 from counterops.cli_operators import operators_app
 from counterops.cli_plan import plan_app

@@ -114,7 +114,7 @@ def faults_list(
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 100,
 ) -> None:
     """List faults, newest first."""
-    from inventory.models import FaultStatus
+    from inventory.models import FaultStatus, utcnow
     from inventory.store import Store
 
     statuses = (FaultStatus.OPEN, FaultStatus.ESCALATED) if open_only else (None,)
@@ -128,12 +128,29 @@ def faults_list(
     if as_json:
         print(json.dumps([f.model_dump(mode="json") for f in faults], indent=2, ensure_ascii=False))
         return
-    table = Table("id", Column("counter", no_wrap=True), "symptom", "severity", "status", "reported (UTC)", "fixed (UTC)")
+    from tasks.fault_lifecycle import lifecycle, ordered, overdue
+
+    faults = ordered(faults)  # urgent first, then by severity, oldest first
+    now = utcnow()
+    table = Table("id", Column("counter", no_wrap=True), "symptom", "severity", "status", "stage", "assignee", "age",
+                  "reported (UTC)", "fixed (UTC)")
     for f in faults:
-        table.add_row(str(f.id), f.device_id, escape(f.symptom), f.severity, f.status, f"{f.reported_at:%Y-%m-%d %H:%M}",
-                      f"{f.fixed_at:%Y-%m-%d %H:%M}" if f.fixed_at else "")
+        life = lifecycle(f)
+        age = _age((f.fixed_at or now) - f.reported_at)
+        if overdue(f, now):
+            age = f"[red]{age} overdue[/]"
+        stage = life.get("stage", "")
+        if life.get("not_seen_since"):
+            stage += f" (not seen since {life['not_seen_since'][:16].replace('T', ' ')})"
+        table.add_row(str(f.id), f.device_id, escape(f.symptom), f.severity, f.status, stage, life.get("assignee", ""), age,
+                      f"{f.reported_at:%Y-%m-%d %H:%M}", f"{f.fixed_at:%Y-%m-%d %H:%M}" if f.fixed_at else "")
     out.print(table)
     out.print(f"{len(faults)} faults" + (" not fixed yet" if open_only else ""))
+
+
+def _age(delta) -> str:
+    minutes = delta.total_seconds() / 60
+    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h" if minutes < 48 * 60 else f"{minutes / 1440:.1f} d"
 
 
 @faults_app.command("report")

@@ -11,6 +11,7 @@
         record      the inspection (time, phase, inspector, what was found); a fault per problem,
                     never a duplicate; fixed faults closed with their resolution
         escalate    what is left, to the branch
+    urgent faults open past the response-time objective (tasks/fault_lifecycle.py): to head office, once each
     publish the table
 
 Runs unattended on a schedule (deployments/prefect.yaml): it fixes only what is simple, and
@@ -30,7 +31,9 @@ from inventory.models import InspectionPhase, Run, RunKind
 from inventory.store import Store
 from tasks.contacts import alert_head_office, audience
 from tasks.acting import acting_run, authorized, fleet_as_seen, scope
+from tasks.fault_lifecycle import escalate_overdue
 from tasks.inspect import CounterInspection, inspect_counter, publish_inspection, work_in_progress
+from tasks.notify import NotifyError
 from tasks.report import artifact_key, tag_branches
 from tasks.run_record import ends_with_reason
 from tasks.ssh import ConnectionPool
@@ -78,10 +81,15 @@ def daily_inspection(phase: Phase, inventory: str, branch: str | None = None, no
                 for d in devices
             ]
             results = [f.result() for f in futures]
+            try:  # urgent faults open past the response-time objective go to head office, once each
+                late = escalate_overdue(store, by, notify, [branch] if branch else None, run_id=run.id)
+            except NotifyError as e:
+                late = []
+                log.warning(f"urgent faults past their response-time objective not escalated (the next inspection retries): {e}")
             publish_inspection(artifact_key("inspection", phase), results, f"{phase} inspection of {scope(branch)} by {by.actor}")
             summary = {"counters": len(results), "ok": sum(r.ok for r in results),
                        "fixed": sum(1 for r in results for f in r.findings if f.resolution),
-                       "standing_faults": sum(len(r.standing) for r in results)}
+                       "standing_faults": sum(len(r.standing) for r in results), "escalated_overdue": len(late)}
             run.end("succeeded", summary)
     print(f"{summary['ok']} of {summary['counters']} counters fine after the {phase} inspection by {by.actor}; "
           f"{summary['fixed']} problems fixed, {summary['standing_faults']} faults standing")

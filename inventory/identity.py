@@ -84,6 +84,8 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "backup.run": frozenset({Role.HQ_IT, Role.SERVICE}),
     "fault_report.run": frozenset({Role.HQ_IT, Role.AUDITOR, Role.SERVICE}),
     "fault.decide": frozenset({Role.HQ_IT, Role.BRANCH_IT}),
+    # the fault lifecycle (tasks/fault_lifecycle.py): open, assign, diagnose, repair, retest, close — a person's act
+    "fault.manage": frozenset({Role.HQ_IT, Role.BRANCH_IT}),
     "restore.approve": frozenset({Role.APPROVER}),
     "check.run": ALL_ROLES,
 }

@@ -9,7 +9,8 @@
 #      signed approval (li.na's, since zhang.wei initiated it), then the rest
 #   5. show the records: each counter's pre-upgrade backup, encrypted (age) at both sites (neither
 #      copy is a readable tar) and verified against its signed manifest; where to open the run in the UI
-#   6. a standby drill: each counter's newest off-site backup restored onto the standby counter
+#   6. a fault reported by a person: assigned, diagnosed, repaired, retested on the counter, closed
+#   7. a standby drill: each counter's newest off-site backup restored onto the standby counter
 #      (SC-STANDBY-01, outside every plan), started and tested there; RTO and RPO per counter, p50/p90/max
 # The fleet is taken down at the end; the Prefect server stays up for the UI (`make stop`).
 set -euo pipefail
@@ -87,6 +88,16 @@ $BIN/counterops server status
 # Who did what, and proof that nobody changed it since: the audit trail is a hash chain, anchored outside the database.
 $BIN/counterops audit list --limit 12
 $BIN/counterops audit verify
+# A fault reported by a person (六(二)): branch IT of BR01 opens it, head office assigns it, it is
+# diagnosed and repaired, retested on the counter (functional and business tests) and only then closed.
+FAULT=$($BIN/counterops faults open --device SC-BR01-O01-01 --symptom "card reader rejects every card" --severity urgent \
+        --as wang.fang --key "$KEYS/wang.fang" | tee /dev/stderr | sed -n 's/^fault #\([0-9]*\) opened.*/\1/p')
+$BIN/counterops faults assign "$FAULT" --to wang.fang --as zhang.wei --key "$KEYS/zhang.wei"
+$BIN/counterops faults diagnose "$FAULT" --cause hardware --text "reader head worn" --as wang.fang --key "$KEYS/wang.fang"
+$BIN/counterops faults repair "$FAULT" --method "replaced the card reader" --as wang.fang --key "$KEYS/wang.fang"
+$BIN/counterops faults retest "$FAULT" --as wang.fang --key "$KEYS/wang.fang"
+$BIN/counterops faults close "$FAULT" --result "reader replaced, cards accepted again" --as wang.fang --key "$KEYS/wang.fang"
+$BIN/counterops faults list --limit 5
 # The real RTO: every counter's newest verified backup (the pre-upgrade one, taken on 1.0.0 like the
 # standby, which no plan upgrades) restored from its off-site copy onto the standby, one at a time,
 # app started, functional and business tests passed there; then the standby gets its own data back.

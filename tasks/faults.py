@@ -7,9 +7,9 @@ The bank's rules, as kept here:
   has the same name and can be counted;
 - a counter has at most one unfixed fault per symptom: finding it again adds no duplicate;
 - a fault cleared by a first-line fix is closed at once, the fix being its resolution;
-- any other fault is escalated to the branch by notice. It stays escalated until a later check
-  no longer finds it (fixed on site), which closes it; a symptom that comes back afterwards is
-  a new fault, which is what makes recurrences countable;
+- any other fault is escalated to the branch by notice. A later check that no longer finds it does
+  not close it: it marks it "not seen since <time>" for the assignee, who has it retested and closes
+  it (tasks/fault_lifecycle.py); while it is unfixed, finding it again adds no duplicate;
 - a notice that cannot be delivered leaves the fault open (nobody has been told): the next
   inspection tries again.
 """
@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from inventory.models import Device, Fault, FaultStatus, utcnow
 from inventory.store import Store
 from tasks.acting import Acting
+from tasks.fault_lifecycle import lifecycle, mark_not_seen
 from tasks.notify import Notice, send_notice
 
 RECURRING_AT = 3  # the same symptom this often on one counter in a report's period calls for a root cause
@@ -86,7 +87,7 @@ CATALOGUE: dict[str, Kind] = {  # keyed by Symptom, which are strings: a stored 
     # never cleared by an inspection (no check is called "decision"): only `counterops decide` closes it
     Symptom.DATA_CHANGED_SINCE_BACKUP: Kind("decision", "critical"),
     Symptom.ROLLBACK_FAILED: Kind("upgrade", "high"),  # no inspection runs this check: closed by hand
-    Symptom.BACKUP_STALE: Kind("backup", "high"),  # the post-close inspection's backup age; a fresh backup clears it
+    Symptom.BACKUP_STALE: Kind("backup", "high"),  # the post-close inspection's backup age; a fresh backup marks it "not seen since"
 }
 
 
@@ -94,7 +95,7 @@ class Finding(BaseModel):
     """One check's result on one counter: what was looked at and seen; a problem when ``symptom`` is set.
 
     Clean results are kept too, so an inspection record says what was checked, not only what
-    was wrong, and a fault whose check came back clean can be closed.
+    was wrong, and a fault whose check came back clean can be marked "not seen since".
     """
 
     check: str
@@ -127,8 +128,9 @@ def record_faults(store: Store, device: Device, inspection_id: int, found_at: da
 
     A symptom found with no unfixed fault opens one; one the first-line fix cleared is closed
     with that fix as resolution; an unfixed fault whose check ran and came back clean (or fixed)
-    is closed as cleared on site, by ``cleared_by``. Each change is audited under ``by`` (the run's
-    verified actor and statement): ``fault.open``, ``fault.fix``, ``fault.clear``.
+    is marked "not seen since" now, by ``cleared_by`` (closing it is a person's: retest, then close).
+    Each change is audited under ``by`` (the run's verified actor and statement): ``fault.open``,
+    ``fault.fix``, ``fault.not_seen``.
     """
     def audit(action: str, fault: Fault, **details: Any) -> None:
         if by is not None:
@@ -147,6 +149,9 @@ def record_faults(store: Store, device: Device, inspection_id: int, found_at: da
                 device_id=device.id, branch_id=device.branch, outlet_id=device.outlet, reported_at=found_at,
                 symptom=finding.symptom, severity=CATALOGUE[finding.symptom].severity, inspection_id=inspection_id))
             audit("fault.open", fault, severity=fault.severity, detail=finding.detail)
+        elif lifecycle(fault).get("not_seen_since"):  # seen again: no longer "not seen since"
+            life = {k: v for k, v in lifecycle(fault).items() if k not in ("not_seen_since", "not_seen_by")}
+            fault = store.update(Fault, fault.id, details={**(fault.details or {}), "lifecycle": life})
         if finding.resolution is not None:
             store.update(Fault, fault.id, status=FaultStatus.FIXED, fixed_at=now, resolution=finding.resolution)
             audit("fault.fix", fault, resolution=finding.resolution)
@@ -155,10 +160,10 @@ def record_faults(store: Store, device: Device, inspection_id: int, found_at: da
     clean_checks = _clean_checks(findings)
     for symptom, fault in unfixed.items():
         kind = CATALOGUE.get(symptom)
-        if kind is not None and kind.check in clean_checks:
-            resolution = f"no longer found by {cleared_by}: cleared on site"
-            store.update(Fault, fault.id, status=FaultStatus.FIXED, fixed_at=now, resolution=resolution)
-            audit("fault.clear", fault, resolution=resolution)
+        if kind is not None and kind.check in clean_checks and not lifecycle(fault).get("not_seen_since"):
+            # no longer closed by a check: noted for the assignee, who retests and closes it (tasks/fault_lifecycle.py)
+            mark_not_seen(store, fault, now, cleared_by)
+            audit("fault.not_seen", fault, since=now.isoformat())
     return standing
 
 

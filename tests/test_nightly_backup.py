@@ -146,13 +146,14 @@ def test_nightly_backup_one_counter_per_outlet_out_of_service_only_for_its_snaps
     [(_, notice)] = receiver.received
     assert notice["title"] == "Nightly backup done" and "4 of 4 counters backed up" in notice["message"]
 
-    # The next post-close inspection finds every backup fresh: the faults are closed.
+    # The next post-close inspection finds every backup fresh: the faults are marked "not seen since" for
+    # the assignee to retest and close, not closed by the check itself (tasks/fault_lifecycle.py).
     after = cli("inspect", "--phase", "post-close", "--inventory", str(fleet4))
     assert after.returncode == 0, after.stdout + after.stderr
     with Store.open() as store:
         for d in devices:
             [fault] = [f for f in store.faults(device_id=d.id) if f.symptom == Symptom.BACKUP_STALE]
-            assert fault.status == FaultStatus.FIXED and fault.fixed_at, d.id
+            assert fault.status != FaultStatus.FIXED and fault.details["lifecycle"]["not_seen_since"], d.id
 
 
 def test_a_counter_whose_backup_fails_is_named_and_back_in_service(fleet4, prefect_api):
@@ -254,5 +255,6 @@ def test_a_counter_that_cannot_be_put_back_in_service_gets_a_critical_fault_and_
 
     r = cli("inspect", "--phase", "post-close", "--inventory", str(fleet4))
     assert maintenance(device)["in_service"] is True, r.stdout + r.stderr  # the inspection's first-line fix
-    with Store.open() as store:
-        assert store.get(Fault, fault_id).status == FaultStatus.FIXED
+    with Store.open() as store:  # the critical fault is not closed by the check: a person retests and closes it
+        fault = store.get(Fault, fault_id)
+        assert fault.status == FaultStatus.OPEN and fault.details["lifecycle"]["not_seen_since"]
