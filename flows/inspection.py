@@ -82,7 +82,7 @@ def daily_inspection(phase: Phase, inventory: str, branch: str | None = None, no
             ]
             results = [f.result() for f in futures]
             try:  # urgent faults open past the response-time objective go to head office, once each
-                late = escalate_overdue(store, by, notify, [branch] if branch else None, run_id=run.id)
+                late = escalate_overdue(store, by, audience(inv, [], notify), [branch] if branch else None, run_id=run.id)  # notify + head office
             except NotifyError as e:
                 late = []
                 log.warning(f"urgent faults past their response-time objective not escalated (the next inspection retries): {e}")
