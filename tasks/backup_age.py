@@ -25,8 +25,7 @@ _SCANNED = 50  # newest records looked at; retention never destroys a counter's 
 
 def newest_verified_backup(store: Store, device_id: str) -> Backup | None:
     """The counter's newest backup that was verified when taken and is not destroyed; None when there is none."""
-    usable = [b for b in store.backups(device_id=device_id, limit=_SCANNED)
-              if b.verified_at is not None and getattr(b, "destroyed_at", None) is None]  # destroyed_at: issue 11 retention
+    usable = [b for b in store.backups(device_id=device_id, limit=_SCANNED) if b.verified_at is not None]  # destroyed ones are not listed
     return max(usable, key=lambda b: b.taken_at, default=None)
 
 

@@ -222,12 +222,6 @@ def mark_not_seen(store: Store, fault: Fault, since: datetime, by: str) -> Fault
     return store.update(Fault, fault.id, details={**(fault.details or {}), "lifecycle": life})
 
 
-def in_lifecycle(fault: Fault) -> bool:
-    """Opened by a person or taken up by one (assigned): only a person's close ends it."""
-    life = (fault.details or {}).get("lifecycle") or {}
-    return bool(life.get("opened_by") or life.get("assignee"))
-
-
 def overdue(fault: Fault, now: datetime | None = None) -> bool:
     """An urgent fault still open past the response-time objective."""
     return (fault.status != FaultStatus.FIXED and _RANK.get(fault.severity, 9) == 0

@@ -47,6 +47,7 @@ from inventory.models import Backup, Device, UpgradeStep, utcnow
 from inventory.store import Store
 from tasks.acting import Acting
 from tasks.backup import BackupError, Source, Vault, data_changed_since, restore_backup, take_backup, verify_backup
+from tasks.backup_age import newest_verified_backup
 from tasks.checks import business_test, functional_test, read_installed_version
 from tasks.counter_app import read_health, set_in_service
 from tasks.layout import CTL
@@ -135,11 +136,6 @@ def backup_release(store: Store, backup: Backup) -> str | None:
         if step.step == UpgradeStep.PRECHECK and step.details.get("installed_version"):
             return step.details["installed_version"]
     return None
-
-
-def newest_backup(store: Store, device: Device) -> Backup | None:
-    """The counter's newest verified backup."""
-    return next((b for b in store.backups(device_id=device.id, limit=20) if b.verified_at is not None), None)
 
 
 # ----------------------------------------------------------------------------- keep and put back
@@ -241,7 +237,7 @@ def restore_onto_standby(conn: Connection, standby: Device, state: StandbyState,
     """Restore ``device``'s newest verified backup onto the standby, start it, pass the tests; RTO and RPO.
     Never raises for the counter's or the standby's faults: they are the result's errors."""
     at = utcnow()
-    backup = newest_backup(store, device)
+    backup = newest_verified_backup(store, device.id)
     if backup is None:
         return StandbyRestore(drilled_at=at, errors=["no verified backup stored for this counter: nothing to restore"])
     result = StandbyRestore(backup_id=backup.id, drilled_at=at, row_counts=backup.row_counts,
