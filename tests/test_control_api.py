@@ -51,13 +51,15 @@ def test_the_counter_sshd_opens_a_channel_to_its_own_app_port_only(fleet):
         assert counter_app.read_health(conn)["device_id"] == me.id  # the connection is still sound
 
 
-def _connected_to(port_: int) -> bool:
+def _request_waiting(port_: int) -> bool:
     """A TCP connection to ``port_`` on the loopback is established (the kernel accepts it even while
-    the listening process is stopped)."""
+    the listening process is stopped) and bytes wait in its receive queue: the channel was opened and
+    the request sent through it, so the call is now waiting for the answer."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            if int(local.rsplit(":", 1)[1], 16) == port_ and state == "01":
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if int(local.rsplit(":", 1)[1], 16) == port_ and state == "01" and int(queues.split(":")[1], 16) > 0:
                 return True
     return False
 
@@ -83,8 +85,8 @@ def test_a_link_lost_while_the_app_answers_is_reported_as_such(fleet_dir):
         try:
             caller.start()
             deadline = time.monotonic() + 30
-            while not _connected_to(d.http_port):  # the counter's sshd has connected to the app for us
-                assert time.monotonic() < deadline, "the channel never reached the app"
+            while not _request_waiting(d.http_port):  # the request went through the channel, to the stopped app
+                assert time.monotonic() < deadline, "the request never reached the app"
                 time.sleep(0.01)
             sessions = session_processes(FleetLayout(fleet_dir), d.id)
             assert sessions
