@@ -89,6 +89,8 @@ def fleet_up(
     http_port: Annotated[int, typer.Option(min=1024, max=32700, help="First HTTP port to try.")] = 24000,
     standby: Annotated[int, typer.Option(min=0, max=10, help="Standby counters to add (SC-STANDBY-01…, branch HQ, outlet HQ-LAB; "
                                                               "`standby: true`): what `counterops drill --standby ID` restores onto.")] = 0,
+    traffic: Annotated[float, typer.Option(min=0, max=600, help="Generated customers per minute on each counter (not the standby ones), "
+                                                                "for its business figures; 0: none.")] = 0,
 ) -> None:
     """Bring up a fleet of simulated counters; return when all answer."""
     import time
@@ -100,7 +102,7 @@ def fleet_up(
     started = time.monotonic()
     try:
         statuses = fleet.up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets, ssh_base_port=ssh_port, http_base_port=http_port,
-                            standby=standby)
+                            standby=standby, traffic_per_minute=traffic)
     except fleet.FleetError as e:
         fail(str(e))
     out.print(f"{len(statuses)} counters answering in {time.monotonic() - started:.1f} s")

@@ -418,10 +418,12 @@ def _as_user(user: pwd.struct_passwd) -> dict:
     return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
 
 
-def _prepare_root(fleet_dir: Path, c: Counter, packages: dict[str, Path], user: pwd.struct_passwd) -> None:
+def _prepare_root(fleet_dir: Path, c: Counter, packages: dict[str, Path], user: pwd.struct_passwd,
+                  traffic_per_minute: float = 0.0) -> None:
     root = _paths(fleet_dir, c.id)["root"]
     fresh = not (root / "opt" / "smartcounter" / "current").exists()
-    releases.prepare_counter_root(root, device_id=c.id, branch=c.branch, outlet=c.outlet, http_port=c.http_port, http_host=HOST)
+    releases.prepare_counter_root(root, device_id=c.id, branch=c.branch, outlet=c.outlet, http_port=c.http_port, http_host=HOST,
+                                  traffic_per_minute=0.0 if c.standby else traffic_per_minute)
     if fresh:
         releases.install_release(root, packages[INSTALLED_VERSION], version=INSTALLED_VERSION)
     _chown_tree(root, user)
@@ -606,10 +608,13 @@ def up(
     http_base_port: int = DEFAULT_HTTP_BASE_PORT,
     parallel: int = 8,
     standby: int = 0,
+    traffic_per_minute: float = 0.0,
 ) -> list[CounterStatus]:
     """Bring the fleet up and return when every counter answers over SSH and HTTP.
 
     ``standby``: that many more counters marked ``standby: true`` in the inventory (see plan_standby).
+    ``traffic_per_minute``: generated customers per minute on each counter but the standby ones
+    (``traffic_per_minute`` in its counter.json, which the app reads every second; 0: none).
 
     Calling it again on a running fleet is harmless: what runs is left alone,
     what stopped is started again. Asking for a different size than the one
@@ -621,13 +626,14 @@ def up(
     saved = os.umask(0o022)
     try:
         return _up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets_per_branch,
-                   ssh_base_port=ssh_base_port, http_base_port=http_base_port, parallel=parallel, standby=standby)
+                   ssh_base_port=ssh_base_port, http_base_port=http_base_port, parallel=parallel, standby=standby,
+                   traffic_per_minute=traffic_per_minute)
     finally:
         os.umask(saved)
 
 
 def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branch: int | None, ssh_base_port: int,
-        http_base_port: int, parallel: int, standby: int = 0) -> list[CounterStatus]:
+        http_base_port: int, parallel: int, standby: int = 0, traffic_per_minute: float = 0.0) -> list[CounterStatus]:
     if not os.path.exists(SSHD):
         raise FleetError(f"{SSHD} is missing: install OpenSSH's server (apt-get install -y openssh-server)")
     fleet_dir = Path(fleet_dir).resolve()
@@ -664,7 +670,7 @@ def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branc
     site = Counter(id=SITE_ID, branch="", outlet="", ssh_port=state.site_port or 0, http_port=0)
     started = [(c, _start_sshd(fleet_dir, c)) for c in [*state.devices, site]]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        list(pool.map(lambda c: _prepare_root(fleet_dir, c, packages, user), state.devices))
+        list(pool.map(lambda c: _prepare_root(fleet_dir, c, packages, user, traffic_per_minute), state.devices))
         for c, proc in started:  # the counters' and the backup site's
             _wait_for_sshd(fleet_dir, c, proc, deadline)
         results = list(pool.map(lambda c: (c, _ctl(fleet_dir, c, "start", user)), state.devices))

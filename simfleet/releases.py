@@ -1,6 +1,6 @@
 """Release packages of the counter software, and laying out a counter's root.
 
-``build_packages`` turns the source tree in ``simfleet/counter/`` into six
+``build_packages`` turns the source tree in ``simfleet/counter/`` into seven
 release tarballs that differ only in ``VERSION`` and ``release.json`` (which
 switches on the deliberate defects) and in a filler asset. The tarballs are
 byte-for-byte reproducible, so a version always has the same sha256 and the
@@ -49,6 +49,10 @@ class Release:
     unhealthy: bool = False
     wrong_balance: bool = False
     fail_migration: bool = False
+    slow_ms: int = 0
+    """Every business call takes this much longer (seen in the counter's business figures, not by a gate)."""
+    error_rate: float = 0.0
+    """This share of customer business calls fails (the upgrade's test-mode business test never sees it)."""
 
     @property
     def package_name(self) -> str:
@@ -63,6 +67,9 @@ class Release:
                 "unhealthy": self.unhealthy,
                 "wrong_balance": self.wrong_balance,
                 "fail_migration": self.fail_migration,
+                # only when set: the other releases' packages (and their sha256) stay as they were
+                **({"slow_ms": self.slow_ms} if self.slow_ms else {}),
+                **({"error_rate": self.error_rate} if self.error_rate else {}),
             },
         }
 
@@ -76,6 +83,8 @@ VERSIONS: dict[str, Release] = {
         Release("1.1.1", 1, "installs and starts, but /health reports status error", unhealthy=True),
         Release("1.1.2", 1, "healthy, but a transfer answers a wrong from_balance", wrong_balance=True),
         Release("1.1.3", 1, "bin/migrate changes counter.db, then fails", fail_migration=True),
+        Release("1.2.1", 2, "passes every upgrade test, but serves customers 150 ms slower and fails 1 in 5 of their calls",
+                slow_ms=150, error_rate=0.2),
     )
 }
 
@@ -265,6 +274,7 @@ def prepare_counter_root(
     outlet: str,
     http_port: int,
     http_host: str = "127.0.0.1",
+    traffic_per_minute: float = 0.0,
 ) -> dict[str, int]:
     """Create a counter's directories, config and seeded database under ``root``.
 
@@ -277,7 +287,7 @@ def prepare_counter_root(
                       paths.releases_dir, paths.root / "tmp"):
         directory.mkdir(parents=True, exist_ok=True)
     config = {"device_id": device_id, "branch": branch, "outlet": outlet,
-              "http_host": http_host, "http_port": http_port}
+              "http_host": http_host, "http_port": http_port, "traffic_per_minute": traffic_per_minute}
     _write_if_changed(paths.config, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
     if not paths.db.exists():
         return create_counter_db(paths.db, device_id=device_id, branch=branch, outlet=outlet)

@@ -6,7 +6,10 @@ Runs on the counter's system python as
 simulated fleet finds its processes). It serves a small JSON HTTP API that
 upgrade and inspection tooling uses:
 
-* ``GET /health``, ``GET /metrics`` -- what an inspection reads;
+* ``GET /health``, ``GET /metrics`` -- what an inspection reads; ``/metrics`` also gives the
+  business figures of a period (``?from=&to=``) or of consecutive periods (``?period_s=N``):
+  see :class:`Figures`;
+* ``POST /feedback`` -- a customer's satisfaction score (1 to 5) after being served;
 * ``GET|POST /maintenance`` -- take the counter out of service around an upgrade;
 * ``POST /test/...`` -- test-mode business calls (open card, activate card,
   transfer, update account) for post-upgrade smoke tests, on ``test_*``
@@ -15,14 +18,25 @@ upgrade and inspection tooling uses:
   with 503 while the counter is out of service.
 
 Behaviour flags in ``release.json`` (written by the package builder) let some
-releases misbehave on purpose: ``unhealthy`` (health says "error") and
-``wrong_balance`` (a transfer reports a wrong balance).
+releases misbehave on purpose: ``unhealthy`` (health says "error", and customer
+business fails: the transaction engine did not initialise), ``wrong_balance``
+(a transfer reports a wrong balance), ``slow_ms`` (every business call takes
+that much longer) and ``error_rate`` (that share of customer calls fails).
+
+While ``traffic_per_minute`` in ``counter.json`` is above 0 (read again every
+second; 0, the default, turns it off) a background thread plays customers:
+card openings, activations, transfers and account changes at about that rate,
+each through the same business code as a customer's call and counted in the
+figures, followed by the customer's satisfaction score. Its rows go to their own
+``sim_`` tables (never the customer tables, nor the ``test_`` tables the
+upgrade's business test empties), and only while the counter is in service.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import random
 import os
 import re
 import signal
@@ -37,6 +51,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import parse_qs
 
 APP_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(APP_DIR))
@@ -49,6 +64,9 @@ PAPER_LOW_PCT = 10
 TEST_CARD_OPENING_BALANCE_CENTS = 100_000
 MAX_TRANSFER_CENTS = 50_000_000
 LATENCY_WINDOW = 1000
+FIGURES_KEEP_DAYS = 35  # business figures older than this are pruned at start
+MAX_PERIODS = 1000  # at most this many buckets in one /metrics answer
+SIM_PREFIX = "sim_"  # the generated customers' own tables
 
 ID_NUMBER_RE = re.compile(r"^\d{17}[\dX]$")
 PHONE_RE = re.compile(r"^1[3-9]\d{9}$")
@@ -106,6 +124,12 @@ class CounterFiles:
     def pidfile(self) -> Path:
         return self.root / "var/run/smartcounter/counterd.pid"
 
+    @property
+    def figures(self) -> Path:
+        """The business figures: outside the data directory a backup holds (and a rollback puts back),
+        and outside the release, so they outlive upgrades, rollbacks and restarts."""
+        return self.root / "var/lib/smartcounter-figures/figures.db"
+
 
 @dataclass(frozen=True)
 class Release:
@@ -115,6 +139,8 @@ class Release:
     schema_version: int
     unhealthy: bool
     wrong_balance: bool
+    slow_ms: int = 0
+    error_rate: float = 0.0
 
     @classmethod
     def load(cls, release_dir: Path) -> "Release":
@@ -125,6 +151,8 @@ class Release:
             schema_version=int(meta["schema_version"]),
             unhealthy=bool(flags.get("unhealthy")),
             wrong_balance=bool(flags.get("wrong_balance")),
+            slow_ms=int(flags.get("slow_ms") or 0),
+            error_rate=float(flags.get("error_rate") or 0.0),
         )
 
 
@@ -209,6 +237,114 @@ def latency_summary(sorted_ms: list[float]) -> Json:
     }
 
 
+# ------------------------------------------------------------------------- figures
+
+CALL_TYPES = {"card/open": "card_open", "card/activate": "card_activate", "transfer": "transfer",
+              "account/update": "account_update"}
+
+
+def parse_time(field: str, value: str) -> float:
+    """A query parameter as epoch seconds: a number, or an ISO 8601 time with its offset."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        from datetime import datetime
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise invalid(field, "must be epoch seconds or an ISO 8601 time with its offset, e.g. 2026-12-05T20:00:00+08:00")
+    if at.tzinfo is None:
+        raise invalid(field, "give the time's offset (…Z or …+08:00)")
+    return at.timestamp()
+
+
+def iso(epoch: float) -> str:
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Figures:
+    """The counter's business figures, per second, in their own SQLite file (``CounterFiles.figures``).
+
+    Every customer business call (not the ``/test/`` ones: those are the upgrade's smoke tests) adds to
+    its second's row for its type: served, failed, handling time; satisfaction scores and process
+    starts have their own tables. Any period is then summed from the rows: per type, success rate,
+    mean handling time, errors, restarts (starts but the first ever), satisfaction."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(path), timeout=5.0, isolation_level=None, check_same_thread=False)
+            conn.execute("""CREATE TABLE IF NOT EXISTS calls (
+                at INTEGER NOT NULL, call TEXT NOT NULL, ok INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
+                handling_ms REAL NOT NULL DEFAULT 0, PRIMARY KEY (at, call))""")
+            conn.execute("CREATE TABLE IF NOT EXISTS feedback (at INTEGER PRIMARY KEY, score_sum INTEGER NOT NULL, responses INTEGER NOT NULL)")
+            conn.execute("CREATE TABLE IF NOT EXISTS starts (at REAL NOT NULL, pid INTEGER NOT NULL)")
+            horizon = int(time.time()) - FIGURES_KEEP_DAYS * 86400
+            for table, column in (("calls", "at"), ("feedback", "at"), ("starts", "at")):
+                conn.execute(f"DELETE FROM {table} WHERE {column} < ?", (horizon,))
+            self._conn = conn
+        except (OSError, sqlite3.Error) as exc:
+            log(f"business figures not kept: {path}: {exc}")
+
+    def _write(self, sql: str, args: tuple) -> None:
+        if self._conn is None:
+            return
+        with self._lock:
+            try:
+                self._conn.execute(sql, args)
+            except sqlite3.Error as exc:
+                log(f"business figures: {exc}")
+
+    def started(self) -> None:
+        self._write("INSERT INTO starts (at, pid) VALUES (?, ?)", (time.time(), os.getpid()))
+
+    def call(self, call: str, ok: bool, handling_ms: float) -> None:
+        self._write("""INSERT INTO calls (at, call, ok, failed, handling_ms) VALUES (?, ?, ?, ?, ?)
+                       ON CONFLICT (at, call) DO UPDATE SET ok = ok + excluded.ok, failed = failed + excluded.failed,
+                       handling_ms = handling_ms + excluded.handling_ms""",
+                    (int(time.time()), CALL_TYPES[call], int(ok), int(not ok), handling_ms))
+
+    def feedback(self, score: int) -> None:
+        self._write("""INSERT INTO feedback (at, score_sum, responses) VALUES (?, ?, 1)
+                       ON CONFLICT (at) DO UPDATE SET score_sum = score_sum + excluded.score_sum,
+                       responses = responses + 1""", (int(time.time()), score))
+
+    def period(self, start: float, end: float) -> Json:
+        """The figures of [start, end) (epoch seconds; whole seconds, as the rows are kept)."""
+        a, b = math.floor(start), math.ceil(end)
+        by_type = {name: 0 for name in CALL_TYPES.values()}
+        ok = failed = 0
+        handling = 0.0
+        score_sum = responses = restarts = 0
+        if self._conn is not None:
+            with self._lock:
+                for call, n_ok, n_failed, ms in self._conn.execute(
+                        "SELECT call, SUM(ok), SUM(failed), SUM(handling_ms) FROM calls WHERE at >= ? AND at < ? GROUP BY call", (a, b)):
+                    by_type[call] = int(n_ok)
+                    ok, failed, handling = ok + int(n_ok), failed + int(n_failed), handling + float(ms)
+                row = self._conn.execute("SELECT SUM(score_sum), SUM(responses) FROM feedback WHERE at >= ? AND at < ?", (a, b)).fetchone()
+                score_sum, responses = int(row[0] or 0), int(row[1] or 0)
+                first = self._conn.execute("SELECT MIN(at) FROM starts").fetchone()[0]
+                restarts = self._conn.execute("SELECT COUNT(*) FROM starts WHERE at >= ? AND at < ? AND at > ?",
+                                              (a, b, first if first is not None else b)).fetchone()[0]
+        calls = ok + failed
+        return {
+            "start": iso(a), "end": iso(b),
+            "transactions": by_type,
+            "transactions_total": ok,
+            "errors": failed,
+            "success_rate": round(ok / calls, 4) if calls else None,
+            "mean_handling_ms": round(handling / calls, 2) if calls else None,
+            "restarts": int(restarts),
+            "satisfaction": {"mean": round(score_sum / responses, 2) if responses else None, "responses": responses},
+        }
+
+
 # ------------------------------------------------------------------------ business
 
 
@@ -234,16 +370,18 @@ def require_amount(body: Json, field: str) -> int:
 class Ledger:
     """The four counter services on one set of tables (customer or ``test_``)."""
 
-    def __init__(self, db_path: Path, *, test_mode: bool, wrong_balance: bool, branch: str, outlet: str) -> None:
+    def __init__(self, db_path: Path, *, test_mode: bool, wrong_balance: bool, branch: str, outlet: str,
+                 generated: bool = False) -> None:
         self._db_path = db_path
         self.test_mode = test_mode
+        self.generated = generated
         self._branch = branch
         self._outlet = outlet
-        self._p = counterdb.TEST_PREFIX if test_mode else ""
+        self._p = SIM_PREFIX if generated else counterdb.TEST_PREFIX if test_mode else ""
         self._wrong_balance = wrong_balance
         # Separate card ranges so numbers opened here never collide with seeded cards.
-        self._card_bin = "6299990" if test_mode else "6217990"
-        self._customer_prefix = "T" if test_mode else "C9"
+        self._card_bin = "6217980" if generated else "6299990" if test_mode else "6217990"
+        self._customer_prefix = "S" if generated else "T" if test_mode else "C9"
 
     def _card(self, conn: sqlite3.Connection, card_no: str, field: str) -> sqlite3.Row:
         row = conn.execute(f"SELECT * FROM {self._p}cards WHERE card_no = ?", (card_no,)).fetchone()
@@ -258,7 +396,7 @@ class Ledger:
         id_number = require_str(body, "id_number", ID_NUMBER_RE, "must be an 18-character resident ID number")
         phone = require_str(body, "phone", PHONE_RE, "must be an 11-digit mainland mobile number")
         now = counterdb.utc_now()
-        balance = TEST_CARD_OPENING_BALANCE_CENTS if self.test_mode else 0
+        balance = TEST_CARD_OPENING_BALANCE_CENTS if self.test_mode or self.generated else 0
         with counterdb.open_db(self._db_path) as conn, counterdb.transaction(conn):
             next_id = conn.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {self._p}customers").fetchone()[0]
             customer_no = f"{self._customer_prefix}{next_id:09d}"
@@ -351,6 +489,12 @@ class Ledger:
             ).fetchone()
         return {"card_no": card_no, **dict(customer), "test_mode": self.test_mode}
 
+    def ensure_tables(self) -> None:
+        """Create this ledger's tables when they are not there yet (the generated customers' ``sim_`` ones)."""
+        with counterdb.open_db(self._db_path) as conn, counterdb.transaction(conn):
+            for statement in counterdb.business_tables_ddl(self._p):
+                conn.execute(statement)
+
     def reset(self) -> Json:
         """Empty the test tables (children first, for the foreign keys)."""
         deleted = {}
@@ -388,6 +532,8 @@ class CounterApp:
         self.release = Release.load(RELEASE_DIR)
         self.state = StateStore(self.files.state)
         self.metrics = Metrics()
+        self.figures = Figures(self.files.figures)
+        self.stopping = threading.Event()
         self.started_monotonic = time.monotonic()
         self.started_at = counterdb.utc_now()
         self.ledgers = {
@@ -395,6 +541,8 @@ class CounterApp:
                               branch=self.config.get("branch", ""), outlet=self.config.get("outlet", ""))
             for test_mode in (False, True)
         }
+        self.sim_ledger = Ledger(self.files.db, test_mode=False, wrong_balance=self.release.wrong_balance,
+                                 branch=self.config.get("branch", ""), outlet=self.config.get("outlet", ""), generated=True)
 
     def record_start(self) -> None:
         """Count this process start, so /metrics can report restarts."""
@@ -402,6 +550,7 @@ class CounterApp:
             state["starts"] = int(state.get("starts", 0)) + 1
 
         self.state.update(bump)
+        self.figures.started()
 
     def prepare_database(self) -> None:
         """Create the test tables; a missing database is left for /health to report."""
@@ -473,9 +622,52 @@ class CounterApp:
             "checks": checks,
         }
 
-    def metrics_doc(self) -> Json:
+    def metrics_doc(self, query: dict[str, str] | None = None) -> Json:
+        """The counters since start; with ``from``/``to`` (epoch seconds or ISO 8601, ``to`` defaults to
+        now) the business figures of that period as ``period``; with ``period_s=N`` also ``periods``, the
+        figures of each N-second bucket (whole seconds) from ``from`` (or the last ``count``, default 24) up to ``to``."""
         starts = int(self.state.get().get("starts", 1))
-        return {**self.metrics.snapshot(), "restarts": max(0, starts - 1), "started_at": self.started_at}
+        doc = {**self.metrics.snapshot(), "restarts": max(0, starts - 1), "started_at": self.started_at}
+        query = query or {}
+        if not {"from", "to", "period_s"} & set(query):
+            return doc
+        end = parse_time("to", query["to"]) if "to" in query else time.time()
+        period_s = None
+        if "period_s" in query:
+            try:
+                period_s = int(query["period_s"])
+            except ValueError:
+                raise invalid("period_s", "must be a whole number of seconds")
+            if period_s < 1:
+                raise invalid("period_s", "must be at least 1 second")
+        if "from" in query:
+            start = parse_time("from", query["from"])
+        elif period_s is not None:
+            try:
+                count = int(query.get("count", "24"))
+            except ValueError:
+                raise invalid("count", "must be a whole number of periods")
+            start = end - period_s * max(1, count)
+        else:
+            raise invalid("from", "give from= (the period's start) with to=, or period_s=")
+        start, end = math.floor(start), math.ceil(end)  # whole seconds, as the figures are kept: buckets never overlap
+        if start >= end:
+            raise invalid("from", "must be before to")
+        doc["period"] = self.figures.period(start, end)
+        if period_s is not None:
+            buckets = math.ceil((end - start) / period_s)
+            if buckets > MAX_PERIODS:
+                raise invalid("period_s", f"gives {buckets} periods; at most {MAX_PERIODS}: make it longer")
+            doc["periods"] = [self.figures.period(start + i * period_s, min(end, start + (i + 1) * period_s))
+                              for i in range(buckets)]
+        return doc
+
+    def feedback(self, body: Json) -> Json:
+        score = body.get("score")
+        if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 5:
+            raise invalid("score", "required, a whole number from 1 (poor) to 5 (excellent)")
+        self.figures.feedback(score)
+        return {"score": score}
 
     def maintenance(self) -> Json:
         default = {"in_service": True, "reason": None, "since": self.started_at}
@@ -500,11 +692,17 @@ class CounterApp:
 
     # -- dispatch
 
-    def business(self, call: str, *, test_mode: bool, body: Json) -> Json:
+    def business(self, call: str, *, test_mode: bool, body: Json, generated: bool = False) -> Json:
         mode = self.maintenance()
         if not test_mode and not mode["in_service"]:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"counter out of service: {mode.get('reason')}")
-        ledger = self.ledgers[test_mode]
+        if self.release.slow_ms:
+            time.sleep(self.release.slow_ms / 1000)
+        if not test_mode and self.release.unhealthy:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "transaction engine did not initialise")
+        if not test_mode and self.release.error_rate and random.random() < self.release.error_rate:
+            raise ApiError(HTTPStatus.GATEWAY_TIMEOUT, "core banking did not answer in time")
+        ledger = self.sim_ledger if generated else self.ledgers[test_mode]
         handler = {
             "card/open": ledger.open_card,
             "card/activate": ledger.activate_card,
@@ -513,7 +711,7 @@ class CounterApp:
         }[call]
         return handler(body)
 
-    def handle(self, method: str, path: str, body: Json) -> tuple[HTTPStatus, Json]:
+    def handle(self, method: str, path: str, body: Json, query: dict[str, str] | None = None) -> tuple[HTTPStatus, Json]:
         """Route one request to (HTTP status, JSON body)."""
         business = business_call(path)
         if business is not None:
@@ -523,7 +721,8 @@ class CounterApp:
             return HTTPStatus.OK, self.business(call, test_mode=test_mode, body=body)
         routes: dict[tuple[str, str], Callable[[], Json]] = {
             ("GET", "/health"): self.health,
-            ("GET", "/metrics"): self.metrics_doc,
+            ("GET", "/metrics"): lambda: self.metrics_doc(query),
+            ("POST", "/feedback"): lambda: self.feedback(body),
             ("GET", "/maintenance"): self.maintenance,
             ("POST", "/maintenance"): lambda: self.set_maintenance(body),
             ("POST", "/test/reset"): self.ledgers[True].reset,
@@ -533,6 +732,98 @@ class CounterApp:
         if any(route_path == path for _, route_path in routes):
             raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path}: method {method} not allowed")
         raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {method} {path}")
+
+
+# ------------------------------------------------------------------------- traffic
+
+SIM_NAMES = ("王芳", "李娜", "张伟", "刘洋", "陈静", "杨磊", "赵敏", "黄涛", "周杰", "吴霞")
+
+
+def traffic_rate(config_path: Path) -> float:
+    """Customers per minute the counter plays (``traffic_per_minute`` in counter.json; 0: none)."""
+    try:
+        rate = float(json.loads(config_path.read_text()).get("traffic_per_minute") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
+    return rate if rate > 0 and math.isfinite(rate) else 0.0
+
+
+class Traffic:
+    """Generated customers, served through :meth:`CounterApp.business` on the ``sim_`` tables while the
+    counter is in service, each call counted in the figures and followed (most of the time) by the
+    customer's satisfaction score: 5 served quickly, 4 slowly (over 300 ms), 3 very slowly (over 1 s),
+    1 refused or given a wrong balance."""
+
+    def __init__(self, app: "CounterApp") -> None:
+        self.app = app
+        self.rng = random.Random()
+        self.cards: dict[str, int] = {}  # this process's active generated cards: card_no -> balance in cents
+        self.ready = False
+
+    def run(self) -> None:
+        while not self.app.stopping.is_set():
+            rate = traffic_rate(self.app.files.config)
+            if rate <= 0:
+                self.app.stopping.wait(1.0)
+                continue
+            if self.app.stopping.wait(min(60.0, self.rng.expovariate(rate / 60.0))):
+                return
+            try:
+                if self.app.maintenance()["in_service"]:
+                    self.customer()
+            except Exception as exc:  # noqa: BLE001 - a generated customer must never stop the counter
+                log(f"traffic: {exc!r}")
+
+    def _call(self, call: str, body: Json) -> tuple[bool, Json, float]:
+        started = time.perf_counter()
+        try:
+            doc, ok = self.app.business(call, test_mode=False, body=body, generated=True), True
+        except ApiError as exc:
+            doc, ok = exc.body(), False
+        except sqlite3.Error as exc:
+            doc, ok = {"error": str(exc)}, False
+        ms = (time.perf_counter() - started) * 1000
+        self.app.figures.call(call, ok, ms)
+        return ok, doc, ms
+
+    def _rate(self, ok: bool, ms: float, right: bool = True) -> None:
+        if self.rng.random() >= 0.6:  # not every customer answers the survey
+            return
+        score = 1 if not ok or not right else 5 if ms <= 300 else 4 if ms <= 1000 else 3
+        self.app.figures.feedback(score)
+
+    def customer(self) -> None:
+        if not self.ready:
+            self.app.sim_ledger.ensure_tables()
+            self.ready = True
+        r = self.rng.random()
+        if len(self.cards) < 2 or r < 0.25:
+            n = self.rng.randrange(10**8)
+            ok, doc, ms = self._call("card/open", {"customer_name": self.rng.choice(SIM_NAMES),
+                                                   "id_number": f"1101011990{n % 10**8:08d}",
+                                                   "phone": f"139{n:08d}"})
+            self._rate(ok, ms)
+            if ok:
+                ok, _, ms = self._call("card/activate", {"card_no": doc["card_no"]})
+                self._rate(ok, ms)
+                if ok:
+                    self.cards[doc["card_no"]] = int(doc["balance_cents"])
+            return
+        if r < 0.75:
+            payer = self.rng.choice([c for c, b in self.cards.items() if b >= 100] or list(self.cards))
+            payee = self.rng.choice([c for c in self.cards if c != payer])
+            amount = max(1, min(self.cards[payer], self.rng.randrange(100, 5000)))
+            ok, doc, ms = self._call("transfer", {"from_card": payer, "to_card": payee, "amount_cents": amount})
+            right = True
+            if ok:
+                right = doc.get("from_balance_cents") == self.cards[payer] - amount  # the customer reads the receipt
+                self.cards[payer] -= amount
+                self.cards[payee] += amount
+            self._rate(ok, ms, right)
+            return
+        ok, _, ms = self._call("account/update", {"card_no": self.rng.choice(list(self.cards)),
+                                                   "phone": f"137{self.rng.randrange(10**8):08d}"})
+        self._rate(ok, ms)
 
 
 # ---------------------------------------------------------------------------- HTTP
@@ -571,17 +862,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         started = time.perf_counter()
-        path = self.path.split("?", 1)[0]
+        path, _, qs = self.path.partition("?")
+        query = {k: v[-1] for k, v in parse_qs(qs).items()}
         try:
             body = self._read_body() if method == "POST" else {}
-            status, doc = self.app.handle(method, path, body)
+            status, doc = self.app.handle(method, path, body, query)
         except ApiError as exc:
             status, doc = exc.status, exc.body()
         except Exception as exc:  # a bug must answer 500, not drop the connection
             status, doc = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc!r}"}
         self._send(status, doc)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        self.app.metrics.record(business=business_call(path) is not None, ok=status < 400, latency_ms=elapsed_ms)
+        business = business_call(path)
+        self.app.metrics.record(business=business is not None, ok=status < 400, latency_ms=elapsed_ms)
+        if business is not None and not business[1] and method == "POST":  # a customer's call: the business figures
+            self.app.figures.call(business[0], status < 400, elapsed_ms)
         log(f"{self.client_address[0]} {method} {path} {int(status)} {elapsed_ms:.1f}ms")
 
     def _send(self, status: HTTPStatus, doc: Json) -> None:
@@ -629,8 +924,11 @@ def serve(root: Path) -> int:
     app.record_start()
     app.prepare_database()
 
+    threading.Thread(target=Traffic(app).run, name="traffic", daemon=True).start()
+
     def on_signal(signum: int, _frame: Any) -> None:
         log(f"received {signal.Signals(signum).name}, shutting down")
+        app.stopping.set()
         # shutdown() waits for serve_forever() to return, so it must not run on its thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
