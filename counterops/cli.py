@@ -28,6 +28,7 @@ from counterops.cli_backups import backups_app
 from counterops.cli_backup import backup_command
 from counterops.cli_decide import decide_command, held_command
 from counterops.cli_drill import drill_command
+from counterops.cli_evaluate import evaluate_app
 from counterops import cli_fault_lifecycle  # noqa: F401  (faults open|assign|diagnose|repair|retest|close on faults_app)
 from counterops.cli_maintenance import faults_app, inspect_command, maintain_command
 from counterops.cli_operators import operators_app
@@ -66,6 +67,7 @@ app.add_typer(faults_app, name="faults")
 app.add_typer(operators_app, name="operators")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(audit_app, name="audit")
+app.add_typer(evaluate_app, name="evaluate")
 app.command("inspect")(inspect_command)
 app.command("maintain")(maintain_command)
 app.command("drill")(drill_command)
@@ -367,6 +369,9 @@ def upgrade(
     if left_out:
         out.print(f"{len(left_out)} counter{'s' * (len(left_out) != 1)} left out, taken by another run: "
                   "run the plan again once that run has ended", soft_wrap=True)
+    followups = run.summary.get("followups") if run is not None else None
+    if followups:  # scheduled on the upgrade-followup deployment, or said why not (tasks/followup.py)
+        out.print(f"follow-up evaluations: {escape(followups.get('said', ''))}", soft_wrap=True, highlight=False)
     if state.is_completed():
         return
     if stopped:

@@ -46,7 +46,8 @@ from inventory.models import Evaluation, EvaluationScope, Inventory, Run, RunKin
 from inventory.plan import (PlannedWave, UpgradePlan, check_package, impact, plan_waves, releases_dir, resolve_scope,
                             wave_within_limits)
 from inventory.store import Store
-from tasks.evaluate import Soak, report_markdown, verdict, watch_health, wave_metrics
+from tasks.evaluate import Soak, previous_versions, report_markdown, verdict, watch_health, wave_metrics
+from tasks.followup import schedule_followups, upgraded_summary
 from tasks.notify import Notice, NotifyError
 from tasks.prefect_api import ApiWatch, PrefectAPIUnreachable
 from tasks.contacts import alert_head_office, audience
@@ -177,15 +178,22 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
             complete = not halted and len(outcomes) == in_scope and all(o.done for o in outcomes)
             overall = {"metrics": overall_metrics, "verdict": "halted" if halted else verdict(overall_metrics, worked)}
             store.add(Evaluation(run_id=run.id, scope=EvaluationScope.OVERALL, verdict=overall["verdict"], metrics=overall_metrics))
-            report = report_markdown(plan.name, plan.target_version, wave_reports, overall, halted) + audit_head_markdown(store)
+            report = (report_markdown(plan.name, plan.target_version, wave_reports, overall, halted,
+                                      previous_versions(outcomes, plan.target_version)) + audit_head_markdown(store))
             create_markdown_artifact(key=artifact_key(plan.name, "evaluation"), markdown=report, description="Upgrade evaluation")
             publish_final_table(plan, waves, outcomes)
             status = "succeeded" if complete else "halted" if halted else "failed"
             why = None if complete else _why_not_complete(outcomes, halted, worked, left_out, in_scope)
+            # follow-up evaluations days later (tasks/followup.py), once the upgrade went through
+            followups = schedule_followups(run.id, inventory, plan.followups) if complete else None
             run.end(status, {"halted": halted, "resumable": resumable, "verdict": overall["verdict"],
                              **overall_metrics.model_dump(mode="json"), "left_out": left_out,
+                             "upgraded_counters": upgraded_summary(outcomes),
+                             **({"followups": followups} if followups is not None else {}),
                              **({"reason": why} if why else {})})
             _notify_quietly(plan, Notice(f"{plan.name}: {status}", report, "success" if complete else "failure"))
+            if followups is not None:
+                log.info(f"follow-up evaluations: {followups['said']}")
 
     if why:
         return Failed(message=why, data=[o.model_dump(mode="json") for o in outcomes])

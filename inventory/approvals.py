@@ -31,7 +31,7 @@ from inventory.store import Store
 
 SIGN = "sign"
 APPROVE = "approve"
-_NOTICE_DEFAULTS = {"not_before": None, "release_notes": None, "require_ack": False}
+_NOTICE_DEFAULTS = {"not_before": None, "release_notes": None, "require_ack": False, "followups": None}
 _LEFT_OUT = ("package",)  # the local path: the same plan verifies on another machine (package_sha256 is kept)
 
 
@@ -41,7 +41,7 @@ def plan_digest(plan: UpgradePlan) -> str:
     sha256; so is every field that decides what the plan does (scope, waves, window, limits)."""
     if not plan.package_sha256:
         raise ValueError(f"plan {plan.name}: package_sha256 is not resolved; load it with load_plan or check_package first")
-    # The advance-notice fields count only when set: a plan without them keeps the digest it always had.
+    # The advance-notice fields (and followups) count only when set: a plan without them keeps the digest it always had.
     unset = {f for f, default in _NOTICE_DEFAULTS.items() if getattr(plan, f) == default}
     content = plan.model_dump(mode="json", exclude=set(_LEFT_OUT) | unset)
     return hashlib.sha256(canonical_json(content)).hexdigest()

@@ -83,6 +83,7 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "backup.prune": frozenset({Role.HQ_IT, Role.SERVICE}),  # destroys customer data backups: head office or the schedule
     "backup.run": frozenset({Role.HQ_IT, Role.SERVICE}),
     "fault_report.run": frozenset({Role.HQ_IT, Role.AUDITOR, Role.SERVICE}),
+    "followup.run": frozenset({Role.HQ_IT, Role.AUDITOR, Role.SERVICE}),  # an upgrade's follow-up evaluation (flows/followup.py)
     "fault.decide": frozenset({Role.HQ_IT, Role.BRANCH_IT}),
     # the fault lifecycle (tasks/fault_lifecycle.py): open, assign, diagnose, repair, retest, close — a person's act
     "fault.manage": frozenset({Role.HQ_IT, Role.BRANCH_IT}),

@@ -133,6 +133,12 @@ def _timezone(value: str) -> str:
     return value
 
 
+def _followup(value: str) -> str:
+    if not re.match(r"^\d+(\.\d+)?[smhdw]$", value) or float(value[:-1]) <= 0:
+        raise ValueError(f"{value!r} is not a duration; write a number and a unit, such as 30s, 15m, 12h, 1d or 7d")
+    return value
+
+
 def _version(value: str) -> str:
     if _VERSION.fullmatch(value) is None:
         raise ValueError(f'must be a release version "MAJOR.MINOR.PATCH" such as "1.2.0", got {value!r}')
@@ -340,6 +346,10 @@ class UpgradePlan(_PlanModel):
     """What changes, for the branches' notice; when empty, the package's RELEASE_NOTES (if it has one)."""
     require_ack: bool = False
     """Every branch in scope must acknowledge the notice (`counterops plan ack`) before the upgrade starts."""
+    followups: list[Annotated[str, AfterValidator(_followup)]] | None = None
+    """When to evaluate the upgrade again after it succeeded, from the counters' business figures
+    (tasks/followup.py): durations such as "1d", "7d"; [] for none. Default: $COUNTEROPS_FOLLOWUPS, else
+    1d and 7d."""
     downgrade: bool = False
     """Allow taking counters back to an older release; done only where the release declares it runs on the
     counter's data schema. Without it, a counter on a newer release than the target is refused."""

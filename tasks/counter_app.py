@@ -10,9 +10,11 @@ Timeouts are per call.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tasks.ssh import Connection
 from tasks.ssh_http import TIMEOUT_S, base_url
@@ -23,17 +25,18 @@ def url(conn: Connection, path: str) -> httpx.URL:
     return base_url(conn).copy_with(path=path)
 
 
-def request(conn: Connection, method: str, path: str, *, json: Any = None, timeout: float = TIMEOUT_S) -> httpx.Response:
+def request(conn: Connection, method: str, path: str, *, json: Any = None, timeout: float = TIMEOUT_S,
+            params: dict[str, str] | None = None) -> httpx.Response:
     """One call to the counter app; transport errors raise ``httpx.TransportError`` naming the counter
     (the app does not answer on its loopback port, or the SSH link was lost: then ``conn.suspect`` says so)."""
     client = conn.http
     try:
-        return client.request(method, path, json=json, timeout=timeout)
+        return client.request(method, path, json=json, timeout=timeout, params=params)
     except RuntimeError:
         if not client.is_closed:
             raise
         # another thread found the link lost meanwhile, which closed this client: once more, on the new one
-        return conn.http.request(method, path, json=json, timeout=timeout)
+        return conn.http.request(method, path, json=json, timeout=timeout, params=params)
 
 
 def read_app(conn: Connection, path: str, timeout: float = TIMEOUT_S) -> dict | None:
@@ -54,6 +57,50 @@ def read_health(conn: Connection, timeout: float = TIMEOUT_S) -> dict | None:
 def read_metrics(conn: Connection) -> dict:
     """The counter app's ``/metrics`` (empty when it does not answer)."""
     return read_app(conn, "/metrics") or {}
+
+
+class Satisfaction(BaseModel):
+    """Customers' satisfaction scores (1 poor … 5 excellent) given in a period."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mean: float | None = None
+    responses: int = 0
+
+
+class BusinessFigures(BaseModel):
+    """A counter's business figures over one period, as its ``/metrics?from=&to=`` gives them: customer
+    business only (the upgrade's test-mode calls are not in them)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: datetime
+    end: datetime
+    transactions: dict[str, int] = {}
+    """Served calls by type: card_open, card_activate, transfer, account_update."""
+    transactions_total: int = 0
+    errors: int = 0
+    """Customer calls that failed."""
+    success_rate: float | None = None
+    mean_handling_ms: float | None = None
+    restarts: int = 0
+    satisfaction: Satisfaction = Satisfaction()
+
+    @property
+    def calls(self) -> int:
+        return self.transactions_total + self.errors
+
+
+def read_figures(conn: Connection, start: datetime, end: datetime) -> BusinessFigures | None:
+    """The counter's business figures over [start, end), or None when it does not answer or has none
+    (an app from before per-period figures answers without ``period``)."""
+    try:
+        r = request(conn, "GET", "/metrics", params={"from": start.isoformat(), "to": end.isoformat()})
+        r.raise_for_status()
+        period = r.json().get("period")
+        return BusinessFigures.model_validate(period) if period is not None else None
+    except (httpx.HTTPError, ValueError, AttributeError, ValidationError):
+        return None
 
 
 def read_maintenance(conn: Connection) -> dict:

@@ -159,12 +159,21 @@ def verdict(metrics: UpgradeMetrics, within_limits: bool) -> str:
     return "stable"
 
 
-def report_markdown(plan_name: str, target: str, waves: list[dict], overall: dict, halted: str | None) -> str:
+def previous_versions(outcomes: Sequence[CounterOutcome], target: str) -> str:
+    """The versions the counters ran before the upgrade (the target itself left out: counters already on
+    it), as a title shows them: "1.0.0", "1.0.0, 1.1.0"; "—" when none is known."""
+    found = sorted({o.from_version for o in outcomes if o.from_version and o.from_version != target})
+    return ", ".join(found) or "—"
+
+
+def report_markdown(plan_name: str, target: str, waves: list[dict], overall: dict, halted: str | None,
+                    previous: str = "—") -> str:
     """The evaluation head office reads: one table per wave and the overall verdict.
 
-    ``waves`` are ``{"name", "metrics": UpgradeMetrics, "verdict"}``; ``overall`` has ``metrics`` and ``verdict``.
+    ``waves`` are ``{"name", "metrics": UpgradeMetrics, "verdict"}``; ``overall`` has ``metrics`` and ``verdict``;
+    ``previous``: the versions the counters came from (:func:`previous_versions`).
     """
-    lines = [f"# Upgrade evaluation: {plan_name} → {target}", ""]
+    lines = [f"# Upgrade evaluation: {plan_name}, {previous} → {target}", ""]
     lines.append(f"**Overall verdict: {overall['verdict']}**" + (f" — halted: {halted}" if halted else ""))
     lines.append("")
     rows = [
