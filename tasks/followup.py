@@ -26,6 +26,7 @@ at +N looks at the N after the upgrade (unless given its own period), so +1d is 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -218,9 +219,12 @@ class CounterPeriods(BaseModel):
 def windows(counter: UpgradedCounter, period_s: float, now: datetime) -> tuple[datetime, datetime, datetime, datetime]:
     """(before start, before end, after start, after end): the period after the counter's upgrade ended
     (up to ``period_s``, never past ``now``) and the same length just before its upgrade began."""
-    after_start = counter.ended_at
-    length = max(0.0, min(period_s, (now - after_start).total_seconds()))
-    return counter.started_at - timedelta(seconds=length), counter.started_at, after_start, after_start + timedelta(seconds=length)
+    # whole seconds, as the counter keeps its figures, rounded inwards: nothing of the upgrade itself (its
+    # restart, its drained minutes) falls into either period
+    before_end = counter.started_at.replace(microsecond=0)
+    after_start = counter.ended_at.replace(microsecond=0) + (timedelta(seconds=1) if counter.ended_at.microsecond else timedelta(0))
+    length = float(max(0, math.floor(min(period_s, (now - after_start).total_seconds()))))
+    return before_end - timedelta(seconds=length), before_end, after_start, after_start + timedelta(seconds=length)
 
 
 def judge(read: Iterable[CounterPeriods]) -> list[Judged]:
