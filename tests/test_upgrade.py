@@ -196,6 +196,7 @@ def test_happy_path_to_1_2_0_in_three_waves(small_fleet, prefect_api, receiver):
     assert kinds["progress"] == 3 and kinds["table"] >= 1 and kinds["markdown"] >= 1
     evaluation = next(a for a in artifacts if a.key == "happy-1-2-0-evaluation")
     assert "Overall verdict: stable" in evaluation.data
+    assert evaluation.data.startswith("# Upgrade evaluation: happy-1.2.0, 1.0.0 → 1.2.0\n")  # the versions, not the plan's name
     shown = cli("runs", "show", "happy-1.2.0")
     assert shown.returncode == 0 and "business_test" in shown.stdout
 
