@@ -369,9 +369,6 @@ def upgrade(
     if left_out:
         out.print(f"{len(left_out)} counter{'s' * (len(left_out) != 1)} left out, taken by another run: "
                   "run the plan again once that run has ended", soft_wrap=True)
-    followups = run.summary.get("followups") if run is not None else None
-    if followups:  # scheduled on the upgrade-followup deployment, or said why not (tasks/followup.py)
-        out.print(f"follow-up evaluations: {escape(followups.get('said', ''))}", soft_wrap=True, highlight=False)
     if state.is_completed():
         return
     if stopped:
@@ -470,6 +467,9 @@ def print_run(store, run) -> None:
         table.add_row(device_id, "", "", f"[yellow]{escape(why or 'left out')}[/]")
     if steps or left_out:
         out.print(table)
+    followups = run.summary.get("followups")
+    if isinstance(followups, dict):  # scheduled on the upgrade-followup deployment, or why not (tasks/followup.py)
+        out.print(f"follow-up evaluations: {escape(str(followups.get('said', '')))}", highlight=False, soft_wrap=True)
     for line in run.summary.get("undelivered") or []:  # notices retried and still not delivered (tasks/contacts.py)
         out.print(f"[red]notice not delivered:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
