@@ -372,3 +372,26 @@ def test_release_1_1_3_migration_changes_data_then_fails(counter: Counter, tmp_p
     assert table_digests(counter.paths.db) == before
     counter.ctl("start")
     assert (counter.health()["version"], counter.health()["status"]) == ("1.0.0", "ok")
+
+
+def test_a_misbehaving_release_shows_in_the_business_figures_which_outlive_the_upgrade(counter: Counter) -> None:
+    """1.2.1 passes the smoke tests (test mode) but serves customers slowly and fails some of them: the
+    per-period figures show it, and 1.0.0's figures from before the upgrade are still there after it."""
+    t0 = time.time()
+    bad = {"card_no": "6217990000000000000"}  # no such card: a customer call that fails, on any release
+    for _ in range(3):
+        counter.post("/card/activate", bad, expect=404)
+    before = counter.http.get("/metrics", params={"from": t0, "to": int(time.time()) + 1}).json()["period"]
+    assert (before["errors"], before["restarts"]) == (3, 0) and before["mean_handling_ms"] < 150
+
+    counter.upgrade_to("1.2.1")
+    t1 = int(time.time()) + 1  # the figures are kept per second: start "after" on a second of its own
+    time.sleep(t1 - time.time())
+    counter.open_active_test_card()  # the upgrade's smoke test passes, and is not in the figures
+    codes = [counter.http.post("/card/open", json=OPEN_CARD).status_code for _ in range(20)]
+    assert codes.count(504) == 4 and codes.count(200) == 16, codes  # 1 in 5 fails: "core banking did not answer in time"
+    after = counter.http.get("/metrics", params={"from": t1, "to": int(time.time()) + 1}).json()["period"]
+    assert after["transactions"]["card_open"] == codes.count(200) and after["errors"] == codes.count(504)
+    assert after["mean_handling_ms"] >= 150 and after["success_rate"] < 1
+    whole = counter.http.get("/metrics", params={"from": t0, "to": int(time.time()) + 1}).json()["period"]
+    assert whole["errors"] == 3 + codes.count(504) and whole["restarts"] == 1  # kept across the restart and the upgrade

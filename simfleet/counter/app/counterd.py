@@ -534,6 +534,8 @@ class CounterApp:
         self.metrics = Metrics()
         self.figures = Figures(self.files.figures)
         self.stopping = threading.Event()
+        self._misbehaviour_lock = threading.Lock()
+        self._customer_calls = 0
         self.started_monotonic = time.monotonic()
         self.started_at = counterdb.utc_now()
         self.ledgers = {
@@ -700,7 +702,7 @@ class CounterApp:
             time.sleep(self.release.slow_ms / 1000)
         if not test_mode and self.release.unhealthy:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "transaction engine did not initialise")
-        if not test_mode and self.release.error_rate and random.random() < self.release.error_rate:
+        if not test_mode and self.release.error_rate and self._misbehaves():
             raise ApiError(HTTPStatus.GATEWAY_TIMEOUT, "core banking did not answer in time")
         ledger = self.sim_ledger if generated else self.ledgers[test_mode]
         handler = {
@@ -710,6 +712,14 @@ class CounterApp:
             "account/update": ledger.update_account,
         }[call]
         return handler(body)
+
+    def _misbehaves(self) -> bool:
+        """Whether this customer call is one the release's ``error_rate`` fails: exactly that share of them,
+        spread evenly (call n fails when floor(n * rate) steps up), so the figures show it every time."""
+        with self._misbehaviour_lock:
+            self._customer_calls += 1
+            n, rate = self._customer_calls, self.release.error_rate
+            return math.floor(n * rate) > math.floor((n - 1) * rate)
 
     def handle(self, method: str, path: str, body: Json, query: dict[str, str] | None = None) -> tuple[HTTPStatus, Json]:
         """Route one request to (HTTP status, JSON body)."""
