@@ -18,6 +18,14 @@ export COUNTEROPS_SERVICE_KEY=${COUNTEROPS_SERVICE_KEY:-$DIR/keys/counterops-sch
 if ! $BIN/counterops fleet status --dir "$DIR" >/dev/null 2>&1; then
     $BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
 fi
+# The simulated bank's mailboxes, when the inventory's contacts point at them (`make demo` adds them): without
+# them every notice would be undelivered and an upgrade would stop at its advance notice. `make stop` stops them.
+INBOX_PORT=${DEMO_INBOX_PORT:-25990}
+if grep -q "json://127.0.0.1:$INBOX_PORT/" "$COUNTEROPS_INVENTORY" && ! (exec 3<>/dev/tcp/127.0.0.1/$INBOX_PORT) 2>/dev/null; then
+    nohup $BIN/python -m simfleet.inbox --dir "$DIR/inbox" --port "$INBOX_PORT" >>"$DIR/inbox.log" 2>&1 &
+    echo $! > "$DIR/inbox.pid"
+    echo "mailboxes (head office, branches) at http://127.0.0.1:$INBOX_PORT/, kept in $DIR/inbox"
+fi
 # The operators (and the service identity) in the store, once: `operators init` refuses a store that has them.
 if ! $BIN/counterops operators list --json | grep -q '"name"'; then
     $BIN/counterops operators init --from "$DIR/operators.yaml"
