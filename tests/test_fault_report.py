@@ -150,3 +150,74 @@ def test_corrective_actions_are_recorded_closed_audited_and_bad_input_is_refused
     later = utcnow() + timedelta(days=15)
     assert fault_actions.status(first | {"done_at": None}, later) == "overdue"
     assert fault_actions.status(first, later) == "done" and fault_actions.status(second, later) == "open"
+
+
+async def _artifact_keys(flow_run_id) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key for a in found}
+
+
+def test_the_monthly_report_groups_by_cause_flags_recurrence_lists_actions_and_tells_each_branch_only_its_own(home, prefect_api):
+    A, B, C, D = COUNTERS
+    f1 = record(A, "card reader not working", "high", hours_ago=20 * 24, repair_min=120, cause="hardware")
+    f2 = record(A, "card reader not working", "high", hours_ago=3 * 24, cause="hardware")  # came back: recurring symptom
+    record(B, "receipt paper low", "medium", hours_ago=10 * 24, repair_min=10, cause="consumables")
+    record(B, "receipt printer not working", "medium", hours_ago=4 * 24, repair_min=20, cause="consumables")  # same cause
+    f6 = record(C, "card reader not working", "urgent", hours_ago=6 * 24, repair_min=30, cause="hardware")  # model SCX-200 again
+    record(C, "counter app does not answer", "critical", hours_ago=2 * 24, repair_min=90)  # an inspection's: counts as urgent
+    f9 = record(D, "screen dark", "urgent", hours_ago=5)  # open past the 2 h objective
+    record(D, "card reader not working", "high", hours_ago=45 * 24, repair_min=600, cause="hardware")  # before the period
+
+    with Store.open() as store:
+        fault_actions.add_action(store, signed(f2, fault_actions.step(), "wang.fang"), f2.id, "replace SCX-200 readers",
+                                 due=(date.today() + timedelta(days=7)).isoformat())
+        fault_actions.complete_action(store, signed(f2, fault_actions.step(1), "wang.fang"), f2.id, 1, "replaced")
+        late, _ = fault_actions.add_action(store, signed(f2, fault_actions.step(), "wang.fang"), f2.id, "clean heads weekly",
+                                           owner="branch staff", due=date.today().isoformat())
+        # time passes: the second action's due day is three days gone and it is not done
+        details = late.details | {"actions": [late.details["actions"][0],
+                                              late.details["actions"][1] | {"due": (date.today() - timedelta(days=3)).isoformat()}]}
+        store.update(Fault, f2.id, details=details)
+        fault_actions.add_action(store, signed(f6, fault_actions.step(), "zhang.wei"), f6.id, "ask the vendor about SCX-200 readers")
+
+    hq, br01, br02 = NoticeReceiver(), NoticeReceiver(), NoticeReceiver()
+    try:
+        path = write_inventory(home / "contacts.yaml", {"head_office": [hq.url], "branches": {"BR01": [br01.url], "BR02": [br02.url]}})
+        state = fault_report(period_days=30, inventory=str(path), return_state=True)  # as the monthly schedule runs it
+        assert state.is_completed(), state.message
+        report = state.result()
+
+        assert (report.scope, report.faults, report.fixed, report.unfixed) == ("bank", 7, 5, 2)
+        assert {c: n for c, n in report.by_cause.items() if n} == {"hardware": 3, "consumables": 2, "not diagnosed": 2}
+        assert [(r.device_id, r.same, r.what, r.faults) for r in report.recurring] == [
+            (A, "symptom", "card reader not working", 2), (B, "cause", "consumables", 2)]
+        [model] = report.recurring_by_model
+        assert (model.model, model.cause, model.counters, model.faults) == ("SCX-200", "hardware", [A, C], 3)
+        assert report.mttr_minutes_by_severity == {"urgent": 60.0, "high": 120.0, "normal": 15.0}  # (30+90)/2, 120, (10+20)/2
+        assert report.mttr_minutes == 54.0
+        assert [(u.fault_id, u.overdue) for u in report.open_urgent] == [(f9.id, True)]
+        assert [(a.fault_id, a.n, a.status) for a in report.actions] == [
+            (f2.id, 1, "done"), (f2.id, 2, "overdue"), (f6.id, 1, "open")]
+        assert f1.id in report.recurring[0].fault_ids
+
+        [(_, bank)] = hq.received
+        [(_, own01)] = br01.received
+        [(_, own02)] = br02.received
+        assert bank["title"] == "Fault report of the bank: the last 30 days"
+        assert all(d in bank["message"] for d in COUNTERS) and "model **SCX-200**" in bank["message"]
+        assert own01["title"] == "Fault report of branch BR01: the last 30 days"
+        assert A in own01["message"] and B in own01["message"] and "BR02" not in own01["message"]
+        assert "**overdue**" in own01["message"] and "clean heads weekly" in own01["message"]
+        assert "SCX-200**" not in own01["message"], "one counter of the model in BR01: no model recurrence from its own faults"
+        assert D in own02["message"] and "screen dark" in own02["message"] and "BR01" not in own02["message"]
+        assert "ask the vendor" in own02["message"] and "clean heads weekly" not in own02["message"]
+
+        keys = asyncio.run(_artifact_keys(state.state_details.flow_run_id))
+        assert {"fault-report", "fault-report-br01", "fault-report-br02", "fault-report-actions"} <= keys, keys
+    finally:
+        for receiver in (hq, br01, br02):
+            receiver.server.shutdown()
