@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -98,7 +98,7 @@ def test_corrective_actions_are_recorded_closed_audited_and_bad_input_is_refused
     with Store.open() as store:
         [fault] = store.faults(device_id="SC-BR01-A")
     other = record("SC-BR02-C", "card reader not working", "high", hours_ago=1)
-    fid, due = str(fault.id), (date.today() + timedelta(days=14)).isoformat()
+    fid, due = str(fault.id), (utcnow().date() + timedelta(days=14)).isoformat()
 
     r = cli("faults", "action", fid, "--text", "replace the readers of model SCX-200 at BR01", "--owner", "vendor: Acme",
             "--due", due, "--as", "wang.fang")
@@ -174,13 +174,13 @@ def test_the_monthly_report_groups_by_cause_flags_recurrence_lists_actions_and_t
 
     with Store.open() as store:
         fault_actions.add_action(store, signed(f2, fault_actions.step(), "wang.fang"), f2.id, "replace SCX-200 readers",
-                                 due=(date.today() + timedelta(days=7)).isoformat())
+                                 due=(utcnow().date() + timedelta(days=7)).isoformat())
         fault_actions.complete_action(store, signed(f2, fault_actions.step(1), "wang.fang"), f2.id, 1, "replaced")
         late, _ = fault_actions.add_action(store, signed(f2, fault_actions.step(), "wang.fang"), f2.id, "clean heads weekly",
-                                           owner="branch staff", due=date.today().isoformat())
+                                           owner="branch staff", due=utcnow().date().isoformat())
         # time passes: the second action's due day is three days gone and it is not done
         details = late.details | {"actions": [late.details["actions"][0],
-                                              late.details["actions"][1] | {"due": (date.today() - timedelta(days=3)).isoformat()}]}
+                                              late.details["actions"][1] | {"due": (utcnow().date() - timedelta(days=3)).isoformat()}]}
         store.update(Fault, f2.id, details=details)
         fault_actions.add_action(store, signed(f6, fault_actions.step(), "zhang.wei"), f6.id, "ask the vendor about SCX-200 readers")
 
