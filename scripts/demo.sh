@@ -12,7 +12,8 @@
 #      signed approval (li.na's, since zhang.wei initiated it), then the rest
 #   5. show the records: each counter's pre-upgrade backup, encrypted (age) at both sites (neither
 #      copy is a readable tar) and verified against its signed manifest; where to open the run in the UI
-#   6. a fault reported by a person: assigned, diagnosed, repaired, retested on the counter, closed
+#   6. a fault reported by a person: assigned, diagnosed, repaired, retested on the counter, closed; a
+#      corrective action against its root cause; the monthly fault report (the bank's and each branch's)
 #   7. a standby drill: each counter's newest off-site backup restored onto the standby counter
 #      (SC-STANDBY-01, outside every plan), started and tested there; RTO and RPO per counter, p50/p90/max
 # The fleet is taken down at the end; the Prefect server stays up for the UI (`make stop`).
@@ -133,7 +134,14 @@ $BIN/counterops faults diagnose "$FAULT" --cause hardware --text "reader head wo
 $BIN/counterops faults repair "$FAULT" --method "replaced the card reader" --as wang.fang --key "$KEYS/wang.fang"
 $BIN/counterops faults retest "$FAULT" --as wang.fang --key "$KEYS/wang.fang"
 $BIN/counterops faults close "$FAULT" --result "reader replaced, cards accepted again" --as wang.fang --key "$KEYS/wang.fang"
+# The root cause, beyond this repair: a corrective action with an owner and a due date (六(二)3); then the
+# monthly fault report, now: by cause, recurring, actions and their status, MTTR per severity — the bank's
+# to head office, each branch's own to that branch.
+$BIN/counterops faults action "$FAULT" --text "check the card readers of this model batch at every BR01 outlet" \
+    --owner wang.fang --due "$(date -u -d '+14 days' +%F)" --as zhang.wei --key "$KEYS/zhang.wei"
+$BIN/counterops faults show "$FAULT"
 $BIN/counterops faults list --limit 5
+$BIN/counterops faults report --days 30 --as zhang.wei --key "$KEYS/zhang.wei"
 # The real RTO: every counter's newest verified backup (the pre-upgrade one, taken on 1.0.0 like the
 # standby, which no plan upgrades) restored from its off-site copy onto the standby, one at a time,
 # app started, functional and business tests passed there; then the standby gets its own data back.
