@@ -63,8 +63,13 @@ def crash_alert(flow_run_id: str, inventory: str | None = None) -> State:
     if isinstance(crashed, str):
         logger.warning(crashed)
         return Completed(message=crashed) if "not Crashed" in crashed else Failed(message=crashed)
-    record = close_run_record(crashed.id, crashed.message)
-    sent = claim(crashed.id, BY_AUTOMATION)
+    try:
+        record = close_run_record(crashed.id, crashed.message)
+        sent = claim(crashed.id, BY_AUTOMATION)
+    except Exception as e:  # noqa: BLE001 - the store is out of reach: an alert twice rather than none
+        logger.error(f"crash alert of {crashed.name}: the store could not say whether it was sent "
+                     f"({type(e).__name__}: {e}); sending it")
+        record, sent = None, None
     if sent is not None:
         print(f"crash alert of {crashed.flow} run {crashed.name}: {sent}")
         return Completed(message=f"crash alert of {crashed.name}: {sent}")

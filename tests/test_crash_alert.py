@@ -15,8 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect import flow, get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import Crashed
 
-from counterops.localserver import CRASH_ALERT_AUTOMATION, CRASH_ALERT_DEPLOYMENT, auth_headers, ensure_crash_alert_automation
+from counterops.localserver import CRASH_ALERT_AUTOMATION, CRASH_ALERT_DEPLOYMENT, ZOMBIE_AUTOMATION, auth_headers
 from flows.crash_alert import crash_alert
 from inventory.models import Run, RunKind
 from inventory.store import Store
@@ -44,84 +47,69 @@ def _crash_alerts(hq: NoticeReceiver, run_name: str) -> list[dict]:
     return [n for _, n in hq.received if n["title"].endswith(f"run {run_name} ended Crashed")]
 
 
-def _crashed_flow_run(name: str) -> str:
-    """A flow run of a tiny flow, as the server has it after its process died: Crashed, with a reason."""
-    from prefect import flow, get_client
-    from prefect.states import Crashed
+@flow(name="crash-alert-test-victim")
+def victim(inventory: str) -> None:
+    pass
 
-    @flow(name="crash-alert-test-victim")
-    def victim() -> None:
-        pass
 
+def _crashed_flow_run(name: str, inventory: Path) -> FlowRun:
+    """A flow run as the server has it after its process died: Crashed, with Prefect's reason."""
     with get_client(sync_client=True) as client:
-        run = client.create_flow_run(victim, name=name, parameters={}, state=Crashed(message="Process exited with status code: -9."))
-    return str(run.id)
+        return client.create_flow_run(victim, name=name, parameters={"inventory": str(inventory)},
+                                      state=Crashed(message="Process exited with status code: -9."))
 
 
-def _record(store: Store, flow_run_id: str, name: str) -> Run:
-    return store.add(Run(kind=RunKind.INSPECTION, name=name, initiator="counterops-scheduler", flow_run_id=flow_run_id))
+def _record(flow_run: FlowRun) -> Run:
+    with Store.open() as store:
+        return store.add(Run(kind=RunKind.INSPECTION, name="inspection-pre-open", initiator="counterops-scheduler",
+                             flow_run_id=str(flow_run.id)))
 
 
-class _FlowRun:  # what Prefect hands a hook: the flow run's id, name and parameters
-    def __init__(self, id: str, name: str, parameters: dict):
-        self.id, self.name, self.parameters = id, name, parameters
-
-
-class _Flow:
-    name = "crash-alert-test-victim"
+def _hook(flow_run: FlowRun) -> None:
+    """The run's own on_crashed hook, called as Prefect calls it (the flow, its flow run, the Crashed state)."""
+    alert_head_office(victim, flow_run, flow_run.state)
 
 
 def test_a_crash_is_alerted_once_whoever_comes_first(fleet, prefect_api, home, hq):  # noqa: F811
-    """Unit level, on a real store and server: the automation's run alerts a crash nobody alerted and
-    closes the run record; a second run of it, and the hook after it, send nothing; when the hook came
-    first, the automation's run sends nothing."""
-    from prefect.states import Crashed
-
+    """On a real store and server: the automation's run alerts a crash nobody alerted and closes the run
+    record; a second run of it, and the hook after it, send nothing; when the hook came first, the
+    automation's run sends nothing."""
     path = _inventory_with(fleet, {"head_office": [hq.url]})
     try:
         # 1. no hook ran (the process was killed): the crash-alert run sends it and closes the record
-        first = _crashed_flow_run("killed-first")
-        with Store.open() as store:
-            record = _record(store, first, "inspection-pre-open")
-        state = crash_alert(flow_run_id=first, inventory=str(path), return_state=True)
+        first = _crashed_flow_run("killed-first", path)
+        record = _record(first)
+        state = crash_alert(flow_run_id=str(first.id), return_state=True)
         assert state.is_completed(), state
         [alert] = _crash_alerts(hq, "killed-first")
-        assert "status code: -9" in alert["message"] and first in alert["message"], alert
+        assert alert["title"] == "crash-alert-test-victim run killed-first ended Crashed", alert
+        assert "status code: -9" in alert["message"] and str(first.id) in alert["message"], alert
         with Store.open() as store:
             closed = store.get(Run, record.id)
         assert closed.status == "crashed" and "status code: -9" in closed.summary["reason"], closed
         assert closed.summary[CLAIM_KEY]["by"] == BY_AUTOMATION
-        again = crash_alert(flow_run_id=first, inventory=str(path), return_state=True)
+        again = crash_alert(flow_run_id=str(first.id), return_state=True)
         assert again.is_completed() and "already sent by the crash-alert automation" in again.message, again
-        alert_head_office(_Flow(), _FlowRun(first, "killed-first", {"inventory": str(path)}), Crashed(message="late hook"))
+        _hook(first)
         assert len(_crash_alerts(hq, "killed-first")) == 1, hq.titles()
 
         # 2. the run's own on_crashed hook came first: the automation's run sends nothing
-        second = _crashed_flow_run("hooked-second")
-        with Store.open() as store:
-            record = _record(store, second, "inspection-pre-open")
-        alert_head_office(_Flow(), _FlowRun(second, "hooked-second", {"inventory": str(path)}),
-                          Crashed(message="stopped by SIGTERM"))
-        assert len(_crash_alerts(hq, "hooked-second")) == 1, hq.titles()
-        state = crash_alert(flow_run_id=second, inventory=str(path), return_state=True)
-        assert state.is_completed() and f"already sent by {BY_HOOK}" in state.message, state
+        second = _crashed_flow_run("hooked-second", path)
+        record = _record(second)
+        _hook(second)
         assert len(_crash_alerts(hq, "hooked-second")) == 1, hq.titles()
         with Store.open() as store:
             assert store.get(Run, record.id).status == "crashed"
+        state = crash_alert(flow_run_id=str(second.id), return_state=True)
+        assert state.is_completed() and f"already sent by {BY_HOOK}" in state.message, state
+        assert len(_crash_alerts(hq, "hooked-second")) == 1, hq.titles()
 
-        # 3. a run that did not crash, and an id that is none, are no crash alerts
-        assert crash_alert(flow_run_id="not-an-id", inventory=str(path), return_state=True).is_failed()
+        # 3. what is no crash: a bad id is refused, naming the parameter
+        bad = crash_alert(flow_run_id="not-an-id", return_state=True)
+        assert bad.is_failed() and bad.message.startswith("flow_run_id: "), bad
+        assert len(hq.received) == 2, hq.titles()
     finally:
         path.unlink(missing_ok=True)
-
-
-def test_setting_up_the_crash_alert_without_its_deployment_says_so_and_installs_nothing(prefect_api):
-    done = ensure_crash_alert_automation(prefect_api)
-    if CRASH_ALERT_DEPLOYMENT in done:  # no crash-alert deployment on the session server (the usual case)
-        assert done.startswith("not installed") and "counterops server setup" in done, done
-        found = httpx.post(f"{prefect_api}/automations/filter", json={"automations": {"name": {"any_": [CRASH_ALERT_AUTOMATION]}}},
-                           headers=auth_headers(), timeout=10).json()
-        assert found == []
 
 
 def _processes_of(flow_run_id: str) -> list[int]:
@@ -150,15 +138,25 @@ def test_a_killed_flow_process_still_produces_one_crash_alert(fleet, prefect_api
     env = dict(os.environ) | {"COUNTEROPS_CHECKOUT": str(REPO), "COUNTEROPS_INVENTORY": str(path),
                               "COUNTEROPS_WORK_POOL": pool, "PREFECT_WORKER_QUERY_SECONDS": "2"}
     worker, log, client = None, open(Path(tempfile.mkdtemp()) / "worker.log", "w+"), get_client(sync_client=True)
+
+    def setup() -> str:
+        done = subprocess.run([str(BIN / "counterops"), "server", "setup"], env=env | {"COLUMNS": "400"},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and f"{ZOMBIE_AUTOMATION!r} unchanged" in done.stdout, done.stdout + done.stderr
+        return done.stdout
+
     try:
+        _clean_up(prefect_api, pool)  # whatever an earlier test deployed on the session server
+        said = setup()  # no crash-alert deployment yet: harmless, and said
+        assert f"{CRASH_ALERT_AUTOMATION!r} not installed: no deployment {CRASH_ALERT_DEPLOYMENT}" in said, said
         created = subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process", "--overwrite"],
                                  env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert created.returncode == 0, created.stdout + created.stderr
         deployed = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE),
                                    "-n", CRASH_ALERT_DEPLOYMENT, "-n", VICTIM], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        setup = subprocess.run([str(BIN / "counterops"), "server", "setup"], env=env, capture_output=True, text=True, timeout=120)
-        assert setup.returncode == 0 and f"{CRASH_ALERT_AUTOMATION!r} created" in setup.stdout, setup.stdout + setup.stderr
+        assert f"{CRASH_ALERT_AUTOMATION!r} created" in setup()
+        assert f"{CRASH_ALERT_AUTOMATION!r} unchanged" in setup()  # safe to repeat
         worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool], env=env, cwd=REPO,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
