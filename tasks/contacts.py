@@ -85,12 +85,13 @@ def alert_head_office(flow: Any, flow_run: Any, state: Any) -> None:
     """Hook (on_failure, on_crashed): tell head office (and the run's ``notify`` targets) that the run
     ended Failed or Crashed, with its reason; record what could not be delivered. Never raises."""
     try:
-        if getattr(state, "is_crashed", lambda: False)() and _crash_alert_sent(flow_run, state):
+        crashed = getattr(state, "is_crashed", lambda: False)()
+        if crashed and _crash_alert_sent(flow_run, state):
             return
         params = dict(flow_run.parameters or {})
         inv = inventory_for(params)
         targets = audience(inv, (), run_notify(params))
-        name = getattr(flow_run, "name", "?")
+        name = _current_name(flow_run) if crashed else getattr(flow_run, "name", "?")
         title = f"{flow.name} run {name} ended {state.name}"
         body = (f"The run {name} of {flow.name} ended {state.name}: {state.message or 'no reason given'}.\n"
                 f"Prefect flow run id: {flow_run.id}. `counterops runs show {flow_run.id}` shows what it did.")
@@ -110,6 +111,18 @@ def run_notify(params: dict[str, Any]) -> list[str]:
     plan = params.get("plan")
     plan_notify = (plan.get("notify") if isinstance(plan, dict) else getattr(plan, "notify", None)) or []
     return list(params.get("notify") or plan_notify)
+
+
+def _current_name(flow_run: Any) -> str:
+    """The flow run's name as the server has it now: a worker runs the on_crashed hook of a run whose
+    process died with the run as it was submitted, before its flow_run_name replaced the generated one."""
+    try:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run.id).name
+    except Exception:  # noqa: BLE001 - the name it has is still a name
+        return getattr(flow_run, "name", "?")
 
 
 def _crash_alert_sent(flow_run: Any, state: Any) -> bool:
