@@ -7,9 +7,10 @@ and head office alerted whenever a flow run ends Failed or Crashed.
   contacts still hear of every run.
 - ``alert_head_office``: an ``on_failure``/``on_crashed`` hook for every flow (Prefect runs it after the
   final state is set, also when the flow body raised). A Crashed run's alert is claimed first, so that
-  it and the crash-alert automation's run (tasks/crash_alert.py) send it once between them. A notice that cannot be delivered after its
-  retries is logged and written into the run record's summary as ``undelivered`` (``counterops runs
-  show`` prints it): never dropped silently, and the run record's status is left as the flow set it.
+  it and the crash-alert automation's run (tasks/crash_alert.py) send it once between them. A notice
+  that cannot be delivered after its retries is logged and written into the run record's summary as
+  ``undelivered`` (``counterops runs show`` prints it): never dropped silently, and the run record's
+  status is left as the flow set it (a Crashed one's "running" record is closed "crashed").
 
 Targets are resolved (``secret:NAME``) only at send time, in tasks/notify.py; whatever is recorded or
 logged names them redacted.
@@ -116,6 +117,10 @@ def run_notify(params: dict[str, Any]) -> list[str]:
 def _current_name(flow_run: Any) -> str:
     """The flow run's name as the server has it now: a worker runs the on_crashed hook of a run whose
     process died with the run as it was submitted, before its flow_run_name replaced the generated one."""
+    from tasks.prefect_api import api_down
+
+    if api_down() is not None:
+        return getattr(flow_run, "name", "?")
     try:
         from prefect import get_client
 
