@@ -94,7 +94,7 @@ def alert_head_office(flow: Any, flow_run: Any, state: Any) -> None:
         targets = audience(inv, (), run_notify(params))
         name = _current_name(flow_run) if crashed else getattr(flow_run, "name", "?")
         title = f"{flow.name} run {name} ended {state.name}"
-        body = (f"The run {name} of {flow.name} ended {state.name}: {state.message or 'no reason given'}.\n"
+        body = (f"The run {name} of {flow.name} ended {state.name}: {(state.message or 'no reason given').rstrip('.')}.\n"
                 f"Prefect flow run id: {flow_run.id}. `counterops runs show {flow_run.id}` shows what it did.")
         if not targets:
             log.warning("%s: nobody to alert (no contacts.head_office in the inventory, no notify)", title)

@@ -100,7 +100,7 @@ def crash_notice(run: CrashedRun, record: Run | None) -> Notice:
     """The notice head office gets for one crashed run (the same title the hook's alert has)."""
     started = f"{run.started:%Y-%m-%d %H:%M:%S %Z}".strip() if run.started else "never started"
     lines = [
-        f"The run {run.name} of {run.flow} ended Crashed: {run.message or 'no reason given'}.",
+        f"The run {run.name} of {run.flow} ended Crashed: {(run.message or 'no reason given').rstrip('.')}.",
         f"Deployment: {run.deployment or 'none (started from the CLI)'}; started {started}.",
         f"Parameters: {shown_parameters(run.parameters)}",
     ]
