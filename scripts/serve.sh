@@ -42,6 +42,8 @@ PY
 )"
 $BIN/prefect work-pool create "$COUNTEROPS_WORK_POOL" --type process --overwrite >/dev/null
 $BIN/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+# Now that crash-alert/crash-alert exists: the automation that runs it for every crashed flow run.
+$BIN/counterops server setup
 echo "Worker starting on pool $COUNTEROPS_WORK_POOL; trigger a drill with:"
 echo "  PREFECT_API_URL=$PREFECT_API_URL PREFECT_API_AUTH_STRING=\"\$(cat $COUNTEROPS_HOME/prefect/auth-string)\" $BIN/prefect deployment run 'backup-restore-drill/weekly-drill' --watch"
 echo "The UI ($(dirname "$PREFECT_API_URL")) asks for the same auth string (user:password) on its login page."

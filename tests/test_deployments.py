@@ -137,6 +137,7 @@ EXPECTED_DEPLOYMENTS = {
     BACKUP: "0 20 * * *",
     "fault-report/monthly-report": "0 9 1 * *",
     "backup-prune/backup-prune": "0 5 * * *",
+    "crash-alert/crash-alert": None,
 }
 
 
