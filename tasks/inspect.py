@@ -4,8 +4,11 @@ Each check records what it saw (a :class:`~tasks.faults.Finding`):
 
     reachable over SSH, host key checked  → clock drift against ours, free disk
     the counter app's /health             → app status, each peripheral, receipt paper
-    after closing, also                   → back in service for tomorrow, no stale temp files,
-                                            a verified backup from the last 24 h (tasks/backup_age.py)
+    after closing, also                   → back in service for tomorrow, on the installed release,
+                                            no stale temp files, a verified backup from the last 24 h
+                                            (tasks/backup_age.py)
+    in business hours, instead            → the watch (tasks/watch.py): clock and disk in one round
+                                            trip, /metrics compared with the last watch's reading
 
 Simple problems get a first-line fix — the app down: ``ctl start``; left in maintenance mode:
 back in service; stale temp files: removed — and then the counter is looked at again: a fix
