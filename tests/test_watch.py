@@ -8,6 +8,7 @@ ctl (over SSH) or the inspection restarts.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -61,6 +62,17 @@ def finding(visit: Inspection, check: str) -> dict:
     return next(f for f in visit.findings if f["check"] == check)
 
 
+async def _latest_artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async with get_client() as client:
+        [latest] = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                               sort=ArtifactSort.CREATED_DESC, limit=1)
+        return latest
+
+
 def kill_app(pool: ConnectionPool, device: Device) -> None:
     """SIGKILL the counter app's process (as a crash would) and wait until it is gone."""
     pid = read_health(pool.connection(device))["pid"]
@@ -108,6 +120,8 @@ def test_a_jump_in_business_errors_or_restarts_raises_one_fault_on_the_next_watc
     titles = sorted(receiver.titles())
     assert len(titles) == 2 and erring.id in titles[0] and restarted.id in titles[1]
     assert all(f"in-business inspection by {SERVICE}" in n["message"] for _, n in receiver.received)
+    table = asyncio.run(_latest_artifact("inspection-in-business"))  # branch IT's table names the inspector too
+    assert table.description.endswith(f"by {SERVICE}") and erring.id in str(table.data)
 
     inspect(trio, "in-business", [receiver.url])  # the watch after: no jump since, no duplicate, nobody told twice
     assert [f.id for f in faults_of(erring)] == [errors.id] and [f.id for f in faults_of(restarted)] == [restart.id]
