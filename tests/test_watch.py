@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from inventory.loader import load_inventory
-from inventory.models import Device, Fault, FaultStatus, Inspection, InspectionPhase, utcnow
+from inventory.models import Device, Fault, FaultStatus, Inspection, InspectionPhase, Run, RunKind, utcnow
 from inventory.store import Store
 from simfleet import fleet as simfleet
 from tasks.counter_app import read_health, request
@@ -128,6 +128,17 @@ def test_a_jump_in_business_errors_or_restarts_raises_one_fault_on_the_next_watc
     assert [f.id for f in faults_of(crashed)] == [down.id] and len(receiver.received) == 2
     for fault in (faults_of(erring)[0], faults_of(restarted)[0]):  # not closed by a clean watch: "not seen since", for the assignee
         assert fault.status == FaultStatus.ESCALATED and lifecycle(fault)["not_seen_since"]
+
+    # a restart while an upgrade ran since the last watch is planned: no fault
+    with Store.open() as store:
+        store.add(Run(kind=RunKind.UPGRADE, name="upgrade-1.1.0", initiator="zhang.wei", status="succeeded", ended_at=utcnow()))
+    with ConnectionPool(inventory.ssh) as pool:
+        kill_app(pool, restarted)
+        pool.connection(restarted).run([ctl, "start"], timeout=60)
+    inspect(trio, "in-business", [receiver.url])
+    assert [f.id for f in faults_of(restarted)] == [restart.id] and len(receiver.received) == 2
+    planned = finding(last_visit(restarted), "restarts")
+    assert planned["symptom"] is None and "upgrade run 'upgrade-1.1.0'" in planned["detail"] and "planned" in planned["detail"]
 
 
 def test_the_post_close_inspection_finds_the_app_not_on_the_installed_release(trio, prefect_api, receiver):
