@@ -1,4 +1,4 @@
-"""The in-business watch (rules 六(一)1, "营业中巡检要关注设备的运行稳定性"): cheap, every WATCH_EVERY_MIN minutes.
+"""The in-business watch (rules 六(一)1, "營業中巡檢要關注設備的運行穩定性"): cheap, every WATCH_EVERY_MIN minutes.
 
 Per counter, on the run's pooled SSH connection (tasks/ssh.ConnectionPool):
 
