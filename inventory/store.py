@@ -35,6 +35,7 @@ from inventory.models import (
     FaultStatus,
     ImportSummary,
     Inspection,
+    InspectionPhase,
     Inventory,
     Outlet,
     Record,
@@ -514,8 +515,9 @@ class Store:
     def restore_drills(self, device_id: str | None = None, backup_id: int | None = None, limit: int = 100) -> list[RestoreDrill]:
         return self._list(RestoreDrill, limit, device_id=device_id, backup_id=backup_id)
 
-    def inspections(self, device_id: str | None = None, run_id: int | None = None, limit: int = 100) -> list[Inspection]:
-        return self._list(Inspection, limit, device_id=device_id, run_id=run_id)
+    def inspections(self, device_id: str | None = None, run_id: int | None = None, limit: int = 100,
+                    phase: InspectionPhase | None = None) -> list[Inspection]:
+        return self._list(Inspection, limit, device_id=device_id, run_id=run_id, phase=phase)
 
     def faults(self, device_id: str | None = None, status: FaultStatus | None = None, limit: int | None = 100) -> list[Fault]:
         return self._list(Fault, limit, device_id=device_id, status=status)

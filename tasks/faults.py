@@ -54,6 +54,9 @@ class Symptom(StrEnum):
     DATA_CHANGED_SINCE_BACKUP = "data changed since backup: needs a decision"
     ROLLBACK_FAILED = "upgrade rollback failed: needs attention"
     BACKUP_STALE = "no verified backup in the last 24 h"
+    APP_RESTARTED = "counter app restarted during business hours"  # the in-business watch (tasks/watch.py)
+    BUSINESS_ERRORS = "business errors jumped"  # the in-business watch (tasks/watch.py)
+    NOT_ON_CURRENT_RELEASE = "counter app not running the installed release"  # after closing
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,10 @@ CATALOGUE: dict[str, Kind] = {  # keyed by Symptom, which are strings: a stored 
     Symptom.DATA_CHANGED_SINCE_BACKUP: Kind("decision", "critical"),
     Symptom.ROLLBACK_FAILED: Kind("upgrade", "high"),  # no inspection runs this check: closed by hand
     Symptom.BACKUP_STALE: Kind("backup", "high"),  # the post-close inspection's backup age; a fresh backup marks it "not seen since"
+    # the in-business watch: a jump since its last reading; a later watch without one marks it "not seen since"
+    Symptom.APP_RESTARTED: Kind("restarts", "high"),
+    Symptom.BUSINESS_ERRORS: Kind("business_errors", "high"),
+    Symptom.NOT_ON_CURRENT_RELEASE: Kind("release", "high"),  # e.g. an interrupted upgrade: `current` moved, the app did not
 }
 
 
@@ -143,7 +150,9 @@ def record_faults(store: Store, device: Device, inspection_id: int, found_at: da
         if fault is None:
             fault = store.add(Fault(
                 device_id=device.id, branch_id=device.branch, outlet_id=device.outlet, reported_at=found_at,
-                symptom=finding.symptom, severity=CATALOGUE[finding.symptom].severity, inspection_id=inspection_id))
+                symptom=finding.symptom, severity=CATALOGUE[finding.symptom].severity, inspection_id=inspection_id,
+                # who found it: the person who signed the run, or the service identity for a scheduled one
+                details=None if by is None else {"lifecycle": {"stage": "opened", "events": [], "opened_by": by.actor}}))
             audit("fault.open", fault, severity=fault.severity, detail=finding.detail)
         elif lifecycle(fault).get("not_seen_since"):  # seen again: no longer "not seen since"
             life = {k: v for k, v in lifecycle(fault).items() if k not in ("not_seen_since", "not_seen_by")}

@@ -112,7 +112,7 @@ def test_stopped_app_is_restarted_and_low_paper_is_escalated_once(pair, prefect_
         f for f in inspected[low.id].findings if f["symptom"]).items()
     assert "inspection-pre-open" in asyncio.run(_artifact_keys("inspection-pre-open"))
 
-    again = cli("inspect", "--phase", "in-business", "--inventory", str(pair), "--notify", receiver.url)
+    again = cli("inspect", "--phase", "pre-open", "--inventory", str(pair), "--notify", receiver.url)  # the same checks again
     assert again.returncode == 1, again.stdout + again.stderr
     assert [f.id for f in faults_of(low)] == [paper.id], "the standing fault was opened a second time"
     assert len(receiver.received) == 1, "the branch was told twice about one fault"
