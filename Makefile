@@ -30,6 +30,7 @@ serve: $(STAMP)
 stop:
 	-COUNTEROPS_HOME=$(CURDIR)/.demo/home $(VENV)/bin/counterops server stop
 	-$(VENV)/bin/counterops fleet down --dir .demo/fleet
+	-[ -f .demo/fleet/inbox.pid ] && kill $$(cat .demo/fleet/inbox.pid) 2>/dev/null; rm -f .demo/fleet/inbox.pid
 
 clean: stop
 	rm -rf .demo $(VENV) *.egg-info

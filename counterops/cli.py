@@ -218,30 +218,38 @@ def inventory_list(
 
 @server_app.command("start")
 def server_start() -> None:
-    """Start the local Prefect server (no-op when it runs), with the automation that marks flow runs
-    Crashed when their heartbeat stops."""
+    """Start the local Prefect server (no-op when it runs), with its automations: flow runs whose
+    heartbeat stopped are marked Crashed, and a crashed flow run alerts head office (once the
+    crash-alert deployment exists)."""
     from counterops import localserver
 
     try:
         info = localserver.start()
-        localserver.ensure_zombie_automation(info.url, localserver.auth_string())
+        done = localserver.ensure_automations(info.url, localserver.auth_string())
     except localserver.ServerError as e:
         fail(str(e))
     out.print(f"Prefect server running (pid {info.pid}): API {info.url}, UI {info.ui_url}")
+    _print_automations(info.url, done)
 
 
 @server_app.command("setup")
 def server_setup() -> None:
     """Set up the Prefect server the flows use (PREFECT_API_URL, else the local one, started if needed):
-    the automation that marks a flow run Crashed when its heartbeat stops. Safe to repeat."""
+    the automation that marks a flow run Crashed when its heartbeat stops, and the one that alerts head
+    office when a flow run crashes (needs the crash-alert deployment: run it after deploying). Safe to repeat."""
     from counterops import localserver
 
     api = prefect_api()
     try:
-        done = localserver.ensure_zombie_automation(api)
+        done = localserver.ensure_automations(api)
     except localserver.ServerError as e:
         fail(str(e))
-    out.print(f"{api}: automation {localserver.ZOMBIE_AUTOMATION!r} {done}", highlight=False, soft_wrap=True)
+    _print_automations(api, done)
+
+
+def _print_automations(api: str, done: list[tuple[str, str]]) -> None:
+    for name, what in done:
+        out.print(f"{api}: automation {name!r} {what}", highlight=False, soft_wrap=True)
 
 
 @server_app.command("stop")

@@ -1,4 +1,5 @@
-"""`counterops faults open|assign|diagnose|repair|retest|close`: the fault lifecycle (tasks/fault_lifecycle.py).
+"""`counterops faults open|assign|diagnose|repair|retest|close|show`: the fault lifecycle (tasks/fault_lifecycle.py);
+`faults action|action-done`: corrective actions against a fault's root cause (tasks/fault_actions.py).
 
 Registered on faults_app (cli_maintenance.py) by importing this module in cli.py. Each transition is
 signed with the operator's key (fault.manage: hq_it, or branch_it of the fault's branch). Exit status
@@ -7,17 +8,20 @@ as everywhere: 0 done, 1 refused or the retest failed (the fault stays open), 2 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Annotated
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 
 from counterops.cli_maintenance import faults_app
 from counterops.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     InventoryOption,
+    JsonOption,
     KeyOption,
     OperatorOption,
     fail,
@@ -43,8 +47,9 @@ def _fault(fault_id: int):
             fail(str(e), EXIT_BAD_INPUT)
 
 
-def _transition(fault_id: int, verb: str, operator: str | None, key, do: Callable) -> None:
-    """Sign ``verb`` on the fault and carry it out; a refusal or a transition not allowed now exits 1, bad input 2."""
+def _signed(fault_id: int, verb: str, operator: str | None, key, do: Callable):
+    """Sign ``verb`` on the fault and carry it out (``do(store, token)``'s result); a refusal or a transition
+    not allowed now exits 1, bad input 2."""
     from inventory import identity
     from inventory.store import Store
     from tasks.fault_lifecycle import ACTION, LifecycleError, target
@@ -53,11 +58,16 @@ def _transition(fault_id: int, verb: str, operator: str | None, key, do: Callabl
     token = sign_statement(ACTION, target(fault, verb), operator=operator, key=key)
     with Store.open() as store:
         try:
-            done = do(store, token)
+            return do(store, token)
         except LifecycleError as e:
             fail(str(e), EXIT_BAD_INPUT if str(e).startswith("--") else EXIT_FAILED)
         except (identity.Refused, identity.IdentityError) as e:
             fail(f"refused: {e}")
+
+
+def _transition(fault_id: int, verb: str, operator: str | None, key, do: Callable) -> None:
+    """Sign ``verb`` on the fault, carry it out and say the fault's stage."""
+    done = _signed(fault_id, verb, operator, key, do)
     life = (done.details or {}).get("lifecycle", {})
     out.print(f"fault #{done.id} ({done.device_id}): {life.get('stage')}" + (f", assigned to {life['assignee']}"
                                                                            if life.get("assignee") else ""), highlight=False)
@@ -155,3 +165,80 @@ def faults_retest(fault_id: FaultId, inventory: InventoryOption = None, operator
     out.print(f"the run in the Prefect UI: {api.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}")
     if not state.is_completed():
         raise typer.Exit(EXIT_FAILED)
+
+
+@faults_app.command("action")
+def faults_action(
+    fault_id: FaultId,
+    text: Annotated[str, typer.Option(help="What will be done about the root cause (not the repair of this fault).")],
+    owner: Annotated[str | None, typer.Option(help="Who carries it out (default: you).")] = None,
+    due: Annotated[str | None, typer.Option(help="By when, YYYY-MM-DD (today or later); past it and not done: overdue.")] = None,
+    operator: OperatorOption = None,
+    key: KeyOption = None,
+) -> None:
+    """Record a corrective action against a fault, also a closed one (signed: fault.manage); the monthly report lists it."""
+    from tasks.fault_actions import add_action, parse_due, step
+    from tasks.fault_lifecycle import LifecycleError
+
+    try:
+        parse_due(due)
+    except LifecycleError as e:
+        fail(str(e), EXIT_BAD_INPUT)
+    if not text.strip():
+        fail("--text: say what will be done about the cause, e.g. --text \"replace the readers of model X\"", EXIT_BAD_INPUT)
+    fault, n = _signed(fault_id, step(), operator, key, lambda store, token: add_action(store, token, fault_id, text, owner, due))
+    out.print(f"fault #{fault.id} ({fault.device_id}): corrective action {n} recorded; close it with "
+              f"`counterops faults action-done {fault.id} {n} --result ...`", highlight=False)
+
+
+@faults_app.command("action-done")
+def faults_action_done(
+    fault_id: FaultId,
+    n: Annotated[int, typer.Argument(metavar="N", help="The action's number on the fault (`counterops faults show ID`).")],
+    result: Annotated[str, typer.Option(help="What was done and how it ended.")],
+    operator: OperatorOption = None,
+    key: KeyOption = None,
+) -> None:
+    """Close a fault's corrective action N with its result (signed: fault.manage)."""
+    from tasks.fault_actions import actions, complete_action, step
+
+    listed = actions(_fault(fault_id))
+    if not 1 <= n <= len(listed):
+        have = f"it has {len(listed)} (1–{len(listed)})" if listed else "it has none"
+        fail(f"action N {n}: fault #{fault_id} has no action {n}; {have} (see `counterops faults show {fault_id}`)", EXIT_BAD_INPUT)
+    if not result.strip():
+        fail("--result: say what was done and how it ended", EXIT_BAD_INPUT)
+    done = _signed(fault_id, step(n), operator, key, lambda store, token: complete_action(store, token, fault_id, n, result))
+    out.print(f"fault #{done.id} ({done.device_id}): corrective action {n} done", highlight=False)
+
+
+@faults_app.command("show")
+def faults_show(fault_id: FaultId, as_json: JsonOption = False) -> None:
+    """One fault: its lifecycle (every step with who and when) and its corrective actions with their status (a read, unsigned)."""
+    from tasks.fault_actions import rows
+    from tasks.fault_lifecycle import lifecycle
+
+    fault = _fault(fault_id)
+    life, actions = lifecycle(fault), rows(fault)
+    if as_json:
+        print(json.dumps(fault.model_dump(mode="json") | {"actions": actions}, indent=2, ensure_ascii=False))
+        return
+    out.print(f"fault #{fault.id} {fault.device_id} ({fault.branch_id}/{fault.outlet_id}) {escape('[' + fault.severity + ']')} "
+              f"{escape(fault.symptom)}: {fault.status}, stage {life.get('stage')}, assigned to {life.get('assignee') or 'nobody'}",
+              highlight=False)
+    out.print(f"reported {fault.reported_at:%Y-%m-%d %H:%M} UTC" + (f", fixed {fault.fixed_at:%Y-%m-%d %H:%M} UTC: "
+                                                                     f"{escape(fault.resolution or '')}" if fault.fixed_at else ""),
+              highlight=False)
+    if life.get("cause"):
+        out.print(f"cause: {life['cause']}: {escape(life.get('diagnosis', ''))}", highlight=False)
+    events = Table("when (UTC)", "who", "what", title="lifecycle")
+    for e in life.get("events", []):
+        what = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("at", "by", "what") and v not in (None, "", []))
+        events.add_row(e["at"][:19].replace("T", " "), e["by"], escape(e["what"] + (f": {what}" if what else "")))
+    out.print(events)
+    table = Table("#", "action", "owner", "due", "status", "recorded", "result", title="corrective actions")
+    for a in actions:
+        status = "[red]overdue[/]" if a["status"] == "overdue" else a["status"]
+        table.add_row(str(a["n"]), escape(a["text"]), escape(a["owner"]), a["due"] or "", status,
+                      f"{a['added_at'][:10]} by {a['added_by']}", escape(a.get("result") or ""))
+    out.print(table if actions else "no corrective actions (`counterops faults action ID --text ...`)")

@@ -120,7 +120,7 @@ def zombie_automation() -> dict:
     }
 
 
-def _shape(automation: dict) -> dict:
+def _zombie_shape(automation: dict) -> dict:
     """What makes two versions of the automation the same (the server adds ids and defaults)."""
     trigger = automation["trigger"]
     return {
@@ -130,30 +130,111 @@ def _shape(automation: dict) -> dict:
     }
 
 
+# The crash alert: every flow run that ends Crashed (its process died: SIGKILL, OOM, the machine, or the
+# zombie-run automation above) runs the crash-alert deployment (flows/crash_alert.py) with its id, which
+# tells head office, unless the run's own on_crashed hook already did (tasks/crash_alert.py). Crash-alert
+# runs themselves are left out of the trigger: a crash alert never alerts about itself (no loop).
+CRASH_ALERT_AUTOMATION = "counterops: alert head office when a flow run crashes"
+CRASH_ALERT_FLOW = "crash-alert"
+CRASH_ALERT_DEPLOYMENT = "crash-alert/crash-alert"
+
+
+def crash_alert_automation(deployment_id: str) -> dict:
+    """The automation, as the Prefect API takes it, running the deployment ``deployment_id``."""
+    return {
+        "name": CRASH_ALERT_AUTOMATION,
+        "description": f"Runs {CRASH_ALERT_DEPLOYMENT} with the id of every flow run that ends Crashed, so head office "
+                       "hears of it even when its process was killed and ran no hook. Set up by Smart Counter Ops "
+                       "(counterops server start / server setup / serve.sh).",
+        "enabled": True,
+        "trigger": {
+            "type": "event",
+            "posture": "Reactive",
+            "match": {"prefect.resource.id": "prefect.flow-run.*"},
+            "match_related": {"prefect.resource.role": "flow", "prefect.resource.name": f"!{CRASH_ALERT_FLOW}"},
+            "for_each": ["prefect.resource.id"],
+            "expect": ["prefect.flow-run.Crashed"],
+            "threshold": 1,
+            "within": 0,
+        },
+        "actions": [{"type": "run-deployment", "source": "selected", "deployment_id": deployment_id,
+                     "parameters": {"flow_run_id": {"__prefect_kind": "jinja", "template": "{{ flow_run.id }}"}}}],
+    }
+
+
+def _crash_alert_shape(automation: dict) -> dict:
+    trigger = automation["trigger"]
+    return {
+        "enabled": automation.get("enabled"),
+        "trigger": {k: sorted(v) if isinstance(v, list) else v for k, v in trigger.items()
+                    if k in ("type", "posture", "match", "match_related", "for_each", "expect", "threshold", "within")},
+        "actions": [{k: a.get(k) for k in ("type", "source", "deployment_id", "parameters")} for a in automation["actions"]],
+    }
+
+
+def _refused(api_url: str, what: str, e: httpx.HTTPError) -> ServerError:
+    if isinstance(e, httpx.HTTPStatusError):
+        if e.response.status_code == 401:
+            return ServerError(f"Prefect at {api_url} refused the {what}: 401 Unauthorized; set "
+                               "PREFECT_API_AUTH_STRING to the server's auth string (user:password)")
+        return ServerError(f"Prefect at {api_url} refused the {what}: {e.response.status_code} {e.response.text[:300]}")
+    return ServerError(f"Prefect at {api_url} could not be reached to set up the {what}: {e}")
+
+
+def _ensure(http: httpx.Client, wanted: dict, shape) -> str:
+    found = http.post("/automations/filter", json={"automations": {"name": {"any_": [wanted["name"]]}}})
+    found.raise_for_status()
+    existing = found.json()
+    if not existing:
+        http.post("/automations/", json=wanted).raise_for_status()
+        return "created"
+    for extra in existing[1:]:  # one of each, whatever an earlier version or a person left
+        http.delete(f"/automations/{extra['id']}").raise_for_status()
+    if len(existing) == 1 and shape(existing[0]) == shape(wanted):
+        return "unchanged"
+    http.put(f"/automations/{existing[0]['id']}", json=wanted).raise_for_status()
+    return "updated"
+
+
 def ensure_zombie_automation(api_url: str, auth: str | None = None) -> str:
     """Create the zombie-run automation on the Prefect server at ``api_url``, or bring it up to date;
     safe to repeat. Returns what it did: "created", "updated" or "unchanged". ``auth``: the API auth
     string (default ``PREFECT_API_AUTH_STRING``)."""
-    wanted = zombie_automation()
     try:
         with httpx.Client(base_url=api_url.rstrip("/"), timeout=10, headers=auth_headers(auth)) as http:
-            found = http.post("/automations/filter", json={"automations": {"name": {"any_": [ZOMBIE_AUTOMATION]}}})
-            found.raise_for_status()
-            existing = found.json()
-            if not existing:
-                http.post("/automations/", json=wanted).raise_for_status()
-                return "created"
-            if _shape(existing[0]) == _shape(wanted):
-                return "unchanged"
-            http.put(f"/automations/{existing[0]['id']}", json=wanted).raise_for_status()
-            return "updated"
-    except httpx.HTTPStatusError as e:
-        if e.response.status_code == 401:
-            raise ServerError(f"Prefect at {api_url} refused the zombie-run automation: 401 Unauthorized; set "
-                              "PREFECT_API_AUTH_STRING to the server's auth string (user:password)") from e
-        raise ServerError(f"Prefect at {api_url} refused the zombie-run automation: {e.response.status_code} {e.response.text[:300]}") from e
+            return _ensure(http, zombie_automation(), _zombie_shape)
     except httpx.HTTPError as e:
-        raise ServerError(f"Prefect at {api_url} could not be reached to set up the zombie-run automation: {e}") from e
+        raise _refused(api_url, "zombie-run automation", e) from e
+
+
+def ensure_crash_alert_automation(api_url: str, auth: str | None = None) -> str:
+    """Create the crash-alert automation on the Prefect server at ``api_url``, or bring it up to date
+    (the crash-alert deployment's id, when it was deployed again); safe to repeat. Returns what it did:
+    "created", "updated", "unchanged", or — while the crash-alert deployment does not exist — a line
+    saying it is not installed yet and how to install it (an automation left from an earlier deployment
+    is removed then: it would run nothing)."""
+    try:
+        with httpx.Client(base_url=api_url.rstrip("/"), timeout=10, headers=auth_headers(auth)) as http:
+            flow_name, name = CRASH_ALERT_DEPLOYMENT.split("/")
+            found = http.get(f"/deployments/name/{flow_name}/{name}")
+            if found.status_code == 404:
+                stale = http.post("/automations/filter", json={"automations": {"name": {"any_": [CRASH_ALERT_AUTOMATION]}}})
+                stale.raise_for_status()
+                for automation in stale.json():
+                    http.delete(f"/automations/{automation['id']}").raise_for_status()
+                return (f"not installed: no deployment {CRASH_ALERT_DEPLOYMENT} on this server yet; deploy "
+                        "deployments/prefect.yaml, then run `counterops server setup` (until then a killed flow "
+                        "process alerts nobody)")
+            found.raise_for_status()
+            return _ensure(http, crash_alert_automation(found.json()["id"]), _crash_alert_shape)
+    except httpx.HTTPError as e:
+        raise _refused(api_url, "crash-alert automation", e) from e
+
+
+def ensure_automations(api_url: str, auth: str | None = None) -> list[tuple[str, str]]:
+    """Both automations (zombie runs, crash alert) set up on ``api_url``: (name, what was done) each."""
+    return [(ZOMBIE_AUTOMATION, ensure_zombie_automation(api_url, auth)),
+            (CRASH_ALERT_AUTOMATION, ensure_crash_alert_automation(api_url, auth))]
 
 
 @dataclass
@@ -277,7 +358,7 @@ def start(port: int | None = None, timeout: float = START_TIMEOUT_S) -> ServerIn
             if proc.poll() is not None:
                 raise ServerError(f"prefect server exited with status {proc.returncode}; see {log}")
             if healthy(info.url):
-                ensure_zombie_automation(info.url, auth_string())
+                ensure_automations(info.url, auth_string())
                 return info
             time.sleep(0.25)
         stop()

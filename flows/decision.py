@@ -24,6 +24,7 @@ from inventory.leases import lease
 from inventory.models import Run, RunKind
 from inventory.plan import UpgradePlan
 from inventory.store import Store
+from tasks.contacts import alert_head_office
 from tasks.acting import acting_run, authorized, second_person
 from tasks.backup import BackupError, Vault
 from tasks.hold import Decision, DecisionError, Roll, carry_out, held, release_hold
@@ -51,7 +52,7 @@ def _run_name() -> str:
     return f"decide-{flow_run.parameters.get('device_id')}"
 
 
-@flow(name="decide-held-counter", flow_run_name=_run_name, log_prints=True)
+@flow(name="decide-held-counter", on_failure=[alert_head_office], on_crashed=[alert_head_office], flow_run_name=_run_name, log_prints=True)
 @ends_with_reason
 def decide_held_counter(device_id: str, decision: Decision, inventory: str, roll: Roll | None = None,
                         authorization: str | None = None, approval: str | None = None) -> State:

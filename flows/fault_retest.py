@@ -20,6 +20,7 @@ from inventory.leases import lease
 from inventory.loader import load_inventory
 from inventory.models import Run, RunKind
 from inventory.store import Store
+from tasks.contacts import alert_head_office
 from tasks.acting import acting_run
 from tasks.checks import business_test, functional_test
 from tasks.counter_app import read_health
@@ -43,7 +44,7 @@ def retest_counter(conn) -> list[str]:
     return problems
 
 
-@flow(name="fault-retest", flow_run_name=_run_name, log_prints=True)
+@flow(name="fault-retest", on_failure=[alert_head_office], on_crashed=[alert_head_office], flow_run_name=_run_name, log_prints=True)
 def fault_retest(fault_id: int, inventory: str, authorization: str | None = None) -> State:
     """Retest the repaired fault ``fault_id``'s counter; ``authorization``: the person's signed fault.manage
     statement (`counterops faults retest` makes it)."""

@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 
 from inventory.loader import load_inventory
 from inventory.store import Store
+from tasks.contacts import alert_head_office
 from tasks.acting import authorized, scope
 from tasks.checks import CounterFacts, precheck_counter
 from tasks.report import publish_fleet_check, tag_branches
@@ -29,7 +30,7 @@ def _run_name() -> str:
     return f"fleet-check-{flow_run.parameters.get('branch') or 'all'}"
 
 
-@flow(name="fleet-check", flow_run_name=_run_name, log_prints=True)
+@flow(name="fleet-check", on_failure=[alert_head_office], on_crashed=[alert_head_office], flow_run_name=_run_name, log_prints=True)
 @ends_with_reason
 def fleet_check(inventory: str, branch: str | None = None, authorization: str | None = None) -> list[CounterFacts]:
     """Precheck each counter (SSH with host key, version, free disk, app health) and publish the table.

@@ -4,8 +4,10 @@
     identity for a scheduled run; branch IT only within its own branches
     for each counter in scope (one task run each):
         look        SSH with host key, clock, disk; app health, peripherals, receipt paper;
-                    after closing also: back in service, no stale temp files, and a verified
-                    backup from the last 24 h (the nightly backup's, flows/backup.py)
+                    after closing also: back in service, on the installed release, no stale temp
+                    files, and a verified backup from the last 24 h (the nightly backup's, flows/backup.py);
+                    in business hours instead the cheap watch (tasks/watch.py): clock and disk in one
+                    round trip, /metrics, a jump in restarts or business errors since the last watch
         fix         what is simple (app down → restart; left in maintenance → back in service;
                     stale temp files → removed), then look again
         record      the inspection (time, phase, inspector, what was found); a fault per problem,

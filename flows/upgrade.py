@@ -25,6 +25,7 @@ from contextvars import ContextVar
 import concurrent.futures
 import time
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import NoReturn
 
@@ -96,6 +97,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
     digest = plan_digest(plan)
     branches = sorted({d.branch for d in scope})
     _told.set(audience(inv, branches, plan.notify))  # the plan's notify + head office + each branch in scope
+    _inventory.set(inv)  # a notice about some counters only goes to their branches (and head office)
 
     with Store.open() as store:
         # Who starts it, and whether two people approved this plan: checked in the flow, so a run from the UI
@@ -139,7 +141,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
                         log.warning(f"{o.device_id}: {o.rollback_error or o.error}")
                         _notify_quietly(plan, Notice(f"{plan.name}: {o.device_id} held, needs a decision",
                                                      f"{o.device_id} ({o.outlet}) is out of service: {o.rollback_error or o.error}",
-                                                     "failure"))
+                                                     "failure"), branches=[inv.device(o.device_id).branch])
                 if api.down:  # nothing more can be reported to Prefect: record why here, and stop
                     _stopped_without_api(plan, run, api.down, outcomes, sum(len(w.devices) for w in waves))
                 soak = watch_health(pool, [inv.device(o.device_id) for o in done if o.status == "upgraded"], planned.wave.soak_seconds)
@@ -163,7 +165,8 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
                     resumable = True
                     halted = (f"the maintenance window closed; {len(not_started)} counters of wave {planned.wave.name} not started. "
                               "Run the same plan again in the next window: finished counters are skipped")
-                _notify_quietly(plan, Notice(f"{plan.name}: {summary}", summary, "success" if within else "failure"))
+                _notify_quietly(plan, Notice(f"{plan.name}: {summary}", summary, "success" if within else "failure"),
+                                branches={d.branch for d in planned.devices})  # the branches of this wave's counters
                 if halted:
                     _notify_quietly(plan, Notice(f"{plan.name} HALTED", f"{halted}. No further counter will be touched.", "failure"))
                     break
@@ -284,12 +287,18 @@ def _stopped_without_api(plan: UpgradePlan, run: OpenRun, reason: str, outcomes:
 
 _told: ContextVar[list[str] | None] = ContextVar("counterops_upgrade_audience", default=None)
 """Who this upgrade run tells (tasks/contacts.py audience), set when its scope is known."""
+_inventory: ContextVar[Inventory | None] = ContextVar("counterops_upgrade_inventory", default=None)
 
 
-def _notify_quietly(plan: UpgradePlan, notice: Notice) -> None:
-    """Progress notices must not stop an upgrade half-way: a failed one is logged and the plan goes on."""
+def _notify_quietly(plan: UpgradePlan, notice: Notice, branches: Iterable[str] | None = None) -> None:
+    """Progress notices must not stop an upgrade half-way: a failed one is logged and the plan goes on.
+    ``branches``: only these branches hear of it (with head office and the plan's notify); default all in scope."""
+    told = _told.get() or plan.notify
+    inv = _inventory.get()
+    if branches is not None and inv is not None:
+        told = audience(inv, sorted(set(branches)), plan.notify)
     try:
-        deliver(_told.get() or plan.notify, notice)
+        deliver(told, notice)
     except NotifyError as e:
         get_run_logger().warning(str(e))
 
@@ -305,7 +314,7 @@ def wait_for_approval(plan: UpgradePlan, digest: str, initiator: str, store: Sto
     how = (f"counterops approve {flow_run.id} --as NAME [--reject] [--comment TEXT], or in the Prefect UI's resume form "
            f"the line `counterops approve {flow_run.id} --as NAME --print-statement` prints")
     _notify_quietly(plan, Notice(f"{plan.name}: approval needed", f"Wave {wave} ({len(planned.devices)} counters) waits for a "
-                                 f"signed approval by an approver other than {initiator}: {how}"))
+                                 f"signed approval by an approver other than {initiator}: {how}"), branches=[])  # approvers: head office
     log.info(f"wave {wave} waits for a signed approval by an approver other than {initiator}: {how}")
     attempt = 0
     while True:

@@ -68,6 +68,12 @@ def _hours(d: timedelta) -> str:
     return f"{d.total_seconds() / 3600:g} h"
 
 
+def _wait(d: timedelta) -> str:
+    """A time left, as a person says it: 37 s, 12 min, 5.5 h, 3 days."""
+    s = d.total_seconds()
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h" if s < 172800 else f"{s / 86400:.1f} days"
+
+
 # ----------------------------------------------------------------------------- what the notice says
 
 
@@ -191,7 +197,9 @@ class NoticeStatus(BaseModel):
                        f"not_before {self.not_before.isoformat()}; the minimum lead time is {_hours(minimum)} "
                        f"({MIN_LEAD_TIME_ENV}): move not_before later, then sign, approve and publish the plan again")
         if self.not_before is not None and now < self.not_before:
-            why.append(f"it may not start before not_before {self.not_before.isoformat()} (now {now:%Y-%m-%d %H:%M} UTC)")
+            here = now.astimezone(self.not_before.tzinfo) if self.not_before.tzinfo else now
+            why.append(f"it may not start before not_before {self.not_before.isoformat()} (now {here.isoformat(timespec='seconds')}, "
+                       f"{_wait(self.not_before - now)} to go)")
         if self.missing_acks:
             why.append(f"require_ack: branch{'es' * (len(self.missing_acks) != 1)} {', '.join(self.missing_acks)} "
                        f"{'have' if len(self.missing_acks) != 1 else 'has'} not acknowledged the notice: branch IT runs "

@@ -35,6 +35,7 @@ from inventory.models import (
     FaultStatus,
     ImportSummary,
     Inspection,
+    InspectionPhase,
     Inventory,
     Outlet,
     Record,
@@ -463,6 +464,37 @@ class Store:
             row.summary = {**row.summary, key: [*row.summary.get(key, []), *lines]}
             return True
 
+    def claim_on_run(self, flow_run_id: str, key: str, value: Any) -> tuple[bool, Any] | None:
+        """Set ``summary[key] = value`` on the newest run of ``flow_run_id`` unless it is set: (True, value)
+        when this call set it, (False, the value already there) when whoever got there first did (one write
+        lock decides); None when no run has that flow run id."""
+        with self._write() as s:
+            row = s.scalars(select(RunRow).where(RunRow.flow_run_id == flow_run_id)
+                            .order_by(RunRow.id.desc()).limit(1).with_for_update()).first()
+            if row is None:
+                return None
+            if key in row.summary:
+                return False, row.summary[key]
+            row.summary = {**row.summary, key: value}
+            return True, value
+
+    def close_crashed_run(self, flow_run_id: str, reason: str, now: datetime | None = None) -> Run | None:
+        """Close the newest run of ``flow_run_id`` as crashed with ``reason`` (audited, like close_dead_runs)
+        if it is still "running"; the run as it is now (None when no run has that flow run id)."""
+        now = now or utcnow()
+        with self._write() as s:
+            row = s.scalars(select(RunRow).where(RunRow.flow_run_id == flow_run_id)
+                            .order_by(RunRow.id.desc()).limit(1).with_for_update()).first()
+            if row is None:
+                return None
+            if row.status == "running":
+                row.status, row.ended_at = "crashed", now
+                row.summary = {**row.summary, "reason": reason}
+                audit_chain.append(s, AuditEvent(actor=row.initiator, action="end_run", target=row.name, run_id=row.id,
+                                                 outcome="crashed", details={"kind": row.kind, "reason": reason}))
+                s.flush()
+            return Run.model_validate(row)
+
     # Histories come newest first; the parts of one run in the order they were recorded.
 
     def runs(self, kind: RunKind | None = None, limit: int | None = 100, status: str | None = None) -> list[Run]:
@@ -483,8 +515,9 @@ class Store:
     def restore_drills(self, device_id: str | None = None, backup_id: int | None = None, limit: int = 100) -> list[RestoreDrill]:
         return self._list(RestoreDrill, limit, device_id=device_id, backup_id=backup_id)
 
-    def inspections(self, device_id: str | None = None, run_id: int | None = None, limit: int = 100) -> list[Inspection]:
-        return self._list(Inspection, limit, device_id=device_id, run_id=run_id)
+    def inspections(self, device_id: str | None = None, run_id: int | None = None, limit: int = 100,
+                    phase: InspectionPhase | None = None) -> list[Inspection]:
+        return self._list(Inspection, limit, device_id=device_id, run_id=run_id, phase=phase)
 
     def faults(self, device_id: str | None = None, status: FaultStatus | None = None, limit: int | None = 100) -> list[Fault]:
         return self._list(Fault, limit, device_id=device_id, status=status)

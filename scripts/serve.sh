@@ -18,6 +18,14 @@ export COUNTEROPS_SERVICE_KEY=${COUNTEROPS_SERVICE_KEY:-$DIR/keys/counterops-sch
 if ! $BIN/counterops fleet status --dir "$DIR" >/dev/null 2>&1; then
     $BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --dir "$DIR"
 fi
+# The simulated bank's mailboxes, when the inventory's contacts point at them (`make demo` adds them): without
+# them every notice would be undelivered and an upgrade would stop at its advance notice. `make stop` stops them.
+INBOX_PORT=${DEMO_INBOX_PORT:-25990}
+if grep -q "json://127.0.0.1:$INBOX_PORT/" "$COUNTEROPS_INVENTORY" && ! (exec 3<>/dev/tcp/127.0.0.1/$INBOX_PORT) 2>/dev/null; then
+    nohup $BIN/python -m simfleet.inbox --dir "$DIR/inbox" --port "$INBOX_PORT" >>"$DIR/inbox.log" 2>&1 &
+    echo $! > "$DIR/inbox.pid"
+    echo "mailboxes (head office, branches) at http://127.0.0.1:$INBOX_PORT/, kept in $DIR/inbox"
+fi
 # The operators (and the service identity) in the store, once: `operators init` refuses a store that has them.
 if ! $BIN/counterops operators list --json | grep -q '"name"'; then
     $BIN/counterops operators init --from "$DIR/operators.yaml"
@@ -34,6 +42,8 @@ PY
 )"
 $BIN/prefect work-pool create "$COUNTEROPS_WORK_POOL" --type process --overwrite >/dev/null
 $BIN/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+# Now that crash-alert/crash-alert exists: the automation that runs it for every crashed flow run.
+$BIN/counterops server setup
 echo "Worker starting on pool $COUNTEROPS_WORK_POOL; trigger a drill with:"
 echo "  PREFECT_API_URL=$PREFECT_API_URL PREFECT_API_AUTH_STRING=\"\$(cat $COUNTEROPS_HOME/prefect/auth-string)\" $BIN/prefect deployment run 'backup-restore-drill/weekly-drill' --watch"
 echo "The UI ($(dirname "$PREFECT_API_URL")) asks for the same auth string (user:password) on its login page."

@@ -74,6 +74,8 @@ DEFAULT_OPERATORS = [
     {"name": "zhang.wei", "full_name": "张伟", "roles": ["hq_it"]},
     {"name": "li.na", "full_name": "李娜", "roles": ["approver", "hq_it"]},
     {"name": "wang.fang", "full_name": "王芳", "roles": ["branch_it"], "branches": ["BR01"]},
+    {"name": "liu.yang", "full_name": "刘洋", "roles": ["branch_it"], "branches": ["BR02"]},
+    {"name": "zhao.lei", "full_name": "赵磊", "roles": ["branch_it"], "branches": ["BR03"]},
     {"name": "chen.jie", "full_name": "陈杰", "roles": ["approver"]},
     {"name": "sun.li", "full_name": "孙丽", "roles": ["auditor"]},
     {"name": "counterops-scheduler", "roles": ["service"]},

@@ -6,9 +6,11 @@ and head office alerted whenever a flow run ends Failed or Crashed.
   only of runs that touched that branch). Scheduled deployments pass no ``notify``: the inventory's
   contacts still hear of every run.
 - ``alert_head_office``: an ``on_failure``/``on_crashed`` hook for every flow (Prefect runs it after the
-  final state is set, also when the flow body raised). A notice that cannot be delivered after its
-  retries is logged and written into the run record's summary as ``undelivered`` (``counterops runs
-  show`` prints it): never dropped silently, and the run record's status is left as the flow set it.
+  final state is set, also when the flow body raised). A Crashed run's alert is claimed first, so that
+  it and the crash-alert automation's run (tasks/crash_alert.py) send it once between them. A notice
+  that cannot be delivered after its retries is logged and written into the run record's summary as
+  ``undelivered`` (``counterops runs show`` prints it): never dropped silently, and the run record's
+  status is left as the flow set it (a Crashed one's "running" record is closed "crashed").
 
 Targets are resolved (``secret:NAME``) only at send time, in tasks/notify.py; whatever is recorded or
 logged names them redacted.
@@ -84,14 +86,15 @@ def alert_head_office(flow: Any, flow_run: Any, state: Any) -> None:
     """Hook (on_failure, on_crashed): tell head office (and the run's ``notify`` targets) that the run
     ended Failed or Crashed, with its reason; record what could not be delivered. Never raises."""
     try:
+        crashed = getattr(state, "is_crashed", lambda: False)()
+        if crashed and _crash_alert_sent(flow_run, state):
+            return
         params = dict(flow_run.parameters or {})
         inv = inventory_for(params)
-        plan = params.get("plan")
-        plan_notify = (plan.get("notify") if isinstance(plan, dict) else getattr(plan, "notify", None)) or []
-        targets = audience(inv, (), params.get("notify") or plan_notify)
-        name = getattr(flow_run, "name", "?")
+        targets = audience(inv, (), run_notify(params))
+        name = _current_name(flow_run) if crashed else getattr(flow_run, "name", "?")
         title = f"{flow.name} run {name} ended {state.name}"
-        body = (f"The run {name} of {flow.name} ended {state.name}: {state.message or 'no reason given'}.\n"
+        body = (f"The run {name} of {flow.name} ended {state.name}: {(state.message or 'no reason given').rstrip('.')}.\n"
                 f"Prefect flow run id: {flow_run.id}. `counterops runs show {flow_run.id}` shows what it did.")
         if not targets:
             log.warning("%s: nobody to alert (no contacts.head_office in the inventory, no notify)", title)
@@ -102,6 +105,45 @@ def alert_head_office(flow: Any, flow_run: Any, state: Any) -> None:
             record_undelivered(str(flow_run.id), [f"{title}: {line}" for line in undelivered])
     except Exception:  # noqa: BLE001 - a hook that raises changes nothing for the run; say it
         log.exception("failure alert for flow run %s could not be sent", getattr(flow_run, "id", "?"))
+
+
+def run_notify(params: dict[str, Any]) -> list[str]:
+    """A run's own notice targets: its ``notify`` parameter, else its plan's ``notify``."""
+    plan = params.get("plan")
+    plan_notify = (plan.get("notify") if isinstance(plan, dict) else getattr(plan, "notify", None)) or []
+    return list(params.get("notify") or plan_notify)
+
+
+def _current_name(flow_run: Any) -> str:
+    """The flow run's name as the server has it now: a worker runs the on_crashed hook of a run whose
+    process died with the run as it was submitted, before its flow_run_name replaced the generated one."""
+    from tasks.prefect_api import api_down
+
+    if api_down() is not None:
+        return getattr(flow_run, "name", "?")
+    try:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run.id).name
+    except Exception:  # noqa: BLE001 - the name it has is still a name
+        return getattr(flow_run, "name", "?")
+
+
+def _crash_alert_sent(flow_run: Any, state: Any) -> bool:
+    """For a Crashed run: close its run record "crashed" and claim its crash alert (tasks/crash_alert.py);
+    True when the crash-alert automation's run sent it already. A store that cannot say: send anyway."""
+    from tasks.crash_alert import BY_HOOK, claim, close_run_record
+
+    try:
+        close_run_record(str(flow_run.id), state.message)
+        sent = claim(str(flow_run.id), BY_HOOK)
+    except Exception as e:  # noqa: BLE001 - an alert twice rather than none
+        log.error("crash alert of flow run %s: the store could not say whether it was sent (%s); sending it", flow_run.id, e)
+        return False
+    if sent:
+        log.info("crash alert of flow run %s not sent again: %s", flow_run.id, sent)
+    return sent is not None
 
 
 def record_undelivered(flow_run_id: str, lines: list[str]) -> None:

@@ -228,6 +228,11 @@ def overdue(fault: Fault, now: datetime | None = None) -> bool:
             and (now or utcnow()) - fault.reported_at > response_objective())
 
 
+def rank(severity: str) -> int:
+    """0 urgent (or an inspection's critical), 1 high, 2 normal or medium, 3 low; 9 anything else."""
+    return _RANK.get(severity, 9)
+
+
 def ordered(faults: list[Fault]) -> list[Fault]:
     """Urgent (and critical) first, then by severity, then oldest first."""
     return sorted(faults, key=lambda f: (_RANK.get(f.severity, 9), f.reported_at, f.id or 0))

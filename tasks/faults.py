@@ -1,4 +1,4 @@
-"""Faults: reported with time, place, counter and symptom; fixed; analysed for recurring causes.
+"""Faults: reported with time, place, counter and symptom; fixed (the monthly analysis: tasks/fault_report.py).
 
 The bank's rules, as kept here:
 
@@ -16,15 +16,12 @@ The bank's rules, as kept here:
 
 from __future__ import annotations
 
-import statistics
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from inventory.models import Device, Fault, FaultStatus, utcnow
@@ -33,7 +30,6 @@ from tasks.acting import Acting
 from tasks.fault_lifecycle import lifecycle, mark_not_seen
 from tasks.notify import Notice, send_notice
 
-RECURRING_AT = 3  # the same symptom this often on one counter in a report's period calls for a root cause
 UNFIXED = (FaultStatus.OPEN, FaultStatus.ESCALATED)
 
 
@@ -58,6 +54,9 @@ class Symptom(StrEnum):
     DATA_CHANGED_SINCE_BACKUP = "data changed since backup: needs a decision"
     ROLLBACK_FAILED = "upgrade rollback failed: needs attention"
     BACKUP_STALE = "no verified backup in the last 24 h"
+    APP_RESTARTED = "counter app restarted during business hours"  # the in-business watch (tasks/watch.py)
+    BUSINESS_ERRORS = "business errors jumped"  # the in-business watch (tasks/watch.py)
+    NOT_ON_CURRENT_RELEASE = "counter app not running the installed release"  # after closing
 
 
 @dataclass(frozen=True)
@@ -88,6 +87,10 @@ CATALOGUE: dict[str, Kind] = {  # keyed by Symptom, which are strings: a stored 
     Symptom.DATA_CHANGED_SINCE_BACKUP: Kind("decision", "critical"),
     Symptom.ROLLBACK_FAILED: Kind("upgrade", "high"),  # no inspection runs this check: closed by hand
     Symptom.BACKUP_STALE: Kind("backup", "high"),  # the post-close inspection's backup age; a fresh backup marks it "not seen since"
+    # the in-business watch: a jump since its last reading; a later watch without one marks it "not seen since"
+    Symptom.APP_RESTARTED: Kind("restarts", "high"),
+    Symptom.BUSINESS_ERRORS: Kind("business_errors", "high"),
+    Symptom.NOT_ON_CURRENT_RELEASE: Kind("release", "high"),  # e.g. an interrupted upgrade: `current` moved, the app did not
 }
 
 
@@ -147,7 +150,9 @@ def record_faults(store: Store, device: Device, inspection_id: int, found_at: da
         if fault is None:
             fault = store.add(Fault(
                 device_id=device.id, branch_id=device.branch, outlet_id=device.outlet, reported_at=found_at,
-                symptom=finding.symptom, severity=CATALOGUE[finding.symptom].severity, inspection_id=inspection_id))
+                symptom=finding.symptom, severity=CATALOGUE[finding.symptom].severity, inspection_id=inspection_id,
+                # who found it: the person who signed the run, or the service identity for a scheduled one
+                details=None if by is None else {"lifecycle": {"stage": "opened", "events": [], "opened_by": by.actor}}))
             audit("fault.open", fault, severity=fault.severity, detail=finding.detail)
         elif lifecycle(fault).get("not_seen_since"):  # seen again: no longer "not seen since"
             life = {k: v for k, v in lifecycle(fault).items() if k not in ("not_seen_since", "not_seen_by")}
@@ -205,119 +210,3 @@ def fault_notice(device: Device, faults: list[StandingFault], context: str) -> N
               f"(reported {s.fault.reported_at:%Y-%m-%d %H:%M:%S} UTC)" for s in faults]
     lines += ["", "The first-line fix could not clear these: please send someone to the counter."]
     return Notice(f"Fault at counter {device.id}: {symptoms}", "\n".join(lines), "warning")
-
-
-# ----------------------------------------------------------------------------- the fault report
-
-
-class Recurring(BaseModel):
-    """The same symptom on one counter, often enough to need a root cause rather than another repair."""
-
-    device_id: str
-    branch: str
-    outlet: str
-    symptom: str
-    faults: int
-    first: datetime
-    last: datetime
-
-
-class FaultReport(BaseModel):
-    period_days: int
-    since: datetime
-    until: datetime
-    faults: int
-    fixed: int
-    unfixed: int
-    by_symptom: dict[str, int]
-    by_counter: dict[str, int]
-    by_outlet: dict[str, int]
-    by_branch: dict[str, int]
-    recurring: list[Recurring]  # needs root-cause analysis
-    mttr_minutes: float | None  # mean time to repair over the period's fixed faults
-    mttr_minutes_by_symptom: dict[str, float]
-
-
-def build_fault_report(faults: Iterable[Fault], period_days: int, until: datetime | None = None) -> FaultReport:
-    """Counts by symptom, counter, outlet and branch; recurring symptoms; mean time to repair —
-    over the faults reported in the ``period_days`` before ``until`` (default now)."""
-    until = until or utcnow()
-    since = until - timedelta(days=period_days)
-    period = [f for f in faults if since <= f.reported_at <= until]
-    repair_minutes: dict[str, list[float]] = {}
-    for f in period:
-        if f.status == FaultStatus.FIXED and f.fixed_at is not None:
-            repair_minutes.setdefault(f.symptom, []).append((f.fixed_at - f.reported_at).total_seconds() / 60)
-    return FaultReport(
-        period_days=period_days, since=since, until=until, faults=len(period),
-        fixed=sum(len(ms) for ms in repair_minutes.values()),
-        unfixed=sum(f.status in UNFIXED for f in period),
-        by_symptom=_ranked(f.symptom for f in period),
-        by_counter=_ranked(f.device_id for f in period),
-        by_outlet=_ranked(f.outlet_id for f in period),
-        by_branch=_ranked(f.branch_id for f in period),
-        recurring=_recurring(period),
-        mttr_minutes=_mean([m for ms in repair_minutes.values() for m in ms]),
-        mttr_minutes_by_symptom={s: _mean(ms) or 0.0 for s, ms in sorted(repair_minutes.items())},
-    )
-
-
-def _ranked(keys: Iterable[str]) -> dict[str, int]:
-    return dict(Counter(keys).most_common())
-
-
-def _mean(values: list[float]) -> float | None:
-    return round(statistics.fmean(values), 2) if values else None
-
-
-def _recurring(faults: list[Fault]) -> list[Recurring]:
-    groups: dict[tuple[str, str], list[Fault]] = {}
-    for f in faults:
-        groups.setdefault((f.device_id, f.symptom), []).append(f)
-    found = [
-        Recurring(device_id=device_id, branch=fs[0].branch_id, outlet=fs[0].outlet_id, symptom=symptom, faults=len(fs),
-                  first=min(f.reported_at for f in fs), last=max(f.reported_at for f in fs))
-        for (device_id, symptom), fs in groups.items() if len(fs) >= RECURRING_AT
-    ]
-    return sorted(found, key=lambda r: (-r.faults, r.device_id, r.symptom))
-
-
-def fault_report_markdown(report: FaultReport) -> str:
-    """The report head office reads: headline figures, what needs a root cause, where faults happen."""
-    mttr = "no fault fixed" if report.mttr_minutes is None else _duration(report.mttr_minutes)
-    lines = [
-        f"# Fault report: {report.since:%Y-%m-%d} – {report.until:%Y-%m-%d} ({report.period_days} days)",
-        "",
-        f"{report.faults} faults: {report.fixed} fixed, {report.unfixed} still open or escalated. Mean time to repair: {mttr}.",
-        "",
-        "## Needs a root cause",
-        "",
-    ]
-    lines += [f"- **{r.device_id}** ({r.outlet}): {r.symptom} × {r.faults} ({r.first:%m-%d} – {r.last:%m-%d})" for r in report.recurring] or [
-        f"Nothing recurred {RECURRING_AT} or more times on one counter."]
-    for title, counts in (("symptom", report.by_symptom), ("branch", report.by_branch), ("outlet", report.by_outlet),
-                          ("counter", report.by_counter)):
-        lines += ["", f"## By {title}", "", f"| {title} | faults |", "|---|---|"]
-        lines += [f"| {key} | {n} |" for key, n in counts.items()]
-    return "\n".join(lines)
-
-
-def _duration(minutes: float) -> str:
-    if minutes < 1:
-        return f"{minutes * 60:.0f} s"
-    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
-
-
-def publish_fault_report(report: FaultReport) -> None:
-    """The report as artifacts: the markdown, a table per symptom (with its MTTR) and the recurring ones."""
-    create_markdown_artifact(key="fault-report", markdown=fault_report_markdown(report), description="Fault report to head office")
-    create_table_artifact(
-        key="fault-report-symptoms",
-        table=[{"symptom": s, "faults": n, "MTTR min": report.mttr_minutes_by_symptom.get(s, "")} for s, n in report.by_symptom.items()],
-        description="Faults per symptom and their mean time to repair",
-    )
-    create_table_artifact(
-        key="fault-report-recurring",
-        table=[r.model_dump(mode="json") for r in report.recurring],
-        description=f"Counters with one symptom {RECURRING_AT}+ times: root cause needed",
-    )

@@ -4,8 +4,11 @@ Each check records what it saw (a :class:`~tasks.faults.Finding`):
 
     reachable over SSH, host key checked  → clock drift against ours, free disk
     the counter app's /health             → app status, each peripheral, receipt paper
-    after closing, also                   → back in service for tomorrow, no stale temp files,
-                                            a verified backup from the last 24 h (tasks/backup_age.py)
+    after closing, also                   → back in service for tomorrow, on the installed release,
+                                            no stale temp files, a verified backup from the last 24 h
+                                            (tasks/backup_age.py)
+    in business hours, instead            → the watch (tasks/watch.py): clock and disk in one round
+                                            trip, /metrics compared with the last watch's reading
 
 Simple problems get a first-line fix — the app down: ``ctl start``; left in maintenance mode:
 back in service; stale temp files: removed — and then the counter is looked at again: a fix
@@ -34,12 +37,13 @@ from inventory.store import Store, run_is_alive
 from tasks.acting import Acting
 from tasks.backup_age import check_backup_age
 from tasks.checks import MIN_PAPER_PCT, read_free_disk_mb
-from tasks.counter_app import read_health, read_maintenance, set_in_service
+from tasks.counter_app import read_app, read_health, read_maintenance, set_in_service
 from tasks.hold import held, held_reason
-from tasks.layout import CTL, RELEASES_DIR, TMP_DIR
+from tasks.layout import CTL, CURRENT_LINK, RELEASES_DIR, TMP_DIR
 from tasks.faults import Finding, StandingFault, Symptom, escalate, record_faults
 from tasks.notify import NotifyError
 from tasks.ssh import Connection, ConnectionPool, HostKeyChanged, HostKeyUnknown, SSHError, remote_path, sh
+from tasks.watch import Reading, compare, planned_restarts, previous_reading, read_facts, reading_of
 
 CLOCK_DRIFT_MAX_S = 30
 MIN_FREE_DISK_MB = 512
@@ -99,7 +103,10 @@ def check_clock(conn: Connection) -> Finding:
     """The counter's clock against ours: receipts, logs and audit trails need the right time."""
     before = time.time()
     theirs = int(conn.run(["date", "+%s"]).stdout.strip())
-    drift = theirs - (before + time.time()) / 2
+    return clock_finding(theirs - (before + time.time()) / 2)
+
+
+def clock_finding(drift: float) -> Finding:
     detail = f"{drift:+.0f} s against ours"
     if abs(drift) > CLOCK_DRIFT_MAX_S:
         return Finding(check="clock", symptom=Symptom.CLOCK_DRIFT, detail=f"{detail} (more than {CLOCK_DRIFT_MAX_S} s)", data={"drift_s": round(drift)})
@@ -107,7 +114,10 @@ def check_clock(conn: Connection) -> Finding:
 
 
 def check_disk(conn: Connection, device: Device) -> Finding:
-    free_mb = read_free_disk_mb(conn, device.root)
+    return disk_finding(read_free_disk_mb(conn, device.root))
+
+
+def disk_finding(free_mb: int) -> Finding:
     if free_mb < MIN_FREE_DISK_MB:
         return Finding(check="disk", symptom=Symptom.DISK_LOW, detail=f"{free_mb} MB free, {MIN_FREE_DISK_MB} MB wanted",
                        data={"free_mb": free_mb})
@@ -167,17 +177,62 @@ def check_back_in_service(health: dict, conn: Connection) -> Finding:
     return Finding(check="service", symptom=Symptom.LEFT_IN_MAINTENANCE, detail=f"out of service after closing (reason: {reason})")
 
 
-def look(device: Device, phase: InspectionPhase, pool: ConnectionPool) -> list[Finding]:
+def watch(conn: Connection, device: Device, previous: Reading | None, store: Store | None, ours: int) -> list[Finding]:
+    """The in-business look (tasks/watch.py): one command round trip (clock, disk) and one /metrics read
+    through the same connection, compared with the counter's ``previous`` reading; ``ours``: restarts
+    this inspection's own first-line fix made."""
+    try:
+        drift, free_mb = read_facts(conn, device)
+    except SSHError as e:
+        return [Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=f"lost the counter while inspecting: {e.reason}")]
+    findings = [clock_finding(drift), disk_finding(free_mb)]
+    metrics = read_app(conn, "/metrics")
+    at = utcnow()
+    if metrics is None:
+        if conn.suspect is not None:  # the link went, not the app
+            return findings + [Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=f"lost the counter while inspecting: {conn.suspect}")]
+        return findings + [Finding(check="app", symptom=Symptom.APP_DOWN, detail=f"no answer to /metrics on its loopback port {device.http_port}")]
+    reading = reading_of(metrics, at)
+    if reading is None:
+        return findings + [Finding(check="metrics", detail=f"/metrics lacks business_errors_total, restarts or started_at (has {sorted(metrics)})")]
+    planned = planned_restarts(store, previous.read_at, at) if previous is not None and store is not None else None
+    return findings + compare(previous, reading, ours=ours, planned=planned)
+
+
+def installed_release(conn: Connection, device: Device) -> str | None:
+    """The release ``current`` points at (its directory's name); None when there is no such link."""
+    r = conn.run(["readlink", "--", remote_path(device.root, CURRENT_LINK)], check=False)
+    return r.stdout.strip().rstrip("/").rsplit("/", 1)[-1] or None if r.ok else None
+
+
+def check_release(health: dict, installed: str | None) -> Finding:
+    """After closing: the app runs the release ``current`` points at, so tomorrow starts on what was
+    installed (an interrupted upgrade or a manual switch can leave the old one running)."""
+    running = health.get("version")
+    if running == installed:
+        return Finding(check="release", detail=f"runs {running}, the installed release")
+    said = f"the installed release (`current`) is {installed}" if installed else "there is no installed release (no `current` link)"
+    return Finding(check="release", symptom=Symptom.NOT_ON_CURRENT_RELEASE, detail=f"runs {running}, but {said}",
+                   data={"running": running, "installed": installed})
+
+
+def look(device: Device, phase: InspectionPhase, pool: ConnectionPool, *, previous: Reading | None = None,
+         store: Store | None = None, ours: int = 0) -> list[Finding]:
     """Every check of ``phase`` on the counter, each with what it saw. The app is asked through the
-    counter's SSH connection: an unreachable counter's app checks are not made (nothing is cleared by them)."""
+    counter's SSH connection: an unreachable counter's app checks are not made (nothing is cleared by them).
+    In business hours the cheap watch instead (:func:`watch`: ``previous`` reading, ``ours`` restarts)."""
     conn, reached = reach(pool, device)
     findings = [reached]
     if conn is None:
         return findings
+    if phase == InspectionPhase.IN_BUSINESS:
+        return findings + watch(conn, device, previous, store, ours)
     try:
         findings += [check_clock(conn), check_disk(conn, device)]
+        installed = None
         if phase == InspectionPhase.POST_CLOSE:
             findings.append(check_temp_files(conn, device))
+            installed = installed_release(conn, device)
     except SSHError as e:
         findings.append(Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=f"lost the counter while inspecting: {e.reason}"))
         return findings
@@ -189,7 +244,7 @@ def look(device: Device, phase: InspectionPhase, pool: ConnectionPool) -> list[F
     if health is not None:
         findings += check_peripherals(health)
         if phase == InspectionPhase.POST_CLOSE:
-            findings.append(check_back_in_service(health, conn))
+            findings += [check_back_in_service(health, conn), check_release(health, installed)]
     return findings
 
 
@@ -241,11 +296,12 @@ def try_fix(device: Device, pool: ConnectionPool, symptom: str) -> Attempt:
 
 
 def look_and_fix(device: Device, phase: InspectionPhase, pool: ConnectionPool, hands_off: str | None, *,
-                 store: Store, run_id: int, by: Acting) -> list[Finding]:
+                 store: Store, run_id: int, by: Acting, previous: Reading | None = None) -> list[Finding]:
     """Look; fix what is simple, holding the counter's lease; look again. Returns the second look plus
     the problems it proved fixed. A counter another run holds is looked at but not fixed. Every fix
-    tried is audited (``inspection.fix``: the verified actor, the statement's digest, fixed or not)."""
-    first = look(device, phase, pool)
+    tried is audited (``inspection.fix``: the verified actor, the statement's digest, fixed or not).
+    ``previous``: the in-business watch's last reading of the counter (tasks/watch.py)."""
+    first = look(device, phase, pool, previous=previous, store=store)
     fixable = [f for f in first if f.standing and f.symptom in FIRST_LINE_FIXES]
     if not fixable:
         return first
@@ -255,7 +311,8 @@ def look_and_fix(device: Device, phase: InspectionPhase, pool: ConnectionPool, h
         if held is not None:
             return [_noted(f, f"not fixed: {held}") if f in fixable else f for f in first]
         attempts = {f.symptom: try_fix(device, pool, f.symptom) for f in fixable}
-        second = look(device, phase, pool)
+        ours = int(Symptom.APP_DOWN in attempts and attempts[Symptom.APP_DOWN].ran)  # our ctl start is no unplanned restart
+        second = look(device, phase, pool, previous=previous, store=store, ours=ours)
     still = {f.symptom for f in second if f.standing}
     for symptom, attempt in attempts.items():
         outcome = "fixed" if attempt.ran and symptom not in still else "not_fixed" if attempt.ran else "failed"
@@ -310,9 +367,10 @@ def inspect_counter(device: Device, phase: InspectionPhase, by: Acting, run_id: 
     """One counter's inspection: look, fix what is simple, look again, record, tell the branch the rest."""
     started = utcnow()
     hold = held(store, device.id)  # a held counter stays out of service until someone decides
+    previous = previous_reading(store, device.id, started) if phase == InspectionPhase.IN_BUSINESS else None
     try:
         findings = look_and_fix(device, phase, pool, hands_off or (held_reason(hold) if hold else None), store=store, run_id=run_id,
-                                by=by)
+                                by=by, previous=previous)
     finally:
         pool.release(device)
     if phase == InspectionPhase.POST_CLOSE:  # tonight's data must be safe too: a verified backup from the last 24 h

@@ -131,13 +131,14 @@ EXPECTED_DEPLOYMENTS = {
     "upgrade-followup/upgrade-followup": None,
     "fleet-check/fleet-check": None,
     "daily-inspection/pre-open": "30 8 * * *",
-    "daily-inspection/in-business": "0 13 * * *",
+    "daily-inspection/in-business": "*/15 9-17 * * *",  # the watch: every 15 min, 09:00-17:45
     "daily-inspection/post-close": "30 18 * * *",
     "periodic-maintenance/monthly": "0 22 1 * *",
     DRILL: "0 23 * * 0",
     BACKUP: "0 20 * * *",
     "fault-report/monthly-report": "0 9 1 * *",
     "backup-prune/backup-prune": "0 5 * * *",
+    "crash-alert/crash-alert": None,
 }
 
 

@@ -112,7 +112,7 @@ def test_stopped_app_is_restarted_and_low_paper_is_escalated_once(pair, prefect_
         f for f in inspected[low.id].findings if f["symptom"]).items()
     assert "inspection-pre-open" in asyncio.run(_artifact_keys("inspection-pre-open"))
 
-    again = cli("inspect", "--phase", "in-business", "--inventory", str(pair), "--notify", receiver.url)
+    again = cli("inspect", "--phase", "pre-open", "--inventory", str(pair), "--notify", receiver.url)  # the same checks again
     assert again.returncode == 1, again.stdout + again.stderr
     assert [f.id for f in faults_of(low)] == [paper.id], "the standing fault was opened a second time"
     assert len(receiver.received) == 1, "the branch was told twice about one fault"
@@ -166,7 +166,8 @@ def test_fault_report_flags_a_recurring_symptom_and_computes_mttr(fleet, home, p
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(r.stdout)
     assert (report["faults"], report["fixed"], report["unfixed"]) == (6, 5, 1)
-    assert [(x["device_id"], x["symptom"], x["faults"]) for x in report["recurring"]] == [(often.id, "receipt paper low", 3)]
+    assert [(x["device_id"], x["what"], x["faults"]) for x in report["recurring"]] == [  # 2+ in the period: recurring
+        (often.id, "receipt paper low", 3), (twice.id, "receipt paper low", 2)]
     assert report["mttr_minutes"] == 16.0  # (10 + 20 + 30 + 5 + 15) / 5
     assert report["by_symptom"] == {"receipt paper low": 5, "camera not working": 1}
     assert report["by_counter"] == {often.id: 3, twice.id: 3}

@@ -47,7 +47,7 @@ from tests.test_inventory import db_url, fleet_yaml, write  # noqa: F401  (db_ur
 
 CLI = [str(Path(sys.executable).with_name("counterops"))]
 README = Path(__file__).resolve().parent.parent / "README.md"
-SESSION_OPERATORS = ["chen.jie", "counterops-scheduler", "li.na", "sun.li", "wang.fang", "wu.qiang", "zhang.wei", "zhou.min"]
+SESSION_OPERATORS = ["chen.jie", "counterops-scheduler", "li.na", "liu.yang", "sun.li", "wang.fang", "wu.qiang", "zhang.wei", "zhao.lei", "zhou.min"]
 
 
 def cli(*args: str | Path, env: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -162,7 +162,7 @@ def test_init_sets_up_an_empty_store_once(home: str) -> None:
     done = cli("operators", "init", "--from", OPERATORS_FILE)
 
     assert done.returncode == 0, done.stderr
-    assert "8 operators set up" in done.stdout
+    assert "10 operators set up" in done.stdout
     listed = json.loads(cli("operators", "list", "--json").stdout)
     assert sorted(o["name"] for o in listed) == SESSION_OPERATORS
     zhang = next(o for o in listed if o["name"] == "zhang.wei")
@@ -174,9 +174,9 @@ def test_init_sets_up_an_empty_store_once(home: str) -> None:
     again = cli("operators", "init", "--from", OPERATORS_FILE)
 
     assert again.returncode == 1
-    assert "the store already has operators (8): `operators init` only sets up an empty store" in error_of(again)
+    assert "the store already has operators (10): `operators init` only sets up an empty store" in error_of(again)
     assert "counterops operators request" in error_of(again)
-    assert table_count("operator_keys") == 8
+    assert table_count("operator_keys") == 10
     [event] = audit("operators.init")
     assert event.outcome == "ok" and str(OPERATORS_FILE) in event.target
 

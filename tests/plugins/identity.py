@@ -1,7 +1,7 @@
 """The simulated bank's operators for the whole test session, with real keys in a real ssh-agent.
 
 At load: a key pair per operator (simfleet's DEFAULT_OPERATORS: two admins, zhang.wei hq_it, li.na
-approver, wang.fang branch_it BR01, chen.jie approver, sun.li auditor, counterops-scheduler service)
+approver, wang.fang, liu.yang, zhao.lei branch_it of BR01, BR02, BR03, chen.jie approver, sun.li auditor, counterops-scheduler service)
 under the session home, all of them but the service key added to one ssh-agent started for the
 session (SSH_AUTH_SOCK), and COUNTEROPS_OPERATOR=zhang.wei, COUNTEROPS_SERVICE_KEY set for every
 process the tests start. So a CLI call signs as zhang.wei unless it says ``--as``; ``--as li.na``
