@@ -14,7 +14,8 @@
 #      copy is a readable tar) and verified against its signed manifest; where to open the run in the UI
 #   6. a fault reported by a person: assigned, diagnosed, repaired, retested on the counter, closed; a
 #      corrective action against its root cause; the monthly fault report (the bank's and each branch's)
-#   7. a standby drill: each counter's newest off-site backup restored onto the standby counter
+#   7. the upgrade's follow-up evaluation from the counters' business figures before and after
+#   8. a standby drill: each counter's newest off-site backup restored onto the standby counter
 #      (SC-STANDBY-01, outside every plan), started and tested there; RTO and RPO per counter, p50/p90/max
 # The fleet is taken down at the end; the Prefect server stays up for the UI (`make stop`).
 set -euo pipefail
@@ -32,7 +33,9 @@ trap '[ -n "$inbox" ] && kill $inbox 2>/dev/null; $BIN/counterops fleet down --d
 $BIN/counterops fleet down --dir "$DIR" --remove >/dev/null
 # A new fleet each time: start its records afresh too (the Prefect server keeps earlier runs for the UI).
 rm -rf "$COUNTEROPS_HOME"/counterops.db* "$COUNTEROPS_HOME"/backups "$COUNTEROPS_HOME"/audit-anchors.log
-$BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --standby 1 --dir "$DIR"
+# --traffic: each counter serves simulated customers (60 calls a minute) whose business figures the
+# follow-up evaluation compares before and after the upgrade.
+$BIN/counterops fleet up --devices "${DEMO_DEVICES:-12}" --branches 3 --outlets 2 --standby 1 --traffic 60 --dir "$DIR"
 KEYS=$DIR/keys
 # Who is told: head office and each branch have a mailbox (the simulated bank's, an HTTP endpoint that
 # apprise's json:// posts to); the inventory's contacts: section points at them.
@@ -142,6 +145,11 @@ $BIN/counterops faults action "$FAULT" --text "check the card readers of this mo
 $BIN/counterops faults show "$FAULT"
 $BIN/counterops faults list --limit 5
 $BIN/counterops faults report --days 30 --as zhang.wei --key "$KEYS/zhang.wei"
+# The upgrade's evaluation days later (六(三)3), here over its first 20 s: each counter's real business
+# figures (transactions by type, success rate, handling time, errors, restarts, satisfaction) after the
+# upgrade against the same length before it, per counter, outlet, branch and bank; the verdict to head office.
+# (With `make serve`'s worker the upgrade schedules these itself at +1 day and +7 days.)
+$BIN/counterops evaluate followup demo-smartcounter-1.2.0 --period 20s --as zhang.wei --key "$KEYS/zhang.wei"
 # The real RTO: every counter's newest verified backup (the pre-upgrade one, taken on 1.0.0 like the
 # standby, which no plan upgrades) restored from its off-site copy onto the standby, one at a time,
 # app started, functional and business tests passed there; then the standby gets its own data back.
