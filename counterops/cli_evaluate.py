@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from counterops.common import (
     EXIT_BAD_INPUT,
@@ -72,8 +73,33 @@ def followup_command(
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         out.print(state.message, soft_wrap=True, highlight=False)
+        out.print(_branches_table(result["judged"]))
         for j in result["judged"]:
             if j["verdict"] == "degraded" and j["scope"] != "bank":
                 out.print(f"  {j['scope']} {j['name']}: {'; '.join(j['reasons'])}", soft_wrap=True, highlight=False)
     if result["verdict"] != "stable":
         raise typer.Exit(EXIT_FAILED)
+
+
+def _branches_table(judged: list[dict]) -> Table:
+    """Each branch's and the bank's figures before → after (the counters' and outlets' are in the artifact)."""
+    def pair(j: dict, what) -> str:
+        b, a = j.get("before"), j.get("after")
+        return f"{what(b) if b else '-'} → {what(a) if a else '-'}"
+
+    def rate(t: dict) -> str:
+        return f"{t['ok'] / t['calls']:.1%}" if t["calls"] else "-"
+
+    def handling(t: dict) -> str:
+        return f"{t['handling_ms'] / t['calls']:.1f}" if t["calls"] else "-"
+
+    def score(t: dict) -> str:
+        return f"{t['score_sum'] / t['responses']:.2f}" if t["responses"] else "-"
+
+    table = Table("scope", "name", "verdict", "transactions", "success rate", "mean handling ms", "errors", "restarts",
+                  "satisfaction", title="before → after the upgrade")
+    for j in judged:
+        if j["scope"] in ("branch", "bank"):
+            table.add_row(j["scope"], j["name"], j["verdict"], pair(j, lambda t: str(t["ok"])), pair(j, rate), pair(j, handling),
+                          pair(j, lambda t: str(t["errors"])), pair(j, lambda t: str(t["restarts"])), pair(j, score))
+    return table
