@@ -19,7 +19,7 @@ fi
 # Shared system parts both shards would otherwise race to create: the fleets' logins.
 .venv/bin/python -c 'from simfleet import fleet; fleet._fleet_user(); fleet._site_user()' || exit 1
 
-# Shard 1: fault injection, the SSH layer and everything without a Prefect flow run; shard 2: the flows.
+# Shard 1: fault injection, the SSH layer, identity and audit, and a few flow tests to even the time out; shard 2: the other flows.
 SHARD1=(tests/faults tests/test_upgrade_faults.py tests/test_control_api.py tests/test_fault_messages.py tests/test_ssh.py
         tests/test_fleet.py tests/test_leases.py tests/test_audit.py tests/test_operators.py tests/test_plan.py
         tests/test_inventory.py tests/test_retention.py tests/test_playbook.py tests/test_cli.py tests/test_backup.py
