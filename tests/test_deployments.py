@@ -151,6 +151,11 @@ async def _schedules(api: str, auth: str) -> dict[str, list[tuple[str, str]]]:
         for name in EXPECTED_DEPLOYMENTS:
             deployment = await client.read_deployment_by_name(name)
             found[name] = [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules]
+            if name == "daily-inspection/in-business":  # one watch at a time: a late one cancels the next
+                limit = deployment.global_concurrency_limit
+                options = deployment.concurrency_options
+                found["in-business concurrency"] = (limit.limit if limit else None,
+                                                    str(options.collision_strategy.value) if options else None)
         return found
 
 
@@ -177,6 +182,7 @@ def test_deploy_all_then_a_worker_runs_the_drill_deployment(stack, worker, fleet
     schedules = asyncio.run(_schedules(stack.api, stack.env["PREFECT_API_AUTH_STRING"]))
     for name, cron in EXPECTED_DEPLOYMENTS.items():
         assert schedules[name] == ([(cron, "Asia/Shanghai")] if cron else []), name
+    assert schedules["in-business concurrency"] == (1, "CANCEL_NEW")
 
     run, artifacts = asyncio.run(_run_deployment_and_read_back(stack.api, stack.env["PREFECT_API_AUTH_STRING"], DRILL, {"sample": 2}, timeout=300))
     assert run.state.is_completed(), f"{run.state}: see the worker log above"
