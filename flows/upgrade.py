@@ -118,9 +118,15 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
             # counters an earlier run of this plan left mid-install: put back from their backup first
             leftovers = unfinished_installs(store, plan.name, run.id, (d.id for w in waves for d in w.devices))
 
-            # Branches are told in advance: no counter is touched unless this notice went out.
+            # Branches are told in advance: no counter is touched unless this notice went out. Head office
+            # (and the plan's notify) get the whole plan; each branch the plan with its own counters only.
             try:
-                deliver(_told.get() or plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
+                hq = audience(inv, (), plan.notify)
+                deliver(hq or plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
+                for branch in branches:
+                    own = [t for t in audience(inv, [branch]) if t not in hq]
+                    if own:
+                        deliver(own, Notice(f"Upgrade notice: {plan.name}", announced.render(branch)))
             except NotifyError as e:  # the run's reason: its record, the Prefect state and the CLI say it
                 raise NotifyError(f"advance notice not delivered, so no counter was touched: {e}") from e
 

@@ -672,8 +672,9 @@ class PlanImpact(BaseModel):
     downgrade: bool = False
     waves: list[WaveImpact]
 
-    def render(self) -> str:
-        """Plain text for branch staff: per wave, per branch, per outlet, the counters affected."""
+    def render(self, branch: str | None = None) -> str:
+        """Plain text for branch staff: per wave, per branch, per outlet, the counters affected;
+        with ``branch``, only that branch's counters (what that branch is told)."""
         lines = [
             f"Upgrade plan {self.plan}: smart counter software version {self.target_version}",
             f"Package: {self.package}" + (f" (sha256 {self.package_sha256})" if self.package_sha256 else ""),
@@ -685,8 +686,10 @@ class PlanImpact(BaseModel):
             f"Impact: each counter is out of service while it is upgraded; at most {self.max_unavailable_per_outlet} "
             f"per outlet and {self.parallelism} in all at the same time",
         ]
-        if self.outlets_without_service:
-            lines.append(f"Outlets with no counter in service during their upgrade: {', '.join(self.outlets_without_service)}")
+        mine = {o for w in self.waves for b, outlets in w.branches.items() if branch is None or b == branch for o in outlets}
+        closed = [o for o in self.outlets_without_service if o in mine]
+        if closed:
+            lines.append(f"Outlets with no counter in service during their upgrade: {', '.join(closed)}")
         if self.downgrade:
             lines.append(f"Downgrade allowed: counters on a newer release go back to {self.target_version} where it runs on their data schema")
         else:
@@ -702,8 +705,11 @@ class PlanImpact(BaseModel):
             lines.append(f"  {w.stop_rule()}")
             if w.soak_seconds:
                 lines.append(f"  the upgraded counters are watched for {w.soak_seconds:g} s before the next wave")
-            for branch, outlets in w.branches.items():
-                lines.append(f"  Branch {branch}")
+            shown = {b: o for b, o in w.branches.items() if branch is None or b == branch}
+            if not shown:
+                lines.append(f"  none of branch {branch}'s counters")
+            for name, outlets in shown.items():
+                lines.append(f"  Branch {name}")
                 lines += [f"    Outlet {outlet}: {', '.join(ids)}" for outlet, ids in outlets.items()]
         return "\n".join(lines)
 

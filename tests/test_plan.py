@@ -409,6 +409,11 @@ def test_the_impact_reads_as_plain_text_per_wave_branch_and_outlet(tmp_path, pac
     assert "the upgrade stops if more than 10% of its counters fail" in text
     assert "watched for 30 s before the next wave" in text
     assert "  Branch BR02\n    Outlet BR02-O01: SC-BR02-O01-02, SC-BR02-O01-03" in text
+    # what branch BR02 is told when the upgrade starts: its own counters only, the plan's figures as they are
+    own = impact(load_plan(write_plan(tmp_path, maintenance_window=window)), load_inventory(inventory_file)).render("BR02")
+    assert "  Branch BR02\n    Outlet BR02-O01: SC-BR02-O01-02, SC-BR02-O01-03" in own
+    assert "BR01" not in own and "Scope: 6 counters in 3 outlets of 2 branches" in own
+    assert "Wave 1 of 3: canary\n  1 counter, at most 1 out of service at once\n  the upgrade stops if any counter fails\n  none of branch BR02's counters" in own
 
 
 # ----------------------------------------------------------------------------- maintenance window
