@@ -102,6 +102,7 @@ class FleetState:
     user: str
     devices: list[Counter] = field(default_factory=list)
     site_port: int | None = None
+    apps_per_process: int = 1  # counters one counter-app process serves (1: a process each)
 
     @classmethod
     def load(cls, fleet_dir: Path) -> FleetState | None:
@@ -109,7 +110,8 @@ class FleetState:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
-        return cls(dir=raw["dir"], user=raw["user"], devices=[Counter(**d) for d in raw["devices"]], site_port=raw.get("site_port"))
+        return cls(dir=raw["dir"], user=raw["user"], devices=[Counter(**d) for d in raw["devices"]], site_port=raw.get("site_port"),
+                   apps_per_process=int(raw.get("apps_per_process", 1)))
 
     def save(self, fleet_dir: Path) -> None:
         tmp = fleet_dir / "fleet.json.tmp"
@@ -445,6 +447,58 @@ def _ctl(fleet_dir: Path, c: Counter, action: str, user: pwd.struct_passwd) -> s
     )
 
 
+def _cmdline(pid: int | None) -> str:
+    if not pid:
+        return ""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _app_pid(fleet_dir: Path, c: Counter, name: str = "counterd.pid") -> int | None:
+    """The live counter-app process serving (counterd.pid) or holding (counterd.host) this counter, or None."""
+    root = _paths(fleet_dir, c.id)["root"]
+    try:
+        pid = int("".join(ch for ch in (root / "var/run/smartcounter" / name).read_text() if ch.isdigit()))
+    except (OSError, ValueError):
+        return None
+    cmd = _cmdline(pid)
+    return pid if "/app/counterd.py " in cmd and f"--root {root} " in cmd and _pid_alive(pid) else None
+
+
+def _start_shared(fleet_dir: Path, state: FleetState, user: pwd.struct_passwd,
+                  pool: ThreadPoolExecutor) -> list[tuple[Counter, subprocess.CompletedProcess]]:
+    """Start the counters' apps ``state.apps_per_process`` to a process: one ``counterd --root …`` for each
+    group's counters that neither run nor belong to a live shared process; a counter stopped inside a live
+    shared process (or left alone in its group) is started by its own ``bin/ctl start``."""
+    k = state.apps_per_process
+    groups = [state.devices[i:i + k] for i in range(0, len(state.devices), k)]
+    by_ctl: list[Counter] = []
+    logs = fleet_dir / "apps"
+    logs.mkdir(exist_ok=True)
+    for n, group in enumerate(groups, 1):
+        idle = [c for c in group if _app_pid(fleet_dir, c) is None]
+        orphans = [c for c in idle if _app_pid(fleet_dir, c, "counterd.host") is None]
+        by_ctl += [c for c in idle if c not in orphans]
+        if len(orphans) < 2:
+            by_ctl += orphans
+            continue
+        roots = [_paths(fleet_dir, c.id)["root"] for c in orphans]
+        main = (roots[0] / "opt" / "smartcounter" / "current").resolve() / "app" / "counterd.py"
+        argv = [releases.counter_python(), str(main)]
+        for root in roots:
+            argv += ["--root", str(root)]
+        with open(logs / f"group-{n:03d}.log", "ab") as log:
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd="/",
+                             env={"PATH": "/usr/bin:/bin", "HOME": user.pw_dir, "LANG": "C.UTF-8"}, **_as_user(user))
+    ok = subprocess.CompletedProcess([], 0, "", "")
+    by_ctl_ids = {c.id for c in by_ctl}
+    return ([(c, ok) for c in state.devices if c.id not in by_ctl_ids]
+            + list(pool.map(lambda c: (c, _ctl(fleet_dir, c, "start", user)), by_ctl)))
+
+
 def _health(port: int, timeout: float = 2.0) -> dict | None:
     try:
         with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=timeout) as r:
@@ -611,8 +665,14 @@ def up(
     parallel: int = 8,
     standby: int = 0,
     traffic_per_minute: float = 0.0,
+    apps_per_process: int = 1,
 ) -> list[CounterStatus]:
     """Bring the fleet up and return when every counter answers over SSH and HTTP.
+
+    ``apps_per_process``: how many counters one counter-app process serves (1, the default: a process
+    each). Above 1 the counters are started in groups of that size, one ``counterd --root R1 --root R2 …``
+    per group (each counter still on its own port, root, config and state; see counterd.py and
+    ``bin/ctl`` for how one counter of a group is stopped, started and upgraded on its own).
 
     ``standby``: that many more counters marked ``standby: true`` in the inventory (see plan_standby).
     ``traffic_per_minute``: generated customers per minute on each counter but the standby ones
@@ -629,13 +689,16 @@ def up(
     try:
         return _up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets_per_branch,
                    ssh_base_port=ssh_base_port, http_base_port=http_base_port, parallel=parallel, standby=standby,
-                   traffic_per_minute=traffic_per_minute)
+                   traffic_per_minute=traffic_per_minute, apps_per_process=apps_per_process)
     finally:
         os.umask(saved)
 
 
 def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branch: int | None, ssh_base_port: int,
-        http_base_port: int, parallel: int, standby: int = 0, traffic_per_minute: float = 0.0) -> list[CounterStatus]:
+        http_base_port: int, parallel: int, standby: int = 0, traffic_per_minute: float = 0.0,
+        apps_per_process: int = 1) -> list[CounterStatus]:
+    if apps_per_process < 1:
+        raise FleetError(f"--apps-per-process must be at least 1, got {apps_per_process}")
     if not os.path.exists(SSHD):
         raise FleetError(f"{SSHD} is missing: install OpenSSH's server (apt-get install -y openssh-server)")
     fleet_dir = Path(fleet_dir).resolve()
@@ -650,7 +713,8 @@ def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branc
     if state is None:
         _assign_ports(wanted, ssh_base_port, http_base_port)
         taken = {c.ssh_port for c in wanted} | {c.http_port for c in wanted}
-        state = FleetState(dir=str(fleet_dir), user=user.pw_name, devices=wanted, site_port=_site_port(ssh_base_port, taken))
+        state = FleetState(dir=str(fleet_dir), user=user.pw_name, devices=wanted, site_port=_site_port(ssh_base_port, taken),
+                           apps_per_process=apps_per_process)
         state.save(fleet_dir)
     elif [c.id for c in state.devices] != [c.id for c in wanted]:
         raise FleetError(
@@ -668,14 +732,21 @@ def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branc
     _write_inventory(fleet_dir, state, _prepare_site(fleet_dir, state, client_public))
     write_operators(fleet_dir)
 
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    if state.apps_per_process != apps_per_process:  # what already runs keeps its grouping until the fleet goes down
+        state.apps_per_process = apps_per_process
+        state.save(fleet_dir)
+
+    deadline = time.monotonic() + READY_TIMEOUT_S + 0.1 * len(state.devices)  # (1,000 sshd take ≈ 35 s to start here)
     site = Counter(id=SITE_ID, branch="", outlet="", ssh_port=state.site_port or 0, http_port=0)
     started = [(c, _start_sshd(fleet_dir, c)) for c in [*state.devices, site]]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(lambda c: _prepare_root(fleet_dir, c, packages, user, traffic_per_minute), state.devices))
         for c, proc in started:  # the counters' and the backup site's
             _wait_for_sshd(fleet_dir, c, proc, deadline)
-        results = list(pool.map(lambda c: (c, _ctl(fleet_dir, c, "start", user)), state.devices))
+        if state.apps_per_process == 1:
+            results = list(pool.map(lambda c: (c, _ctl(fleet_dir, c, "start", user)), state.devices))
+        else:
+            results = _start_shared(fleet_dir, state, user, pool)
     failed = [f"{c.id}: {r.stdout.strip()} {r.stderr.strip()}".strip() for c, r in results if r.returncode != 0]
     if failed:
         raise FleetError("counter app did not start on:\n  " + "\n  ".join(failed))

@@ -958,11 +958,229 @@ def serve(root: Path) -> int:
     return 0
 
 
+# ------------------------------------------------------------- one process, many counters
+#
+# The simulated fleet may start one counterd for several counters (``--root R1 --root R2 …``; `counterops
+# fleet up --apps-per-process K`) to fit 1,000 counters on one machine. Each counter keeps its own port,
+# root, config, state, figures and maintenance flag: a CounterApp and an HTTP server of its own, built
+# from ITS OWN release's code (the ``app/`` of the release its ``current`` points at, loaded once per
+# distinct release content), and its log lines go to its own ROOT/var/log/smartcounter/counterd.log.
+# ``bin/ctl`` of one counter stops or starts only that counter: it writes ROOT/var/run/smartcounter/
+# counterd.request ("stop", or "start RELEASE_DIR") and sends SIGUSR1 to the process named in
+# counterd.host; the process answers by closing that counter's server, or by loading RELEASE_DIR's code
+# and serving the counter from it (then writing its pidfile, as a process of its own would). So an
+# upgrade's "switch current, ctl start" really runs the new release's code, a rollback the old one's,
+# and the other counters of the process go on serving. /health's ``pid`` is the shared process's.
+
+REQUEST_FILE = "counterd.request"  # under ROOT/var/run/smartcounter: what bin/ctl asks of a shared process
+HOST_FILE = "counterd.host"  # the pid of the shared process holding this counter (even while it is stopped)
+RELEASE_FILE = "counterd.release"  # the release directory whose code serves this counter now
+FAILED_FILE = "counterd.start-failed"  # why the last start request failed (bin/ctl prints it)
+
+_thread_log = threading.local()
+
+
+class _PerCounterStderr:
+    """A shared process's sys.stderr: each line goes to the log of the counter whose thread writes it."""
+
+    def __init__(self, default: Any) -> None:
+        self.default = default
+
+    def _target(self) -> Any:
+        return getattr(_thread_log, "file", None) or self.default
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+
+def _logging_to(log_file: Any, target: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        _thread_log.file = log_file
+        return target(*args, **kwargs)
+    return run
+
+
+class _CounterServer(ThreadingHTTPServer):
+    """One counter's server inside a shared process: its request threads log to that counter's log."""
+
+    daemon_threads = True
+    log_file: Any = None
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        _thread_log.file = self.log_file
+        super().process_request_thread(request, client_address)
+
+
+_release_code: dict[str, Any] = {}
+_release_code_lock = threading.Lock()
+
+
+def _exec_module(name: str, path: Path) -> Any:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # (dataclasses look their module up here)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def release_code(release_dir: Path) -> Any:
+    """The counterd module of ``release_dir`` (with that release's own counterdb), loaded once per
+    distinct content of its app/, release.json and VERSION: a hundred counters on the same release
+    share one copy, a counter on another (or altered) release gets its own."""
+    import hashlib
+    release_dir = release_dir.resolve()
+    digest = hashlib.sha256()
+    for name in ("app/counterd.py", "app/counterdb.py", "release.json", "VERSION"):
+        digest.update(name.encode() + b"\0" + (release_dir / name).read_bytes() + b"\0")
+    key = digest.hexdigest()[:16]
+    with _release_code_lock:
+        if key in _release_code:
+            return _release_code[key]
+        db = _exec_module(f"counterdb_{key}", release_dir / "app/counterdb.py")
+        saved, path_before = sys.modules.get("counterdb"), list(sys.path)
+        sys.modules["counterdb"] = db  # what that release's `import counterdb` must find
+        try:
+            module = _exec_module(f"counterd_{key}", release_dir / "app/counterd.py")
+        finally:
+            if saved is None:
+                sys.modules.pop("counterdb", None)
+            else:
+                sys.modules["counterdb"] = saved
+            sys.path[:] = path_before
+        _release_code[key] = module
+        return module
+
+
+class HostedCounter:
+    """One counter served by a shared process (see above)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files = CounterFiles(root)
+        self.run_dir = self.files.pidfile.parent
+        self.log_path = root / "var/log/smartcounter/counterd.log"
+        self.server: ThreadingHTTPServer | None = None
+        self.app: Any = None
+        self.log_file: Any = None
+
+    def start(self, release_dir: Path) -> None:
+        if self.server is not None:
+            return
+        (self.run_dir / FAILED_FILE).unlink(missing_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path, "a", buffering=1, encoding="utf-8")
+        _thread_log.file = log_file
+        try:
+            code = release_code(release_dir)
+            app = code.CounterApp(self.root)
+            host = app.config.get("http_host", "127.0.0.1")
+            port = int(app.config["http_port"])
+            server = _CounterServer((host, port), type("CounterHandler", (code.Handler,), {"app": app}))
+        except Exception as exc:  # noqa: BLE001 - one counter's bad release must not stop the others
+            message = f"cannot start from {release_dir}: {exc!r}"
+            log(message)
+            write_json_atomic(self.run_dir / FAILED_FILE, {"error": message})
+            _thread_log.file = None
+            log_file.close()
+            return
+        finally:
+            _thread_log.file = None
+        server.log_file = log_file
+        self.app, self.server, self.log_file = app, server, log_file
+        _logging_to(log_file, app.record_start)()
+        _logging_to(log_file, app.prepare_database)()
+        threading.Thread(target=_logging_to(log_file, code.Traffic(app).run), name=f"traffic {self.root.name}", daemon=True).start()
+        threading.Thread(target=_logging_to(log_file, server.serve_forever), kwargs={"poll_interval": 0.2},
+                         name=f"serve {self.root.name}", daemon=True).start()
+        (self.run_dir / RELEASE_FILE).write_text(f"{release_dir.resolve()}\n")
+        code.write_pidfile(app.files.pidfile)
+        _logging_to(log_file, log)(f"version {app.release.version} serving on {host}:{port} (root {self.root}, shared process)")
+
+    def stop(self, why: str = "stop requested") -> None:
+        if self.server is None:
+            return
+        server, app, log_file = self.server, self.app, self.log_file
+        self.server = self.app = self.log_file = None
+        _logging_to(log_file, log)(f"{why}, shutting down")
+        app.stopping.set()
+        server.shutdown()
+        server.server_close()
+        remove_own_pidfile(app.files.pidfile)
+        conn = getattr(app.figures, "_conn", None)
+        if conn is not None:
+            with app.figures._lock:
+                conn.close()
+                app.figures._conn = None
+        _logging_to(log_file, log)("stopped")
+        log_file.close()
+
+
+def serve_many(roots: list[Path]) -> int:
+    """Serve several counters from this one process until SIGTERM; SIGUSR1: look at their requests."""
+    sys.stderr = _PerCounterStderr(sys.stderr)
+    counters = [HostedCounter(root) for root in roots]
+    wake, stopping = threading.Event(), threading.Event()
+
+    def on_stop(signum: int, _frame: Any) -> None:
+        stopping.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGUSR1, lambda *_: wake.set())
+    for counter in counters:
+        counter.run_dir.mkdir(parents=True, exist_ok=True)
+        (counter.run_dir / REQUEST_FILE).unlink(missing_ok=True)
+        write_json_atomic(counter.run_dir / HOST_FILE, {"pid": os.getpid()})
+        counter.start((counter.root / "opt/smartcounter/current").resolve())
+    log(f"serving {sum(c.server is not None for c in counters)} of {len(counters)} counters")
+    while not stopping.is_set():
+        wake.wait(1.0)
+        wake.clear()
+        for counter in counters:
+            if stopping.is_set():
+                break
+            request = counter.run_dir / REQUEST_FILE
+            try:
+                action, _, argument = request.read_text().strip().partition(" ")
+            except FileNotFoundError:
+                continue
+            request.unlink(missing_ok=True)
+            if action == "stop":
+                counter.stop()
+            elif action == "start" and argument:
+                counter.start(Path(argument))
+    for counter in counters:
+        counter.stop("received SIGTERM")
+    for counter in counters:
+        try:
+            if json.loads((counter.run_dir / HOST_FILE).read_text()).get("pid") == os.getpid():
+                (counter.run_dir / HOST_FILE).unlink()
+        except (OSError, ValueError):
+            pass
+    log("stopped")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="smart counter service process")
-    parser.add_argument("--root", required=True, type=Path, help="counter root directory ('/' on a real counter)")
+    parser.add_argument("--root", required=True, type=Path, action="append",
+                        help="counter root directory ('/' on a real counter); given more than once, one process "
+                             "serves each of those counters (the simulated fleet's --apps-per-process)")
     args = parser.parse_args(argv)
-    return serve(args.root)
+    if len(args.root) == 1:
+        return serve(args.root[0])
+    return serve_many(args.root)
 
 
 if __name__ == "__main__":
