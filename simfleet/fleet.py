@@ -736,11 +736,12 @@ def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branc
         state.apps_per_process = apps_per_process
         state.save(fleet_dir)
 
-    deadline = time.monotonic() + READY_TIMEOUT_S + 0.1 * len(state.devices)  # (1,000 sshd take ≈ 35 s to start here)
     site = Counter(id=SITE_ID, branch="", outlet="", ssh_port=state.site_port or 0, http_port=0)
     started = [(c, _start_sshd(fleet_dir, c)) for c in [*state.devices, site]]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(lambda c: _prepare_root(fleet_dir, c, packages, user, traffic_per_minute), state.devices))
+        # counted from here: preparing 1,000 roots takes minutes on a busy machine, 1,000 sshd ≈ 35 s to listen
+        deadline = time.monotonic() + READY_TIMEOUT_S + 0.1 * len(state.devices)
         for c, proc in started:  # the counters' and the backup site's
             _wait_for_sshd(fleet_dir, c, proc, deadline)
         if state.apps_per_process == 1:

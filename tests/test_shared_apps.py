@@ -117,10 +117,10 @@ def test_a_real_upgrade_runs_the_new_release_in_the_shared_processes(shared_flee
 def test_a_failed_canary_is_rolled_back_and_its_neighbours_keep_serving(shared_fleet, prefect_api):
     inv = load_inventory(shared_fleet / "inventory.yaml")
     started = {d.id: health(d)["started_at"] for d in inv.devices}
-    r = cli("upgrade", str(write_plan(shared_fleet, "shared-bad-1.1.1", "1.1.1")), "--inventory", str(shared_fleet / "inventory.yaml"))
+    r = cli("upgrade", str(write_plan(shared_fleet, "shared-bad-1.1.2", "1.1.2")), "--inventory", str(shared_fleet / "inventory.yaml"))
     assert r.returncode == 1, r.stdout + r.stderr
 
-    run, steps = run_record("shared-bad-1.1.1")
+    run, steps = run_record("shared-bad-1.1.2")
     assert run.status == "halted"
     canary = {s.device_id for s in steps}
     assert len(canary) == 1
