@@ -670,14 +670,15 @@ def up(
     parallel: int = 8,
     standby: int = 0,
     traffic_per_minute: float = 0.0,
-    apps_per_process: int = 1,
+    apps_per_process: int | None = None,
 ) -> list[CounterStatus]:
     """Bring the fleet up and return when every counter answers over SSH and HTTP.
 
     ``apps_per_process``: how many counters one counter-app process serves (1, the default: a process
     each). Above 1 the counters are started in groups of that size, one ``counterd --root R1 --root R2 …``
     per group (each counter still on its own port, root, config and state; see counterd.py and
-    ``bin/ctl`` for how one counter of a group is stopped, started and upgraded on its own).
+    ``bin/ctl`` for how one counter of a group is stopped, started and upgraded on its own). Not given:
+    ``$SIMFLEET_APPS_PER_PROCESS`` or 1 (so a whole test session can be run on shared processes).
 
     ``standby``: that many more counters marked ``standby: true`` in the inventory (see plan_standby).
     ``traffic_per_minute``: generated customers per minute on each counter but the standby ones
@@ -690,6 +691,11 @@ def up(
     Runs under umask 022 whatever the caller's (the CLI's is 077): the fleet's login user must
     enter the counters' directories; private files (keys) get their modes explicitly.
     """
+    if apps_per_process is None:
+        try:
+            apps_per_process = int(os.environ.get("SIMFLEET_APPS_PER_PROCESS") or 1)
+        except ValueError:
+            raise FleetError("SIMFLEET_APPS_PER_PROCESS must be a whole number of counters per app process, e.g. 3") from None
     saved = os.umask(0o022)
     try:
         return _up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets_per_branch,
