@@ -1151,15 +1151,23 @@ def serve_many(roots: list[Path]) -> int:
             if stopping.is_set():
                 break
             request = counter.run_dir / REQUEST_FILE
-            try:
-                action, _, argument = request.read_text().strip().partition(" ")
-            except FileNotFoundError:
+            if not request.exists():
                 continue
-            request.unlink(missing_ok=True)
-            if action == "stop":
-                counter.stop()
-            elif action == "start" and argument:
-                counter.start(Path(argument))
+            try:  # one counter's bad request must never take the others down
+                action, _, argument = request.read_text().strip().partition(" ")
+                request.unlink(missing_ok=True)
+                if action == "stop":
+                    counter.stop()
+                elif action == "start" and argument:
+                    counter.start(Path(argument))
+                else:
+                    log(f"{request}: unknown request {action!r}; ignored")
+            except Exception as exc:  # noqa: BLE001
+                log(f"{request}: {exc!r}; ignored")
+                try:
+                    request.unlink(missing_ok=True)
+                except OSError:
+                    pass
     for counter in counters:
         counter.stop("received SIGTERM")
     for counter in counters:
