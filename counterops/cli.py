@@ -93,6 +93,8 @@ def fleet_up(
                                                               "`standby: true`): what `counterops drill --standby ID` restores onto.")] = 0,
     traffic: Annotated[float, typer.Option(min=0, max=600, help="Generated customers per minute on each counter (not the standby ones), "
                                                                 "for its business figures; 0: none.")] = 0,
+    jump: Annotated[bool, typer.Option("--jump", help="Also start a bastion (jump host) and write the inventory so that every "
+                                                      "counter is reached through it (regions[].jump).")] = False,
 ) -> None:
     """Bring up a fleet of simulated counters; return when all answer."""
     import time
@@ -104,11 +106,14 @@ def fleet_up(
     started = time.monotonic()
     try:
         statuses = fleet.up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets, ssh_base_port=ssh_port, http_base_port=http_port,
-                            standby=standby, traffic_per_minute=traffic)
+                            standby=standby, traffic_per_minute=traffic, jump=jump)
     except fleet.FleetError as e:
         fail(str(e))
     out.print(f"{len(statuses)} counters answering in {time.monotonic() - started:.1f} s")
     out.print(f"inventory: {fleet_dir.resolve() / 'inventory.yaml'}")
+    bastion = fleet.jump_status(fleet_dir)
+    if bastion is not None:
+        out.print(f"jump host: sshd on port {bastion['port']}; every counter is reached through it")
 
 
 @fleet_app.command("status")
@@ -137,6 +142,10 @@ def fleet_status(fleet_dir: FleetDir, as_json: JsonOption = False) -> None:
         if site is not None:
             out.print(f"backup site: SFTP on port {site['port']}, sshd {'up' if site['ssh_answers'] else '[red]down[/]'}"
                       f" (pid {site['sshd_pid']}), keeping backups in {site['directory']}")
+        bastion = fleet.jump_status(fleet_dir)
+        if bastion is not None:
+            out.print(f"jump host: SSH on port {bastion['port']}, sshd {'up' if bastion['ssh_answers'] else '[red]down[/]'}"
+                      f" (pid {bastion['sshd_pid']}); the counters are reached through it")
     if statuses and not all(s.healthy for s in statuses):
         raise typer.Exit(EXIT_FAILED)
 
