@@ -565,7 +565,8 @@ class Inventory(BaseModel):
         if not self.outlets:
             self.outlets = [Outlet(id=o, branch=b) for o, b in sorted({(d.outlet, d.branch) for d in self.devices})]
         self._by_id = {d.id: d for d in self.devices}
-        self.ssh = self.ssh.with_jumps(jump_routes(self.regions, self.branches, self.ssh))
+        if self.regions:  # without regions (e.g. rebuilt from the store with the file's ssh), the ssh's routes stay
+            self.ssh = self.ssh.with_jumps(jump_routes(self.regions, self.branches, self.ssh))
         return self
 
     def _raise_problems(self) -> None:

@@ -188,7 +188,7 @@ DEVICES = "devices: [{id: SC-1, branch: BR01, outlet: O1, host: 10.1.1.21}, {id:
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBQtGS0+LRK3xJMl0D54RP/Ebf0o7mF7ZSb50JsoMDKp"
 
 
-def test_inventory_regions_and_jump_hosts(tmp_path):
+def test_inventory_regions_and_jump_hosts(tmp_path, monkeypatch):
     good = tmp_path / "good.yaml"
     good.write_text(SSH + f"regions: [{{id: east, jump: {{host: bastion.east, user: scjump, host_key: '{KEY}'}}}}, {{id: west}}]\n"
                     "branches: [{id: BR01, region: east}, {id: BR02, region: west}]\n" + DEVICES)
@@ -201,6 +201,10 @@ def test_inventory_regions_and_jump_hosts(tmp_path):
     assert Target.for_device(inv.device("SC-2"), inv.ssh).jump is None
     dump_inventory(inv, tmp_path / "again.yaml")  # written back as read
     assert load_inventory(tmp_path / "again.yaml").ssh.jump_for("BR01") == inv.ssh.jump_for("BR01")
+    monkeypatch.setenv("COUNTEROPS_HOME", str(tmp_path / "home"))
+    with Store.open() as store:  # regions are read from the file, not kept in the store: the import is unchanged
+        assert str(store.import_inventory(inv, actor="zhang.wei", source=str(good))).startswith("branches: 2 added")
+        assert store.inventory(inv.ssh).ssh.jump_for("BR01") == inv.ssh.jump_for("BR01")
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(SSH + "regions: [{id: east, jump: {host: bastion.east, user: scjump, host_key: 'ssh-rsa AAAAB3Nza'}}, {id: west}, {id: west}]\n"
