@@ -1,4 +1,4 @@
-"""`make bench`: the same per-counter upgrade done four ways on a real simulated fleet, timed.
+"""`make bench`: the same per-counter upgrade done five ways on a real simulated fleet, timed.
 
     BENCH_DEVICES=50 BENCH_PARALLEL=10 .venv/bin/python bench/run.py
 
@@ -11,6 +11,9 @@ unpack, migrate, switch `current`, restart, check /health, run the business test
   ansible  ansible-playbook bench/ansible/upgrade.yml, forks BENCH_PARALLEL, strategy free
   pyinfra  pyinfra bench/pyinfra/deploy.py --parallel BENCH_PARALLEL --no-wait
   floor    bench/floor.py: a ThreadPoolExecutor of BENCH_PARALLEL paramiko connections
+  samework bench/same_work_floor.py: the same-work floor, our own per-counter steps (precheck,
+           business test before, drain, encrypted backup with its off-site copy, install,
+           functional and business test, back into service) with no Prefect, store or records
 
 Rounds alternate the ways (ours, ansible, pyinfra, floor, ours, ...); before every run the
 fleet is rebuilt on 1.0.0 (fleet down, its devices/ removed, fleet up: same ports, keys and
@@ -22,7 +25,7 @@ profiles one more `ours` run (our per-step records, Prefect's task-run times, py
 
 Prints a table, writes every figure to bench/results/<UTC time>-d<devices>-p<parallel>.json
 and ends with one line of JSON. Environment (defaults): BENCH_DEVICES (50), BENCH_PARALLEL (10),
-BENCH_ROUNDS (2), BENCH_WAYS (ours,ansible,pyinfra,floor), BENCH_PROFILE (1),
+BENCH_ROUNDS (2), BENCH_WAYS (ours,ansible,pyinfra,floor,samework), BENCH_PROFILE (1),
 BENCH_WORK (bench/.work, or /tmp/counterops-bench when the checkout is private: fleet,
 bench-private COUNTEROPS_HOME, logs),
 BENCH_SSH_PORT (26000), BENCH_HTTP_PORT (28000), BENCH_PREFECT_PORT (4300),
@@ -75,7 +78,7 @@ def _int(name: str, default: int) -> int:
 DEVICES = _int("BENCH_DEVICES", 50)
 PARALLEL = _int("BENCH_PARALLEL", 10)
 ROUNDS = _int("BENCH_ROUNDS", 2)
-ALL_WAYS = ("ours", "ansible", "pyinfra", "floor")
+ALL_WAYS = ("ours", "ansible", "pyinfra", "floor", "samework")
 WAYS = [w.strip() for w in (os.environ.get("BENCH_WAYS") or ",".join(ALL_WAYS)).split(",") if w.strip()]
 PROFILE = os.environ.get("BENCH_PROFILE", "1") != "0"
 KEEP = os.environ.get("BENCH_KEEP", "0") == "1"
@@ -95,7 +98,7 @@ RUN_TIMEOUT_S = _int("BENCH_RUN_TIMEOUT", 1800)
 
 FROM_VERSION, TO_VERSION = "1.0.0", "1.1.0"
 PLAN_NAME = "bench-smartcounter-1.1.0"
-GOALS = {"vs_floor": 1.10, "vs_pyinfra": 0.75, "vs_ansible": 0.25, "plan_check_s": 1.0}
+GOALS = {"vs_floor": 1.10, "vs_pyinfra": 0.75, "vs_ansible": 0.25, "plan_check_s": 1.0, "vs_samework": 1.10}
 FLEET = WORK / "fleet"
 HOME = WORK / "home"  # the bench's private COUNTEROPS_HOME (its Prefect server's database stays for next time)
 INVENTORY = FLEET / "inventory.yaml"
@@ -357,11 +360,21 @@ def run_floor(run_dir: Path) -> dict:
     return {"exit_code": code, "seconds": seconds, "started_at": started_at, "floor_json": str(run_dir / "floor.json")}
 
 
+def run_samework(run_dir: Path) -> dict:
+    """bench/same_work_floor.py: our per-counter steps (precheck, business test before, drain, encrypted backup with
+    its off-site copy, install, functional and business test, back into service) without Prefect, store or records."""
+    code, seconds, started_at = timed(
+        [str(PYTHON), str(BENCH / "same_work_floor.py"), "--inventory", str(INVENTORY), "--package", str(PACKAGE),
+         "--parallel", str(PARALLEL), "--backup-dir", str(run_dir / "backups"), "--json-out", str(run_dir / "floor.json")],
+        clean_env(), run_dir / "output.log")
+    return {"exit_code": code, "seconds": seconds, "started_at": started_at, "floor_json": str(run_dir / "floor.json")}
+
+
 # ----------------------------------------------------------------------------- verifying a run
 
 
 def backup_of(way: str, run_dir: Path, device_id: str) -> Path | None:
-    if way == "ours":
+    if way in ("ours", "samework"):
         found = sorted((run_dir / "backups" / device_id).glob("*.tar.gz.age"))  # encrypted to the fleet's backup identity
         return found[-1] if found else None
     path = run_dir / "backups" / f"{device_id}.tar.gz"
@@ -607,6 +620,38 @@ def compare_to_floor(ours: dict, floor: dict, runs: list[dict]) -> dict:
     }
 
 
+def compare_to_same_work(ours: dict, same: dict, runs: list[dict]) -> dict:
+    """The last timed `ours` run next to the last same-work floor run, step by step (the same steps on both sides)."""
+    def med(d: dict, *names: str) -> float:
+        return round(sum((d.get(n) or {}).get("median_s") or 0 for n in names), 3)
+
+    o, f = ours["steps"], same["steps"]
+    gaps = ours["between_steps (unrecorded work: e.g. the business test before drain)"]
+    in_flight = same["counter_pipeline_s"]["sum_s"] / same["wall_s"] if same["wall_s"] else None
+    cpu = defaultdict(list)
+    for r in runs:
+        if r["ok"]:
+            cpu[r["way"]].append(r["controller_cpu_s"])
+    return {
+        "wall_s": {"ours": ours["wall_s"], "same_work_floor": same["wall_s"]},
+        "ours_fixed_s (before the first counter step + after the last)":
+            round(ours["phases_s"]["command start -> first counter step"] + ours["phases_s"]["last counter step end -> command exit"], 3),
+        "per_counter_pipeline_median_s": {"ours": ours["counter_pipeline_s"]["median_s"], "same_work_floor": same["counter_pipeline_s"]["median_s"]},
+        "average_counters_in_flight": {"ours": ours["average_counters_in_flight"], "same_work_floor": round(in_flight, 2) if in_flight else None},
+        "same_steps_median_s [ours, same-work floor]": {
+            "precheck": [med(o, "precheck"), med(f, "connect", "precheck")],
+            "business test before + metrics": [(gaps.get("precheck -> drain") or {}).get("median_s"), med(f, "before")],
+            "drain": [med(o, "drain"), med(f, "drain")],
+            "backup (encrypted, off-site)": [med(o, "backup"), med(f, "backup")],
+            "install": [med(o, "install"), med(f, "install")],
+            "functional test": [med(o, "functional_test"), med(f, "functional")],
+            "business test": [med(o, "business_test"), med(f, "business")],
+            "back into service": [med(o, "restore_service"), med(f, "service")],
+        },
+        "controller_cpu_s_median": {way: round(statistics.median(v), 2) for way, v in cpu.items()},
+    }
+
+
 def _short(frame: str) -> str:
     """'function (/long/path/site-packages/pkg/mod.py)' -> 'function (pkg/mod.py)'."""
     def shorten(m: re.Match) -> str:
@@ -810,6 +855,8 @@ def main() -> int:
                     done = run_ansible(run_dir, exes["ansible"])
                 elif way == "pyinfra":
                     done = run_pyinfra(run_dir, exes["pyinfra"])
+                elif way == "samework":
+                    done = run_samework(run_dir)
                 else:
                     done = run_floor(run_dir)
                 if not INVENTORY.exists():
@@ -826,7 +873,7 @@ def main() -> int:
                 if way == "ours" and done.get("records"):
                     result["runs"][-1]["profile"] = records_profile(json.loads(Path(done["records"]).read_text()),
                                                                     done["started_at"], done["seconds"], None)
-                if way == "floor" and Path(done["floor_json"]).exists():
+                if way in ("floor", "samework") and Path(done["floor_json"]).exists():
                     result["runs"][-1]["profile"] = floor_profile(Path(done["floor_json"]))
                 for store in ("backups", "offsite"):  # copies of (simulated) customer data: not kept
                     shutil.rmtree(run_dir / store, ignore_errors=True)
@@ -856,6 +903,9 @@ def main() -> int:
             timed_ours = [r["profile"] for r in result["runs"] if r["way"] == "ours" and r["ok"] and "profile" in r]
             if timed_ours and floors:
                 profile["where_the_time_goes"] = compare_to_floor(timed_ours[-1], floors[-1], result["runs"])
+            same = [r["profile"] for r in result["runs"] if r["way"] == "samework" and r["ok"] and "profile" in r]
+            if timed_ours and same:
+                profile["over_the_same_work_floor"] = compare_to_same_work(timed_ours[-1], same[-1], result["runs"])
             result["profile"] = profile
             for store in ("backups", "offsite"):
                 shutil.rmtree(run_dir / store, ignore_errors=True)
@@ -877,9 +927,11 @@ def main() -> int:
         "ansible_s": medians["ansible"],
         "pyinfra_s": medians["pyinfra"],
         "floor_s": medians["floor"],
+        "samework_s": medians["samework"],
         "vs_ansible": ratio(medians["ours"], medians["ansible"]),
         "vs_pyinfra": ratio(medians["ours"], medians["pyinfra"]),
         "vs_floor": ratio(medians["ours"], medians["floor"]),
+        "vs_samework": ratio(medians["ours"], medians["samework"]),
         "plan_check_s": round(result["plan_check"]["library_s"], 4) if "plan_check" in result else None,
         "plan_check_cli_s": round(result["plan_check"]["cli_s"], 3) if "plan_check" in result else None,
         "failed_runs": failed_runs,
@@ -906,10 +958,11 @@ def main() -> int:
         med, cpu = medians[way], summary["controller_cpu_s"][way]
         print(f"{way:<9} {med if med is not None else '-':>9}  {shown:<32} {sum(r['ok'] for r in runs):>3}/{len(runs)}"
               f"  {cpu if cpu is not None else '-':>25}")
-    for key, label in (("vs_floor", "ours / floor"), ("vs_pyinfra", "ours / pyinfra"), ("vs_ansible", "ours / ansible")):
+    for key, label in (("vs_floor", "ours / floor"), ("vs_samework", "ours / same-work floor"), ("vs_pyinfra", "ours / pyinfra"),
+                       ("vs_ansible", "ours / ansible")):
         value = summary[key]
         verdict = "-" if value is None else ("met" if summary["goals_met"][key] else "NOT met")
-        print(f"{label:<16} {value if value is not None else '-':>7}   goal ≤ {GOALS[key]:.2f}: {verdict}")
+        print(f"{label:<22} {value if value is not None else '-':>7}   goal ≤ {GOALS[key]:.2f}: {verdict}")
     if summary["plan_check_s"] is not None:
         print(f"{'plan check 10k':<16} {summary['plan_check_s']:>7} s goal < 1 s: {'met' if summary['goals_met']['plan_check_s'] else 'NOT met'}"
               f"  (whole CLI command incl. start-up: {summary['plan_check_cli_s']} s)")
@@ -923,6 +976,11 @@ def main() -> int:
         print(f"  ours vs floor: per-counter pipeline {w['per_counter_pipeline_median_s']}, counters in flight "
               f"{w['average_counters_in_flight']}, fixed cost of ours {w['ours_fixed_s (before the first counter step + after the last)']} s, "
               f"controller CPU {w['controller_cpu_s_median']}")
+    if "profile" in result and "over_the_same_work_floor" in result["profile"]:
+        w = result["profile"]["over_the_same_work_floor"]
+        print(f"  ours vs same-work floor: per-counter pipeline {w['per_counter_pipeline_median_s']}, "
+              f"fixed cost of ours {w['ours_fixed_s (before the first counter step + after the last)']} s; per step (median s, "
+              "[ours, same-work]): " + "; ".join(f"{k} {v}" for k, v in w["same_steps_median_s [ours, same-work floor]"].items()))
     if "profile" in result and "py_spy" in result["profile"]:
         spy_result = result["profile"]["py_spy"]
         print(f"  py-spy (thread-seconds): task-runner threads {spy_result['worker_threads_s']}")

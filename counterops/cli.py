@@ -95,6 +95,8 @@ def fleet_up(
                                                                 "for its business figures; 0: none.")] = 0,
     apps_per_process: Annotated[int, typer.Option(min=1, max=200, help="Counters one counter-app process serves (each on its own port, "
                                                                        "root and state; 1: a process each). 50 fits 1,000 counters in a few GiB.")] = 1,
+    jump: Annotated[bool, typer.Option("--jump", help="Also start a bastion (jump host) and write the inventory so that every "
+                                                      "counter is reached through it (regions[].jump).")] = False,
 ) -> None:
     """Bring up a fleet of simulated counters; return when all answer."""
     import time
@@ -106,11 +108,14 @@ def fleet_up(
     started = time.monotonic()
     try:
         statuses = fleet.up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets, ssh_base_port=ssh_port, http_base_port=http_port,
-                            standby=standby, traffic_per_minute=traffic, apps_per_process=apps_per_process)
+                            standby=standby, traffic_per_minute=traffic, apps_per_process=apps_per_process, jump=jump)
     except fleet.FleetError as e:
         fail(str(e))
     out.print(f"{len(statuses)} counters answering in {time.monotonic() - started:.1f} s")
     out.print(f"inventory: {fleet_dir.resolve() / 'inventory.yaml'}")
+    bastion = fleet.jump_status(fleet_dir)
+    if bastion is not None:
+        out.print(f"jump host: sshd on port {bastion['port']}; every counter is reached through it")
 
 
 @fleet_app.command("status")
@@ -139,6 +144,10 @@ def fleet_status(fleet_dir: FleetDir, as_json: JsonOption = False) -> None:
         if site is not None:
             out.print(f"backup site: SFTP on port {site['port']}, sshd {'up' if site['ssh_answers'] else '[red]down[/]'}"
                       f" (pid {site['sshd_pid']}), keeping backups in {site['directory']}")
+        bastion = fleet.jump_status(fleet_dir)
+        if bastion is not None:
+            out.print(f"jump host: SSH on port {bastion['port']}, sshd {'up' if bastion['ssh_answers'] else '[red]down[/]'}"
+                      f" (pid {bastion['sshd_pid']}); the counters are reached through it")
     if statuses and not all(s.healthy for s in statuses):
         raise typer.Exit(EXIT_FAILED)
 

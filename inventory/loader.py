@@ -36,8 +36,10 @@ from inventory.models import (
     Device,
     Inventory,
     Outlet,
+    Region,
     SSHSettings,
     inventory_problems,
+    region_problems,
 )
 from inventory.paths import exposure
 from inventory.yamlfile import InputError, did_you_mean, field_path, problem_text, read_mapping, relative_to, shown
@@ -52,7 +54,8 @@ _LISTS: dict[str, tuple[type[BaseModel], str]] = {
     "outlets": (Outlet, "id"),
     "devices": (Device, "id"),
 }
-_SECTIONS = ("ssh", *_LISTS, "backups", "contacts")
+_MAIN_SECTIONS = ("ssh", *_LISTS, "backups", "contacts")
+_SECTIONS = (*_MAIN_SECTIONS, "regions")  # regions: optional, for jump hosts (README, "Jump hosts")
 _SAFE_ID = re.compile(ID_PATTERN)
 
 
@@ -79,7 +82,7 @@ def load_inventory(path: str | Path) -> Inventory:
 def _load(path: str | Path) -> Inventory:
     name = str(path)
     file = Path(path).expanduser()
-    doc = read_mapping(file, name, expected=f"a mapping with sections {', '.join(_SECTIONS)}")
+    doc = read_mapping(file, name, expected=f"a mapping with sections {', '.join(_MAIN_SECTIONS)}")
 
     errors = _section_errors(doc, name)
     parts: dict[str, Any] = {"ssh": _validate_ssh(doc["ssh"], file.resolve().parent, name, errors) if "ssh" in doc else None}
@@ -89,6 +92,8 @@ def _load(path: str | Path) -> Inventory:
         parts["backups"] = _validate_backups(doc["backups"], file.resolve().parent, name, errors, parts["ssh"])
     if doc.get("contacts") is not None:
         parts["contacts"] = _validate_contacts(doc["contacts"], parts, name, errors)
+    regions = _validate_list(doc.get("regions") or [], "regions", Region, "id", name, errors)
+    parts["regions"] = _jump_key_files(regions, file.resolve().parent, name, errors)
     problems = inventory_problems(
         parts["branches"],
         parts["outlets"],
@@ -96,10 +101,32 @@ def _load(path: str | Path) -> Inventory:
         branches_listed=bool(parts["branches"]),
         outlets_listed=bool(parts["outlets"]),
     )
+    problems += region_problems(parts["regions"], parts["branches"])
     errors += [f"{name}: {p}" for p in problems]
     if errors:
         raise InventoryError(errors)
     return Inventory.model_validate(parts, context={CROSS_CHECKED: True})
+
+
+def _jump_key_files(regions: list[Region | None], base: Path, name: str, errors: list[str]) -> list[Region | None]:
+    """A jump host's own key_file, relative to the inventory file and refused when group/others may
+    read it (without one, the fleet's ssh.key_file is used)."""
+    out: list[Region | None] = []
+    for i, region in enumerate(regions):
+        if region is None or region.jump is None or region.jump.key_file is None:
+            out.append(region)
+            continue
+        key_file = relative_to(region.jump.key_file, base)
+        try:
+            exposed = exposure(key_file)
+        except OSError:
+            exposed = None  # a missing key is reported when the jump host is reached
+        if exposed:
+            errors.append(f"{name}: regions[{i}] ({region.id}): jump.key_file: {exposed}")
+            out.append(None)
+            continue
+        out.append(region.model_copy(update={"jump": region.jump.model_copy(update={"key_file": key_file})}))
+    return out
 
 
 def _validate_contacts(raw: Any, parts: dict[str, Any], name: str, errors: list[str]) -> Contacts | None:
@@ -227,6 +254,8 @@ def dump_inventory(inv: Inventory, path: str | Path) -> None:
     one entry per line, defaults left out, SSH paths exactly as held (so they keep meaning
     what they meant). The file is replaced atomically, never left half-written."""
     doc: dict[str, Any] = {"ssh": _plain(inv.ssh)}
+    if inv.regions:
+        doc["regions"] = [_plain(r) for r in inv.regions]
     for section in ("branches", "outlets", "devices"):
         doc[section] = [_plain(item) for item in getattr(inv, section)]
     if inv.backups is not None:

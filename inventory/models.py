@@ -185,6 +185,26 @@ class Role(StrEnum):
     SERVICE = "service"  # the identity scheduled runs act as: inspections, maintenance, drills, reports
 
 
+class JumpHost(_Model):
+    """A bastion (jump host) through which a region's counters are reached: the SSH connection to each
+    counter is tunnelled through it (tasks/ssh.py). Its host key is pinned here, as strictly as a
+    counter's: a different key is refused."""
+
+    host: Host
+    port: Port = 22
+    user: SSHUser
+    host_key: PublicKey
+    key_file: LocalPath | None = None  # default: the fleet's ssh.key_file
+
+
+class Region(_Model):
+    """A group of branches (``branches[].region``); a region with ``jump`` is reached only through that bastion."""
+
+    id: SafeId
+    name: Text | None = None
+    jump: JumpHost | None = None
+
+
 class SSHSettings(_Model):
     user: SSHUser
     key_file: LocalPath
@@ -193,10 +213,25 @@ class SSHSettings(_Model):
     command_timeout: Timeout = 120
     stall_timeout: Timeout = 15  # a transfer, or a command's silent session, with no sign of life this long: the link is lost
 
+    # branch id -> (region id, its jump host): set by Inventory from ``regions`` and ``branches[].region``,
+    # so whatever reaches counters with ``inv.ssh`` (ConnectionPool, Target.for_device) takes the right path
+    _jumps: dict[str, tuple[str, JumpHost]] = PrivateAttr(default_factory=dict)
+
+    def jump_for(self, branch: str) -> tuple[str, JumpHost] | None:
+        """The (region id, jump host) a counter of ``branch`` is reached through; None: reached directly."""
+        return self._jumps.get(branch)
+
+    def with_jumps(self, jumps: dict[str, tuple[str, JumpHost]]) -> SSHSettings:
+        """A copy whose counters of the given branches are reached through those jump hosts."""
+        copy = self.model_copy()
+        copy._jumps = dict(jumps)
+        return copy
+
 
 class Branch(_Model):
     id: SafeId
     name: Text | None = None  # None when derived from the devices; the store keeps a known name
+    region: SafeId | None = None  # an id of the inventory's regions list (not kept in the store: read from the file)
 
 
 class Outlet(_Model):
@@ -453,6 +488,26 @@ def _device_places(
     return problems
 
 
+def region_problems(regions: Sequence[Region | None], branches: Sequence[Branch | None], label: Label | None = None) -> list[str]:
+    """Region ids unique; every ``branches[].region`` names a listed region."""
+    label = label or item_label
+    problems = _unique_ids("regions", regions, label)
+    known = {r.id for r in regions if r is not None}
+    for i, b in enumerate(branches):
+        if b is not None and b.region is not None and b.region not in known:
+            problems.append(f"{label('branches', i, b.id)}: region: {b.region!r} is not in the regions list "
+                            f"(known: {', '.join(sorted(known)) or 'none'}); add it to regions or fix the id")
+    return problems
+
+
+def jump_routes(regions: Sequence[Region], branches: Sequence[Branch], ssh: SSHSettings) -> dict[str, tuple[str, JumpHost]]:
+    """branch id -> (region id, jump host) for the branches of regions that name one; a jump host
+    without its own key_file uses the fleet's ``ssh.key_file``."""
+    jumps = {r.id: r.jump if r.jump.key_file is not None else r.jump.model_copy(update={"key_file": ssh.key_file})
+             for r in regions if r.jump is not None}
+    return {b.id: (b.region, jumps[b.region]) for b in branches if b.region in jumps}
+
+
 class Contacts(_Model):
     """Who is told: apprise URLs without credentials, or ``secret:NAME`` (resolved only when a notice is
     sent, tasks/notify.py). ``head_office`` receives every flow's notice and every failure alert;
@@ -497,6 +552,7 @@ class Inventory(BaseModel):
     devices: list[Device]
     backups: BackupSettings | None = None
     contacts: Contacts = Field(default_factory=Contacts)
+    regions: list[Region] = Field(default_factory=list)
 
     _by_id: dict[str, Device] = PrivateAttr(default_factory=dict)
 
@@ -509,6 +565,8 @@ class Inventory(BaseModel):
         if not self.outlets:
             self.outlets = [Outlet(id=o, branch=b) for o, b in sorted({(d.outlet, d.branch) for d in self.devices})]
         self._by_id = {d.id: d for d in self.devices}
+        if self.regions:  # without regions (e.g. rebuilt from the store with the file's ssh), the ssh's routes stay
+            self.ssh = self.ssh.with_jumps(jump_routes(self.regions, self.branches, self.ssh))
         return self
 
     def _raise_problems(self) -> None:
@@ -521,6 +579,7 @@ class Inventory(BaseModel):
         )
         branches = {b.id for b in self.branches} or {d.branch for d in self.devices}
         problems += self.contacts.problems(branches)
+        problems += region_problems(self.regions, self.branches)
         if problems:
             raise ValueError("\n".join(problems))
 

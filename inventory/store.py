@@ -551,8 +551,11 @@ def _row(record: Record) -> Base:
     return _ROW_OF[type(record)](**_values(record))
 
 
+_NOT_STORED = {"region"}  # a branch's region (jump hosts, work queues) is read from the inventory file, not kept
+
+
 def _columns(model: Branch | Outlet | Device) -> dict[str, Any]:
-    return {_COLUMN_OF.get(k, k): v for k, v in model.model_dump(mode="json").items()}
+    return {_COLUMN_OF.get(k, k): v for k, v in model.model_dump(mode="json", exclude=_NOT_STORED).items()}
 
 
 def _model(kind: type[Any], row: Any) -> Any:

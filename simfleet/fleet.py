@@ -21,6 +21,9 @@ Layout of a fleet directory ``DIR``::
     DIR/devices/<id>/          the counter's root directory ("/" on a real counter)
     DIR/sshd/<id>/             that counter's sshd: config, host key, pid, log
     DIR/sshd/_backup-site/     the backup site's sshd (SFTP only, chrooted, login scbackup)
+    DIR/sshd/_jump-host/       with `up(jump=True)`: a bastion's sshd (login scjump, no shell, forwarding
+                               only to the counters' SSH ports); the inventory then reaches every
+                               counter through it (regions: [{id: sim, jump: …}], branches[].region)
     DIR/backup-site            -> the site's chroot (as root: /var/lib/counterops-sim-sites/<hash>,
                                root-owned 0755, holding backups/ owned by scbackup 0700)
     DIR/keys/backup-identity   the age identity backups are encrypted to (0600); backup-signing: the
@@ -63,6 +66,9 @@ FLEET_USER = "scops"  # the counters' operations login; never root (least privil
 FLEET_USER_HOME = Path("/var/lib/scops")
 SITE_USER = "scbackup"  # the backup site's login: SFTP only, chrooted
 SITE_ID = "_backup-site"  # its sshd's directory under DIR/sshd/ (never a counter id: those start with a letter or digit)
+JUMP_USER = "scjump"  # the bastion's login: tunnels to the counters' sshd only, no shell
+JUMP_ID = "_jump-host"  # its sshd's directory under DIR/sshd/
+JUMP_REGION = "sim"  # the region every branch is put in when the fleet has a bastion
 SITES_ROOT = Path("/var/lib/counterops-sim-sites")  # chroot dirs need root-owned parents all the way up: not /tmp
 INSTALLED_VERSION = "1.0.0"
 DEFAULT_SSH_BASE_PORT = 22000
@@ -108,6 +114,7 @@ class FleetState:
     devices: list[Counter] = field(default_factory=list)
     site_port: int | None = None
     apps_per_process: int = 1  # counters one counter-app process serves (1: a process each)
+    jump_port: int | None = None  # the bastion's sshd port; None: counters are reached directly
 
     @classmethod
     def load(cls, fleet_dir: Path) -> FleetState | None:
@@ -116,7 +123,7 @@ class FleetState:
             return None
         raw = json.loads(path.read_text())
         return cls(dir=raw["dir"], user=raw["user"], devices=[Counter(**d) for d in raw["devices"]], site_port=raw.get("site_port"),
-                   apps_per_process=int(raw.get("apps_per_process", 1)))
+                   apps_per_process=int(raw.get("apps_per_process", 1)), jump_port=raw.get("jump_port"))
 
     def save(self, fleet_dir: Path) -> None:
         tmp = fleet_dir / "fleet.json.tmp"
@@ -524,12 +531,14 @@ def _ssh_banner(port: int, timeout: float = 2.0) -> bool:
 # ----------------------------------------------------------------------------- inventory
 
 
-def _write_inventory(fleet_dir: Path, state: FleetState, backups: dict | None = None) -> None:
+def _write_inventory(fleet_dir: Path, state: FleetState, backups: dict | None = None, jump: dict | None = None) -> None:
     branches = sorted({c.branch for c in state.devices})
     outlets = sorted({(c.outlet, c.branch) for c in state.devices})
+    region = {"region": JUMP_REGION} if jump is not None else {}
     doc = {
         "ssh": {"user": state.user, "key_file": "id_ed25519", "known_hosts": "known_hosts"},
-        "branches": [{"id": b, "name": "Head office" if b == STANDBY_BRANCH else f"Branch {b[2:]}"} for b in branches],
+        **({"regions": [{"id": JUMP_REGION, "name": "Simulated region", "jump": jump}]} if jump is not None else {}),
+        "branches": [{"id": b, "name": "Head office" if b == STANDBY_BRANCH else f"Branch {b[2:]}"} | region for b in branches],
         "outlets": [{"id": o, "branch": b, "name": "Head-office lab" if o == STANDBY_OUTLET else f"Outlet {o}"} for o, b in outlets],
         "devices": [
             {
@@ -634,6 +643,50 @@ def _prepare_site(fleet_dir: Path, state: FleetState, client_public: str) -> dic
     }
 
 
+def _jump_user() -> pwd.struct_passwd:
+    """The bastion's login: its own system user, so the connections its sshd opens to the counters are
+    not the controller's (root's): a test can drop root's direct traffic and still reach them through it."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid())
+    try:
+        return pwd.getpwnam(JUMP_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+                        "--password", "*", JUMP_USER], check=True, capture_output=True)
+        return pwd.getpwnam(JUMP_USER)
+
+
+def _prepare_jump(fleet_dir: Path, state: FleetState, client_public: str) -> dict:
+    """The bastion's sshd files; returns the inventory's ``regions[].jump``. It allows no shell, no
+    session, only tunnels (``direct-tcpip``) to the counters' SSH ports."""
+    user = _jump_user()
+    p = _paths(fleet_dir, JUMP_ID)
+    p["sshd_dir"].mkdir(parents=True, exist_ok=True)
+    os.chmod(p["sshd_dir"], 0o755)
+    host_public = _write_private_key(p["host_key"]) if not p["host_key"].exists() else _public_key(p["host_key"])
+    p["authorized_keys"].write_text(client_public + "\n")
+    permit = " ".join(f"{HOST}:{c.ssh_port}" for c in state.devices)
+    lines = [f"Port {state.jump_port}", f"ListenAddress {HOST}", f"HostKey {p['host_key']}", f"PidFile {p['pid']}",
+             f"AuthorizedKeysFile {p['authorized_keys']}", f"AllowUsers {user.pw_name}", "PubkeyAuthentication yes",
+             "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin no", "UsePAM no",
+             "StrictModes no", "UseDNS no", "PrintMotd no", "X11Forwarding no", "AllowTcpForwarding local",
+             f"PermitOpen {permit}", "PermitListen none", "AllowStreamLocalForwarding no", "AllowAgentForwarding no",
+             "PermitTunnel no", "GatewayPorts no", "PermitTTY no", "PermitUserEnvironment no", "ForceCommand /bin/false",
+             "MaxStartups 100:30:200", "LogLevel INFO"]
+    p["config"].write_text("\n".join(lines) + "\n")
+    return {"host": HOST, "port": state.jump_port, "user": user.pw_name, "host_key": " ".join(host_public.split()[:2])}
+
+
+def jump_status(fleet_dir: str | Path) -> dict | None:
+    """The bastion: port, sshd pid, whether it answers; None when the fleet has none."""
+    fleet_dir = Path(fleet_dir).resolve()
+    state = FleetState.load(fleet_dir)
+    if state is None or state.jump_port is None:
+        return None
+    pid = _read_pid(_paths(fleet_dir, JUMP_ID)["pid"])
+    return {"port": state.jump_port, "sshd_pid": pid if _pid_alive(pid) else None, "ssh_answers": _ssh_banner(state.jump_port)}
+
+
 def _sweep_sites() -> None:
     """Remove the sites of fleets whose directory is gone (a test removed it without `remove`)."""
     for chroot in SITES_ROOT.iterdir():
@@ -671,6 +724,7 @@ def up(
     standby: int = 0,
     traffic_per_minute: float = 0.0,
     apps_per_process: int | None = None,
+    jump: bool = False,
 ) -> list[CounterStatus]:
     """Bring the fleet up and return when every counter answers over SSH and HTTP.
 
@@ -683,6 +737,8 @@ def up(
     ``standby``: that many more counters marked ``standby: true`` in the inventory (see plan_standby).
     ``traffic_per_minute``: generated customers per minute on each counter but the standby ones
     (``traffic_per_minute`` in its counter.json, which the app reads every second; 0: none).
+    ``jump``: also start a bastion (jump host) and write the inventory so that every counter is reached
+    through it (a fleet brought up with one keeps it).
 
     Calling it again on a running fleet is harmless: what runs is left alone,
     what stopped is started again. Asking for a different size than the one
@@ -700,14 +756,14 @@ def up(
     try:
         return _up(fleet_dir, devices=devices, branches=branches, outlets_per_branch=outlets_per_branch,
                    ssh_base_port=ssh_base_port, http_base_port=http_base_port, parallel=parallel, standby=standby,
-                   traffic_per_minute=traffic_per_minute, apps_per_process=apps_per_process)
+                   traffic_per_minute=traffic_per_minute, apps_per_process=apps_per_process, jump=jump)
     finally:
         os.umask(saved)
 
 
 def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branch: int | None, ssh_base_port: int,
         http_base_port: int, parallel: int, standby: int = 0, traffic_per_minute: float = 0.0,
-        apps_per_process: int = 1) -> list[CounterStatus]:
+        apps_per_process: int = 1, jump: bool = False) -> list[CounterStatus]:
     if apps_per_process < 1:
         raise FleetError(f"--apps-per-process must be at least 1, got {apps_per_process}")
     if not os.path.exists(SSHD):
@@ -735,12 +791,17 @@ def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branc
     elif state.site_port is None:  # a fleet from before the backup site
         state.site_port = _site_port(ssh_base_port, {c.ssh_port for c in state.devices} | {c.http_port for c in state.devices})
         state.save(fleet_dir)
+    if jump and state.jump_port is None:
+        taken = {c.ssh_port for c in state.devices} | {c.http_port for c in state.devices} | {state.site_port}
+        state.jump_port = _site_port(ssh_base_port, taken)
+        state.save(fleet_dir)
 
     packages = releases.build_packages(fleet_dir / "packages")
     client_public = _client_key(fleet_dir)
     known_hosts = [f"[{HOST}]:{c.ssh_port} {_prepare_sshd(fleet_dir, c, user.pw_name, client_public)}" for c in state.devices]
     (fleet_dir / "known_hosts").write_text("\n".join(known_hosts) + "\n")
-    _write_inventory(fleet_dir, state, _prepare_site(fleet_dir, state, client_public))
+    jump_section = _prepare_jump(fleet_dir, state, client_public) if state.jump_port is not None else None
+    _write_inventory(fleet_dir, state, _prepare_site(fleet_dir, state, client_public), jump_section)
     write_operators(fleet_dir)
 
     if state.apps_per_process != apps_per_process:  # what already runs keeps its grouping until the fleet goes down
@@ -748,7 +809,8 @@ def _up(fleet_dir: str | Path, *, devices: int, branches: int, outlets_per_branc
         state.save(fleet_dir)
 
     site = Counter(id=SITE_ID, branch="", outlet="", ssh_port=state.site_port or 0, http_port=0)
-    started = [(c, _start_sshd(fleet_dir, c)) for c in [*state.devices, site]]
+    extra = [site] + ([Counter(id=JUMP_ID, branch="", outlet="", ssh_port=state.jump_port, http_port=0)] if state.jump_port else [])
+    started = [(c, _start_sshd(fleet_dir, c)) for c in [*state.devices, *extra]]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(lambda c: _prepare_root(fleet_dir, c, packages, user, traffic_per_minute), state.devices))
         # counted from here: preparing 1,000 roots takes minutes on a busy machine, 1,000 sshd ≈ 35 s to listen

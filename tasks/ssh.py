@@ -21,10 +21,18 @@
   :meth:`Connection.forward` opens a ``direct-tcpip`` channel to the app's port on the
   counter's loopback, and :attr:`Connection.http` is the connection's own ``httpx.Client``
   over such channels (``tasks/ssh_http.py``), closed with the connection.
+- A counter of a region with a jump host (bastion) is reached through it: its SSH connection
+  runs inside a ``direct-tcpip`` channel of the bastion's own transport (:class:`Jump`), one
+  transport per bastion shared by every counter behind it in this process, opened on first use,
+  re-opened when it died and closed with the last connection through it. The bastion's host key
+  is pinned in the inventory and checked as strictly as a counter's; every error of a counter
+  reached that way says "via jump host …". SFTP, HTTP and backups ride the counter's connection,
+  so they take the same path.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
@@ -43,7 +51,7 @@ from typing import Any, TypeVar
 
 import paramiko
 
-from inventory.models import Device, SSHSettings
+from inventory.models import Device, JumpHost, SSHSettings
 from inventory.paths import check_private
 
 T = TypeVar("T")
@@ -115,6 +123,27 @@ LOOPBACK = "127.0.0.1"  # where a counter's app listens, reached from its own ss
 
 
 @dataclass(frozen=True)
+class Jump:
+    """A bastion a counter is reached through: its SSH login and pinned host key (``ssh-ed25519 AAAA…``)."""
+
+    name: str  # the region it serves: shown in errors
+    host: str
+    port: int
+    user: str
+    key_file: Path
+    host_key: str
+
+    @classmethod
+    def of(cls, region: str, jump: JumpHost, default_key: Path) -> Jump:
+        return cls(name=region, host=jump.host, port=jump.port, user=jump.user,
+                   key_file=Path(jump.key_file or default_key), host_key=jump.host_key)
+
+    @property
+    def shown(self) -> str:
+        return f"jump host {self.host}:{self.port} (region {self.name})"
+
+
+@dataclass(frozen=True)
 class Result:
     command: str
     exit_status: int
@@ -157,9 +186,11 @@ class Target:
     command_timeout: float = 120.0
     stall_timeout: float = 15.0
     http_port: int | None = None  # the counter app's port on the counter's loopback
+    jump: Jump | None = None  # reached through this bastion; None: directly
 
     @classmethod
     def for_device(cls, device: Device, ssh: SSHSettings) -> Target:
+        route = ssh.jump_for(device.branch)
         return cls(
             device_id=device.id,
             host=device.host,
@@ -171,7 +202,13 @@ class Target:
             command_timeout=ssh.command_timeout,
             stall_timeout=ssh.stall_timeout,
             http_port=device.http_port,
+            jump=Jump.of(route[0], route[1], Path(ssh.key_file)) if route is not None else None,
         )
+
+    @property
+    def via(self) -> str:
+        """`` via jump host …`` for a counter reached through a bastion, else empty: appended to its errors."""
+        return f" via {self.jump.shown}" if self.jump is not None else ""
 
     @property
     def known_hosts_name(self) -> str:
@@ -249,6 +286,7 @@ class Connection:
         self._lock = threading.Lock()
         self._sftp_lock = threading.Lock()
         self._http = None  # httpx.Client over this connection (tasks/ssh_http.py), made on first use
+        self._bastion: _Bastion | None = None  # the shared bastion transport this connection is tunnelled through
         self.suspect: str | None = None  # why the last transport was dropped as dead or frozen; None when sound
 
     # -- connecting ------------------------------------------------------------------
@@ -256,7 +294,13 @@ class Connection:
     def open(self) -> Connection:
         with self._lock:
             if self._transport is None or not self._transport.is_active():
-                self._transport = self._connect()
+                try:
+                    self._transport = self._connect()
+                except BaseException:
+                    if self._bastion is not None:  # not kept open for a connection that failed (it may never be closed)
+                        bastion, self._bastion = self._bastion, None
+                        bastion.release()
+                    raise
                 self._sftp = None
                 self.suspect = None
         return self
@@ -303,17 +347,12 @@ class Connection:
                 "(keys are never added automatically).",
             )
         pkey = _load_private_key(*_file_key(t.key_file, private=True))
-        try:
-            sock = socket.create_connection((t.host, t.port), timeout=t.connect_timeout)
-        except ConnectionRefusedError as e:
-            raise ConnectFailed(t.device_id, f"connection refused at {t.host}:{t.port}: no sshd listens there "
-                                             "(is the counter up and its sshd running? is ssh_port right?)") from e
-        except TimeoutError as e:
-            raise ConnectFailed(t.device_id, f"no answer from {t.host}:{t.port} within {t.connect_timeout:g} s "
-                                             "(counter off, or the network drops the traffic)") from e
-        except OSError as e:
-            raise ConnectFailed(t.device_id, f"cannot reach {t.host}:{t.port}: {e.strerror or e}") from e
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ≈ 43 ms per channel open without it
+        if t.jump is not None:  # a channel of the bastion's shared transport, opened by its sshd to the counter
+            if self._bastion is None:
+                self._bastion = _Bastion.acquire(t.jump)
+            sock = self._bastion.tunnel(t)
+        else:
+            sock = _tcp_connect(t)
         transport = paramiko.Transport(sock)
         transport.banner_timeout = t.connect_timeout
         transport.handshake_timeout = t.connect_timeout
@@ -335,7 +374,7 @@ class Connection:
             raise
         except paramiko.AuthenticationException as e:
             transport.close()
-            raise ConnectFailed(t.device_id, f"SSH login as {t.user}@{t.host}:{t.port} refused ({e}): is the public key of "
+            raise ConnectFailed(t.device_id, f"SSH login as {t.user}@{t.host}:{t.port}{t.via} refused ({e}): is the public key of "
                                              f"{t.key_file} in the counter's authorized_keys for {t.user}?") from e
         except (paramiko.SSHException, OSError, EOFError) as e:
             transport.close()
@@ -345,7 +384,7 @@ class Connection:
 
     def _handshake_problem(self, transport: paramiko.Transport, waited: float, e: BaseException | None) -> str:
         t = self.target
-        where = f"{t.host}:{t.port}"
+        where = f"{t.host}:{t.port}{t.via}"
         if not transport.remote_version:
             if e is None or waited >= t.connect_timeout - 0.5:
                 return (f"no SSH banner within {t.connect_timeout:g} s from {where}: the connection was accepted but sshd "
@@ -363,7 +402,7 @@ class Connection:
             fingerprints = ", ".join(f"{k.get_name()} {k.fingerprint}" for k in known.values())
             raise HostKeyChanged(
                 t.device_id,
-                f"HOST KEY CHANGED for {t.known_hosts_name}: it presented {key.get_name()} {key.fingerprint}, "
+                f"HOST KEY CHANGED for {t.known_hosts_name}{t.via}: it presented {key.get_name()} {key.fingerprint}, "
                 f"known_hosts ({t.known_hosts}) holds {fingerprints}. Refusing to connect: someone may be "
                 "impersonating the counter. If the counter was re-imaged, verify the new key on site and "
                 "replace its line in known_hosts.",
@@ -373,9 +412,12 @@ class Connection:
         with self._lock:
             transport, self._transport, self._sftp = self._transport, None, None
             http, self._http = self._http, None
+            bastion, self._bastion = self._bastion, None
         if transport is not None:
             transport.close()
         _close_http(http)
+        if bastion is not None:
+            bastion.release()
 
     def __enter__(self) -> Connection:
         return self.open()
@@ -707,6 +749,151 @@ class Connection:
         finally:
             tmp.unlink(missing_ok=True)
         return expected
+
+
+def _tcp_connect(t: Target) -> socket.socket:
+    """A TCP connection straight to the counter's sshd, with a clear error when there is none."""
+    try:
+        sock = socket.create_connection((t.host, t.port), timeout=t.connect_timeout)
+    except ConnectionRefusedError as e:
+        raise ConnectFailed(t.device_id, f"connection refused at {t.host}:{t.port}: no sshd listens there "
+                                         "(is the counter up and its sshd running? is ssh_port right?)") from e
+    except TimeoutError as e:
+        raise ConnectFailed(t.device_id, f"no answer from {t.host}:{t.port} within {t.connect_timeout:g} s "
+                                         "(counter off, or the network drops the traffic)") from e
+    except OSError as e:
+        raise ConnectFailed(t.device_id, f"cannot reach {t.host}:{t.port}: {e.strerror or e}") from e
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ≈ 43 ms per channel open without it
+    return sock
+
+
+class _Bastion:
+    """One jump host's SSH transport, shared by every counter connection tunnelled through it in this
+    process: acquired by a :class:`Connection` on its first connect, released when it closes; the
+    transport is opened on first use, re-opened when it died, and closed with the last user."""
+
+    _all: dict[Jump, _Bastion] = {}
+    _all_lock = threading.Lock()
+
+    def __init__(self, jump: Jump):
+        self.jump = jump
+        self.users = 0
+        self._transport: paramiko.Transport | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def acquire(cls, jump: Jump) -> _Bastion:
+        with cls._all_lock:
+            bastion = cls._all.get(jump)
+            if bastion is None:
+                bastion = cls._all[jump] = cls(jump)
+            bastion.users += 1
+            return bastion
+
+    def release(self) -> None:
+        with self._all_lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            if self._all.get(self.jump) is self:
+                del self._all[self.jump]
+        with self._lock:
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
+    def tunnel(self, t: Target) -> paramiko.Channel:
+        """A ``direct-tcpip`` channel from the bastion to the counter's sshd (``t.host:t.port`` as the
+        bastion sees it): the byte stream the counter's own SSH session runs in."""
+        transport = self._transport_for(t)
+        shown = self.jump.shown
+        try:
+            chan = transport.open_channel("direct-tcpip", (t.host, t.port), (LOOPBACK, 0), timeout=t.connect_timeout)
+        except paramiko.ChannelException as e:
+            if e.code == paramiko.common.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED:
+                raise ConnectFailed(t.device_id, f"{shown} refuses a tunnel to {t.host}:{t.port} (administratively prohibited): "
+                                                 f"its sshd must have `AllowTcpForwarding yes` (or `local`) and, with `PermitOpen`, "
+                                                 f"list {t.host}:{t.port}") from e
+            if e.code == paramiko.common.OPEN_FAILED_CONNECT_FAILED:
+                raise ConnectFailed(t.device_id, f"connection refused at {t.host}:{t.port} via {shown}: the jump host could not "
+                                                 f"connect there ({e.text or 'connect failed'}; is the counter up and its sshd "
+                                                 "running? is ssh_port right?)") from e
+            raise ConnectFailed(t.device_id, f"{shown} would not open a tunnel to {t.host}:{t.port}: {e.text or e.code}") from e
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            if not transport.is_active():  # the bastion's link died: the next connect opens a new one
+                self._discard(transport)
+                raise ConnectFailed(t.device_id, f"the connection to {shown} was lost while opening a tunnel to "
+                                                 f"{t.host}:{t.port} ({_plain(e)})") from e
+            raise ConnectFailed(t.device_id, f"no answer from {t.host}:{t.port} via {shown} within {t.connect_timeout:g} s "
+                                             f"({_plain(e)}; counter off, or the network drops the traffic)") from e
+        return chan
+
+    def _discard(self, transport: paramiko.Transport) -> None:
+        with self._lock:
+            if self._transport is transport:
+                self._transport = None
+        transport.close()
+
+    def _transport_for(self, t: Target) -> paramiko.Transport:
+        with self._lock:
+            if self._transport is None or not self._transport.is_active():
+                if self._transport is not None:
+                    self._transport.close()
+                self._transport = None
+                self._transport = self._connect(t)
+            return self._transport
+
+    def _connect(self, t: Target) -> paramiko.Transport:
+        """Log in to the bastion, its host key checked against the pinned one (errors name it and the counter)."""
+        j, shown, timeout = self.jump, self.jump.shown, t.connect_timeout
+        try:
+            pkey = _load_private_key(*_file_key(j.key_file, private=True))
+        except FileNotFoundError:
+            raise ConnectFailed(t.device_id, f"not reachable via {shown}: its key_file {j.key_file} does not exist "
+                                             "(check regions[].jump.key_file / ssh.key_file in the inventory)") from None
+        kind, _, data = j.host_key.partition(" ")
+        expected = paramiko.PKey.from_type_string(kind, base64.b64decode(data.split()[0]))
+        try:
+            sock = socket.create_connection((j.host, j.port), timeout=timeout)
+        except ConnectionRefusedError as e:
+            raise ConnectFailed(t.device_id, f"not reachable via {shown}: connection refused at {j.host}:{j.port} "
+                                             "(is the jump host up and its sshd running? is regions[].jump.port right?)") from e
+        except TimeoutError as e:
+            raise ConnectFailed(t.device_id, f"not reachable via {shown}: no answer from {j.host}:{j.port} within "
+                                             f"{timeout:g} s (jump host off, or the network drops the traffic)") from e
+        except OSError as e:
+            raise ConnectFailed(t.device_id, f"not reachable via {shown}: cannot reach {j.host}:{j.port}: {e.strerror or e}") from e
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = paramiko.Transport(sock)
+        transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = timeout
+        transport.get_security_options().key_types = [expected.get_name()]
+        try:
+            transport.start_client(timeout=timeout)
+            if not transport.is_active() or not getattr(transport, "initial_kex_done", True):
+                raise ConnectFailed(t.device_id, f"not reachable via {shown}: its SSH handshake did not finish within "
+                                                 f"{timeout:g} s (jump host hung or overloaded?)")
+            got = transport.get_remote_server_key()
+            if got != expected:
+                raise HostKeyChanged(
+                    t.device_id,
+                    f"HOST KEY CHANGED for {shown}, which this counter is reached through: it presented {got.get_name()} "
+                    f"{got.fingerprint}, regions[].jump.host_key pins {expected.get_name()} {expected.fingerprint}. "
+                    "Refusing to connect: someone may be impersonating the jump host. If it was rebuilt, verify its new "
+                    "key on it and update regions[].jump.host_key in the inventory.",
+                )
+            transport.auth_publickey(j.user, pkey)
+        except SSHError:
+            transport.close()
+            raise
+        except paramiko.AuthenticationException as e:
+            transport.close()
+            raise ConnectFailed(t.device_id, f"not reachable via {shown}: SSH login as {j.user} refused ({e}): is the public "
+                                             f"key of {j.key_file} in the jump host's authorized_keys for {j.user}?") from e
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            transport.close()
+            raise ConnectFailed(t.device_id, f"not reachable via {shown}: SSH to the jump host failed: {_plain(e)}") from e
+        transport.set_keepalive(15)
+        return transport
 
 
 class ConnectionPool:
