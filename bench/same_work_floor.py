@@ -54,7 +54,7 @@ from inventory.loader import load_inventory  # noqa: E402
 from inventory.models import BackupSettings, Device  # noqa: E402
 from tasks import backup_crypto, oncounter  # noqa: E402
 from tasks.backup_site import BackupSite  # noqa: E402
-from tasks.counter_app import read_health, read_metrics, request, set_in_service  # noqa: E402
+from tasks.counter_app import functional_problems, read_health, read_metrics, request, set_in_service  # noqa: E402
 from tasks.layout import CURRENT_LINK, RELEASES_DIR, TMP_DIR  # noqa: E402
 from tasks.ssh import Connection, Target, remote_path, sh, sha256_file  # noqa: E402
 
@@ -62,8 +62,6 @@ UNPACK = (BENCH / "scripts" / "unpack.sh").read_text()  # the playbook's "unpack
 SWITCH = (BENCH / "scripts" / "switch.sh").read_text()  # the playbook's "switch current release" script
 POINTS_AT = '[ "$(readlink -- "$1")" = "$2" ]'
 ARCHIVE_FACTS = 'sha256sum -- "$1" && { v=$(readlink -- "$2" 2>/dev/null) && echo "${v##*/}" || echo; }'
-PERIPHERALS = ("receipt_printer", "card_reader", "id_card_reader", "camera")  # as tasks/checks.py
-MIN_PAPER_PCT = 10
 MIN_FREE_DISK_FACTOR = 4
 TEST_CUSTOMER = {"customer_name": "测试客户", "id_number": "110101199003071234", "phone": "13800138000"}
 TRANSFER_CENTS = 2_500
@@ -76,26 +74,6 @@ def expected_sha256(package: Path) -> str:
         if name.strip() == package.name:
             return digest
     raise SystemExit(f"{package.name} is not in {package.parent / 'SHA256SUMS'}")
-
-
-def functional_problems(health: dict | None, version: str) -> list[str]:
-    """tasks/checks.py's functional test, on a /health document."""
-    if health is None:
-        return ["counter app does not answer /health"]
-    problems = []
-    if health.get("status") != "ok":
-        problems.append(f"health status is {health.get('status')!r}")
-    if health.get("version") != version:
-        problems.append(f"app reports version {health.get('version')!r}, expected {version!r}")
-    peripherals = health.get("peripherals") or {}
-    for name in PERIPHERALS:
-        p = peripherals.get(name)
-        if not p or p.get("status") != "ok":
-            problems.append(f"peripheral {name} is {(p or {}).get('status', 'missing')}")
-    paper = (peripherals.get("receipt_printer") or {}).get("paper_level_pct")
-    if isinstance(paper, int | float) and paper < MIN_PAPER_PCT:
-        problems.append(f"receipt paper at {paper}%")
-    return problems
 
 
 def business_problems(conn: Connection) -> list[str]:

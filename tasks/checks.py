@@ -7,7 +7,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from inventory.models import Device, SSHSettings
-from tasks.counter_app import read_health, request
+from tasks.counter_app import functional_problems, read_health, request
 from tasks.layout import CURRENT_LINK, DATA_DIR
 from tasks.ssh import Connection, SSHError, Target, remote_path, sh
 
@@ -79,10 +79,6 @@ def precheck_counter(device: Device, ssh: SSHSettings) -> CounterFacts:
 
 # ----------------------------------------------------------------------------- after an upgrade
 
-PERIPHERALS = ("receipt_printer", "card_reader", "id_card_reader", "camera")
-MIN_PAPER_PCT = 10
-
-
 class CheckReport(BaseModel):
     """The outcome of a functional or business test on one counter."""
 
@@ -91,27 +87,6 @@ class CheckReport(BaseModel):
     passed: bool
     problems: list[str] = []
     latency_ms: dict[str, float] = {}  # per business service, for the evaluation
-
-
-def functional_problems(health: dict | None, expected_version: str) -> list[str]:
-    """What is wrong with a counter's /health document after an upgrade (empty when nothing)."""
-    if health is None:
-        return ["counter app does not answer /health"]
-    problems = []
-    if health.get("status") != "ok":
-        failing = {k: v for k, v in (health.get("checks") or {}).items() if v != "ok"}
-        problems.append(f"health status is {health.get('status')!r}" + (f" ({failing})" if failing else ""))
-    if health.get("version") != expected_version:
-        problems.append(f"app reports version {health.get('version')!r}, expected {expected_version!r}")
-    peripherals = health.get("peripherals") or {}
-    for name in PERIPHERALS:
-        p = peripherals.get(name)
-        if not p or p.get("status") != "ok":
-            problems.append(f"peripheral {name} is {(p or {}).get('status', 'missing')}")
-    paper = (peripherals.get("receipt_printer") or {}).get("paper_level_pct")
-    if isinstance(paper, int | float) and paper < MIN_PAPER_PCT:
-        problems.append(f"receipt paper at {paper}%")
-    return problems
 
 
 def functional_test(conn: Connection, expected_version: str) -> CheckReport:

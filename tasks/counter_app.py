@@ -124,3 +124,30 @@ def set_in_service(conn: Connection, in_service: bool, reason: str) -> None:
         now = read_maintenance(conn)
     if now.get("in_service") is not in_service:
         raise RuntimeError(f"maintenance mode did not change: counter says in_service={now.get('in_service')}")
+
+
+# ----------------------------------------------------------------------------- judging /health
+
+PERIPHERALS = ("receipt_printer", "card_reader", "id_card_reader", "camera")
+MIN_PAPER_PCT = 10
+
+
+def functional_problems(health: dict | None, expected_version: str) -> list[str]:
+    """What is wrong with a counter's /health document after an upgrade (empty when nothing)."""
+    if health is None:
+        return ["counter app does not answer /health"]
+    problems = []
+    if health.get("status") != "ok":
+        failing = {k: v for k, v in (health.get("checks") or {}).items() if v != "ok"}
+        problems.append(f"health status is {health.get('status')!r}" + (f" ({failing})" if failing else ""))
+    if health.get("version") != expected_version:
+        problems.append(f"app reports version {health.get('version')!r}, expected {expected_version!r}")
+    peripherals = health.get("peripherals") or {}
+    for name in PERIPHERALS:
+        p = peripherals.get(name)
+        if not p or p.get("status") != "ok":
+            problems.append(f"peripheral {name} is {(p or {}).get('status', 'missing')}")
+    paper = (peripherals.get("receipt_printer") or {}).get("paper_level_pct")
+    if isinstance(paper, int | float) and paper < MIN_PAPER_PCT:
+        problems.append(f"receipt paper at {paper}%")
+    return problems

@@ -36,8 +36,8 @@ from inventory.models import Device, Inspection, InspectionPhase, RunKind, utcno
 from inventory.store import Store, run_is_alive
 from tasks.acting import Acting
 from tasks.backup_age import check_backup_age
-from tasks.checks import MIN_PAPER_PCT, read_free_disk_mb
-from tasks.counter_app import read_app, read_health, read_maintenance, set_in_service
+from tasks.checks import read_free_disk_mb
+from tasks.counter_app import MIN_PAPER_PCT, read_app, read_health, read_maintenance, set_in_service
 from tasks.hold import held, held_reason
 from tasks.layout import CTL, CURRENT_LINK, RELEASES_DIR, TMP_DIR
 from tasks.faults import Finding, StandingFault, Symptom, escalate, record_faults
