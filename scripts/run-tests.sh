@@ -17,7 +17,7 @@ if [ "${PYTEST_ONE_SHARD:-0}" = 1 ]; then
 fi
 
 # Shared system parts both shards would otherwise race to create: the fleets' logins.
-.venv/bin/python -c 'from simfleet import fleet; fleet._fleet_user(); fleet._site_user()' || exit 1
+.venv/bin/python -c 'from simfleet import fleet; fleet._fleet_user(); fleet._site_user(); fleet._jump_user()' || exit 1
 
 # Shard 1: fault injection, the SSH layer, identity and audit, and a few flow tests to even the time out; shard 2: the other flows.
 SHARD1=(tests/faults tests/test_upgrade_faults.py tests/test_control_api.py tests/test_fault_messages.py tests/test_ssh.py

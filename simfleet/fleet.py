@@ -247,19 +247,25 @@ def _fleet_user() -> pwd.struct_passwd:
     ``~/.bashrc`` (measured: +140 ms per command here). Without root the only
     user sshd can log in is the one running it.
     """
+    return _system_user(FLEET_USER, FLEET_USER_HOME, shell="/bin/sh", create_home=True)
+
+
+def _system_user(name: str, home: Path | str, *, shell: str = "/usr/sbin/nologin", create_home: bool = False) -> pwd.struct_passwd:
+    """A system user of the simulated fleet, created when missing (as root); without root, the user
+    running this (the only one sshd can log in then)."""
     if os.geteuid() != 0:
         return pwd.getpwuid(os.geteuid())
     try:
-        return pwd.getpwnam(FLEET_USER)
+        return pwd.getpwnam(name)
     except KeyError:
         subprocess.run(
             # password '*': no password login, but not "locked" (sshd without PAM refuses locked accounts)
-            ["useradd", "--system", "--create-home", "--home-dir", str(FLEET_USER_HOME), "--shell", "/bin/sh",
-             "--password", "*", FLEET_USER],
+            ["useradd", "--system", "--create-home" if create_home else "--no-create-home", "--home-dir", str(home),
+             "--shell", shell, "--password", "*", name],
             check=True,
             capture_output=True,
         )
-        return pwd.getpwnam(FLEET_USER)
+        return pwd.getpwnam(name)
 
 
 def _check_reachable_by(fleet_dir: Path, user: pwd.struct_passwd) -> None:
@@ -563,14 +569,8 @@ def _write_inventory(fleet_dir: Path, state: FleetState, backups: dict | None = 
 
 
 def _site_user() -> pwd.struct_passwd:
-    if os.geteuid() != 0:
-        return pwd.getpwuid(os.geteuid())
-    try:
-        return pwd.getpwnam(SITE_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/backups", "--shell", "/usr/sbin/nologin",
-                        "--password", "*", SITE_USER], check=True, capture_output=True)
-        return pwd.getpwnam(SITE_USER)
+    """The backup site's SFTP login (its home is the chroot's /backups)."""
+    return _system_user(SITE_USER, "/backups")
 
 
 def _site_chroot(fleet_dir: Path) -> Path:
@@ -646,14 +646,7 @@ def _prepare_site(fleet_dir: Path, state: FleetState, client_public: str) -> dic
 def _jump_user() -> pwd.struct_passwd:
     """The bastion's login: its own system user, so the connections its sshd opens to the counters are
     not the controller's (root's): a test can drop root's direct traffic and still reach them through it."""
-    if os.geteuid() != 0:
-        return pwd.getpwuid(os.geteuid())
-    try:
-        return pwd.getpwnam(JUMP_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
-                        "--password", "*", JUMP_USER], check=True, capture_output=True)
-        return pwd.getpwnam(JUMP_USER)
+    return _system_user(JUMP_USER, "/nonexistent")
 
 
 def _prepare_jump(fleet_dir: Path, state: FleetState, client_public: str) -> dict:
