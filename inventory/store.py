@@ -438,11 +438,7 @@ class Store:
             rows = s.scalars(select(RunRow).where(dead).with_for_update()).all()
             for row in rows:
                 since = row.heartbeat_at or row.started_at
-                row.status, row.ended_at = "crashed", now
-                row.summary = {**row.summary, "reason": f"no heartbeat since {since:%Y-%m-%d %H:%M:%S} UTC; "
-                                                        "the process or its Prefect server died"}
-                audit_chain.append(s, AuditEvent(actor=row.initiator, action="end_run", target=row.name, run_id=row.id,
-                                                 outcome="crashed", details={"kind": row.kind, "reason": row.summary["reason"]}))
+                _close_crashed(s, row, now, f"no heartbeat since {since:%Y-%m-%d %H:%M:%S} UTC; the process or its Prefect server died")
             s.flush()
             return [Run.model_validate(row) for row in rows]
 
@@ -457,8 +453,7 @@ class Store:
         """Append ``lines`` to the list ``summary[key]`` of the newest run of ``flow_run_id`` (its status
         untouched); False when no run has that flow run id."""
         with self._write() as s:
-            row = s.scalars(select(RunRow).where(RunRow.flow_run_id == flow_run_id)
-                            .order_by(RunRow.id.desc()).limit(1).with_for_update()).first()
+            row = _newest_run_of(s, flow_run_id)
             if row is None:
                 return False
             row.summary = {**row.summary, key: [*row.summary.get(key, []), *lines]}
@@ -469,8 +464,7 @@ class Store:
         when this call set it, (False, the value already there) when whoever got there first did (one write
         lock decides); None when no run has that flow run id."""
         with self._write() as s:
-            row = s.scalars(select(RunRow).where(RunRow.flow_run_id == flow_run_id)
-                            .order_by(RunRow.id.desc()).limit(1).with_for_update()).first()
+            row = _newest_run_of(s, flow_run_id)
             if row is None:
                 return None
             if key in row.summary:
@@ -483,15 +477,11 @@ class Store:
         if it is still "running"; the run as it is now (None when no run has that flow run id)."""
         now = now or utcnow()
         with self._write() as s:
-            row = s.scalars(select(RunRow).where(RunRow.flow_run_id == flow_run_id)
-                            .order_by(RunRow.id.desc()).limit(1).with_for_update()).first()
+            row = _newest_run_of(s, flow_run_id)
             if row is None:
                 return None
             if row.status == "running":
-                row.status, row.ended_at = "crashed", now
-                row.summary = {**row.summary, "reason": reason}
-                audit_chain.append(s, AuditEvent(actor=row.initiator, action="end_run", target=row.name, run_id=row.id,
-                                                 outcome="crashed", details={"kind": row.kind, "reason": reason}))
+                _close_crashed(s, row, now, reason)
                 s.flush()
             return Run.model_validate(row)
 
@@ -549,6 +539,20 @@ def _values(record: Record) -> dict[str, Any]:
 
 def _row(record: Record) -> Base:
     return _ROW_OF[type(record)](**_values(record))
+
+
+def _newest_run_of(s: Session, flow_run_id: str) -> RunRow | None:
+    """The newest run record of a Prefect flow run, locked for this write transaction."""
+    return s.scalars(select(RunRow).where(RunRow.flow_run_id == flow_run_id)
+                     .order_by(RunRow.id.desc()).limit(1).with_for_update()).first()
+
+
+def _close_crashed(s: Session, row: RunRow, now: datetime, reason: str) -> None:
+    """End a run record as crashed with ``reason``, audited (its process died: nobody else will end it)."""
+    row.status, row.ended_at = "crashed", now
+    row.summary = {**row.summary, "reason": reason}
+    audit_chain.append(s, AuditEvent(actor=row.initiator, action="end_run", target=row.name, run_id=row.id,
+                                     outcome="crashed", details={"kind": row.kind, "reason": reason}))
 
 
 _NOT_STORED = {"region"}  # a branch's region (jump hosts, work queues) is read from the inventory file, not kept
