@@ -31,10 +31,11 @@ class CounterFacts(BaseModel):
         return self.reachable and self.app_status == "ok" and self.version == self.app_version
 
 
-def read_installed_version(conn: Connection, root: str) -> str:
-    """The release ``current`` points at (its directory name)."""
-    r = conn.run(["readlink", "--", remote_path(root, CURRENT_LINK)])
-    return r.stdout.strip().rstrip("/").rsplit("/", 1)[-1]
+def read_installed_version(conn: Connection, root: str, *, required: bool = True) -> str | None:
+    """The release ``current`` points at (its directory name). No ``current`` link: CommandFailed, or
+    None when not ``required``."""
+    r = conn.run(["readlink", "--", remote_path(root, CURRENT_LINK)], check=required)
+    return (r.stdout.strip().rstrip("/").rsplit("/", 1)[-1] or None) if r.ok else None
 
 
 def free_disk_command(path: str) -> list[str]:

@@ -36,10 +36,10 @@ from inventory.models import Device, Inspection, InspectionPhase, RunKind, utcno
 from inventory.store import Store, run_is_alive
 from tasks.acting import Acting
 from tasks.backup_age import check_backup_age
-from tasks.checks import read_free_disk_mb
+from tasks.checks import read_free_disk_mb, read_installed_version
 from tasks.counter_app import MIN_PAPER_PCT, read_app, read_health, read_maintenance, set_in_service
 from tasks.hold import held, held_reason
-from tasks.layout import CTL, CURRENT_LINK, RELEASES_DIR, TMP_DIR
+from tasks.layout import CTL, RELEASES_DIR, TMP_DIR
 from tasks.faults import Finding, StandingFault, Symptom, escalate, record_faults
 from tasks.notify import NotifyError
 from tasks.ssh import Connection, ConnectionPool, HostKeyChanged, HostKeyUnknown, SSHError, remote_path, sh
@@ -199,12 +199,6 @@ def watch(conn: Connection, device: Device, previous: Reading | None, store: Sto
     return findings + compare(previous, reading, ours=ours, planned=planned)
 
 
-def installed_release(conn: Connection, device: Device) -> str | None:
-    """The release ``current`` points at (its directory's name); None when there is no such link."""
-    r = conn.run(["readlink", "--", remote_path(device.root, CURRENT_LINK)], check=False)
-    return r.stdout.strip().rstrip("/").rsplit("/", 1)[-1] or None if r.ok else None
-
-
 def check_release(health: dict, installed: str | None) -> Finding:
     """After closing: the app runs the release ``current`` points at, so tomorrow starts on what was
     installed (an interrupted upgrade or a manual switch can leave the old one running)."""
@@ -232,7 +226,7 @@ def look(device: Device, phase: InspectionPhase, pool: ConnectionPool, *, previo
         installed = None
         if phase == InspectionPhase.POST_CLOSE:
             findings.append(check_temp_files(conn, device))
-            installed = installed_release(conn, device)
+            installed = read_installed_version(conn, device.root, required=False)
     except SSHError as e:
         findings.append(Finding(check="ssh", symptom=Symptom.UNREACHABLE, detail=f"lost the counter while inspecting: {e.reason}"))
         return findings
