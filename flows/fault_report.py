@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from inventory.models import Run, RunKind, utcnow
 from inventory.store import Store
 from tasks.acting import acting_run, authorized
-from tasks.contacts import alert_head_office, audience, inventory_for
+from tasks.contacts import alert_head_office, audience, branch_only, inventory_for
 from tasks.fault_report import FaultReport, build_fault_report, fault_report_markdown, publish_fault_report
 from tasks.notify import Notice, NotifyError
 from tasks.report import deliver
@@ -75,7 +75,7 @@ def fault_report(period_days: int = 30, notify: list[str] = [], authorization: s
     head_office = audience(inv, (), notify)
     undelivered = []
     for r, targets in [(report, head_office),
-                       *((b, [t for t in audience(inv, [b.scope]) if t not in head_office]) for b in per_branch)]:
+                       *((b, branch_only(inv, b.scope, head_office)) for b in per_branch)]:
         try:
             deliver(targets, _notice(r))  # a branch without contacts: nobody to send to
         except NotifyError as e:  # noted in the run record by deliver; the other branches still get theirs

@@ -51,7 +51,7 @@ from tasks.evaluate import Soak, previous_versions, report_markdown, verdict, wa
 from tasks.followup import schedule_followups, upgraded_summary
 from tasks.notify import Notice, NotifyError
 from tasks.prefect_api import ApiWatch, PrefectAPIUnreachable
-from tasks.contacts import alert_head_office, audience
+from tasks.contacts import alert_head_office, audience, branch_only
 from tasks.report import artifact_key, audit_head_markdown, deliver, publish_final_table, tag_branches
 from tasks.rollout import CounterOutcome, Leftover, outcome_line, unfinished_installs, upgrade_counter
 from tasks.acting import fleet_as_seen
@@ -124,7 +124,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
                 hq = audience(inv, (), plan.notify)
                 deliver(hq or plan.notify, Notice(f"Upgrade notice: {plan.name}", announced.render()))
                 for branch in branches:
-                    own = [t for t in audience(inv, [branch]) if t not in hq]
+                    own = branch_only(inv, branch, hq)
                     if own:
                         deliver(own, Notice(f"Upgrade notice: {plan.name}", announced.render(branch)))
             except NotifyError as e:  # the run's reason: its record, the Prefect state and the CLI say it

@@ -47,6 +47,13 @@ def audience(inv: Inventory | None, branches: Iterable[str], notify: Iterable[st
     return _unique(targets)
 
 
+def branch_only(inv: Inventory | None, branch: str, told: Iterable[str]) -> list[str]:
+    """The contacts of ``branch`` alone, less those already in ``told`` (head office's audience): for a
+    notice that says only that branch's part, beside the whole one head office gets."""
+    already = set(told)
+    return [t for t in audience(inv, [branch]) if t not in already]
+
+
 def inventory_for(parameters: dict[str, Any]) -> Inventory | None:
     """The flow run's inventory (its ``inventory`` parameter, else $COUNTEROPS_INVENTORY); None when there
     is none or it cannot be read (then only the run's own ``notify`` targets are alerted)."""
