@@ -177,9 +177,14 @@ def run_branch_deployments(deployment: str, runs: Sequence[BranchRun], *, queue_
 
     def start(run: BranchRun, attempt: int):
         suffix = f"-restart{attempt}" if attempt else ""
-        flow_run = run_deployment(deployment, parameters=run.kwargs, flow_run_name=run.name + (f" (restart {attempt})" if attempt else ""),
-                                  tags=run.tags, idempotency_key=f"{key}-{run.branch}{suffix}", work_queue_name=queue_of(run.branch),
-                                  timeout=0, as_subflow=True)
+        try:
+            flow_run = run_deployment(deployment, parameters=run.kwargs, flow_run_name=run.name + (f" (restart {attempt})" if attempt else ""),
+                                      tags=run.tags, idempotency_key=f"{key}-{run.branch}{suffix}", work_queue_name=queue_of(run.branch),
+                                      timeout=0, as_subflow=True)
+        except Exception as e:
+            detail = getattr(getattr(e, "response", None), "text", "") or str(e)
+            raise RuntimeError(f"branch {run.branch}'s run could not be started from deployment {deployment!r} on work queue "
+                               f"{queue_of(run.branch)!r}: {detail[:500]}") from None
         return flow_run.id, time.monotonic()
 
     attempts = dict.fromkeys(by_branch, 0)
