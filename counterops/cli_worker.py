@@ -28,6 +28,7 @@ from counterops.common import EXIT_BAD_INPUT, fail, out
 worker_app = typer.Typer(no_args_is_help=True, help="Prefect workers for distributed runs: one per region, on its work queue.")
 
 DEFAULT_POOL = "counterops"
+DEFAULT_QUEUE = "default"  # the queue of the branches without a region (and every pool's first queue)
 HEARTBEAT_S = 30  # a flow run beats this often; the zombie-run automation crashes it after ZOMBIE_AFTER_S (90) without one
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 
@@ -59,6 +60,8 @@ def _check_region(region: str, inventory: Path | None) -> None:
 
     inv = load_inventory_or_exit(inventory)
     known = [r.id for r in inv.regions]
+    if any(b.region is None for b in inv.branches):
+        known.append(DEFAULT_QUEUE)
     if region not in known:
         fail(f"--region {region}: not a region of {inventory} (regions: {', '.join(known) or 'none'}); "
              "give one of them, or add it to the inventory's regions: list", EXIT_BAD_INPUT)

@@ -92,10 +92,12 @@ def test_require_shared_store_refuses_sqlite_and_passes_postgresql(pg_store_url,
         assert require_shared_store(store) is None
 
 
-def test_worker_start_refuses_an_unknown_region_a_missing_api_and_a_dead_one(regional_inventory, pg_store_url, prefect_api):
+def test_worker_start_refuses_an_unknown_region_a_missing_api_and_a_dead_one(fleet, regional_inventory, pg_store_url, prefect_api):
     env = _environment(COUNTEROPS_DATABASE_URL=pg_store_url)
     r = _cli("worker", "start", "--region", "north", "--inventory", str(regional_inventory), env=env)
     assert r.returncode == 2 and "--region north: not a region of" in r.stderr and "(regions: east, west)" in r.stderr, r.stderr
+    r = _cli("worker", "start", "--region", "north", "--inventory", str(fleet.inventory), env=env)  # no regions: one queue
+    assert r.returncode == 2 and "(regions: default)" in r.stderr, r.stderr
     no_api = dict(env)
     no_api.pop("PREFECT_API_URL")
     r = _cli("worker", "start", "--region", "east", env=no_api)
@@ -179,3 +181,55 @@ def test_worker_environment_keeps_a_faster_heartbeat_and_fixes_a_slower_or_missi
     assert worker_environment({HEARTBEAT_ENV: "180"})[HEARTBEAT_ENV] == "30"  # Prefect's default would trip the 90 s automation
     assert worker_environment({HEARTBEAT_ENV: "10"})[HEARTBEAT_ENV] == "10"
     assert worker_environment({HEARTBEAT_ENV: "soon"})[HEARTBEAT_ENV] == "30"
+
+
+@pytest.mark.slow  # waits out the automation's 90 s: ≈ 2 min
+def test_a_run_whose_worker_and_process_die_is_marked_crashed_by_the_zombie_automation(regional_inventory, pg_store_url, pool, prefect_api):
+    """A deployed run on region east's queue, started by `counterops worker start`, beats; then the worker
+    and the flow-run process are killed with -9 (the machine died: nobody reports the end). The
+    zombie-run automation marks the run Crashed within ZOMBIE_AFTER_S plus the server's evaluation."""
+    from prefect.client.schemas.objects import StateType
+
+    from tests.sleeper_flow import sleeper
+    from tests.test_crash_alert import _processes_of
+    from tests.test_runs_end import heartbeat_events
+
+    env = _environment(COUNTEROPS_DATABASE_URL=pg_store_url)
+    proc, log = _start_worker("east", pool, env, regional_inventory)
+    killed = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the worker made the pool and the queue
+            try:
+                _polled_queues(pool, ["east"])
+                break
+            except ObjectNotFound:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.5)
+        deployment_id = sleeper.from_source(source=str(REPO), entrypoint="tests/sleeper_flow.py:sleeper").deploy(
+            name=f"sleeper-{os.getpid()}", work_pool_name=pool, work_queue_name="east", print_next_steps=False, ignore_warnings=True)
+        with get_client(sync_client=True) as client:
+            run = client.create_flow_run_from_deployment(deployment_id)
+            deadline = time.monotonic() + 90
+            while not (heartbeat_events(prefect_api, str(run.id)) and _processes_of(str(run.id))):
+                assert proc.poll() is None and time.monotonic() < deadline, f"the run never beat:\n{log.read_text()}"
+                time.sleep(0.5)
+            assert client.read_flow_run(run.id).state.type == StateType.RUNNING
+            killed = [proc.pid, *_processes_of(str(run.id))]
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+            proc.wait(10)
+            killed_at = time.monotonic()
+            while (state := client.read_flow_run(run.id).state).type != StateType.CRASHED:
+                assert state.type == StateType.RUNNING, state  # nobody else ended it
+                assert time.monotonic() - killed_at < ZOMBIE_AFTER_S + 90, "still Running: the zombie-run automation did not act"
+                time.sleep(2)
+        assert "no heartbeat" in (state.message or ""), state
+        print(f"marked Crashed {time.monotonic() - killed_at:.0f} s after the kill")
+    finally:
+        _stop(proc)
+        for pid in killed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
