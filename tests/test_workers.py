@@ -105,6 +105,8 @@ def test_worker_start_refuses_an_unknown_region_a_missing_api_and_a_dead_one(fle
     r = _cli("worker", "start", "--region", "east", env=env | {"PREFECT_API_URL": "http://127.0.0.1:9/api"})
     assert r.returncode == 1 and "the Prefect API at http://127.0.0.1:9/api (PREFECT_API_URL) does not answer" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+    r = _cli("worker", "start", "--region", "east", env=env | {"PREFECT_API_AUTH_STRING": "counterops:wrong"})
+    assert r.returncode == 1 and "401 Unauthorized; set PREFECT_API_AUTH_STRING" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def _start_worker(region: str, pool: str, env: dict[str, str], inventory: Path) -> tuple[subprocess.Popen, Path]:
