@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -66,16 +65,16 @@ def pool():
             pass
 
 
-def _environment(**extra: str) -> dict[str, str]:
-    env = dict(os.environ) | {"COUNTEROPS_HOME": tempfile.mkdtemp(prefix="counterops-worker-home-"),
+def _environment(home: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ) | {"COUNTEROPS_HOME": str(home),
                               "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_HEARTBEAT_SECONDS": "2"}
     for key in ("COUNTEROPS_DATABASE_URL", "COUNTEROPS_INVENTORY", HEARTBEAT_ENV):
         env.pop(key, None)
     return env | extra
 
 
-def test_worker_start_refuses_a_sqlite_store_naming_the_setting_and_creates_nothing(prefect_api):
-    env = _environment()
+def test_worker_start_refuses_a_sqlite_store_naming_the_setting_and_creates_nothing(prefect_api, tmp_path):
+    env = _environment(tmp_path)
     r = _cli("worker", "start", "--region", "east", env=env)
     assert r.returncode == 2, r.stdout + r.stderr
     [line] = r.stderr.strip().splitlines()
@@ -92,8 +91,8 @@ def test_require_shared_store_refuses_sqlite_and_passes_postgresql(pg_store_url,
         assert require_shared_store(store) is None
 
 
-def test_worker_start_refuses_an_unknown_region_a_missing_api_and_a_dead_one(fleet, regional_inventory, pg_store_url, prefect_api):
-    env = _environment(COUNTEROPS_DATABASE_URL=pg_store_url)
+def test_worker_start_refuses_an_unknown_region_a_missing_api_and_a_dead_one(fleet, regional_inventory, pg_store_url, prefect_api, tmp_path):
+    env = _environment(tmp_path, COUNTEROPS_DATABASE_URL=pg_store_url)
     r = _cli("worker", "start", "--region", "north", "--inventory", str(regional_inventory), env=env)
     assert r.returncode == 2 and "--region north: not a region of" in r.stderr and "(regions: east, west)" in r.stderr, r.stderr
     r = _cli("worker", "start", "--region", "north", "--inventory", str(fleet.inventory), env=env)  # no regions: one queue
@@ -110,7 +109,7 @@ def test_worker_start_refuses_an_unknown_region_a_missing_api_and_a_dead_one(fle
 
 
 def _start_worker(region: str, pool: str, env: dict[str, str], inventory: Path) -> tuple[subprocess.Popen, Path]:
-    log = Path(tempfile.mkdtemp(prefix="counterops-worker-log-")) / "worker.log"
+    log = Path(env["COUNTEROPS_HOME"]) / f"worker-{region}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([*CLI, "worker", "start", "--region", region, "--pool", pool, "--inventory", str(inventory)],
                                 env=env | {"COLUMNS": "400"}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -132,10 +131,10 @@ def _polled_queues(pool: str, regions: list[str]) -> dict[str, object]:
         return {r: client.read_work_queue_by_name(r, work_pool_name=pool).last_polled for r in regions}
 
 
-def test_a_worker_per_region_registers_on_its_queue_with_heartbeats_on(regional_inventory, pg_store_url, pool, prefect_api):
+def test_a_worker_per_region_registers_on_its_queue_with_heartbeats_on(regional_inventory, pg_store_url, pool, prefect_api, tmp_path):
     """Two real workers (east, west) on one process pool, a PostgreSQL store: the pool and both queues are
     created (once), each worker polls its own queue and shows in the pool, its environment beats every 30 s."""
-    env = _environment(COUNTEROPS_DATABASE_URL=pg_store_url)
+    env = _environment(tmp_path, COUNTEROPS_DATABASE_URL=pg_store_url)
     procs = []
     try:
         for region in ("east", "west"):
@@ -186,7 +185,7 @@ def test_worker_environment_keeps_a_faster_heartbeat_and_fixes_a_slower_or_missi
 
 
 @pytest.mark.slow  # waits out the automation's 90 s: ≈ 2 min
-def test_a_run_whose_worker_and_process_die_is_marked_crashed_by_the_zombie_automation(regional_inventory, pg_store_url, pool, prefect_api):
+def test_a_run_whose_worker_and_process_die_is_marked_crashed_by_the_zombie_automation(regional_inventory, pg_store_url, pool, prefect_api, tmp_path):
     """A deployed run on region east's queue, started by `counterops worker start`, beats; then the worker
     and the flow-run process are killed with -9 (the machine died: nobody reports the end). The
     zombie-run automation marks the run Crashed within ZOMBIE_AFTER_S plus the server's evaluation."""
@@ -196,7 +195,7 @@ def test_a_run_whose_worker_and_process_die_is_marked_crashed_by_the_zombie_auto
     from tests.test_crash_alert import _processes_of
     from tests.test_runs_end import heartbeat_events
 
-    env = _environment(COUNTEROPS_DATABASE_URL=pg_store_url)
+    env = _environment(tmp_path, COUNTEROPS_DATABASE_URL=pg_store_url)
     proc, log = _start_worker("east", pool, env, regional_inventory)
     killed = []
     try:
