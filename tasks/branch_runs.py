@@ -131,11 +131,12 @@ def check_distributed(store, deployment: str) -> None:
     """Refuse distributed mode unless workers elsewhere can share this run: the store on PostgreSQL
     (SQLite is one machine's file), a Prefect API server (not this process's ephemeral one), and the
     children's deployment deployed."""
-    dialect = store.engine.dialect.name
-    if dialect == "sqlite":
-        raise NotDistributable("distributed runs need the store on PostgreSQL, shared by every worker (this store is SQLite, "
-                               f"{store.engine.url.database}): set COUNTEROPS_DATABASE_URL to a postgresql URL (README, "
-                               "'Run it distributed'), or run without --distributed")
+    from inventory.shared_store import SharedStoreRequired, require_shared_store
+
+    try:
+        require_shared_store(store)
+    except SharedStoreRequired as e:
+        raise NotDistributable(f"{e}, or run without --distributed") from None
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL

@@ -248,4 +248,4 @@ def test_sqlite_is_refused_in_distributed_mode(tmp_path):
 
     with Store.open(f"sqlite:///{tmp_path / 'store.db'}") as store, pytest.raises(NotDistributable) as e:
         check_distributed(store, "upgrade-branch/upgrade-branch")
-    assert "need the store on PostgreSQL" in str(e.value) and "COUNTEROPS_DATABASE_URL" in str(e.value)
+    assert "need the store on PostgreSQL" in str(e.value) and "without --distributed" in str(e.value) and "COUNTEROPS_DATABASE_URL" in str(e.value)
