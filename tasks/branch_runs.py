@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class BranchResult:
 
 
 WAIT_TICK_S = 1.0  # how often ``while_waiting`` is called while children run
+START_ATTEMPTS = 3  # an embedded child whose orchestration calls fail (not its body) is run again, at most this often
+RETRY_AFTER_S = 2.0
+_log = logging.getLogger("counterops.branch_runs")
 
 
 def run_branch_subflows(child: Callable, runs: Sequence[BranchRun], *, max_concurrent: int | None = None,
@@ -79,9 +83,19 @@ def run_branch_subflows(child: Callable, runs: Sequence[BranchRun], *, max_concu
     def one(run: BranchRun) -> BranchResult:
         from prefect import tags
 
-        with tags(*run.tags):
-            state = child.with_options(flow_run_name=run.name)(**run.kwargs, return_state=True)
-        return _ended(run.branch, state)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                with tags(*run.tags):
+                    state = child.with_options(flow_run_name=run.name)(**run.kwargs, return_state=True)
+                return _ended(run.branch, state)
+            except Exception as e:  # the engine's own calls failed (a busy server's 503): the child body's errors are states
+                if attempt == START_ATTEMPTS:
+                    raise
+                _log.warning("branch %s's run could not be run (%s: %s); trying again (%d of %d): a child's work is "
+                             "idempotent, finished counters are skipped", run.branch, type(e).__name__, str(e)[:300],
+                             attempt + 1, START_ATTEMPTS)
+                time.sleep(RETRY_AFTER_S * attempt)
+        raise AssertionError("unreachable")
 
     workers = min(len(runs), max_concurrent or len(runs))
     results: dict[str, BranchResult] = {}
