@@ -87,3 +87,62 @@ def test_a_nightly_backup_runs_one_child_per_branch(imported, prefect_api):
     _check_children(state.state_details.flow_run_id, "nightly-backup", "backup", "nightly-backup", imported)
 
 
+
+
+def test_a_crashed_child_alerts_its_branch_and_head_office_once_and_a_crashed_parent_names_its_branches(fleet, prefect_api, home):  # noqa: F811
+    """As the crash-alert automation and the hooks see them after the process died: a crashed per-branch
+    child alerts head office and its own branch (not another), claimed on its parent's record so its
+    hook sends nothing again, and leaves the parent's record to the parent; the crashed parent's alert
+    names (and tells) the branches of its children."""
+    from prefect import task
+    from prefect.states import Crashed
+
+    from flows.crash_alert import crash_alert
+    from flows.inspection import inspection_branch
+    from inventory.models import Run
+    from tasks.contacts import alert_branch_and_head_office
+    from tasks.crash_alert import BY_AUTOMATION, CLAIM_KEY
+    from tests.plugins.notices import NoticeReceiver
+    from tests.test_contacts import _inventory_with
+
+    @task(name="branch-runs-test-link")
+    def link() -> None:
+        pass
+
+    hq, br01, br02 = NoticeReceiver(), NoticeReceiver(), NoticeReceiver()
+    path = _inventory_with(fleet, {"head_office": [hq.url], "branches": {"BR01": [br01.url], "BR02": [br02.url]}})
+    try:
+        died = Crashed(message="Process exited with status code: -9.")
+        with get_client(sync_client=True) as client:
+            parent = client.create_flow_run(daily_inspection, name="inspection-crashed", parameters={"phase": "pre-open", "inventory": str(path)}, state=died)
+            linked = client.create_task_run(link, flow_run_id=parent.id, dynamic_key="0")
+            counters = [d.id for d in load_inventory(path).devices if d.branch == "BR02"]
+            child = client.create_flow_run(inspection_branch, name="inspection-crashed · BR02", tags=["branch:BR02", "inspection"],
+                                           parent_task_run_id=linked.id, state=died,
+                                           parameters={"phase": "pre-open", "inventory": str(path), "branch": "BR02", "counters": counters,
+                                                       "run_id": 1, "parent_flow_run_id": str(parent.id)})
+        with Store.open() as store:
+            record = store.add(Run(kind=RunKind.INSPECTION, name="inspection-pre-open", initiator="counterops-scheduler", flow_run_id=str(parent.id)))
+
+        state = crash_alert(flow_run_id=str(child.id), return_state=True)
+        assert state.is_completed(), state
+        assert hq.titles() == ["inspection-branch run inspection-crashed · BR02 ended Crashed"]
+        assert br02.titles() == hq.titles() and br01.titles() == []
+        assert "Branches it touched: BR02." in hq.received[0][1]["message"]
+        with Store.open() as store:
+            kept = store.get(Run, record.id)
+        assert kept.status == "running" and kept.summary[f"{CLAIM_KEY}:{child.id}"]["by"] == BY_AUTOMATION, kept  # the parent's own
+        alert_branch_and_head_office(inspection_branch, child, child.state)  # its hook, later: claimed already
+        assert len(hq.received) == 1 and len(br02.received) == 1
+
+        state = crash_alert(flow_run_id=str(parent.id), return_state=True)
+        assert state.is_completed(), state
+        assert hq.titles()[1:] == ["daily-inspection run inspection-crashed ended Crashed"]
+        assert "Branches it touched: BR02." in hq.received[1][1]["message"]
+        assert len(br02.received) == 2 and br01.titles() == []  # the children's branches are told of the parent too
+        with Store.open() as store:
+            assert store.get(Run, record.id).status == "crashed"
+    finally:
+        for r in (hq, br01, br02):
+            r.server.shutdown()
+        path.unlink(missing_ok=True)
