@@ -2,7 +2,9 @@
 
     check who asks: the signed statement (backup.run on this scope), or the service identity for a
     scheduled run; head-office IT only (a backup downloads every counter's customer data)
-    for each counter in scope (one task run each; ONE counter of an outlet at a time, outlets side by side):
+    for each branch in scope, a child run (backup-branch, "<run> · <branch>", tagged branch:<id> and
+    backup) with its own table; in it, for each of its counters (one task run each; ONE counter of
+    an outlet at a time, outlets side by side):
         take its lease (a counter another run holds is left out, named)
         out of service only while its snapshot is taken (if it was in service; one in maintenance stays so)
         back in service; download, off-site copy, verified, recorded

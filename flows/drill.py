@@ -3,14 +3,16 @@
     check who asks: the signed statement (drill.run), or the service identity for a scheduled run;
     head-office IT only (a drill downloads every drilled counter's customer data)
     choose the counters (a sample, the same all day, or all)
-    for each counter (one task run each):
+    for each branch, a child run (drill-branch, "<run> · <branch>", tagged branch:<id> and drill) with
+    its own table; in it, for each of its counters (one task run each):
         a fresh verified backup (a read of the counter), or with use_latest its newest stored backup
         verify both copies' sha256, restore into a scratch dir on this machine, check the databases
         measure RTO and RPO; record the drill
   or, with ``standby`` (a counter marked ``standby: true``), holding the standby's lease:
     keep the standby's own data (a verified backup of it) and its release
-    for each counter, one at a time: its newest verified backup's off-site copy restored onto the
-        standby, app started, functional and business tests passed there; RTO and RPO; recorded
+    for each counter, one at a time (one branch's child run after the other): its newest verified
+        backup's off-site copy restored onto the standby, app started, functional and business tests
+        passed there; RTO and RPO; recorded
     put the standby back: its own backup restored, healthy, as it was (tasks/standby.py)
   a counter missing an RTO/RPO objective fails, naming the figure
   publish the table and the report (per-counter RTO/RPO, p50/p90/max); send the report to ``notify``

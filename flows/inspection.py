@@ -2,7 +2,9 @@
 
     check who asks: the signed statement (inspection.run on this phase and scope), or the service
     identity for a scheduled run; branch IT only within its own branches
-    for each counter in scope (one task run each):
+    for each branch in scope, a child run (inspection-branch, "<run> · <branch>", tagged branch:<id>
+    and inspection; the branches side by side, at most PARALLELISM counters at once over all of them)
+    with its own table; in it, for each of its counters (one task run each):
         look        SSH with host key, clock, disk; app health, peripherals, receipt paper;
                     after closing also: back in service, on the installed release, no stale temp
                     files, and a verified backup from the last 24 h (the nightly backup's, flows/backup.py);

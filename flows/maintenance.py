@@ -2,7 +2,9 @@
 
     check who asks: the signed statement (maintenance.run on this scope), or the service identity
     for a scheduled run; branch IT only within its own branches
-    for each counter in scope (one task run each; ONE counter of an outlet at a time):
+    for each branch in scope, a child run (maintenance-branch, "<run> · <branch>", tagged branch:<id>
+    and maintenance) with its own table; in it, for each of its counters (one task run each; ONE
+    counter of an outlet at a time):
         rotate its logs, clean its temp files
         out of service → database integrity check → vacuum → check again → back in service
         read its health and receipt paper
