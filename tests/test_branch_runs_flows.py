@@ -7,10 +7,14 @@ session's Prefect server, read back through the Prefect API."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from uuid import UUID
 
 import pytest
+from prefect import flow, task
 from prefect.client.orchestration import get_client
+from prefect.runtime import flow_run
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
                                             FlowRunFilterParentFlowRunId, FlowRunFilterTags)
 
@@ -18,8 +22,9 @@ from flows.backup import nightly_backup
 from flows.drill import backup_restore_drill
 from flows.inspection import daily_inspection
 from inventory.loader import load_inventory
-from inventory.models import RunKind
+from inventory.models import Device, RunKind
 from inventory.store import Store
+from tasks.branch_share import Slots, fan_out, shared, sharing
 from tests.test_drill import home  # noqa: F401 - the fixture: a store and backup stores of this test's own
 
 
@@ -146,3 +151,38 @@ def test_a_crashed_child_alerts_its_branch_and_head_office_once_and_a_crashed_pa
         for r in (hq, br01, br02):
             r.server.shutdown()
         path.unlink(missing_ok=True)
+
+
+_at_work = {"now": 0, "most": 0}
+_lock = threading.Lock()
+
+
+@task(name="branch-runs-test-counter")
+def _counter(i: int) -> int:
+    with _lock:
+        _at_work["now"] += 1
+        _at_work["most"] = max(_at_work["most"], _at_work["now"])
+    time.sleep(0.3)
+    with _lock:
+        _at_work["now"] -= 1
+    return i
+
+
+@flow(name="branch-runs-test-slots-child")
+def _slots_child(branch: str, counters: list[str], parent_flow_run_id: str) -> list[int]:
+    return [f.result() for f in [shared()["slots"].submit(_counter, int(c)) for c in counters]]
+
+
+@flow(name="branch-runs-test-slots-parent")
+def _slots_parent(devices: list) -> dict:
+    with sharing(slots=Slots(2)):
+        done = fan_out(_slots_child, "slots", str(flow_run.id), devices, "test")
+    return {b: r.value for b, r in done.items()}
+
+
+def test_the_parallelism_holds_over_all_children_together(prefect_api):
+    """Three branches of three counters each, under Slots(2): never more than 2 counters at work at once."""
+    devices = [Device(id=f"{n}", branch=f"BR0{n // 3}", outlet=f"BR0{n // 3}-O01", host="127.0.0.1") for n in range(3, 12)]
+    out = _slots_parent(devices)
+    assert out == {"BR01": [3, 4, 5], "BR02": [6, 7, 8], "BR03": [9, 10, 11]}
+    assert _at_work == {"now": 0, "most": 2}
