@@ -34,6 +34,7 @@ from counterops.cli_maintenance import faults_app, inspect_command, maintain_com
 from counterops.cli_operators import operators_app
 from counterops.cli_plan import plan_app
 from counterops.cli_secrets import secrets_app
+from counterops.cli_worker import worker_app
 from counterops.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -68,6 +69,7 @@ app.add_typer(operators_app, name="operators")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(audit_app, name="audit")
 app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(worker_app, name="worker")
 app.command("inspect")(inspect_command)
 app.command("maintain")(maintain_command)
 app.command("drill")(drill_command)
@@ -343,12 +345,14 @@ def upgrade(
     inventory: InventoryOption = None,
     operator: OperatorOption = None,
     key: KeyOption = None,
+    distributed: Annotated[bool, typer.Option("--distributed", help="Each branch's counters are upgraded by a worker on the branch's "
+                                              "regional work queue (README, 'Run it distributed'); default: all in this process.")] = False,
 ) -> None:
     """Run an approved upgrade plan: notify, back up, roll out in waves, test, roll back, evaluate.
 
     The plan must be signed by its initiator and approved by a second person for its current content
     (`counterops plan status`); you start it with your own signed statement (hq_it, or branch_it within
-    the plan's branches)."""
+    the plan's branches). Each wave runs one child run per branch (`<plan> · <wave> · <branch>`)."""
     from inventory.approvals import plan_digest, plan_status
     from inventory.store import Store
 
@@ -369,10 +373,19 @@ def upgrade(
         authorization = sign_statement("upgrade.start", plan.name, operator=operator, key=key, store=store, plan_digest=digest,
                                        details={"branches": branches, "target_version": plan.target_version})
     api = prefect_api()
-    from flows.upgrade import upgrade_plan
+    from flows.upgrade import CHILD_DEPLOYMENT, upgrade_plan
 
+    if distributed:
+        from tasks.branch_runs import NotDistributable, check_distributed
+
+        try:
+            with Store.open() as store:
+                check_distributed(store, CHILD_DEPLOYMENT)
+        except NotDistributable as e:
+            fail(str(e), EXIT_BAD_INPUT)
     with flow_in_this_process():
-        state = upgrade_plan(plan=plan, inventory=str(path.resolve()), authorization=authorization, return_state=True)
+        state = upgrade_plan(plan=plan, inventory=str(path.resolve()), authorization=authorization, distributed=distributed,
+                             return_state=True)
     with Store.open() as store:
         run = next((r for r in store.runs(limit=50) if r.flow_run_id == str(state.state_details.flow_run_id)), None)
         if run is not None:
