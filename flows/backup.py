@@ -2,7 +2,9 @@
 
     check who asks: the signed statement (backup.run on this scope), or the service identity for a
     scheduled run; head-office IT only (a backup downloads every counter's customer data)
-    for each counter in scope (one task run each; ONE counter of an outlet at a time, outlets side by side):
+    for each branch in scope, a child run (backup-branch, "<run> · <branch>", tagged branch:<id> and
+    backup) with its own table; in it, for each of its counters (one task run each; ONE counter of
+    an outlet at a time, outlets side by side):
         take its lease (a counter another run holds is left out, named)
         out of service only while its snapshot is taken (if it was in service; one in maintenance stays so)
         back in service; download, off-site copy, verified, recorded
@@ -30,13 +32,16 @@ from tasks.backup import Vault
 from tasks.maintenance import outlet_turns
 from tasks.nightly_backup import BackupSummary, CounterBackup, backup_counter, backup_notice, publish_backups
 from tasks.notify import NotifyError
-from tasks.contacts import alert_head_office, audience
-from tasks.report import deliver, tag_branches
+from tasks.branch_runs import BranchResult
+from tasks.branch_share import Slots, counters_of, fan_out, shared, sharing, value_of
+from tasks.contacts import alert_branch_and_head_office, alert_head_office, audience
+from tasks.report import artifact_key, deliver
 from tasks.run_record import ends_with_reason
 from tasks.ssh import ConnectionPool
 
 UPGRADE_PLAYBOOK = "smartcounter-upgrade"  # the paths an upgrade would have to restore: the counter's data
 ACTION = "backup.run"
+PARALLELISM = 32  # counters backed up at once, over all branches (one per outlet)
 
 
 def backup_target(branch: str | None) -> str:
@@ -66,17 +71,11 @@ def nightly_backup(inventory: str, branch: str | None = None, notify: list[str] 
               acting_run(store, by, Run(kind=RunKind.BACKUP, name=_run_name(), initiator=by.actor, flow_run_id=str(flow_run.id),
                                         params={"inventory": inventory, "branch": branch})) as run):
             fleet_as_seen(store, by.actor, inv, inventory, statement_digest=by.statement_digest)  # records name the counters as this run saw them
-            tag_branches(devices)
             vault.check_site()  # the backup site (and the backups: section) first: no counter is taken out of service in vain
-            last_in_outlet: dict[str, PrefectFuture] = {}
-            started: list[tuple[PrefectFuture, Device]] = []
-            for d in outlet_turns(devices):  # each waits for the one before it in its outlet
-                before = last_in_outlet.get(d.outlet)
-                future = backup_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]").submit(
-                    d, paths, by, run.id, store, pool, vault, audience(inv, [d.branch], notify), wait_for=[allow_failure(before)] if before else None)
-                last_in_outlet[d.outlet] = future
-                started.append((future, d))
-            summary = BackupSummary.of([_backed_up(f, d) for f, d in started])
+            with sharing(inv=inv, by=by, store=store, pool=pool, vault=vault, paths=paths, slots=Slots(PARALLELISM)):  # one child run per branch
+                done = fan_out(backup_branch, flow_run.name or "nightly-backup", str(flow_run.id), devices, "backup",
+                               lambda b, ds: {"inventory": inventory, "run_id": run.id, "notify": notify})
+            summary = BackupSummary.of(_backups_of(done, devices))
             publish_backups(summary)
             run.end("succeeded" if summary.ok else "failed",
                     summary.model_dump(mode="json", exclude={"counters"}) | {"problems": [r.line() for r in summary.counters if not r.ok]})
@@ -88,6 +87,45 @@ def nightly_backup(inventory: str, branch: str | None = None, notify: list[str] 
         get_run_logger().error(str(e))
         return Failed(message=f"{message}; but the summary was not delivered: {e}", data=summary)
     return Completed(message=message, data=summary) if summary.ok else Failed(message=message, data=summary)
+
+
+@flow(name="backup-branch", on_crashed=[alert_branch_and_head_office], task_runner=ThreadPoolTaskRunner(max_workers=PARALLELISM), log_prints=True)
+def backup_branch(inventory: str, branch: str, counters: list[str], run_id: int, parent_flow_run_id: str,
+                  notify: list[str] = []) -> State:
+    """One branch's part of the nightly backup (started by ``nightly_backup``, in its process): back up
+    ``counters``, one per outlet at a time, under the parent's run record ``run_id``; publish the
+    branch's table. Ends Failed, with its outcomes, when a counter was not backed up."""
+    got = shared()
+    inv, by, store, pool, vault, paths, slots = (got[k] for k in ("inv", "by", "store", "pool", "vault", "paths", "slots"))
+    last_in_outlet: dict[str, PrefectFuture] = {}
+    started: list[tuple[PrefectFuture, Device]] = []
+    for d in outlet_turns(counters_of(counters)):  # each waits for the one before it in its outlet
+        before = last_in_outlet.get(d.outlet)
+        future = slots.submit(backup_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]"),
+                              d, paths, by, run_id, store, pool, vault, audience(inv, [d.branch], notify),
+                              wait_for=[allow_failure(before)] if before else None)
+        last_in_outlet[d.outlet] = future
+        started.append((future, d))
+    outcomes = [_backed_up(f, d) for f, d in started]
+    summary = BackupSummary.of(outcomes)
+    publish_backups(summary, key=artifact_key("nightly-backup", branch))
+    return Completed(message=summary.message(), data=outcomes) if summary.ok else Failed(message=summary.message(), data=outcomes)
+
+
+def _backups_of(done: dict[str, BranchResult], devices: list[Device]) -> list[CounterBackup]:
+    """Every counter's outcome from its branch's child run, in the order of ``outlet_turns(devices)``; the
+    counters of a child that returned nothing (it crashed, or could not start) fail, named with its reason."""
+    outcomes: list[CounterBackup] = []
+    for branch, result in done.items():
+        value = value_of(result)
+        got = value if isinstance(value, list) else []
+        outcomes += got
+        seen = {o.device_id for o in got}
+        outcomes += [CounterBackup(device_id=d.id, branch=d.branch, outlet=d.outlet, stage="internal",
+                                   error=f"branch run failed: {result.error or 'no result'}")
+                     for d in devices if d.branch == branch and d.id not in seen]
+    turn = {d.id: i for i, d in enumerate(outlet_turns(devices))}
+    return sorted(outcomes, key=lambda o: turn.get(o.device_id, len(turn)))
 
 
 def _backed_up(future: PrefectFuture, device: Device) -> CounterBackup:

@@ -2,7 +2,9 @@
 
     check who asks: the signed statement (maintenance.run on this scope), or the service identity
     for a scheduled run; branch IT only within its own branches
-    for each counter in scope (one task run each; ONE counter of an outlet at a time):
+    for each branch in scope, a child run (maintenance-branch, "<run> · <branch>", tagged branch:<id>
+    and maintenance) with its own table; in it, for each of its counters (one task run each; ONE
+    counter of an outlet at a time):
         rotate its logs, clean its temp files
         out of service → database integrity check → vacuum → check again → back in service
         read its health and receipt paper
@@ -26,12 +28,14 @@ from inventory.store import Store
 from tasks.acting import acting_run, authorized, fleet_as_seen, scope
 from tasks.inspect import CounterInspection, work_in_progress
 from tasks.maintenance import maintain_counter, maintenance_notice, outlet_turns, publish_maintenance
-from tasks.contacts import alert_head_office, audience
-from tasks.report import deliver, tag_branches
+from tasks.branch_share import Slots, counters_of, failed_branches, fan_out, shared, sharing
+from tasks.contacts import alert_branch_and_head_office, alert_head_office, audience
+from tasks.report import deliver
 from tasks.run_record import ends_with_reason
 from tasks.ssh import ConnectionPool
 
 ACTION = "maintenance.run"
+PARALLELISM = 32  # counters maintained at once, over all branches (one per outlet)
 
 
 def maintenance_target(branch: str | None) -> str:
@@ -64,16 +68,14 @@ def periodic_maintenance(inventory: str, branch: str | None = None, notify: list
                 return Failed(message=f"maintenance not started: {busy}")
             with acting_run(store, by, Run(kind=RunKind.MAINTENANCE, name=_run_name(), initiator=by.actor,
                                            flow_run_id=str(flow_run.id), params={"inventory": inventory, "branch": branch})) as run:
-                tag_branches(devices)
-                last_in_outlet: dict[str, PrefectFuture[CounterInspection]] = {}
-                futures = []
-                for d in outlet_turns(devices):
-                    before = last_in_outlet.get(d.outlet)
-                    future = maintain_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]").submit(
-                        d, by, run.id, store, pool, audience(inv, [d.branch], notify), wait_for=[allow_failure(before)] if before else None)
-                    last_in_outlet[d.outlet] = future
-                    futures.append(future)
-                results = [f.result() for f in futures]
+                with sharing(inv=inv, by=by, store=store, pool=pool, slots=Slots(PARALLELISM)):  # one child run per branch
+                    done = fan_out(maintenance_branch, flow_run.name or _run_name(), str(flow_run.id), devices, "maintenance",
+                                   lambda b, ds: {"inventory": inventory, "run_id": run.id, "notify": notify})
+                failed = failed_branches(done)
+                if failed:
+                    raise RuntimeError(f"the maintenance of {failed}")
+                order = {d.id: i for i, d in enumerate(outlet_turns(devices))}
+                results = sorted((r for b in done.values() for r in b.value), key=lambda r: order[r.device_id])
                 publish_maintenance(results)
                 attention = sum(not r.ok for r in results)
                 left_out = {r.device_id: r.left_out for r in results if r.left_out}  # taken by another run: not done
@@ -85,3 +87,24 @@ def periodic_maintenance(inventory: str, branch: str | None = None, notify: list
         message += f"; {len(left_out)} left out, taken by another run: " + "; ".join(left_out.values())
     print(message)
     return Failed(message=message, data=results) if left_out else Completed(message=message, data=results)
+
+
+@flow(name="maintenance-branch", on_crashed=[alert_branch_and_head_office], task_runner=ThreadPoolTaskRunner(max_workers=PARALLELISM), log_prints=True)
+def maintenance_branch(inventory: str, branch: str, counters: list[str], run_id: int, parent_flow_run_id: str,
+                       notify: list[str] = []) -> list[CounterInspection]:
+    """One branch's part of the periodic maintenance (started by ``periodic_maintenance``, in its process):
+    maintain ``counters``, one per outlet at a time, under the parent's run record ``run_id``; publish the
+    branch's table."""
+    got = shared()
+    inv, by, store, pool, slots = got["inv"], got["by"], got["store"], got["pool"], got["slots"]
+    last_in_outlet: dict[str, PrefectFuture[CounterInspection]] = {}
+    futures = []
+    for d in outlet_turns(counters_of(counters)):
+        before = last_in_outlet.get(d.outlet)
+        future = slots.submit(maintain_counter.with_options(task_run_name=f"{d.id} [{d.outlet}]"),
+                              d, by, run_id, store, pool, audience(inv, [d.branch], notify), wait_for=[allow_failure(before)] if before else None)
+        last_in_outlet[d.outlet] = future
+        futures.append(future)
+    results = [f.result() for f in futures]
+    publish_maintenance(results, branch=branch)
+    return results

@@ -5,6 +5,8 @@ and head office alerted whenever a flow run ends Failed or Crashed.
   (the CLI's), head office, and the contacts of the branches the run touched (a branch's contact hears
   only of runs that touched that branch). Scheduled deployments pass no ``notify``: the inventory's
   contacts still hear of every run.
+- ``alert_branch_and_head_office``: the ``on_crashed`` hook of a per-branch child run: the same alert,
+  to its branch's contacts too, claimed on its parent's run record (a child has none of its own).
 - ``alert_head_office``: an ``on_failure``/``on_crashed`` hook for every flow (Prefect runs it after the
   final state is set, also when the flow body raised). A Crashed run's alert is claimed first, so that
   it and the crash-alert automation's run (tasks/crash_alert.py) send it once between them. A notice
@@ -92,24 +94,36 @@ def send_with_retries(targets: list[str], notice: Notice, attempts: int = ALERT_
 def alert_head_office(flow: Any, flow_run: Any, state: Any) -> None:
     """Hook (on_failure, on_crashed): tell head office (and the run's ``notify`` targets) that the run
     ended Failed or Crashed, with its reason; record what could not be delivered. Never raises."""
+    _alert(flow, flow_run, state, branch=None)
+
+
+def alert_branch_and_head_office(flow: Any, flow_run: Any, state: Any) -> None:
+    """Hook (on_crashed) of a per-branch child run (``branch`` and ``parent_flow_run_id`` parameters):
+    tell its branch's contacts and head office (and ``notify``) that it crashed, once: claimed on the
+    parent's run record, beside the crash-alert automation. Never raises."""
+    _alert(flow, flow_run, state, branch=(flow_run.parameters or {}).get("branch"))
+
+
+def _alert(flow: Any, flow_run: Any, state: Any, branch: str | None) -> None:
     try:
         crashed = getattr(state, "is_crashed", lambda: False)()
         if crashed and _crash_alert_sent(flow_run, state):
             return
         params = dict(flow_run.parameters or {})
         inv = inventory_for(params)
-        targets = audience(inv, (), run_notify(params))
+        targets = audience(inv, [branch] if branch else (), run_notify(params))
         name = _current_name(flow_run) if crashed else getattr(flow_run, "name", "?")
         title = f"{flow.name} run {name} ended {state.name}"
         body = (f"The run {name} of {flow.name} ended {state.name}: {(state.message or 'no reason given').rstrip('.')}.\n"
-                f"Prefect flow run id: {flow_run.id}. `counterops runs show {flow_run.id}` shows what it did.")
+                + (f"Branch: {branch}.\n" if branch else "")
+                + f"Prefect flow run id: {flow_run.id}. `counterops runs show {params.get('parent_flow_run_id') or flow_run.id}` shows what it did.")
         if not targets:
             log.warning("%s: nobody to alert (no contacts.head_office in the inventory, no notify)", title)
             return
         undelivered = send_with_retries(targets, Notice(title, body, "failure"))
         if undelivered:
             log.error("failure alert not delivered: %s", "; ".join(undelivered))
-            record_undelivered(str(flow_run.id), [f"{title}: {line}" for line in undelivered])
+            record_undelivered(str(params.get("parent_flow_run_id") or flow_run.id), [f"{title}: {line}" for line in undelivered])
     except Exception:  # noqa: BLE001 - a hook that raises changes nothing for the run; say it
         log.exception("failure alert for flow run %s could not be sent", getattr(flow_run, "id", "?"))
 
@@ -142,9 +156,11 @@ def _crash_alert_sent(flow_run: Any, state: Any) -> bool:
     True when the crash-alert automation's run sent it already. A store that cannot say: send anyway."""
     from tasks.crash_alert import BY_HOOK, claim, close_run_record
 
+    parent = (flow_run.parameters or {}).get("parent_flow_run_id")  # a per-branch child: its parent holds the record
     try:
-        close_run_record(str(flow_run.id), state.message)
-        sent = claim(str(flow_run.id), BY_HOOK)
+        if not parent:
+            close_run_record(str(flow_run.id), state.message)
+        sent = claim(str(flow_run.id), BY_HOOK, parent)
     except Exception as e:  # noqa: BLE001 - an alert twice rather than none
         log.error("crash alert of flow run %s: the store could not say whether it was sent (%s); sending it", flow_run.id, e)
         return False

@@ -37,11 +37,14 @@ BY_AUTOMATION = "the crash-alert automation"
 MAX_VALUE = 200  # characters of one parameter shown in an alert
 
 
-def claim(flow_run_id: str, by: str) -> str | None:
+def claim(flow_run_id: str, by: str, parent_flow_run_id: str | None = None) -> str | None:
     """Claim the crash alert of ``flow_run_id`` for ``by``: None when the caller is to send it (it claimed
-    it, or the run has no record to claim it on); else who claimed it first and when, one line."""
+    it, or the run has no record to claim it on); else who claimed it first and when, one line.
+    A per-branch child run (``parent_flow_run_id``) has no record of its own: its claim is
+    ``crash_alert:<its id>`` on its parent's record."""
+    on, key = (parent_flow_run_id, f"{CLAIM_KEY}:{flow_run_id}") if parent_flow_run_id else (flow_run_id, CLAIM_KEY)
     with Store.open() as store:
-        got = store.claim_on_run(flow_run_id, CLAIM_KEY, {"by": by, "at": f"{utcnow():%Y-%m-%d %H:%M:%S} UTC"})
+        got = store.claim_on_run(on, key, {"by": by, "at": f"{utcnow():%Y-%m-%d %H:%M:%S} UTC"})
     if got is None or got[0]:
         return None
     held = got[1] if isinstance(got[1], dict) else {}
@@ -78,8 +81,9 @@ def shown_parameters(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def branches_of(tags: Iterable[str]) -> list[str]:
-    """The branches a run touched, from its ``branch:<id>`` tags (tasks/report.py ``tag_branches``)."""
-    return sorted(t.removeprefix("branch:") for t in tags if t.startswith("branch:"))
+    """The branches a run touched, from its ``branch:<id>`` tags (a per-branch child run's, or a run
+    tagged by tasks/report.py ``tag_branches``); of a parent, from its children's tags together."""
+    return sorted({t.removeprefix("branch:") for t in tags if t.startswith("branch:")})
 
 
 @dataclass(frozen=True)

@@ -353,8 +353,9 @@ def summary_verb(summary: DrillSummary) -> str:
     return "restored, started and tested" if summary.standby else "restored and verified"
 
 
-def publish_drill(summary: DrillSummary) -> None:
-    """A table with each counter's drill and the markdown report, beside the run in the Prefect UI."""
+def publish_drill(summary: DrillSummary, key: str = ARTIFACT_KEY, report: bool = True) -> None:
+    """A table with each counter's drill (under ``key``) and, with ``report``, the markdown report, beside
+    the run in the Prefect UI (a per-branch child run: its branch's table alone)."""
     rows = [
         {"counter": d.device_id, "branch": d.branch, "outlet": d.outlet, "result": "ok" if d.ok else "FAILED",
          "backup": d.backup_id or "", "fresh backup": d.fresh_backup, "restored from": copy_name(d.restored_from) if d.restored_from else "",
@@ -367,8 +368,9 @@ def publish_drill(summary: DrillSummary) -> None:
         if spread is not None:  # the percentiles as rows of their own, under the counters
             rows.append(dict.fromkeys(rows[0], "") | {"counter": f"{name} p50 / p90 / max", f"{name} s":
                                                          f"{spread.p50:.2f} / {spread.p90:.2f} / {spread.max:.2f}"})
-    create_table_artifact(key=ARTIFACT_KEY, table=rows, description="Each counter's backup-restore drill")
-    create_markdown_artifact(key=f"{ARTIFACT_KEY}-report", markdown=drill_report(summary), description="Backup-restore drill report")
+    create_table_artifact(key=key, table=rows, description="Each counter's backup-restore drill")
+    if report:
+        create_markdown_artifact(key=f"{ARTIFACT_KEY}-report", markdown=drill_report(summary), description="Backup-restore drill report")
 
 
 def drill_notice(summary: DrillSummary) -> Notice:

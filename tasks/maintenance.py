@@ -175,8 +175,9 @@ def _data(result: CounterInspection, check: str) -> dict:
     return next((f.data for f in result.findings if f.check == check and f.data), {})
 
 
-def publish_maintenance(results: list[CounterInspection]) -> None:
-    """Two tables: what maintenance did on each counter, and the receipt paper across the fleet (lowest first)."""
+def publish_maintenance(results: list[CounterInspection], branch: str | None = None) -> None:
+    """Two tables: what maintenance did on each counter, and the receipt paper across the fleet (lowest first);
+    for one ``branch`` (its child run): that branch's maintenance table alone, ``maintenance-<branch>``."""
     rows = []
     for r in results:
         db, service = _data(r, "database"), _data(r, "service")
@@ -189,6 +190,11 @@ def publish_maintenance(results: list[CounterInspection]) -> None:
             "out of service": f"{service.get('out_of_service_from', '')} – {service.get('back_in_service_at', 'NOT BACK')}" if service else "",
             "problems": "; ".join(f"{f.symptom}: {f.detail}" for f in r.findings if f.standing),
         })
+    if branch is not None:
+        from tasks.report import artifact_key
+
+        create_table_artifact(key=artifact_key("maintenance", branch), table=rows, description=f"Periodic maintenance: each counter of branch {branch}")
+        return
     create_table_artifact(key="maintenance", table=rows, description="Periodic maintenance: each counter")
     create_table_artifact(key="consumables", table=consumables(results), description=f"Receipt paper, lowest first; refill below {REFILL_PAPER_PCT}%")
 

@@ -245,8 +245,9 @@ class BackupSummary(BaseModel):
         return said
 
 
-def publish_backups(summary: BackupSummary) -> None:
-    """Branch IT's table: each counter, its backup, how long it was out of service, what went wrong."""
+def publish_backups(summary: BackupSummary, key: str = "nightly-backup") -> None:
+    """Branch IT's table: each counter, its backup, how long it was out of service, what went wrong
+    (under ``key``: a per-branch child run's is ``nightly-backup-<branch>``)."""
     rows = []
     for r in summary.counters:
         out = ""
@@ -261,7 +262,7 @@ def publish_backups(summary: BackupSummary) -> None:
                      "result": "ok" if r.ok else "left out" if r.status == "left_out" else "FAILED",
                      "backup": r.backup_id or "", "KiB": (r.size_bytes or 0) // 1024 if r.size_bytes is not None else "",
                      "out of service": out, "problem": "" if r.ok else r.line().split(": ", 1)[1]})
-    create_table_artifact(key="nightly-backup", table=rows, description=summary.message())
+    create_table_artifact(key=key, table=rows, description=summary.message())
 
 
 def backup_notice(summary: BackupSummary) -> Notice:

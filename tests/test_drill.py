@@ -52,6 +52,15 @@ def scratch_dirs() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("counterops-drill-*"))
 
 
+def _children(flow_run_id: str) -> list:
+    """The per-branch child runs of a flow run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+
+
 def made_up_devices(n: int) -> list[Device]:
     """Counters for choosing among, never reached."""
     return [Device(id=f"SC-{i:02d}", branch="BR01", outlet="BR01-O01", host="127.0.0.1", ssh_port=2200 + i, http_port=8000 + i)
@@ -97,7 +106,9 @@ def test_a_drill_with_fresh_backups_restores_every_counter_and_changes_none(flee
     assert scratch_dirs() == scratch_before, "the scratch restores were removed"
 
     run_id = flow_run_id(r.stdout)
-    tasks = asyncio.run(_task_runs(run_id, expected=len(inv.devices)))
+    tasks = []  # the counters' task runs are in the run's per-branch child runs
+    for child in _children(run_id):
+        tasks += asyncio.run(_task_runs(child.id, expected=sum(d.branch == child.parameters["branch"] for d in inv.devices)))
     assert sorted(t.name for t in tasks if t.name.startswith("SC-")) == sorted(f"{d} [{inv.device(d).outlet}]" for d in live)
     assert {(a.key, a.type) for a in asyncio.run(_artifacts(run_id))} >= {("backup-restore-drill", "table"),
                                                                           ("backup-restore-drill-report", "markdown")}
