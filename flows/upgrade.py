@@ -408,6 +408,23 @@ class Children:
                           branch_tags(b, f"plan:{self.plan.name}")) for b in branches]
 
 
+MAX_EMBEDDED_CHILDREN = 16  # branch runs at once in this process (100 at once overloaded the Prefect server: 503s)
+
+
+def embedded_children(parallelism: int, planned: PlannedWave) -> int:
+    """How many branch runs of the wave to run at once here: enough to fill ``parallelism`` slots with
+    the wave's smallest branches, at most MAX_EMBEDDED_CHILDREN (the next starts as one ends)."""
+    sizes = sorted(Counter(d.branch for d in planned.devices).values())
+    if not sizes:
+        return 1
+    filled, n = 0, 0
+    for size in sizes:
+        if filled >= parallelism:
+            break
+        filled, n = filled + size, n + 1
+    return max(1, min(n, MAX_EMBEDDED_CHILDREN))
+
+
 def upgrade_wave(children: Children, planned: PlannedWave, index: int, store: Store,
                  api: ApiWatch) -> tuple[list[CounterOutcome], list[str], list[str]]:
     """Upgrade the wave's counters, one child run per branch (the children hold the limits: slots,
@@ -447,8 +464,9 @@ def upgrade_wave(children: Children, planned: PlannedWave, index: int, store: St
 
         results = run_branch_deployments(CHILD_DEPLOYMENT, runs, queue_of=lambda b: children.region.get(b, "default"),
                                          key=f"{flow_run.id}-{index}", finished=finished, while_waiting=show_progress, log=log.warning)
-    else:
-        results = run_branch_subflows(upgrade_branch, runs, while_waiting=show_progress)
+    else:  # only as many branches at once as the run's slots can keep busy: each start is a few API calls
+        results = run_branch_subflows(upgrade_branch, runs, while_waiting=show_progress,
+                                      max_concurrent=embedded_children(plan.parallelism, planned))
     by_id = {o.device_id: o for o in ended()}
     for r in results.values():  # what a child returned but could not record (the store busy): still counted
         for o in (r.value or {}).get("outcomes", []) if isinstance(r.value, dict) else []:

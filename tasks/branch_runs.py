@@ -85,8 +85,8 @@ def run_branch_subflows(child: Callable, runs: Sequence[BranchRun], *, max_concu
 
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
-                with tags(*run.tags):
-                    state = child.with_options(flow_run_name=run.name)(**run.kwargs, return_state=True)
+                with tags(*run.tags):  # the child's flow run is created with its tags...
+                    state = _untagged_body(child.with_options(flow_run_name=run.name))(**run.kwargs, return_state=True)
                 return _ended(run.branch, state)
             except Exception as e:  # the engine's own calls failed (a busy server's 503): the child body's errors are states
                 if attempt == START_ATTEMPTS:
@@ -113,6 +113,25 @@ def run_branch_subflows(child: Callable, runs: Sequence[BranchRun], *, max_concu
             if while_waiting is not None:
                 while_waiting()
     return {run.branch: results[run.branch] for run in runs}
+
+
+def _untagged_body(child):
+    """``child`` whose body runs with no tags in context: its flow run carries the branch's tags, its
+    task runs none — Prefect asks the server for a tag concurrency slot for every tagged task run,
+    one round trip per counter (and a 503 from a busy server fails the task)."""
+    import functools
+
+    from prefect.context import TagsContext
+
+    body = child.fn
+
+    @functools.wraps(body)
+    def untagged(*args, **kwargs):
+        with TagsContext(current_tags=set()):
+            return body(*args, **kwargs)
+
+    child.fn = untagged
+    return child
 
 
 def _ended(branch: str, state: Any, flow_run_id: str | None = None) -> BranchResult:

@@ -59,7 +59,12 @@ def tag_branches(devices: Iterable[Device]) -> None:
     if ctx is None or ctx.flow_run is None:
         return
     tags = {f"branch:{d.branch}" for d in devices}
+    if len(tags) > MAX_BRANCH_TAGS:  # a bank-wide run is not any one branch's (and Prefect caps an event's related resources at 100)
+        return
     ctx.client.update_flow_run(ctx.flow_run.id, tags=sorted(set(ctx.flow_run.tags or []) | tags))
+
+
+MAX_BRANCH_TAGS = 10
 
 
 def tag_run(*tags: str) -> None:

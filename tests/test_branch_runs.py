@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow
+from prefect import flow, task
 
 from tasks.branch_runs import BranchRun, branch_tags, child_run_name, run_branch_subflows
+
+
+@task(name="branch-runs-test-counter")
+def _counter(branch: str) -> str:
+    return branch
 
 
 @flow(name="branch-runs-test-child")
@@ -15,7 +20,7 @@ def _child(branch: str, fail: bool = False) -> dict:
     if fail:
         raise RuntimeError(f"{branch} failed on purpose")
     time.sleep(0.2)
-    return {"branch": branch}
+    return {"branch": _counter(branch)}
 
 
 @flow(name="branch-runs-test-parent")
@@ -49,3 +54,12 @@ def test_children_run_per_branch_tagged_and_linked_and_a_failing_one_does_not_st
         br02 = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["branch:BR02"]),
                                                                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
         assert [r.name for r in br02] == ["night · wave 1 · BR02"] and br02[0].state.is_failed()
+        # the children's task runs carry no tag: a tagged task run costs a concurrency-slot round trip each
+        from prefect.client.schemas.filters import FlowRunFilterId
+
+        ids = [c.id for c in children if not c.name.endswith("BR02")]
+        deadline = time.monotonic() + 30
+        while len(task_runs := client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))) < 2:
+            assert time.monotonic() < deadline, task_runs
+            time.sleep(0.3)
+        assert [t.tags for t in task_runs] == [[], []], [(t.name, t.tags) for t in task_runs]
