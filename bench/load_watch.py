@@ -113,8 +113,13 @@ class Watch:
     """Start with ``start(command_pid)`` once the timed command runs; ``stop()`` returns the figures."""
 
     def __init__(self, server_pid: int | None = None, api_url: str | None = None, headers: dict | None = None,
-                 probe_every_s: float = 0.5, sample_every_s: float = 1.0):
+                 probe_every_s: float = 0.5, sample_every_s: float = 1.0, workers: list[int] | None = None):
+        """``workers``: pids of long-lived processes that work for the command (Prefect workers): their trees'
+        CPU (with the flow-run processes they waited for) and peak RSS are measured too."""
         self.server_pid, self.api_url, self.headers = server_pid, api_url, headers or {}
+        self.worker_pids = workers or []
+        self.workers_rss_max = 0.0
+        self.workers_cpu_start = cpu_s([p for w in self.worker_pids for p in tree(w)]) if self.worker_pids else None
         self.probe_every_s, self.sample_every_s = probe_every_s, sample_every_s
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -142,6 +147,8 @@ class Watch:
         while not self._stop.is_set():
             pids = tree(self.command_pid)
             self.command_rss_max = max(self.command_rss_max, rss_mib(pids))
+            if self.worker_pids:
+                self.workers_rss_max = max(self.workers_rss_max, rss_mib([p for w in self.worker_pids for p in tree(w)]))
             if self.server_pid:
                 if refresh % 10 == 0:  # the server's tree hardly changes: look it up every 10 samples
                     self._server_tree = tree(self.server_pid)
@@ -168,6 +175,9 @@ class Watch:
         for t in self._threads:
             t.join(timeout=35)
         out: dict = {"command_peak_rss_mib": round(self.command_rss_max, 1)}
+        if self.worker_pids:
+            out |= {"workers_cpu_s": round(cpu_s([p for w in self.worker_pids for p in tree(w)]) - self.workers_cpu_start, 2),
+                    "workers_peak_rss_mib": round(self.workers_rss_max, 1)}
         if self.server_pid:
             self.server_cpu_end = cpu_s(tree(self.server_pid) or self._server_tree)
             out |= {"server_cpu_s": round(self.server_cpu_end - self.server_cpu_start, 2),

@@ -99,11 +99,11 @@ LARGE = DEVICES > 100
 APPS_PER_PROCESS = _int("BENCH_APPS_PER_PROCESS", 50 if LARGE else 1)
 BASELINE = _int("BENCH_BASELINE_DEVICES", 50 if LARGE else 0)
 BASELINE_PARALLEL = _int("BENCH_BASELINE_PARALLEL", 10)
-ALL_WAYS = ("ours", "ansible", "pyinfra", "floor", "samework")
-# TODO(issue 13 item 7): "ours-distributed" — two workers (`prefect worker start --pool counterops --work-queue
-# east` / `west`) and `counterops upgrade --distributed`, once the distributed mode is in main (see bench/README.md).
-WAYS = [w.strip() for w in (os.environ.get("BENCH_WAYS") or ("ours,samework" if LARGE else ",".join(ALL_WAYS))).split(",")
-        if w.strip()]
+# ours-distributed: `counterops upgrade --distributed`, two process workers on regional queues east and west,
+# the store and a Prefect server of its own on a throwaway PostgreSQL (bench/distributed.py)
+ALL_WAYS = ("ours", "ansible", "pyinfra", "floor", "samework", "ours-distributed")
+WAYS = [w.strip() for w in (os.environ.get("BENCH_WAYS") or ("ours,ours-distributed,samework" if LARGE
+                                                             else "ours,ansible,pyinfra,floor,samework")).split(",") if w.strip()]
 PROFILE = os.environ.get("BENCH_PROFILE", "0" if LARGE else "1") != "0"
 KEEP = os.environ.get("BENCH_KEEP", "0") == "1"
 def _default_work() -> Path:
@@ -359,6 +359,35 @@ def run_ours(run_dir: Path, profile_with: Path | None = None, inventory: Path = 
     return {"exit_code": code, "seconds": seconds, "started_at": started_at, **extra}
 
 
+DIST: list = [None]  # the DistributedStack, when ours-distributed is in WAYS
+
+
+def run_ours_distributed(run_dir: Path, plan: Path | None = None) -> dict:
+    """`counterops upgrade --distributed` with a worker per region (started before, stopped after: not timed)."""
+    stack = DIST[0]
+    env = stack.run_env(run_dir) | {"COUNTEROPS_OPERATOR": "zhang.wei", "COUNTEROPS_KEY": str(FLEET / "keys" / "zhang.wei")}
+    plan = plan or WORK / "plan.yaml"
+    inventory = stack.inventory
+    set_up_identities(env, inventory, plan)
+    workers = stack.start_workers(env, run_dir)
+    try:
+        cmd = [str(COUNTEROPS), "upgrade", str(plan), "--inventory", str(inventory), "--distributed",
+               "--as", "zhang.wei", "--key", str(FLEET / "keys" / "zhang.wei")]
+        db_before = database_size(stack.prefect_db_url, None)
+        auth = stack.env["PREFECT_API_AUTH_STRING"]
+        watch = Watch(server_pid=stack.server_pid, api_url=stack.api_url, workers=workers,
+                      headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()})
+        code, seconds, started_at = timed(cmd, env, run_dir / "output.log", watch=watch)
+        extra: dict = {"prefect_db_before": db_before, "prefect_db_after": database_size(stack.prefect_db_url, None)}
+    finally:
+        stack.stop_workers()
+    shown = subprocess.run([str(COUNTEROPS), "runs", "show", PLAN_NAME, "--json"], env=env, capture_output=True, text=True)
+    if shown.returncode == 0:
+        (run_dir / "records.json").write_text(shown.stdout)
+        extra["records"] = str(run_dir / "records.json")
+    return {"exit_code": code, "seconds": seconds, "started_at": started_at, **extra}
+
+
 def set_up_identities(env: dict[str, str], inventory: Path = INVENTORY, plan_file: Path | None = None) -> None:
     """The bench's store as an operator would set it up: operators from the fleet's operators.yaml, the
     inventory imported by zhang.wei (hq_it), the plan signed by zhang.wei and approved by li.na."""
@@ -438,7 +467,7 @@ def run_samework(run_dir: Path, inventory: Path = INVENTORY, parallel: int = PAR
 
 
 def backup_of(way: str, run_dir: Path, device_id: str) -> Path | None:
-    if way in ("ours", "samework"):
+    if way in ("ours", "samework", "ours-distributed"):
         found = sorted((run_dir / "backups" / device_id).glob("*.tar.gz.age"))  # encrypted to the fleet's backup identity
         return found[-1] if found else None
     path = run_dir / "backups" / f"{device_id}.tar.gz"
@@ -871,6 +900,26 @@ def load_summary(runs: list[dict]) -> dict:
         "runs_list_requests": sum(x["n"] for x in lat),
         "runs_list_failed": sum(x["failed"] for x in lat),
     }
+    dist = [r for r in runs if r["way"] == "ours-distributed" and r["ok"] and r.get("watch")]
+    if dist:
+        w = [r["watch"] for r in dist]
+        dlat = [x["runs_list_latency_s"] for x in w if x.get("runs_list_latency_s", {}).get("n")]
+        dgrowth = [r["prefect_db"]["growth_bytes"] for r in dist if (r.get("prefect_db") or {}).get("growth_bytes") is not None]
+        out["distributed"] = {k: v for k, v in {
+            "controller_cpu_s": median_or_none([r["controller_cpu_s"] for r in dist]),
+            "controller_peak_rss_mib": median_or_none([x["command_peak_rss_mib"] for x in w]),
+            "workers_cpu_s": median_or_none([x["workers_cpu_s"] for x in w if "workers_cpu_s" in x]),
+            "workers_peak_rss_mib": median_or_none([x["workers_peak_rss_mib"] for x in w if "workers_peak_rss_mib" in x]),
+            "prefect_server_cpu_s": median_or_none([x["server_cpu_s"] for x in w if "server_cpu_s" in x]),
+            "prefect_server_peak_rss_mib": median_or_none([x["server_peak_rss_mib"] for x in w if "server_peak_rss_mib" in x]),
+            "prefect_db_kind": "postgresql",
+            "prefect_db_growth_mb": round(statistics.median(dgrowth) / 1e6, 2) if dgrowth else None,
+            "prefect_db_growth_mb_per_1000_counters": round(statistics.median(dgrowth) / 1e6 * 1000 / DEVICES, 2) if dgrowth else None,
+            "runs_list_p50_s": median_or_none([x["p50"] for x in dlat]),
+            "runs_list_p95_s": max((x["p95"] for x in dlat), default=None),
+            "runs_list_max_s": max((x["max"] for x in dlat), default=None),
+            "runs_list_failed": sum(x["failed"] for x in dlat),
+        }.items() if v is not None}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -908,6 +957,16 @@ def print_load(summary: dict) -> None:
             print(f"runs-list request during ours ({load['runs_list_requests']} requests, {load['runs_list_failed']} failed): "
                   f"p50 {load['runs_list_p50_s']} s, p95 {load['runs_list_p95_s']} s, max {load['runs_list_max_s']} s"
                   f"   goal p95 < 1 s: {verdict}")
+    d = load.get("distributed")
+    if d:
+        print(f"ours-distributed: controller CPU {d.get('controller_cpu_s', '-')} s, peak RSS {d.get('controller_peak_rss_mib', '-')} MiB; "
+              f"two workers CPU {d.get('workers_cpu_s', '-')} s (their flow-run processes included), peak RSS "
+              f"{d.get('workers_peak_rss_mib', '-')} MiB; Prefect server (PostgreSQL) CPU {d.get('prefect_server_cpu_s', '-')} s, "
+              f"peak RSS {d.get('prefect_server_peak_rss_mib', '-')} MiB; database +{d.get('prefect_db_growth_mb', '-')} MB = "
+              f"{d.get('prefect_db_growth_mb_per_1000_counters', '-')} MB per 1,000 counters; runs-list p50 {d.get('runs_list_p50_s', '-')} s, "
+              f"p95 {d.get('runs_list_p95_s', '-')} s, max {d.get('runs_list_max_s', '-')} s")
+    if summary.get("ours_distributed_s") is not None:
+        print(f"ours-distributed / ours {summary['distributed_vs_ours']}, / same-work floor {summary['distributed_vs_samework']}")
     pc = summary.get("per_counter")
     if pc:
         for way in ("ours", "samework"):
@@ -973,6 +1032,13 @@ def main() -> int:
         say(f"fleet of {DEVICES} counters in {branches()} branches under {FLEET}")
         fresh_fleet()
         write_plan(WORK / "plan.yaml")
+        if "ours-distributed" in WAYS:
+            from distributed import DistributedStack, regional_inventory  # noqa: PLC0415  (bench/distributed.py)
+
+            say("PostgreSQL, a Prefect server on it, the work pool and the upgrade-branch deployment for ours-distributed (not timed)")
+            DIST[0] = DistributedStack(WORK / "home-distributed", PREFECT_PORT + 1, clean_env(), regional_inventory(INVENTORY),
+                                       FLEET / "keys" / "counterops-scheduler")
+            DIST[0].start()
         if "ours" in WAYS:
             say(f"Prefect server for the bench (COUNTEROPS_HOME={HOME}; not timed)")
             subprocess.run([str(COUNTEROPS), "server", "start"], env=ours_env(), check=True)
@@ -996,6 +1062,9 @@ def main() -> int:
             say(f"{label}: {way} ...")
             if way == "ours":
                 done = run_ours(run_dir, inventory=inventory, plan=plan)
+            elif way == "ours-distributed":
+                done = run_ours_distributed(run_dir, plan=plan)
+                inventory = DIST[0].inventory
             elif way == "ansible":
                 done = run_ansible(run_dir, exes["ansible"])
             elif way == "pyinfra":
@@ -1013,7 +1082,7 @@ def main() -> int:
             say(f"{label}: {way} {'ok' if ok else 'FAILED'} in {done['seconds']:.2f} s"
                 + ("" if ok else ": " + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")))
             counters = len(inventory_devices(inventory)[1])
-            entry = {"round": label, "way": way if inventory == INVENTORY else f"{way}@{counters}", "devices": counters,
+            entry = {"round": label, "way": way if counters == DEVICES else f"{way}@{counters}", "devices": counters,
                      "parallel": parallel, "ok": ok, "seconds": round(done["seconds"], 3),
                      "controller_cpu_s": round(LAST_CPU_S[0], 2), "exit_code": done["exit_code"], "problems": problems,
                      "loadavg_before": load, "dir": str(run_dir), "watch": LAST_WATCH[0]}
@@ -1022,7 +1091,7 @@ def main() -> int:
                 entry["prefect_db"] = {"before": done["prefect_db_before"], "after": done["prefect_db_after"],
                                        "growth_bytes": after - before if before is not None and after is not None else None}
             result["runs"].append(entry)
-            if way == "ours" and done.get("records"):
+            if way in ("ours", "ours-distributed") and done.get("records"):
                 entry["profile"] = records_profile(json.loads(Path(done["records"]).read_text()), done["started_at"],
                                                    done["seconds"], None)
             if way in ("floor", "samework") and Path(done["floor_json"]).exists():
@@ -1073,6 +1142,8 @@ def main() -> int:
             for store in ("backups", "offsite"):
                 shutil.rmtree(run_dir / store, ignore_errors=True)
     finally:
+        if DIST[0] is not None:
+            DIST[0].stop()
         if not KEEP:
             if "ours" in WAYS:
                 subprocess.run([str(COUNTEROPS), "server", "stop"], env=ours_env(), capture_output=True)
@@ -1095,6 +1166,9 @@ def main() -> int:
         "vs_pyinfra": ratio(medians["ours"], medians["pyinfra"]),
         "vs_floor": ratio(medians["ours"], medians["floor"]),
         "vs_samework": ratio(medians["ours"], medians["samework"]),
+        "ours_distributed_s": medians["ours-distributed"],
+        "distributed_vs_ours": ratio(medians["ours-distributed"], medians["ours"]),
+        "distributed_vs_samework": ratio(medians["ours-distributed"], medians["samework"]),
         "plan_check_s": round(result["plan_check"]["library_s"], 4) if "plan_check" in result else None,
         "plan_check_cli_s": round(result["plan_check"]["cli_s"], 3) if "plan_check" in result else None,
         "failed_runs": failed_runs,
