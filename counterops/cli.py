@@ -343,12 +343,14 @@ def upgrade(
     inventory: InventoryOption = None,
     operator: OperatorOption = None,
     key: KeyOption = None,
+    distributed: Annotated[bool, typer.Option("--distributed", help="Each branch's counters are upgraded by a worker on the branch's "
+                                              "regional work queue (README, 'Run it distributed'); default: all in this process.")] = False,
 ) -> None:
     """Run an approved upgrade plan: notify, back up, roll out in waves, test, roll back, evaluate.
 
     The plan must be signed by its initiator and approved by a second person for its current content
     (`counterops plan status`); you start it with your own signed statement (hq_it, or branch_it within
-    the plan's branches)."""
+    the plan's branches). Each wave runs one child run per branch (`<plan> · <wave> · <branch>`)."""
     from inventory.approvals import plan_digest, plan_status
     from inventory.store import Store
 
@@ -369,10 +371,19 @@ def upgrade(
         authorization = sign_statement("upgrade.start", plan.name, operator=operator, key=key, store=store, plan_digest=digest,
                                        details={"branches": branches, "target_version": plan.target_version})
     api = prefect_api()
-    from flows.upgrade import upgrade_plan
+    from flows.upgrade import CHILD_DEPLOYMENT, upgrade_plan
 
+    if distributed:
+        from tasks.branch_runs import NotDistributable, check_distributed
+
+        try:
+            with Store.open() as store:
+                check_distributed(store, CHILD_DEPLOYMENT)
+        except NotDistributable as e:
+            fail(str(e), EXIT_BAD_INPUT)
     with flow_in_this_process():
-        state = upgrade_plan(plan=plan, inventory=str(path.resolve()), authorization=authorization, return_state=True)
+        state = upgrade_plan(plan=plan, inventory=str(path.resolve()), authorization=authorization, distributed=distributed,
+                             return_state=True)
     with Store.open() as store:
         run = next((r for r in store.runs(limit=50) if r.flow_run_id == str(state.state_details.flow_run_id)), None)
         if run is not None:

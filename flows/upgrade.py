@@ -22,11 +22,10 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
-import concurrent.futures
 import time
 from collections import Counter
-from collections.abc import Iterable
 from datetime import UTC, datetime
+from collections.abc import Iterable
 from typing import NoReturn
 
 from prefect import flow, get_run_logger
@@ -36,7 +35,6 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from inventory.approvals import approved_plan, check_wave_approval, plan_digest
@@ -52,12 +50,17 @@ from tasks.followup import schedule_followups, upgraded_summary
 from tasks.notify import Notice, NotifyError
 from tasks.prefect_api import ApiWatch, PrefectAPIUnreachable
 from tasks.contacts import alert_head_office, audience, branch_only
-from tasks.report import artifact_key, audit_head_markdown, deliver, publish_final_table, tag_branches
-from tasks.rollout import CounterOutcome, Leftover, outcome_line, unfinished_installs, upgrade_counter
+from tasks.report import artifact_key, audit_head_markdown, deliver, publish_final_table, tag_run
+from tasks.rollout import CounterOutcome, outcome_line
 from tasks.acting import fleet_as_seen
 from tasks.run_record import OpenRun, ends_with_reason, recorded_run
 from tasks.backup import Vault
 from tasks.ssh import ConnectionPool
+from tasks import slots
+from tasks.branch_runs import (BranchRun, branch_tags, check_distributed, child_run_name, run_branch_deployments,
+                               run_branch_subflows)
+from inventory.outcomes import outcomes as recorded_outcomes
+from flows.upgrade_branch import upgrade_branch
 
 APPROVAL_TIMEOUT_S = 24 * 3600
 PROGRESS_EVERY_S = 1.0  # how often a wave's progress artifact is updated (and when it ends)
@@ -83,12 +86,16 @@ def _run_name() -> str:
 
 @flow(name="upgrade-plan", on_failure=[alert_head_office], on_crashed=[alert_head_office], flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=256), log_prints=True)
 @ends_with_reason
-def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = None):
+def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = None, distributed: bool = False):
     """Run an upgrade plan on the counters of ``inventory`` (a YAML file on the machine running the flow).
 
     ``authorization``: the signed ``upgrade.start`` statement of whoever starts it (the CLI passes one);
     without it (a deployment, the UI) the machine's service identity signs. Either way the plan must be
-    signed by its initiator and approved by a second person, for this very digest, or nothing happens."""
+    signed by its initiator and approved by a second person, for this very digest, or nothing happens.
+
+    Each wave's counters are upgraded by one child run per branch (flows/upgrade_branch.py): in this
+    process (default), or with ``distributed`` by workers on each branch's regional work queue (the
+    ``upgrade-branch`` deployment; the store must be PostgreSQL, shared by every worker)."""
     log = get_run_logger()
     plan = check_package(plan, releases=releases_dir(inventory))  # inside the release directory, never elsewhere
     inv = load_inventory(inventory)
@@ -100,6 +107,8 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
     _inventory.set(inv)  # a notice about some counters only goes to their branches (and head office)
 
     with Store.open() as store:
+        if distributed:  # before anything is said or touched: the store, the API and the deployment are there
+            check_distributed(store, CHILD_DEPLOYMENT)
         # Who starts it, and whether two people approved this plan: checked in the flow, so a run from the UI
         # or a deployment goes through the same checks as one from the CLI. A refusal ends the run here.
         started = authorize_run(store, authorization, action="upgrade.start", target=plan.name, plan_digest=digest, branches=branches)
@@ -107,16 +116,16 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
         noticed_plan(store, plan, branches=branches, actor=started.actor)  # not_before, lead time, branch acks
         initiator = approval.initiator
         announced = impact(plan, inv).model_copy(update={"initiator": initiator, "approved_by": approval.approver})
-        with (ConnectionPool(inv.ssh) as pool, Vault.open(inv.backups) as vault, ApiWatch.for_this_run() as api,
+        with (ConnectionPool(inv.ssh) as pool, Vault.open(inv.backups), ApiWatch.for_this_run() as api,
               recorded_run(store, Run(kind=RunKind.UPGRADE, name=plan.name, initiator=initiator, flow_run_id=str(flow_run.id),
                                       params=plan.record())) as run):
             fleet_as_seen(store, started.actor, inv, inventory, statement_digest=started.digest)  # the records name the counters as this run saw them
             store.audit(started.actor, "start_upgrade", plan.name, run_id=run.id, statement_digest=started.digest,
                         details={"target_version": plan.target_version, "plan_digest": digest, "initiator": initiator,
                                  "approver": approval.approver})
-            tag_branches(d for w in waves for d in w.devices)
-            # counters an earlier run of this plan left mid-install: put back from their backup first
-            leftovers = unfinished_installs(store, plan.name, run.id, (d.id for w in waves for d in w.devices))
+            # branch IT sees each branch's own child runs (tagged branch:<id>); this run is the bank's
+            tag_run(f"plan:{plan.name}")
+            children = Children(plan, inventory, inv, run.id, distributed)
 
             # Branches are told in advance: no counter is touched unless this notice went out. Head office
             # (and the plan's notify) get the whole plan; each branch the plan with its own counters only.
@@ -134,12 +143,12 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
             wave_reports: list[dict] = []
             halted: str | None = None
             resumable = False
-            for index, planned in enumerate(waves):
+            for index, planned in children.waves(waves):
                 if planned.wave.approval:
                     halted = wait_for_approval(plan, digest, initiator, store, run.id, planned, index)
                     if halted:
                         break
-                done, not_started = roll_out_wave(plan, inv, planned, index, store, run.id, pool, leftovers, api, vault)
+                done, not_started, child_problems = upgrade_wave(children, planned, index, store, api)
                 outcomes += done
                 audit_counters(store, started, run.id, planned, done)
                 for o in done:
@@ -167,10 +176,15 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
                 if not within:
                     halted = (f"wave {planned.wave.name} passed its failure threshold ({failed} of {len(planned.devices)} counters "
                               "rolled back or failed)")
-                elif not_started:
+                elif not_started and not plan.window_is_open(datetime.now(UTC)):
                     resumable = True
                     halted = (f"the maintenance window closed; {len(not_started)} counters of wave {planned.wave.name} not started. "
                               "Run the same plan again in the next window: finished counters are skipped")
+                elif not_started:
+                    resumable = True
+                    halted = (f"{len(not_started)} counters of wave {planned.wave.name} not started: "
+                              f"{'; '.join(child_problems) or 'their branch runs ended first'}. "
+                              "Run the same plan again: finished counters are skipped")
                 _notify_quietly(plan, Notice(f"{plan.name}: {summary}", summary, "success" if within else "failure"),
                                 branches={d.branch for d in planned.devices})  # the branches of this wave's counters
                 if halted:
@@ -356,13 +370,51 @@ def audit_counters(store: Store, started, run_id: int, planned: PlannedWave, don
                     statement_digest=started.digest)
 
 
-def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index: int, store: Store, run_id: int,
-                  pool: ConnectionPool, leftovers: dict[str, Leftover], api: ApiWatch, vault: Vault) -> tuple[list[CounterOutcome], list[str]]:
-    """Upgrade the wave's counters: at most ``parallelism`` at once and ``max_unavailable_per_outlet``
-    per outlet; none started once the window closes, the wave's failure threshold is passed or the
-    Prefect API is gone (the running ones end first). Returns the outcomes and the ids of counters not started."""
-    total = len(planned.devices)
-    pending = list(planned.devices)
+CHILD_DEPLOYMENT = "upgrade-branch/upgrade-branch"  # flows/upgrade_branch.py, deployments/prefect.yaml
+
+
+class Children:
+    """How this run's branch runs are started: embedded (subflows here) or distributed (the
+    ``upgrade-branch`` deployment on each branch's regional work queue), and the run's slots
+    (``parallelism`` across every branch: tasks/slots.py), open while the waves run."""
+
+    def __init__(self, plan: UpgradePlan, inventory: str, inv: Inventory, run_id: int, distributed: bool):
+        self.plan, self.inventory, self.run_id, self.distributed = plan, inventory, run_id, distributed
+        self.region = {b.id: b.region or "default" for b in inv.branches}
+
+    def waves(self, waves: list[PlannedWave]) -> Iterable[tuple[int, PlannedWave]]:
+        """The waves, with the run's slots open while they run (closed however the loop ends)."""
+        if self.distributed:
+            slots.open_global(self.run_id, self.plan.parallelism)
+        else:
+            slots.open_local(self.run_id, self.plan.parallelism)
+        try:
+            yield from enumerate(waves)
+        finally:
+            if self.distributed:
+                try:
+                    slots.close_global(self.run_id)
+                except Exception as e:  # the API gone: the limit stays, named for this run only
+                    get_run_logger().warning(f"the run's concurrency limit {slots.limit_name(self.run_id)} was not removed: {e}")
+            else:
+                slots.close_local(self.run_id)
+
+    def runs(self, planned: PlannedWave, index: int) -> list[BranchRun]:
+        branches = sorted({d.branch for d in planned.devices})
+        return [BranchRun(b, child_run_name(self.plan.name, planned.wave.name, b),
+                          {"plan": self.plan, "inventory": self.inventory, "run_id": self.run_id, "wave": index, "branch": b},
+                          branch_tags(b, f"plan:{self.plan.name}")) for b in branches]
+
+
+def upgrade_wave(children: Children, planned: PlannedWave, index: int, store: Store,
+                 api: ApiWatch) -> tuple[list[CounterOutcome], list[str], list[str]]:
+    """Upgrade the wave's counters, one child run per branch (the children hold the limits: slots,
+    per outlet, the wave's threshold read from the store). Returns the outcomes (from the store, where
+    every child records each counter the moment it ends), the ids of the counters not started, and
+    why a branch's run ended without finishing its counters (one line each)."""
+    plan, total = children.plan, len(planned.devices)
+    log = get_run_logger()
+    progress = None
     try:
         progress = None if api.down else create_progress_artifact(
             0.0, key=artifact_key(plan.name, "wave", str(index), planned.wave.name), description=f"Wave {planned.wave.name}: {total} counters")
@@ -370,40 +422,46 @@ def roll_out_wave(plan: UpgradePlan, inv: Inventory, planned: PlannedWave, index
         if api.confirm(e) is None:
             raise
     if api.down:
-        return [], [d.id for d in pending]
-    running: dict[concurrent.futures.Future, object] = {}
-    busy: Counter[str] = Counter()
-    outcomes: list[CounterOutcome] = []
-    next_progress, shown = time.monotonic() + PROGRESS_EVERY_S, 0
-    while pending or running:
-        failed = sum(o.failed for o in outcomes)
-        may_start = not api.down and plan.window_is_open(datetime.now(UTC)) and wave_within_limits(planned.wave, failed, total)
-        if may_start:
-            for device in list(pending):
-                if len(running) >= plan.parallelism:
-                    break
-                if busy[device.outlet] >= plan.max_unavailable_per_outlet:
-                    continue
-                # quote(): Prefect would walk every field of these models looking for futures, per counter
-                future = upgrade_counter.with_options(task_run_name=f"{device.id} [{device.outlet}]").submit(
-                    quote(device), quote(plan), run_id, index, quote(pool), quote(store), quote(vault), quote(leftovers.get(device.id)))
-                running[future.wrapped_future] = (future, device)
-                busy[device.outlet] += 1
-                pending.remove(device)
-        if not running:
-            break  # window closed or threshold passed: the rest of the wave is not started
-        # woken once a second as well, to notice a Prefect API that went away
-        finished, _ = concurrent.futures.wait(list(running), timeout=api.interval_s, return_when=concurrent.futures.FIRST_COMPLETED)
-        for wrapped in finished:
-            future, device = running.pop(wrapped)
-            busy[device.outlet] -= 1
-            outcomes.append(_outcome(future, device, index))
-        if finished and time.monotonic() >= next_progress:  # an API call each: not per counter on big waves
-            next_progress = time.monotonic() + PROGRESS_EVERY_S
-            shown = _show_progress(progress, planned, outcomes, total, api)
-    if shown != len(outcomes):
-        _show_progress(progress, planned, outcomes, total, api)
-    return outcomes, [d.id for d in pending]
+        return [], [d.id for d in planned.devices], []
+    ids = [d.id for d in planned.devices]
+    shown = [0.0, 0]  # when last shown, how many then
+
+    def ended() -> list[CounterOutcome]:
+        return [CounterOutcome.model_validate(o) for o in recorded_outcomes(store, children.run_id, wave=index)]
+
+    def show_progress() -> None:
+        if time.monotonic() - shown[0] < PROGRESS_EVERY_S:
+            return
+        done = ended()
+        shown[0] = time.monotonic()
+        if len(done) != shown[1]:
+            shown[1] = _show_progress(progress, planned, done, total, api)
+
+    runs = children.runs(planned, index)
+    if children.distributed:
+        def finished(branch: str) -> bool:
+            mine = [d.id for d in planned.devices if d.branch == branch]
+            return len(recorded_outcomes(store, children.run_id, device_ids=mine)) == len(mine)
+
+        results = run_branch_deployments(CHILD_DEPLOYMENT, runs, queue_of=lambda b: children.region.get(b, "default"),
+                                         key=f"{flow_run.id}-{index}", finished=finished, while_waiting=show_progress, log=log.warning)
+    else:
+        results = run_branch_subflows(upgrade_branch, runs, while_waiting=show_progress)
+    by_id = {o.device_id: o for o in ended()}
+    for r in results.values():  # what a child returned but could not record (the store busy): still counted
+        for o in (r.value or {}).get("outcomes", []) if isinstance(r.value, dict) else []:
+            by_id.setdefault(o["device_id"], CounterOutcome.model_validate(o))
+    done = sorted(by_id.values(), key=lambda o: (o.ended_at or o.started_at, o.device_id))
+    not_started = [i for i in ids if i not in by_id]
+    problems = []
+    for branch, r in results.items():
+        left = [d.id for d in planned.devices if d.branch == branch and d.id not in by_id]
+        if left and r.error:
+            problems.append(f"branch {branch}'s run ended without finishing {len(left)} counters: {r.error}")
+    for line in problems:
+        log.warning(line)
+    _show_progress(progress, planned, done, total, api)
+    return done, not_started, problems
 
 
 def _show_progress(progress, planned: PlannedWave, outcomes: list[CounterOutcome], total: int, api: ApiWatch) -> int:
@@ -418,13 +476,3 @@ def _show_progress(progress, planned: PlannedWave, outcomes: list[CounterOutcome
         if api.confirm(e) is None:
             raise
     return len(outcomes)
-
-
-def _outcome(future, device, index: int) -> CounterOutcome:
-    """The task's outcome; a crash inside the task (a bug, not a counter fault) counts as a failure."""
-    result = future.result(raise_on_failure=False)
-    if isinstance(result, CounterOutcome):
-        return result
-    now = datetime.now(UTC)
-    return CounterOutcome(device_id=device.id, branch=device.branch, outlet=device.outlet, wave=index, status="failed",
-                          failed_step="internal", error=f"task crashed: {result!r}", started_at=now, ended_at=now)

@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     false,
     text,
 )
@@ -271,6 +272,26 @@ class DeviceStepRow(Base):
     ended_at: Mapped[datetime | None] = mapped_column()
     error: Mapped[str | None] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column()
+
+
+class CounterOutcomeRow(Base):
+    """How a counter ended in an upgrade run, written as soon as it ended (inventory/outcomes.py):
+    what every branch's child run reads for the wave's failure threshold, and a restarted child
+    for which counters are done."""
+
+    __tablename__ = "counter_outcomes"
+    __table_args__ = (UniqueConstraint("run_id", "device_id", name="uq_counter_outcomes_run_id_device_id"),
+                      Index("ix_counter_outcomes_run_id_wave", "run_id", "wave"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    wave: Mapped[int] = mapped_column(Integer)
+    branch: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(32))
+    failed: Mapped[bool] = mapped_column()
+    outcome: Mapped[dict[str, Any]] = mapped_column()
+    recorded_at: Mapped[datetime] = mapped_column()
 
 
 class BackupRow(Base):

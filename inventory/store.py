@@ -65,7 +65,7 @@ from inventory.records import (
 from inventory.yamlfile import InputError as InventoryError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-SCHEMA_HEAD = "0011_plan_notice"  # newest migration; a test keeps it equal to Alembic's head
+SCHEMA_HEAD = "0012_counter_outcomes"  # newest migration; a test keeps it equal to Alembic's head
 SQLITE_BUSY_TIMEOUT_S = 30.0  # flow workers write concurrently; wait for the lock rather than fail
 _MIGRATION_LOCK_KEY = 0x5C0_0001  # PostgreSQL advisory lock: one migrating process at a time
 _SQLITE_BEGIN = "counterops_sqlite_begin"  # execution option read by _sqlite_begin

@@ -62,6 +62,14 @@ def tag_branches(devices: Iterable[Device]) -> None:
     ctx.client.update_flow_run(ctx.flow_run.id, tags=sorted(set(ctx.flow_run.tags or []) | tags))
 
 
+def tag_run(*tags: str) -> None:
+    """Add ``tags`` to the running flow run (a bank-wide run: ``plan:<name>``, never a branch)."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    ctx.client.update_flow_run(ctx.flow_run.id, tags=sorted(set(ctx.flow_run.tags or []) | set(tags)))
+
+
 def artifact_key(*parts: str) -> str:
     """Artifact keys may hold only lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")

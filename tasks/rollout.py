@@ -26,7 +26,7 @@ backup was, then upgraded afresh.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +38,7 @@ from prefect.states import Failed, State
 from pydantic import BaseModel
 
 from inventory.leases import lease
+from inventory.outcomes import record_outcome
 from inventory.models import Backup, Device, DeviceStep, Fault, Run, RunKind, UpgradeStep
 from inventory.plan import UpgradePlan
 from inventory.store import Store
@@ -50,6 +51,7 @@ from tasks.downgrade import check_downgrade
 from tasks.faults import CATALOGUE, Symptom
 from tasks.hold import held, held_reason, hold
 from tasks.layout import TMP_DIR
+from tasks.slots import slot
 from tasks.notify import Notice, NotifyError, send_notice
 from tasks.playbook import StepFailed, device_vars, playbook_vars, read_facts, read_facts_and, run_recorded, run_steps
 from tasks.ssh import Connection, ConnectionPool, SSHError, remote_path
@@ -161,7 +163,8 @@ def _snapshot(conn: Connection, business: dict | None = None) -> dict:
 Leftover = tuple[Backup, str]  # the verified backup to put back, and the version the counter had then
 
 
-def unfinished_installs(store: Store, plan_name: str, current_run_id: int, device_ids: Iterable[str]) -> dict[str, Leftover]:
+def unfinished_installs(store: Store, plan_name: str, current_run_id: int, device_ids: Iterable[str], *,
+                        include_current: bool = False) -> dict[str, Leftover]:
     """Counters an earlier run of this plan left mid-install, with what to put them back to.
 
     Such a counter may hold half-migrated data, or even the new release with
@@ -169,12 +172,16 @@ def unfinished_installs(store: Store, plan_name: str, current_run_id: int, devic
     version it had then, before anything else happens to it. For each counter
     the newest earlier run that got as far as its install (or that already
     put it back) decides; runs are read once per plan run, not per counter.
+
+    ``include_current``: the current run counts too, newest of all — a branch's child run restarted
+    after its worker died puts back the counter its predecessor left mid-install (pass only the
+    counters without an outcome in this run: a finished counter is not unfinished).
     """
     wanted, decided, found = set(device_ids), set(), {}
     for run in store.runs(kind=RunKind.UPGRADE, limit=50):  # newest first
         if decided >= wanted:
             break
-        if run.name != plan_name or run.id == current_run_id:
+        if run.name != plan_name or (run.id == current_run_id and not include_current):
             continue
         by_device: dict[str, list[DeviceStep]] = {}
         for step in store.device_steps(run.id):
@@ -469,21 +476,36 @@ def _needs_attention(store: Store, device: Device, plan: UpgradePlan, run_id: in
 @task(name="upgrade-counter", cache_policy=NO_CACHE, retries=0)
 def upgrade_counter(
     device: Device, plan: UpgradePlan, run_id: int, wave: int, pool: ConnectionPool, store: Store, vault: Vault,
-    leftover: Leftover | None = None,
-) -> CounterOutcome | State:
-    """One counter through the whole upgrade procedure (one task run per counter), holding its lease:
-    a counter another run works on is left out untouched (status busy). A counter that failed, was
+    leftover: Leftover | None = None, may_start: Callable[[], str | None] | None = None,
+) -> CounterOutcome | State | None:
+    """One counter through the whole upgrade procedure (one task run per counter), holding one of the
+    run's slots (tasks/slots.py: ``parallelism`` across all its branches) and the counter's lease: a
+    counter another run works on is left out untouched (status busy). Once it has its slot it asks
+    ``may_start`` again (why the wave stops, or None): None back means not started. The outcome is
+    recorded in the store the moment it is known (inventory/outcomes.py). A counter that failed, was
     rolled back or is held for a decision ends its task run Failed, with the outcome as the state's
     data (``future.result(raise_on_failure=False)`` gives it back)."""
-    with lease(store, device.id, run_id) as taken_by:
-        if taken_by is not None:
-            now = datetime.now(UTC)
-            return CounterOutcome(device_id=device.id, branch=device.branch, outlet=device.outlet, wave=wave, status="busy",
-                                  error=f"{taken_by}; left out", started_at=now, ended_at=now)
-        try:
-            out = upgrade_counter_pipeline(device, plan, run_id=run_id, wave=wave, store=store, pool=pool, vault=vault, leftover=leftover)
-        finally:
-            pool.release(device)
+    with slot(run_id):
+        if may_start is not None and may_start() is not None:
+            return None  # while it waited for a slot the wave stopped (threshold passed, window closed, API gone)
+        with lease(store, device.id, run_id) as taken_by:
+            if taken_by is not None:
+                now = datetime.now(UTC)
+                out = CounterOutcome(device_id=device.id, branch=device.branch, outlet=device.outlet, wave=wave, status="busy",
+                                     error=f"{taken_by}; left out", started_at=now, ended_at=now)
+            else:
+                try:
+                    out = upgrade_counter_pipeline(device, plan, run_id=run_id, wave=wave, store=store, pool=pool, vault=vault,
+                                                   leftover=leftover)
+                finally:
+                    pool.release(device)
+            # kept before the lease goes: every branch's run reads it (the wave's threshold, what is done)
+            try:
+                record_outcome(store, run_id, out.model_dump(mode="json"))
+            except Exception as e:  # the child's own result still carries it; a restart would redo the counter safely
+                get_run_logger().warning(f"{device.id}: its outcome ({out.status}) was not recorded in the store: {_describe(e)}")
+    if out.status == "busy":
+        return out
     return Failed(message=outcome_line(out), data=out) if out.failed or out.status == "held" else out
 
 

@@ -107,21 +107,31 @@ def run_record(name: str):
         return run, store.device_steps(run.id)
 
 
-async def _ui_view(flow_run_id, expected_tasks: int):
-    """Task runs (polled: they reach the API asynchronously) and artifacts of a flow run."""
+async def _ui_view(flow_run_ids: list, expected_tasks: int):
+    """Task runs (polled: they reach the API asynchronously) and artifacts of some flow runs."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
     async with get_client() as client:
         deadline = time.monotonic() + 30
         while True:
-            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200)
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)), limit=200)
             settled = all(t.state is not None and t.state.is_final() for t in tasks)
             if (sum(t.name.startswith("SC-") for t in tasks) >= expected_tasks and settled) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.3)
-        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids)))
         return tasks, artifacts
+
+
+async def _children(parent_id, tag: str | None = None):
+    """The child flow runs of ``parent_id`` (optionally: only those tagged ``tag``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterTags
+
+    async with get_client() as client:
+        return await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]), tags=FlowRunFilterTags(all_=[tag]) if tag else None))
 
 
 async def _flow_run(name: str):
@@ -188,12 +198,25 @@ def test_happy_path_to_1_2_0_in_three_waves(small_fleet, prefect_api, receiver):
     # what branch IT sees in the Prefect UI
     fr = flow_run("happy-1.2.0")
     assert fr is not None and fr.state.is_completed()
-    tasks, artifacts = asyncio.run(_ui_view(fr.id, len(inv.devices)))
+    # one child run per wave and branch, named and tagged for branch IT; the bank's run carries no branch tag
+    children = asyncio.run(_children(fr.id))
+    by_wave_branch = {(("canary", "pilot", "rest")[waves[d.id]], d.branch) for d in inv.devices}
+    assert sorted(c.name for c in children) == sorted(f"happy-1.2.0 · {w} · {b}" for w, b in by_wave_branch)
+    for c in children:
+        assert sorted(c.tags) == sorted([f"branch:{c.name.rsplit(' · ', 1)[1]}", "plan:happy-1.2.0"]) and c.state.is_completed(), c
+    assert "plan:happy-1.2.0" in fr.tags and not any(t.startswith("branch:") for t in fr.tags), fr.tags
+    br02 = asyncio.run(_children(fr.id, "branch:BR02"))
+    assert br02 and all(c.name.endswith(" · BR02") for c in br02)  # branch IT's filter: its own runs only
+    tasks, artifacts = asyncio.run(_ui_view([fr.id, *(c.id for c in children)], len(inv.devices)))
     counter_tasks = sorted(t.name for t in tasks if t.name.startswith("SC-"))
     assert counter_tasks == sorted(f"{d.id} [{d.outlet}]" for d in inv.devices)  # one task run per counter, named after it
-    assert {f"branch:{d.branch}" for d in inv.devices} <= set(fr.tags)  # branch IT filters runs by their branch
     kinds = Counter(a.type for a in artifacts)
-    assert kinds["progress"] == 3 and kinds["table"] >= 1 and kinds["markdown"] >= 1
+    assert kinds["progress"] == 3 and kinds["table"] == 1 + len(children) and kinds["markdown"] >= 1
+    for c in children:  # each child's table lists its branch's counters of its wave, and only those
+        table = next(a for a in artifacts if a.type == "table" and a.flow_run_id == c.id)
+        rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+        branch = c.name.rsplit(" · ", 1)[1]
+        assert rows and all(r["counter"].startswith(f"SC-{branch}-") and r["state"] == "upgraded" for r in rows), rows
     evaluation = next(a for a in artifacts if a.key == "happy-1-2-0-evaluation")
     assert "Overall verdict: stable" in evaluation.data
     assert evaluation.data.startswith("# Upgrade evaluation: happy-1.2.0, 1.0.0 → 1.2.0\n")  # the versions, not the plan's name
