@@ -257,23 +257,28 @@ class Store:
         # is free. (Other processes still meet the busy timeout.)
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
         database = engine.url.database if engine.dialect.name == "sqlite" else None
-        self._files = [database + "-wal", database] if database and database != ":memory:" else []
+        self._wal = database + "-wal" if database and database != ":memory:" else None
 
     def make_durable(self) -> None:
         """Make everything committed so far (by any thread or connection of this store) survive an OS
-        crash or power loss, not only this process dying (see _sqlite_on_connect). SQLite: fsync of its
-        WAL file and of the database file (a checkpoint fsyncs the database before the WAL is reused),
+        crash or power loss, not only this process dying (see _sqlite_on_connect). SQLite: an fsync of
+        its WAL file, where every commit not yet checkpointed is (a checkpoint fsyncs the database file
+        before the WAL is reused; no WAL file: everything is in the database file, already synced),
         without the write lock: other threads go on writing, and concurrent calls share the disk's
-        flushes. PostgreSQL: nothing to do, every commit is flushed."""
-        for path in self._files:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        flushes. Never the database file (or -shm) itself: closing any descriptor of a file drops every
+        POSIX lock this process holds on it, SQLite's included, and another process could then
+        checkpoint and remove the WAL under this one's feet ("database disk image is malformed").
+        SQLite takes no lock on the WAL file. PostgreSQL: nothing to do, every commit is flushed."""
+        if self._wal is None:
+            return
+        try:
+            fd = os.open(self._wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
