@@ -1041,7 +1041,8 @@ def main() -> int:
             DIST[0].start()
         if "ours" in WAYS:
             say(f"Prefect server for the bench (COUNTEROPS_HOME={HOME}; not timed)")
-            subprocess.run([str(COUNTEROPS), "server", "start"], env=ours_env(), check=True)
+            # the server logs why it answered 503 (a retryable error, e.g. its SQLite database locked): the bench's log says
+            subprocess.run([str(COUNTEROPS), "server", "start"], env=ours_env() | {"PREFECT_API_LOG_RETRYABLE_ERRORS": "true"}, check=True)
             # warm the server and the CLI once (read-only fleet check): its first-use costs are not the upgrade's
             (runs_root / "warm-up").mkdir()
             set_up_identities(ours_env(runs_root / "warm-up"))
