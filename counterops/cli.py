@@ -34,6 +34,7 @@ from counterops.cli_maintenance import faults_app, inspect_command, maintain_com
 from counterops.cli_operators import operators_app
 from counterops.cli_plan import plan_app
 from counterops.cli_secrets import secrets_app
+from counterops.cli_worker import worker_app
 from counterops.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -68,6 +69,7 @@ app.add_typer(operators_app, name="operators")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(audit_app, name="audit")
 app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(worker_app, name="worker")
 app.command("inspect")(inspect_command)
 app.command("maintain")(maintain_command)
 app.command("drill")(drill_command)

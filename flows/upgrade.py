@@ -401,8 +401,10 @@ class Children:
 
     def runs(self, planned: PlannedWave, index: int) -> list[BranchRun]:
         branches = sorted({d.branch for d in planned.devices})
+        # a deployment's parameters are JSON checked against its schema: unset optional fields left out
+        plan = self.plan.model_dump(mode="json", exclude_none=True) if self.distributed else self.plan
         return [BranchRun(b, child_run_name(self.plan.name, planned.wave.name, b),
-                          {"plan": self.plan, "inventory": self.inventory, "run_id": self.run_id, "wave": index, "branch": b},
+                          {"plan": plan, "inventory": self.inventory, "run_id": self.run_id, "wave": index, "branch": b},
                           branch_tags(b, f"plan:{self.plan.name}")) for b in branches]
 
 

@@ -59,16 +59,7 @@ def check_parent_run(store: Store, run_id: int, plan: UpgradePlan) -> Run:
     return run
 
 
-def _child_name() -> str:
-    from prefect.runtime import flow_run
-
-    p = flow_run.parameters
-    plan = p.get("plan")
-    name = plan.get("name") if isinstance(plan, dict) else getattr(plan, "name", "upgrade")
-    return f"{name} · wave {p.get('wave')} · {p.get('branch')}"
-
-
-@flow(name="upgrade-branch", flow_run_name=_child_name, task_runner=ThreadPoolTaskRunner(max_workers=256), log_prints=True)
+@flow(name="upgrade-branch", task_runner=ThreadPoolTaskRunner(max_workers=256), log_prints=True)
 def upgrade_branch(plan: UpgradePlan, inventory: str, run_id: int, wave: int, branch: str):
     """Upgrade branch ``branch``'s counters of wave ``wave`` for upgrade run ``run_id`` (the store's id):
     the parent starts this; the result lists each counter's outcome and those not started."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class BranchResult:
 
 
 WAIT_TICK_S = 1.0  # how often ``while_waiting`` is called while children run
+START_ATTEMPTS = 3  # an embedded child whose orchestration calls fail (not its body) is run again, at most this often
+RETRY_AFTER_S = 2.0
+_log = logging.getLogger("counterops.branch_runs")
 
 
 def run_branch_subflows(child: Callable, runs: Sequence[BranchRun], *, max_concurrent: int | None = None,
@@ -79,9 +83,19 @@ def run_branch_subflows(child: Callable, runs: Sequence[BranchRun], *, max_concu
     def one(run: BranchRun) -> BranchResult:
         from prefect import tags
 
-        with tags(*run.tags):
-            state = child.with_options(flow_run_name=run.name)(**run.kwargs, return_state=True)
-        return _ended(run.branch, state)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                with tags(*run.tags):
+                    state = child.with_options(flow_run_name=run.name)(**run.kwargs, return_state=True)
+                return _ended(run.branch, state)
+            except Exception as e:  # the engine's own calls failed (a busy server's 503): the child body's errors are states
+                if attempt == START_ATTEMPTS:
+                    raise
+                _log.warning("branch %s's run could not be run (%s: %s); trying again (%d of %d): a child's work is "
+                             "idempotent, finished counters are skipped", run.branch, type(e).__name__, str(e)[:300],
+                             attempt + 1, START_ATTEMPTS)
+                time.sleep(RETRY_AFTER_S * attempt)
+        raise AssertionError("unreachable")
 
     workers = min(len(runs), max_concurrent or len(runs))
     results: dict[str, BranchResult] = {}
@@ -131,11 +145,12 @@ def check_distributed(store, deployment: str) -> None:
     """Refuse distributed mode unless workers elsewhere can share this run: the store on PostgreSQL
     (SQLite is one machine's file), a Prefect API server (not this process's ephemeral one), and the
     children's deployment deployed."""
-    dialect = store.engine.dialect.name
-    if dialect == "sqlite":
-        raise NotDistributable("distributed runs need the store on PostgreSQL, shared by every worker (this store is SQLite, "
-                               f"{store.engine.url.database}): set COUNTEROPS_DATABASE_URL to a postgresql URL (README, "
-                               "'Run it distributed'), or run without --distributed")
+    from inventory.shared_store import SharedStoreRequired, require_shared_store
+
+    try:
+        require_shared_store(store)
+    except SharedStoreRequired as e:
+        raise NotDistributable(f"{e}, or run without --distributed") from None
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
@@ -177,9 +192,14 @@ def run_branch_deployments(deployment: str, runs: Sequence[BranchRun], *, queue_
 
     def start(run: BranchRun, attempt: int):
         suffix = f"-restart{attempt}" if attempt else ""
-        flow_run = run_deployment(deployment, parameters=run.kwargs, flow_run_name=run.name + (f" (restart {attempt})" if attempt else ""),
-                                  tags=run.tags, idempotency_key=f"{key}-{run.branch}{suffix}", work_queue_name=queue_of(run.branch),
-                                  timeout=0, as_subflow=True)
+        try:
+            flow_run = run_deployment(deployment, parameters=run.kwargs, flow_run_name=run.name + (f" (restart {attempt})" if attempt else ""),
+                                      tags=run.tags, idempotency_key=f"{key}-{run.branch}{suffix}", work_queue_name=queue_of(run.branch),
+                                      timeout=0, as_subflow=True)
+        except Exception as e:
+            detail = getattr(getattr(e, "response", None), "text", "") or str(e)
+            raise RuntimeError(f"branch {run.branch}'s run could not be started from deployment {deployment!r} on work queue "
+                               f"{queue_of(run.branch)!r}: {detail[:500]}") from None
         return flow_run.id, time.monotonic()
 
     attempts = dict.fromkeys(by_branch, 0)

@@ -128,6 +128,7 @@ def worker(stack):
 
 EXPECTED_DEPLOYMENTS = {
     "upgrade-plan/upgrade": None,
+    "upgrade-branch/upgrade-branch": None,
     "upgrade-followup/upgrade-followup": None,
     "fleet-check/fleet-check": None,
     "daily-inspection/pre-open": "30 8 * * *",

@@ -279,15 +279,16 @@ def test_a_damaged_package_shows_where_and_why_in_runs_show_and_prefect(one_coun
     shown = runs_show("damaged-package")
     assert "rolled back" in shown and "step 'unpack release' failed" in shown and "tar: Unexpected EOF" in shown, shown
 
-    from tests.test_upgrade import _ui_view, flow_run
+    from tests.test_upgrade import _children, _ui_view, flow_run
 
     fr = flow_run("damaged-package")
-    tasks, _ = asyncio.run(_ui_view(fr.id, 1))
+    runs = [fr.id, *(c.id for c in asyncio.run(_children(fr.id)))]  # the counter's task run is in its branch's run
+    tasks, _ = asyncio.run(_ui_view(runs, 1))
     [task_run] = [t for t in tasks if t.name.startswith(device.id)]
     deadline = time.monotonic() + 30
     while not task_run.state.is_final() and time.monotonic() < deadline:  # states arrive as events
         time.sleep(0.3)
-        task_run = next(t for t in asyncio.run(_ui_view(fr.id, 1))[0] if t.name.startswith(device.id))
+        task_run = next(t for t in asyncio.run(_ui_view(runs, 1))[0] if t.name.startswith(device.id))
     assert task_run.state.is_failed(), task_run.state
     assert "rolled back at install" in task_run.state.message and "unpack release" in task_run.state.message
 
