@@ -43,6 +43,33 @@ def regional_inventory(inventory: Path) -> Path:
     return path
 
 
+def throwaway_postgres(exit_stack: contextlib.ExitStack) -> str:
+    """A private PostgreSQL cluster (tests/plugins/postgres.py), stopped and removed when ``exit_stack`` closes."""
+    import sys  # noqa: PLC0415
+
+    sys.path.insert(0, str(REPO))
+    from tests.plugins.postgres import _find_bindir, throwaway_cluster  # noqa: PLC0415
+
+    bindir = _find_bindir()
+    if bindir is None:
+        raise SystemExit("PostgreSQL's server binaries are missing (bash scripts/setup-system.sh --for-tests)")
+    return exit_stack.enter_context(throwaway_cluster(bindir))
+
+
+def fresh_database(pg_url: str, name: str) -> str:
+    """A new, empty database ``name`` on the cluster (dropped first if there); its URL."""
+    url = make_url(pg_url)
+    with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname="postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def prefect_url(database_url: str) -> str:
+    """The same database for a Prefect server (asyncpg driver)."""
+    return make_url(database_url).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
 class DistributedStack:
     """PostgreSQL, a Prefect server on it, the pool and the deployment; workers per run."""
 
@@ -54,23 +81,11 @@ class DistributedStack:
         self.workers: list[tuple[subprocess.Popen, object]] = []
 
     def _database(self, name: str) -> str:
-        url = make_url(self.pg_url)
-        with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname="postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return url.set(database=name).render_as_string(hide_password=False)
+        return fresh_database(self.pg_url, name)
 
     def start(self) -> None:
-        import sys  # noqa: PLC0415
-
-        sys.path.insert(0, str(REPO))
-        from tests.plugins.postgres import _find_bindir, throwaway_cluster  # noqa: PLC0415
-
-        bindir = _find_bindir()
-        if bindir is None:
-            raise SystemExit("ours-distributed needs PostgreSQL's server binaries (bash scripts/setup-system.sh --for-tests)")
-        self.pg_url = self._exit.enter_context(throwaway_cluster(bindir))
-        self.prefect_db_url = make_url(self._database("prefect_bench")).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        self.pg_url = throwaway_postgres(self._exit)
+        self.prefect_db_url = prefect_url(self._database("prefect_bench"))
         self.env = self.base_env | {
             "COUNTEROPS_CHECKOUT": str(REPO),
             "COUNTEROPS_INVENTORY": str(self.inventory),

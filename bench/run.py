@@ -54,6 +54,7 @@ if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin" / "python").ex
     os.execv(str(VENV / "bin" / "python"), [str(VENV / "bin" / "python"), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 import base64  # noqa: E402
+import contextlib  # noqa: E402
 import fcntl  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -119,6 +120,9 @@ SSH_PORT = _int("BENCH_SSH_PORT", 26000)
 HTTP_PORT = _int("BENCH_HTTP_PORT", 28000)
 PREFECT_PORT = _int("BENCH_PREFECT_PORT", 4300)
 RUN_TIMEOUT_S = _int("BENCH_RUN_TIMEOUT", 1800)
+# 1: the bench's own Prefect server (for ours) on a throwaway PostgreSQL instead of SQLite
+PREFECT_ON_POSTGRES = os.environ.get("BENCH_PREFECT_POSTGRES", "0") == "1"
+PREFECT_DB_URL: list[str | None] = [os.environ.get("BENCH_PREFECT_DATABASE_URL")]
 
 FROM_VERSION, TO_VERSION = "1.0.0", "1.1.0"
 PLAN_NAME = "bench-smartcounter-1.1.0"
@@ -175,7 +179,8 @@ def clean_env() -> dict[str, str]:
 
 
 def ours_env(run_dir: Path | None = None) -> dict[str, str]:
-    env = clean_env() | {"COUNTEROPS_HOME": str(HOME), "COUNTEROPS_PREFECT_PORT": str(PREFECT_PORT),
+    env = clean_env() | ({"COUNTEROPS_PREFECT_DATABASE_URL": PREFECT_DB_URL[0]} if PREFECT_DB_URL[0] else {}) | {
+                         "COUNTEROPS_HOME": str(HOME), "COUNTEROPS_PREFECT_PORT": str(PREFECT_PORT),
                          # who runs `counterops upgrade` / `check`: zhang.wei (hq_it), signing with the key fleet up wrote
                          "COUNTEROPS_OPERATOR": "zhang.wei", "COUNTEROPS_KEY": str(FLEET / "keys" / "zhang.wei")}
     if run_dir is not None:  # a fresh store and backup stores per run: every run starts from the same records
@@ -335,7 +340,7 @@ def server_watch() -> Watch:
 
 
 def prefect_database_size() -> dict:
-    return database_size(os.environ.get("BENCH_PREFECT_DATABASE_URL"), HOME / "prefect" / "prefect.db")
+    return database_size(PREFECT_DB_URL[0], HOME / "prefect" / "prefect.db")
 
 
 def run_ours(run_dir: Path, profile_with: Path | None = None, inventory: Path = INVENTORY, plan: Path | None = None) -> dict:
@@ -360,6 +365,7 @@ def run_ours(run_dir: Path, profile_with: Path | None = None, inventory: Path = 
 
 
 DIST: list = [None]  # the DistributedStack, when ours-distributed is in WAYS
+CLEANUP = contextlib.ExitStack()  # what main() tears down last (the throwaway PostgreSQL of BENCH_PREFECT_POSTGRES)
 
 
 def run_ours_distributed(run_dir: Path, plan: Path | None = None) -> dict:
@@ -1039,6 +1045,11 @@ def main() -> int:
             DIST[0] = DistributedStack(WORK / "home-distributed", PREFECT_PORT + 1, clean_env(), regional_inventory(INVENTORY),
                                        FLEET / "keys" / "counterops-scheduler")
             DIST[0].start()
+        if "ours" in WAYS and PREFECT_ON_POSTGRES:
+            from distributed import fresh_database, prefect_url, throwaway_postgres  # noqa: PLC0415
+
+            say("a throwaway PostgreSQL for the bench's Prefect server (BENCH_PREFECT_POSTGRES=1; not timed)")
+            PREFECT_DB_URL[0] = prefect_url(fresh_database(throwaway_postgres(CLEANUP), "prefect_ours"))
         if "ours" in WAYS:
             say(f"Prefect server for the bench (COUNTEROPS_HOME={HOME}; not timed)")
             # the server logs why it answered 503 (a retryable error, e.g. its SQLite database locked): the bench's log says
@@ -1148,6 +1159,7 @@ def main() -> int:
         if not KEEP:
             if "ours" in WAYS:
                 subprocess.run([str(COUNTEROPS), "server", "stop"], env=ours_env(), capture_output=True)
+            CLEANUP.close()  # the throwaway PostgreSQL, after the server that used it
             if FLEET.exists():
                 fleet.down(FLEET)
                 shutil.rmtree(FLEET, ignore_errors=True)
