@@ -33,7 +33,8 @@ BENCH_KEEP (0; 1 leaves the fleet and the Prefect server running), BENCH_RUN_TIM
 BENCH_APPS_PER_PROCESS (counters per counter-app process: 1, or 50 above 100 counters),
 BENCH_BASELINE_DEVICES (0, or 50 above 100 counters: first upgrade that many counters of the fleet,
 BENCH_BASELINE_PARALLEL (10) at a time, with ours and the same-work floor, for the per-counter cost),
-BENCH_PREFECT_DATABASE_URL (the Prefect server's database when it is PostgreSQL, for its size).
+BENCH_PREFECT_POSTGRES (0; 1: the bench's Prefect server on a throwaway PostgreSQL), or
+BENCH_PREFECT_DATABASE_URL (a PostgreSQL database for it, postgresql+asyncpg://...).
 Above 100 counters BENCH_WAYS defaults to ours,samework and BENCH_PROFILE to 0.
 Around every `ours` run (bench/load_watch.py): the Prefect server's CPU and memory, the Prefect
 database's growth, the runs-list API latency (a probe every 0.5 s), the controller's peak RSS.
