@@ -29,7 +29,15 @@ BENCH_ROUNDS (2), BENCH_WAYS (ours,ansible,pyinfra,floor,samework), BENCH_PROFIL
 BENCH_WORK (bench/.work, or /tmp/counterops-bench when the checkout is private: fleet,
 bench-private COUNTEROPS_HOME, logs),
 BENCH_SSH_PORT (26000), BENCH_HTTP_PORT (28000), BENCH_PREFECT_PORT (4300),
-BENCH_KEEP (0; 1 leaves the fleet and the Prefect server running), BENCH_RUN_TIMEOUT (1800 s).
+BENCH_KEEP (0; 1 leaves the fleet and the Prefect server running), BENCH_RUN_TIMEOUT (1800 s),
+BENCH_APPS_PER_PROCESS (counters per counter-app process: 1, or 50 above 100 counters),
+BENCH_BASELINE_DEVICES (0, or 50 above 100 counters: first upgrade that many counters of the fleet,
+BENCH_BASELINE_PARALLEL (10) at a time, with ours and the same-work floor, for the per-counter cost),
+BENCH_PREFECT_POSTGRES (0; 1: the bench's Prefect server on a throwaway PostgreSQL), or
+BENCH_PREFECT_DATABASE_URL (a PostgreSQL database for it, postgresql+asyncpg://...).
+Above 100 counters BENCH_WAYS defaults to ours,samework and BENCH_PROFILE to 0.
+Around every `ours` run (bench/load_watch.py): the Prefect server's CPU and memory, the Prefect
+database's growth, the runs-list API latency (a probe every 0.5 s), the controller's peak RSS.
 Exit status 1 when a run failed (the goals are reported, not enforced).
 """
 
@@ -46,6 +54,8 @@ VENV = REPO / ".venv"
 if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin" / "python").exists():  # `python bench/run.py`
     os.execv(str(VENV / "bin" / "python"), [str(VENV / "bin" / "python"), str(Path(__file__).resolve()), *sys.argv[1:]])
 
+import base64  # noqa: E402
+import contextlib  # noqa: E402
 import fcntl  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -63,8 +73,10 @@ from collections import defaultdict  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
 import yaml  # noqa: E402
 
+from load_watch import Watch, database_size  # noqa: E402  (bench/load_watch.py)
 from simfleet import fleet  # noqa: E402
 
 
@@ -78,9 +90,23 @@ def _int(name: str, default: int) -> int:
 DEVICES = _int("BENCH_DEVICES", 50)
 PARALLEL = _int("BENCH_PARALLEL", 10)
 ROUNDS = _int("BENCH_ROUNDS", 2)
-ALL_WAYS = ("ours", "ansible", "pyinfra", "floor", "samework")
-WAYS = [w.strip() for w in (os.environ.get("BENCH_WAYS") or ",".join(ALL_WAYS)).split(",") if w.strip()]
-PROFILE = os.environ.get("BENCH_PROFILE", "1") != "0"
+# A large fleet (> 100 counters): one counter-app process serves APPS_PER_PROCESS counters (fleet up
+# --apps-per-process; 1,000 one-process counters would need ≈ 14 GiB), only ours and the same-work floor run
+# by default (Ansible would take ≈ 40 min at 1,000 counters, pyinfra and the bare floor add nothing to the
+# questions asked at that size; name them in BENCH_WAYS to run them anyway), and a BASELINE-counter
+# subset of the same fleet is upgraded first, BASELINE_PARALLEL at a time, by ours and by the same-work
+# floor (the standard 50 × 10 bench, on the same machine at the same time): the per-counter cost at
+# DEVICES is compared with it.
+LARGE = DEVICES > 100
+APPS_PER_PROCESS = _int("BENCH_APPS_PER_PROCESS", 50 if LARGE else 1)
+BASELINE = _int("BENCH_BASELINE_DEVICES", 50 if LARGE else 0)
+BASELINE_PARALLEL = _int("BENCH_BASELINE_PARALLEL", 10)
+# ours-distributed: `counterops upgrade --distributed`, two process workers on regional queues east and west,
+# the store and a Prefect server of its own on a throwaway PostgreSQL (bench/distributed.py)
+ALL_WAYS = ("ours", "ansible", "pyinfra", "floor", "samework", "ours-distributed")
+WAYS = [w.strip() for w in (os.environ.get("BENCH_WAYS") or ("ours,ours-distributed,samework" if LARGE
+                                                             else "ours,ansible,pyinfra,floor,samework")).split(",") if w.strip()]
+PROFILE = os.environ.get("BENCH_PROFILE", "0" if LARGE else "1") != "0"
 KEEP = os.environ.get("BENCH_KEEP", "0") == "1"
 def _default_work() -> Path:
     """bench/.work when every user can traverse to it (the fleet's login must), else /tmp/counterops-bench."""
@@ -95,6 +121,9 @@ SSH_PORT = _int("BENCH_SSH_PORT", 26000)
 HTTP_PORT = _int("BENCH_HTTP_PORT", 28000)
 PREFECT_PORT = _int("BENCH_PREFECT_PORT", 4300)
 RUN_TIMEOUT_S = _int("BENCH_RUN_TIMEOUT", 1800)
+# 1: the bench's own Prefect server (for ours) on a throwaway PostgreSQL instead of SQLite
+PREFECT_ON_POSTGRES = os.environ.get("BENCH_PREFECT_POSTGRES", "0") == "1"
+PREFECT_DB_URL: list[str | None] = [os.environ.get("BENCH_PREFECT_DATABASE_URL")]
 
 FROM_VERSION, TO_VERSION = "1.0.0", "1.1.0"
 PLAN_NAME = "bench-smartcounter-1.1.0"
@@ -151,7 +180,8 @@ def clean_env() -> dict[str, str]:
 
 
 def ours_env(run_dir: Path | None = None) -> dict[str, str]:
-    env = clean_env() | {"COUNTEROPS_HOME": str(HOME), "COUNTEROPS_PREFECT_PORT": str(PREFECT_PORT),
+    env = clean_env() | ({"COUNTEROPS_PREFECT_DATABASE_URL": PREFECT_DB_URL[0]} if PREFECT_DB_URL[0] else {}) | {
+                         "COUNTEROPS_HOME": str(HOME), "COUNTEROPS_PREFECT_PORT": str(PREFECT_PORT),
                          # who runs `counterops upgrade` / `check`: zhang.wei (hq_it), signing with the key fleet up wrote
                          "COUNTEROPS_OPERATOR": "zhang.wei", "COUNTEROPS_KEY": str(FLEET / "keys" / "zhang.wei")}
     if run_dir is not None:  # a fresh store and backup stores per run: every run starts from the same records
@@ -167,7 +197,11 @@ def branches() -> int:
 
 
 def fleet_up() -> list:
-    return fleet.up(FLEET, devices=DEVICES, branches=branches(), ssh_base_port=SSH_PORT, http_base_port=HTTP_PORT)
+    return fleet.up(FLEET, devices=DEVICES, branches=branches(), ssh_base_port=SSH_PORT, http_base_port=HTTP_PORT,
+                    apps_per_process=APPS_PER_PROCESS, parallel=16 if LARGE else 8)
+
+
+FLEET_REBUILDS_S: list[float] = []  # seconds of every fleet reset (not timed in any way's figure)
 
 
 def fresh_fleet() -> None:
@@ -179,9 +213,11 @@ def fresh_fleet() -> None:
 
 def reset_fleet() -> None:
     """Every counter back on 1.0.0 with freshly seeded data, its app and sshd restarted."""
+    started = time.monotonic()
     fleet.down(FLEET)
     shutil.rmtree(FLEET / "devices")
     statuses = fleet_up()
+    FLEET_REBUILDS_S.append(round(time.monotonic() - started, 1))
     bad = [s.id for s in statuses if not (s.healthy and s.version == FROM_VERSION and s.in_service)]
     if bad:
         raise SystemExit(f"fleet reset left these counters not healthy on {FROM_VERSION}: {bad}")
@@ -195,15 +231,15 @@ def package_sha256() -> str:
     raise SystemExit(f"{PACKAGE.name} missing from SHA256SUMS")
 
 
-def write_plan(path: Path) -> Path:
+def write_plan(path: Path, parallel: int = PARALLEL) -> Path:
     plan = {
         "name": PLAN_NAME,
         "target_version": TO_VERSION,
         "package": str(PACKAGE),
         # one wave of every counter; every counter is tried whatever the others do (as the peers do)
         "waves": [{"name": "all", "size": "100%", "max_failure_ratio": 1.0}],
-        "parallelism": PARALLEL,
-        "max_unavailable_per_outlet": PARALLEL,  # the outlet limit must not bind: the other ways have none
+        "parallelism": parallel,
+        "max_unavailable_per_outlet": parallel,  # the outlet limit must not bind: the other ways have none
         "maintenance_window": "always",
         "initiator": "zhang.wei",
     }
@@ -211,8 +247,19 @@ def write_plan(path: Path) -> Path:
     return path
 
 
-def inventory_devices() -> tuple[dict, list[dict]]:
-    inv = yaml.safe_load(INVENTORY.read_text())
+def subset_inventory(first: int, count: int) -> Path:
+    """The fleet's inventory with only counters first+1 … first+count (next to it: its relative paths hold)."""
+    doc = yaml.safe_load(INVENTORY.read_text())
+    doc["devices"] = doc["devices"][first:first + count]
+    if len(doc["devices"]) < count:
+        raise SystemExit(f"BENCH_BASELINE_DEVICES={count} twice does not fit in a fleet of {DEVICES} counters")
+    path = FLEET / f"inventory-{first + 1}-{first + count}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def inventory_devices(inventory: Path = INVENTORY) -> tuple[dict, list[dict]]:
+    inv = yaml.safe_load(inventory.read_text())
     ssh = {"user": inv["ssh"]["user"]} | {k: str((FLEET / inv["ssh"][k]).resolve()) for k in ("key_file", "known_hosts")}
     return ssh, inv["devices"]
 
@@ -259,35 +306,58 @@ def _children_cpu() -> float:
 LAST_CPU_S: list[float] = [0.0]  # CPU seconds (user + system) of the last timed command and every process it waited for
 
 
-def timed(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> tuple[int, float, float]:
-    """(exit status, seconds, wall-clock start) of ``cmd``, its output in ``log``."""
+LAST_WATCH: list[dict] = [{}]  # what load_watch.Watch saw around the last timed command
+
+
+def timed(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO, watch: Watch | None = None) -> tuple[int, float, float]:
+    """(exit status, seconds, wall-clock start) of ``cmd``, its output in ``log``; ``watch`` (default: the command's
+    peak RSS only) samples around it."""
+    watch = watch or Watch()
     with open(log, "wb") as out:
         out.write((" ".join(map(str, cmd)) + "\n\n").encode())
         out.flush()
         cpu = _children_cpu()
         started_at, started = time.time(), time.monotonic()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        watch.start(proc.pid)
         try:
-            code = subprocess.run(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=RUN_TIMEOUT_S).returncode
+            code = proc.wait(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
             code = -1
         seconds = time.monotonic() - started
+        LAST_WATCH[0] = watch.stop()
         LAST_CPU_S[0] = _children_cpu() - cpu
         return code, seconds, started_at
 
 
-def run_ours(run_dir: Path, profile_with: Path | None = None) -> dict:
+def server_watch() -> Watch:
+    """A Watch of the bench's Prefect server: its process tree's CPU and memory, the runs-list probe."""
+    info = json.loads((HOME / "prefect" / "server.json").read_text())
+    auth = server_auth().get("PREFECT_API_AUTH_STRING")
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    return Watch(server_pid=info["pid"], api_url=info["url"], headers=headers)
+
+
+def prefect_database_size() -> dict:
+    return database_size(PREFECT_DB_URL[0], HOME / "prefect" / "prefect.db")
+
+
+def run_ours(run_dir: Path, profile_with: Path | None = None, inventory: Path = INVENTORY, plan: Path | None = None) -> dict:
     env = ours_env(run_dir)
+    plan = plan or WORK / "plan.yaml"
     # Not timed: a fresh store for this run, migrated, holding the operators (fleet up wrote them and their keys)
     # and the inventory (the flow imports it again), and the plan signed by zhang.wei and approved by li.na.
-    set_up_identities(env)
-    cmd = [str(COUNTEROPS), "upgrade", str(WORK / "plan.yaml"), "--inventory", str(INVENTORY), "--as", "zhang.wei", "--key", str(FLEET / "keys" / "zhang.wei")]
+    set_up_identities(env, inventory, plan)
+    cmd = [str(COUNTEROPS), "upgrade", str(plan), "--inventory", str(inventory), "--as", "zhang.wei", "--key", str(FLEET / "keys" / "zhang.wei")]
     if profile_with is not None:
         # wall clock: every thread sampled, waiting or not (--idle), each sample tagged with its thread
         cmd = [str(profile_with), "record", "--format", "raw", "--rate", "100", "--nonblocking", "--idle", "--threads",
                "--full-filenames", "-o", str(run_dir / "py-spy.txt"), "--", *cmd]
-    code, seconds, started_at = timed(cmd, env, run_dir / "output.log")
-    extra: dict = {}
+    db_before = prefect_database_size()
+    code, seconds, started_at = timed(cmd, env, run_dir / "output.log", watch=server_watch())
+    extra: dict = {"prefect_db_before": db_before, "prefect_db_after": prefect_database_size()}
     shown = subprocess.run([str(COUNTEROPS), "runs", "show", PLAN_NAME, "--json"], env=env, capture_output=True, text=True)
     if shown.returncode == 0:
         (run_dir / "records.json").write_text(shown.stdout)
@@ -295,17 +365,47 @@ def run_ours(run_dir: Path, profile_with: Path | None = None) -> dict:
     return {"exit_code": code, "seconds": seconds, "started_at": started_at, **extra}
 
 
-def set_up_identities(env: dict[str, str]) -> None:
+DIST: list = [None]  # the DistributedStack, when ours-distributed is in WAYS
+CLEANUP = contextlib.ExitStack()  # what main() tears down last (the throwaway PostgreSQL of BENCH_PREFECT_POSTGRES)
+
+
+def run_ours_distributed(run_dir: Path, plan: Path | None = None) -> dict:
+    """`counterops upgrade --distributed` with a worker per region (started before, stopped after: not timed)."""
+    stack = DIST[0]
+    env = stack.run_env(run_dir) | {"COUNTEROPS_OPERATOR": "zhang.wei", "COUNTEROPS_KEY": str(FLEET / "keys" / "zhang.wei")}
+    plan = plan or WORK / "plan.yaml"
+    inventory = stack.inventory
+    set_up_identities(env, inventory, plan)
+    workers = stack.start_workers(env, run_dir)
+    try:
+        cmd = [str(COUNTEROPS), "upgrade", str(plan), "--inventory", str(inventory), "--distributed",
+               "--as", "zhang.wei", "--key", str(FLEET / "keys" / "zhang.wei")]
+        db_before = database_size(stack.prefect_db_url, None)
+        auth = stack.env["PREFECT_API_AUTH_STRING"]
+        watch = Watch(server_pid=stack.server_pid, api_url=stack.api_url, workers=workers,
+                      headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()})
+        code, seconds, started_at = timed(cmd, env, run_dir / "output.log", watch=watch)
+        extra: dict = {"prefect_db_before": db_before, "prefect_db_after": database_size(stack.prefect_db_url, None)}
+    finally:
+        stack.stop_workers()
+    shown = subprocess.run([str(COUNTEROPS), "runs", "show", PLAN_NAME, "--json"], env=env, capture_output=True, text=True)
+    if shown.returncode == 0:
+        (run_dir / "records.json").write_text(shown.stdout)
+        extra["records"] = str(run_dir / "records.json")
+    return {"exit_code": code, "seconds": seconds, "started_at": started_at, **extra}
+
+
+def set_up_identities(env: dict[str, str], inventory: Path = INVENTORY, plan_file: Path | None = None) -> None:
     """The bench's store as an operator would set it up: operators from the fleet's operators.yaml, the
     inventory imported by zhang.wei (hq_it), the plan signed by zhang.wei and approved by li.na."""
-    plan = str(WORK / "plan.yaml")
+    plan = str(plan_file or WORK / "plan.yaml")
     done = subprocess.run([str(COUNTEROPS), "operators", "init", "--from", str(FLEET / "operators.yaml")], env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"counterops operators init failed: {done.stderr.strip()}")
-    signed(env, "inventory", "import", str(INVENTORY), who="zhang.wei")
-    signed(env, "plan", "sign", plan, "--inventory", str(INVENTORY), who="zhang.wei")
-    signed(env, "plan", "approve", plan, "--inventory", str(INVENTORY), who="li.na")
+    signed(env, "inventory", "import", str(inventory), who="zhang.wei")
+    signed(env, "plan", "sign", plan, "--inventory", str(inventory), who="zhang.wei")
+    signed(env, "plan", "approve", plan, "--inventory", str(inventory), who="li.na")
 
 
 def signed(env: dict[str, str], *args: str, who: str) -> None:
@@ -360,12 +460,12 @@ def run_floor(run_dir: Path) -> dict:
     return {"exit_code": code, "seconds": seconds, "started_at": started_at, "floor_json": str(run_dir / "floor.json")}
 
 
-def run_samework(run_dir: Path) -> dict:
+def run_samework(run_dir: Path, inventory: Path = INVENTORY, parallel: int = PARALLEL) -> dict:
     """bench/same_work_floor.py: our per-counter steps (precheck, business test before, drain, encrypted backup with
     its off-site copy, install, functional and business test, back into service) without Prefect, store or records."""
     code, seconds, started_at = timed(
-        [str(PYTHON), str(BENCH / "same_work_floor.py"), "--inventory", str(INVENTORY), "--package", str(PACKAGE),
-         "--parallel", str(PARALLEL), "--backup-dir", str(run_dir / "backups"), "--json-out", str(run_dir / "floor.json")],
+        [str(PYTHON), str(BENCH / "same_work_floor.py"), "--inventory", str(inventory), "--package", str(PACKAGE),
+         "--parallel", str(parallel), "--backup-dir", str(run_dir / "backups"), "--json-out", str(run_dir / "floor.json")],
         clean_env(), run_dir / "output.log")
     return {"exit_code": code, "seconds": seconds, "started_at": started_at, "floor_json": str(run_dir / "floor.json")}
 
@@ -374,23 +474,25 @@ def run_samework(run_dir: Path) -> dict:
 
 
 def backup_of(way: str, run_dir: Path, device_id: str) -> Path | None:
-    if way in ("ours", "samework"):
+    if way in ("ours", "samework", "ours-distributed"):
         found = sorted((run_dir / "backups" / device_id).glob("*.tar.gz.age"))  # encrypted to the fleet's backup identity
         return found[-1] if found else None
     path = run_dir / "backups" / f"{device_id}.tar.gz"
     return path if path.exists() else None
 
 
-def verify(way: str, run_dir: Path) -> list[str]:
-    """What is wrong with the fleet after a run (empty: every counter on TO_VERSION, healthy, in service,
-    passing the business test, ``current`` on releases/TO_VERSION, its backup here)."""
+def verify(way: str, run_dir: Path, inventory: Path = INVENTORY) -> list[str]:
+    """What is wrong with the fleet (or with the counters of ``inventory``) after a run (empty: every counter on
+    TO_VERSION, healthy, in service, passing the business test, ``current`` on releases/TO_VERSION, its backup here)."""
     problems = []
     sys.path.insert(0, str(BENCH))
     import business_test  # noqa: PLC0415  (bench/business_test.py: the same calls as tasks/checks.py)
 
-    _, devices = inventory_devices()
+    _, devices = inventory_devices(inventory)
     ports = {d["id"]: (d["host"], d["http_port"]) for d in devices}
     for s in fleet.status(FLEET):
+        if s.id not in ports:
+            continue
         if not s.healthy:
             problems.append(f"{s.id}: not healthy (ssh {'up' if s.ssh_answers else 'down'}, app {s.app_status})")
         elif s.version != TO_VERSION:
@@ -780,6 +882,111 @@ def prefect_times(records_file: Path, expected: int) -> dict | None:
     return json.loads(done.stdout)
 
 
+# ----------------------------------------------------------------------------- load and scale figures
+
+
+def load_summary(runs: list[dict]) -> dict:
+    """Medians (worst for the API latency) over the full-size ok runs of what load_watch saw."""
+    ours = [r for r in runs if r["way"] == "ours" and r["ok"] and r.get("watch")]
+    same = [r for r in runs if r["way"] == "samework" and r["ok"] and r.get("watch")]
+    lat = [r["watch"]["runs_list_latency_s"] for r in ours if r["watch"].get("runs_list_latency_s", {}).get("n")]
+    growth = [r["prefect_db"]["growth_bytes"] for r in ours if (r.get("prefect_db") or {}).get("growth_bytes") is not None]
+    out = {
+        "ours_controller_cpu_s": median_or_none([r["controller_cpu_s"] for r in ours]),
+        "ours_controller_peak_rss_mib": median_or_none([r["watch"]["command_peak_rss_mib"] for r in ours]),
+        "samework_controller_cpu_s": median_or_none([r["controller_cpu_s"] for r in same]),
+        "samework_controller_peak_rss_mib": median_or_none([r["watch"]["command_peak_rss_mib"] for r in same]),
+        "prefect_server_cpu_s": median_or_none([r["watch"]["server_cpu_s"] for r in ours if "server_cpu_s" in r["watch"]]),
+        "prefect_server_peak_rss_mib": median_or_none([r["watch"]["server_peak_rss_mib"] for r in ours if "server_peak_rss_mib" in r["watch"]]),
+        "prefect_db_growth_mb": round(statistics.median(growth) / 1e6, 2) if growth else None,
+        "prefect_db_growth_mb_per_1000_counters": round(statistics.median(growth) / 1e6 * 1000 / DEVICES, 2) if growth else None,
+        "prefect_db_kind": next((r["prefect_db"]["after"]["kind"] for r in ours if r.get("prefect_db")), None),
+        "runs_list_p50_s": median_or_none([x["p50"] for x in lat]),
+        "runs_list_p95_s": max((x["p95"] for x in lat), default=None),
+        "runs_list_max_s": max((x["max"] for x in lat), default=None),
+        "runs_list_requests": sum(x["n"] for x in lat),
+        "runs_list_failed": sum(x["failed"] for x in lat),
+    }
+    dist = [r for r in runs if r["way"] == "ours-distributed" and r["ok"] and r.get("watch")]
+    if dist:
+        w = [r["watch"] for r in dist]
+        dlat = [x["runs_list_latency_s"] for x in w if x.get("runs_list_latency_s", {}).get("n")]
+        dgrowth = [r["prefect_db"]["growth_bytes"] for r in dist if (r.get("prefect_db") or {}).get("growth_bytes") is not None]
+        out["distributed"] = {k: v for k, v in {
+            "controller_cpu_s": median_or_none([r["controller_cpu_s"] for r in dist]),
+            "controller_peak_rss_mib": median_or_none([x["command_peak_rss_mib"] for x in w]),
+            "workers_cpu_s": median_or_none([x["workers_cpu_s"] for x in w if "workers_cpu_s" in x]),
+            "workers_peak_rss_mib": median_or_none([x["workers_peak_rss_mib"] for x in w if "workers_peak_rss_mib" in x]),
+            "prefect_server_cpu_s": median_or_none([x["server_cpu_s"] for x in w if "server_cpu_s" in x]),
+            "prefect_server_peak_rss_mib": median_or_none([x["server_peak_rss_mib"] for x in w if "server_peak_rss_mib" in x]),
+            "prefect_db_kind": "postgresql",
+            "prefect_db_growth_mb": round(statistics.median(dgrowth) / 1e6, 2) if dgrowth else None,
+            "prefect_db_growth_mb_per_1000_counters": round(statistics.median(dgrowth) / 1e6 * 1000 / DEVICES, 2) if dgrowth else None,
+            "runs_list_p50_s": median_or_none([x["p50"] for x in dlat]),
+            "runs_list_p95_s": max((x["p95"] for x in dlat), default=None),
+            "runs_list_max_s": max((x["max"] for x in dlat), default=None),
+            "runs_list_failed": sum(x["failed"] for x in dlat),
+        }.items() if v is not None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def per_counter_summary(runs: list[dict], medians: dict) -> dict:
+    """Seconds per counter at DEVICES (PARALLEL at a time) and in the BASELINE subset (BASELINE_PARALLEL at a
+    time), and the marginal cost of each counter beyond the baseline."""
+    out: dict = {"devices": DEVICES, "parallel": PARALLEL, "baseline_devices": BASELINE, "baseline_parallel": BASELINE_PARALLEL}
+    for way in ("ours", "samework"):
+        base = median_or_none([r["seconds"] for r in runs if r["way"] == f"{way}@{BASELINE}" and r["ok"]])
+        full = medians.get(way)
+        if base is None or full is None:
+            continue
+        out[f"{way}_baseline_s"] = base
+        out[f"{way}_s_per_counter"] = round(full / DEVICES, 4)
+        out[f"{way}_baseline_s_per_counter"] = round(base / BASELINE, 4)
+        out[f"{way}_marginal_s_per_counter"] = round((full - base) / (DEVICES - BASELINE), 4) if DEVICES > BASELINE else None
+        out[f"{way}_vs_baseline"] = ratio(full / DEVICES, base / BASELINE)
+    if "ours_s_per_counter" in out and "samework_s_per_counter" in out:
+        out["ours_vs_samework_at_full_size"] = ratio(out["ours_s_per_counter"], out["samework_s_per_counter"])
+    return out
+
+
+def print_load(summary: dict) -> None:
+    load = summary.get("load") or {}
+    if load:
+        print(f"controller: ours CPU {load.get('ours_controller_cpu_s', '-')} s, peak RSS {load.get('ours_controller_peak_rss_mib', '-')} MiB"
+              f"; same-work floor CPU {load.get('samework_controller_cpu_s', '-')} s, peak RSS "
+              f"{load.get('samework_controller_peak_rss_mib', '-')} MiB")
+        print(f"Prefect server during ours: CPU {load.get('prefect_server_cpu_s', '-')} s, peak RSS "
+              f"{load.get('prefect_server_peak_rss_mib', '-')} MiB; database ({load.get('prefect_db_kind', '-')}) "
+              f"+{load.get('prefect_db_growth_mb', '-')} MB per run = {load.get('prefect_db_growth_mb_per_1000_counters', '-')} MB "
+              "per 1,000 counters")
+        if "runs_list_p95_s" in load:
+            verdict = "met" if summary["goals_met"].get("runs_list_p95") else "NOT met"
+            print(f"runs-list request during ours ({load['runs_list_requests']} requests, {load['runs_list_failed']} failed): "
+                  f"p50 {load['runs_list_p50_s']} s, p95 {load['runs_list_p95_s']} s, max {load['runs_list_max_s']} s"
+                  f"   goal p95 < 1 s: {verdict}")
+    d = load.get("distributed")
+    if d:
+        print(f"ours-distributed: controller CPU {d.get('controller_cpu_s', '-')} s, peak RSS {d.get('controller_peak_rss_mib', '-')} MiB; "
+              f"two workers CPU {d.get('workers_cpu_s', '-')} s (their flow-run processes included), peak RSS "
+              f"{d.get('workers_peak_rss_mib', '-')} MiB; Prefect server (PostgreSQL) CPU {d.get('prefect_server_cpu_s', '-')} s, "
+              f"peak RSS {d.get('prefect_server_peak_rss_mib', '-')} MiB; database +{d.get('prefect_db_growth_mb', '-')} MB = "
+              f"{d.get('prefect_db_growth_mb_per_1000_counters', '-')} MB per 1,000 counters; runs-list p50 {d.get('runs_list_p50_s', '-')} s, "
+              f"p95 {d.get('runs_list_p95_s', '-')} s, max {d.get('runs_list_max_s', '-')} s")
+    if summary.get("ours_distributed_s") is not None:
+        print(f"ours-distributed / ours {summary['distributed_vs_ours']}, / same-work floor {summary['distributed_vs_samework']}")
+    pc = summary.get("per_counter")
+    if pc:
+        for way in ("ours", "samework"):
+            if f"{way}_vs_baseline" in pc:
+                print(f"{way} per counter: {pc[f'{way}_s_per_counter']} s at {DEVICES} ({PARALLEL} at a time) vs "
+                      f"{pc[f'{way}_baseline_s_per_counter']} s at {BASELINE} ({BASELINE_PARALLEL} at a time; "
+                      f"{pc[f'{way}_baseline_s']} s): {pc[f'{way}_vs_baseline']}; marginal {pc[f'{way}_marginal_s_per_counter']} s"
+                      + ("   goal ≤ 1.10: " + ("met" if summary["goals_met"].get("per_counter_flat") else "NOT met") if way == "ours" else ""))
+    if summary.get("fleet_rebuild_s") is not None:
+        print(f"fleet rebuild (down, devices removed, up; {summary['apps_per_process']} counters per app process): "
+              f"{summary['fleet_rebuild_s']} s (median, not timed)")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -832,51 +1039,89 @@ def main() -> int:
         say(f"fleet of {DEVICES} counters in {branches()} branches under {FLEET}")
         fresh_fleet()
         write_plan(WORK / "plan.yaml")
+        if "ours-distributed" in WAYS:
+            from distributed import DistributedStack, regional_inventory  # noqa: PLC0415  (bench/distributed.py)
+
+            say("PostgreSQL, a Prefect server on it, the work pool and the upgrade-branch deployment for ours-distributed (not timed)")
+            DIST[0] = DistributedStack(WORK / "home-distributed", PREFECT_PORT + 1, clean_env(), regional_inventory(INVENTORY),
+                                       FLEET / "keys" / "counterops-scheduler")
+            DIST[0].start()
+        if "ours" in WAYS and PREFECT_ON_POSTGRES:
+            from distributed import fresh_database, prefect_url, throwaway_postgres  # noqa: PLC0415
+
+            say("a throwaway PostgreSQL for the bench's Prefect server (BENCH_PREFECT_POSTGRES=1; not timed)")
+            PREFECT_DB_URL[0] = prefect_url(fresh_database(throwaway_postgres(CLEANUP), "prefect_ours"))
         if "ours" in WAYS:
             say(f"Prefect server for the bench (COUNTEROPS_HOME={HOME}; not timed)")
-            subprocess.run([str(COUNTEROPS), "server", "start"], env=ours_env(), check=True)
+            # the server logs why it answered 503 (a retryable error, e.g. its SQLite database locked): the bench's log says
+            subprocess.run([str(COUNTEROPS), "server", "start"], env=ours_env() | {"PREFECT_API_LOG_RETRYABLE_ERRORS": "true"}, check=True)
             # warm the server and the CLI once (read-only fleet check): its first-use costs are not the upgrade's
             (runs_root / "warm-up").mkdir()
             set_up_identities(ours_env(runs_root / "warm-up"))
-            subprocess.run([str(COUNTEROPS), "check", "--inventory", str(INVENTORY)], env=ours_env(runs_root / "warm-up"),
+            # (on a large fleet, of 50 counters only: the first use is what is warmed; a check of 1,000 takes minutes)
+            warm = subset_inventory(0, 50) if LARGE else INVENTORY
+            subprocess.run([str(COUNTEROPS), "check", "--inventory", str(warm)], env=ours_env(runs_root / "warm-up"),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def one_run(way: str, run_dir: Path, label: str, inventory: Path = INVENTORY, parallel: int = PARALLEL,
+                    plan: Path | None = None, reset: bool = True) -> None:
+            """One timed run of ``way``, verified, appended to result["runs"] as ``label``."""
+            nonlocal failed_runs
+            (run_dir / "backups").mkdir(parents=True)
+            os.chmod(run_dir / "backups", 0o700)
+            if reset:
+                reset_fleet()
+            load = os.getloadavg()
+            say(f"{label}: {way} ...")
+            if way == "ours":
+                done = run_ours(run_dir, inventory=inventory, plan=plan)
+            elif way == "ours-distributed":
+                done = run_ours_distributed(run_dir, plan=plan)
+                inventory = DIST[0].inventory
+            elif way == "ansible":
+                done = run_ansible(run_dir, exes["ansible"])
+            elif way == "pyinfra":
+                done = run_pyinfra(run_dir, exes["pyinfra"])
+            elif way == "samework":
+                done = run_samework(run_dir, inventory, parallel)
+            else:
+                done = run_floor(run_dir)
+            if not INVENTORY.exists():
+                raise SystemExit(f"{FLEET} disappeared during the run: something else removed it; set BENCH_WORK")
+            problems = [] if done["exit_code"] == 0 else [f"command exited {done['exit_code']} (see {run_dir / 'output.log'})"]
+            problems += verify(way, run_dir, inventory)
+            ok = not problems
+            failed_runs += not ok
+            say(f"{label}: {way} {'ok' if ok else 'FAILED'} in {done['seconds']:.2f} s"
+                + ("" if ok else ": " + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")))
+            counters = len(inventory_devices(inventory)[1])
+            entry = {"round": label, "way": way if counters == DEVICES else f"{way}@{counters}", "devices": counters,
+                     "parallel": parallel, "ok": ok, "seconds": round(done["seconds"], 3),
+                     "controller_cpu_s": round(LAST_CPU_S[0], 2), "exit_code": done["exit_code"], "problems": problems,
+                     "loadavg_before": load, "dir": str(run_dir), "watch": LAST_WATCH[0]}
+            if "prefect_db_before" in done:
+                before, after = done["prefect_db_before"]["bytes"], done["prefect_db_after"]["bytes"]
+                entry["prefect_db"] = {"before": done["prefect_db_before"], "after": done["prefect_db_after"],
+                                       "growth_bytes": after - before if before is not None and after is not None else None}
+            result["runs"].append(entry)
+            if way in ("ours", "ours-distributed") and done.get("records"):
+                entry["profile"] = records_profile(json.loads(Path(done["records"]).read_text()), done["started_at"],
+                                                   done["seconds"], None)
+            if way in ("floor", "samework") and Path(done["floor_json"]).exists():
+                entry["profile"] = floor_profile(Path(done["floor_json"]))
+            for store in ("backups", "offsite"):  # copies of (simulated) customer data: not kept
+                shutil.rmtree(run_dir / store, ignore_errors=True)
+
+        if BASELINE:  # the same fleet, two disjoint subsets (no reset needed between them): ours, then the same-work floor
+            for i, way in enumerate(w for w in ("ours", "samework") if w in WAYS):
+                subset = subset_inventory(i * BASELINE, BASELINE)
+                plan = write_plan(WORK / f"plan-{BASELINE}.yaml", BASELINE_PARALLEL)
+                one_run(way, runs_root / f"baseline-{way}", f"baseline {BASELINE} × {BASELINE_PARALLEL}", subset,
+                        BASELINE_PARALLEL, plan, reset=False)
 
         for round_no in range(1, ROUNDS + 1):
             for way in WAYS:
-                run_dir = runs_root / f"r{round_no}-{way}"
-                (run_dir / "backups").mkdir(parents=True)
-                os.chmod(run_dir / "backups", 0o700)
-                reset_fleet()
-                load = os.getloadavg()
-                say(f"round {round_no}: {way} ...")
-                if way == "ours":
-                    done = run_ours(run_dir)
-                elif way == "ansible":
-                    done = run_ansible(run_dir, exes["ansible"])
-                elif way == "pyinfra":
-                    done = run_pyinfra(run_dir, exes["pyinfra"])
-                elif way == "samework":
-                    done = run_samework(run_dir)
-                else:
-                    done = run_floor(run_dir)
-                if not INVENTORY.exists():
-                    raise SystemExit(f"{FLEET} disappeared during the run: something else removed it; set BENCH_WORK")
-                problems = [] if done["exit_code"] == 0 else [f"command exited {done['exit_code']} (see {run_dir / 'output.log'})"]
-                problems += verify(way, run_dir)
-                ok = not problems
-                failed_runs += not ok
-                say(f"round {round_no}: {way} {'ok' if ok else 'FAILED'} in {done['seconds']:.2f} s"
-                    + ("" if ok else ": " + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")))
-                result["runs"].append({"round": round_no, "way": way, "ok": ok, "seconds": round(done["seconds"], 3),
-                                       "controller_cpu_s": round(LAST_CPU_S[0], 2), "exit_code": done["exit_code"],
-                                       "problems": problems, "loadavg_before": load, "dir": str(run_dir)})
-                if way == "ours" and done.get("records"):
-                    result["runs"][-1]["profile"] = records_profile(json.loads(Path(done["records"]).read_text()),
-                                                                    done["started_at"], done["seconds"], None)
-                if way in ("floor", "samework") and Path(done["floor_json"]).exists():
-                    result["runs"][-1]["profile"] = floor_profile(Path(done["floor_json"]))
-                for store in ("backups", "offsite"):  # copies of (simulated) customer data: not kept
-                    shutil.rmtree(run_dir / store, ignore_errors=True)
+                one_run(way, runs_root / f"r{round_no}-{way}", f"round {round_no}")
 
         say("plan check on 10,000 counters in 500 outlets ...")
         result["plan_check"] = bench_plan_check()
@@ -910,9 +1155,12 @@ def main() -> int:
             for store in ("backups", "offsite"):
                 shutil.rmtree(run_dir / store, ignore_errors=True)
     finally:
+        if DIST[0] is not None:
+            DIST[0].stop()
         if not KEEP:
             if "ours" in WAYS:
                 subprocess.run([str(COUNTEROPS), "server", "stop"], env=ours_env(), capture_output=True)
+            CLEANUP.close()  # the throwaway PostgreSQL, after the server that used it
             if FLEET.exists():
                 fleet.down(FLEET)
                 shutil.rmtree(FLEET, ignore_errors=True)
@@ -932,6 +1180,9 @@ def main() -> int:
         "vs_pyinfra": ratio(medians["ours"], medians["pyinfra"]),
         "vs_floor": ratio(medians["ours"], medians["floor"]),
         "vs_samework": ratio(medians["ours"], medians["samework"]),
+        "ours_distributed_s": medians["ours-distributed"],
+        "distributed_vs_ours": ratio(medians["ours-distributed"], medians["ours"]),
+        "distributed_vs_samework": ratio(medians["ours-distributed"], medians["samework"]),
         "plan_check_s": round(result["plan_check"]["library_s"], 4) if "plan_check" in result else None,
         "plan_check_cli_s": round(result["plan_check"]["cli_s"], 3) if "plan_check" in result else None,
         "failed_runs": failed_runs,
@@ -940,6 +1191,15 @@ def main() -> int:
     }
     summary["goals_met"] = {k: (summary[k] is not None and summary[k] <= GOALS[k]) if k != "plan_check_s"
                             else (summary[k] is not None and summary[k] < GOALS[k]) for k in GOALS}
+    summary["load"] = load_summary(result["runs"])
+    summary["apps_per_process"] = APPS_PER_PROCESS
+    summary["fleet_rebuild_s"] = median_or_none(FLEET_REBUILDS_S)
+    if BASELINE:
+        summary["per_counter"] = per_counter_summary(result["runs"], medians)
+        if summary["per_counter"].get("ours_vs_baseline") is not None:
+            summary["goals_met"]["per_counter_flat"] = summary["per_counter"]["ours_vs_baseline"] <= 1.10
+    if summary["load"].get("runs_list_p95_s") is not None:
+        summary["goals_met"]["runs_list_p95"] = summary["load"]["runs_list_p95_s"] < 1.0
     result["summary"] = summary
     result["machine"]["loadavg_at_end"] = os.getloadavg()
     out_dir = BENCH / "results"
@@ -986,6 +1246,7 @@ def main() -> int:
         print(f"  py-spy (thread-seconds): task-runner threads {spy_result['worker_threads_s']}")
         print(f"  inside the counters' pipelines ({spy_result['pipeline_thread_s']} s): "
               + "; ".join(f"{k} {v}" for k, v in spy_result["pipeline_hotspots_s (first match in the stack)"].items()))
+    print_load(summary)
     print(f"raw figures: {summary['results']}")
     print(json.dumps(summary))
     return 1 if failed_runs else 0

@@ -109,8 +109,26 @@ class Held(Exception):
     """The counter was held for a decision (tasks/hold.py); the message says why and how to free it."""
 
 
+# steps that change the counter: their start is made durable (fsync) before they act, see _Recorder
+_ACTS_ON_COUNTER = frozenset({UpgradeStep.DRAIN, UpgradeStep.INSTALL, UpgradeStep.RESTORE_SERVICE, UpgradeStep.ROLLBACK})
+
+
 class _Recorder:
-    """Writes each step's start and end to ``device_steps``."""
+    """Writes each step's start and end to ``device_steps``.
+
+    Durability (the store commits without fsync, see inventory/store.py): every commit survives this
+    process dying (kill -9, a killed worker). Against an OS crash or power loss as well: before a step
+    that changes the counter (drain, install, back into service, rollback) acts, its start and every
+    record before it are made durable (one fsync) — the resume logic (unfinished_installs) reads
+    "install running" and the backup row, and an install's ok end is durable before the counter goes
+    back into service. A failed end is made durable too (the rollback and the resume decide from it).
+    What a power cut can still undo is harmless: a check's records (precheck, the tests: they change
+    nothing, the next run repeats them); a drain's or backup's ok end (the counter is still drained
+    and its data unchanged; the next run drains and backs up again); an install's ok end lost before
+    the functional test — the next run then puts the counter back from its verified backup (after
+    checking its data did not change since, else it is held for a decision) and installs again: one
+    more install, no data lost; the last step's ok end (the counter runs the new release, in
+    service: the next run finds it current)."""
 
     def __init__(self, store: Store, run_id: int, device_id: str, wave: int):
         self.store, self.run_id, self.device_id, self.wave = store, run_id, device_id, wave
@@ -118,11 +136,14 @@ class _Recorder:
     @contextmanager
     def step(self, step: UpgradeStep, **details) -> Iterator[dict]:
         row = self.store.add(DeviceStep(run_id=self.run_id, device_id=self.device_id, wave=self.wave, step=step, details=details))
+        if step in _ACTS_ON_COUNTER:
+            self.store.make_durable()
         extra: dict = {}
         try:
             yield extra
         except Exception as e:
             self.store.update(DeviceStep, row.id, status="failed", ended_at=datetime.now(UTC), error=str(e)[:2000], details=details | extra)
+            self.store.make_durable()
             raise
         self.store.update(DeviceStep, row.id, status="ok", ended_at=datetime.now(UTC), details=details | extra)
 

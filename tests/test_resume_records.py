@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from inventory.loader import load_inventory
 from inventory.models import Backup, DeviceStep, Run, RunKind, UpgradeStep
 from inventory.store import Store
-from tasks.rollout import unfinished_installs
+from tasks.rollout import _Recorder, unfinished_installs
 from tests.test_inventory import EXAMPLE, write
 
 PLAN = "spring-1.2.0"
@@ -81,3 +84,30 @@ def test_a_finished_later_run_supersedes_an_earlier_unfinished_install(store):
     _steps(store, later, X, *UP_TO_INSTALL, (UpgradeStep.INSTALL, "ok"))
 
     assert unfinished_installs(store, PLAN, _run(store), [X]) == {}
+
+
+def _killed_mid_install(url: str, run_id: int, device_id: str) -> None:
+    """In a forked child: the recorder of a controller that dies (SIGKILL) while its install acts on the counter."""
+    store = Store.open(url)
+    rec = _Recorder(store, run_id, device_id, 0)
+    with rec.step(UpgradeStep.PRECHECK) as found:
+        found["installed_version"] = "1.0.0"
+    with rec.step(UpgradeStep.INSTALL):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_the_store_commits_without_fsync_and_a_step_start_survives_the_process_being_killed_mid_step(store, tmp_path):
+    """synchronous=NORMAL (WAL): a commit is in the WAL file when it returns; the recorder's records of a
+    process killed with SIGKILL in the middle of an install are all there for the next run."""
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    killed = _run(store)
+    backup = _backup(store, killed, X)
+    child = multiprocessing.get_context("fork").Process(target=_killed_mid_install, args=(f"sqlite:///{tmp_path}/s.db", killed, X))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == -signal.SIGKILL
+    steps = [(s.step, s.status) for s in store.device_steps(killed, X)]
+    assert steps == [(UpgradeStep.PRECHECK, "ok"), (UpgradeStep.INSTALL, "running")]
+    assert unfinished_installs(store, PLAN, _run(store), [X]) == {X: (backup, "1.0.0")}
