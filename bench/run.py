@@ -833,10 +833,10 @@ def pyspy_profile(raw: Path, rate: int = 100, top: int = 12) -> dict:
                 worker[bucket] += n
                 if bucket.startswith("Prefect"):
                     engine[key] += n
-        elif thread == "MainThread":
-            if any(f.startswith("roll_out_wave ") for f in names):
-                main["roll_out_wave (submitting counters, waiting for them)"] += n
-                i = max(j for j, f in enumerate(names) if f.startswith("roll_out_wave "))
+        elif thread == "MainThread" or thread.startswith("branch"):  # the embedded branch runs: threads branch_*
+            if any(f.startswith("roll_out_branch ") for f in names):
+                main["roll_out_branch (submitting counters, waiting for them)"] += n
+                i = max(j for j, f in enumerate(names) if f.startswith("roll_out_branch "))
                 main_loop[";".join(names[i + 1:i + 3]) or "(self)"] += n
             elif any(f.startswith("upgrade_plan ") for f in names):
                 main["rest of the flow (store import, notices, evaluation, artifacts)"] += n

@@ -151,6 +151,7 @@ def upgrade_plan(plan: UpgradePlan, inventory: str, authorization: str | None = 
                 done, not_started, child_problems = upgrade_wave(children, planned, index, store, api)
                 outcomes += done
                 audit_counters(store, started, run.id, planned, done)
+                store.make_durable()  # the wave's audit rows survive a power cut too (the store commits without fsync)
                 for o in done:
                     if o.status == "held":  # its data changed since the backup: out of service until someone decides
                         log.warning(f"{o.device_id}: {o.rollback_error or o.error}")
