@@ -124,13 +124,13 @@ def _untagged_body(child):
     from prefect.context import TagsContext
 
     body = child.fn
-
-    @functools.wraps(body)
-    def untagged(*args, **kwargs):
-        with TagsContext(current_tags=set()):
-            return body(*args, **kwargs)
-
-    child.fn = untagged
+    # made in the body's own globals: Prefect resolves the parameters' annotations (strings, with
+    # `from __future__ import annotations`) in the function's __globals__
+    namespace = dict(body.__globals__, _counterops_body=body, _counterops_tags_context=TagsContext)
+    exec("def untagged(*args, **kwargs):\n"
+         "    with _counterops_tags_context(current_tags=set()):\n"
+         "        return _counterops_body(*args, **kwargs)\n", namespace)
+    child.fn = functools.wraps(body)(namespace["untagged"])
     return child
 
 
