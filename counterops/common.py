@@ -174,6 +174,11 @@ def flow_in_this_process() -> Iterator[None]:
             yield
     except Exception as e:
         prefect_gone(unreachable(e, PREFECT_API_URL.value()))
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status is not None and status >= 500:  # a busy or broken server refused the run's own call (start or end)
+            fail(f"the Prefect API at {PREFECT_API_URL.value()} answered {status} to this run (busy or broken): see "
+                 "`counterops runs list` for what was done, run the command again (finished counters are skipped), and "
+                 "see the server's log if it persists")
         raise
     prefect_gone(api_down())
 

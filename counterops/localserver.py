@@ -45,6 +45,8 @@ SERVER_SETTINGS = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+    # SQLite: wait up to 30 s for a lock (default 10 s), not answer 503 when many child runs write at once
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "30",
     "PREFECT_UI_ENABLED": "true",
 }
 

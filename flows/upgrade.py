@@ -412,10 +412,14 @@ class Children:
 MAX_EMBEDDED_CHILDREN = 16  # branch runs at once in this process (100 at once overloaded the Prefect server: 503s)
 
 
-def embedded_children(parallelism: int, planned: PlannedWave) -> int:
+def embedded_children(parallelism: int, planned: PlannedWave, per_outlet: int = 1) -> int:
     """How many branch runs of the wave to run at once here: enough to fill ``parallelism`` slots with
-    the wave's smallest branches, at most MAX_EMBEDDED_CHILDREN (the next starts as one ends)."""
-    sizes = sorted(Counter(d.branch for d in planned.devices).values())
+    the wave's least busy branches (a branch keeps at most ``per_outlet`` counters of each of its
+    outlets at work), at most MAX_EMBEDDED_CHILDREN (the next starts as one ends)."""
+    counters, outlets = Counter(d.branch for d in planned.devices), {}
+    for d in planned.devices:
+        outlets.setdefault(d.branch, set()).add(d.outlet)
+    sizes = sorted(min(n, len(outlets[b]) * per_outlet) for b, n in counters.items())
     if not sizes:
         return 1
     filled, n = 0, 0
@@ -433,6 +437,8 @@ def upgrade_wave(children: Children, planned: PlannedWave, index: int, store: St
     every child records each counter the moment it ends), the ids of the counters not started, and
     why a branch's run ended without finishing its counters (one line each)."""
     plan, total = children.plan, len(planned.devices)
+    if not total:  # a wave its size left empty (25 % of one counter): nothing to start
+        return [], [], []
     log = get_run_logger()
     progress = None
     try:
@@ -467,7 +473,7 @@ def upgrade_wave(children: Children, planned: PlannedWave, index: int, store: St
                                          key=f"{flow_run.id}-{index}", finished=finished, while_waiting=show_progress, log=log.warning)
     else:  # only as many branches at once as the run's slots can keep busy: each start is a few API calls
         results = run_branch_subflows(upgrade_branch, runs, while_waiting=show_progress,
-                                      max_concurrent=embedded_children(plan.parallelism, planned))
+                                      max_concurrent=embedded_children(plan.parallelism, planned, plan.max_unavailable_per_outlet))
     by_id = {o.device_id: o for o in ended()}
     for r in results.values():  # what a child returned but could not record (the store busy): still counted
         for o in (r.value or {}).get("outcomes", []) if isinstance(r.value, dict) else []:

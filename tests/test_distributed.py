@@ -107,9 +107,13 @@ class Worker:
         self.proc.wait(10)
         assert doomed, "the worker had started no flow-run process"
 
-    def stop(self) -> None:
+    def interrupt(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.interrupt()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -143,6 +147,8 @@ def workers(pg_stack):
         return started[-1]
 
     yield start
+    for w in started:  # told at once (each may take its time to leave), then waited for
+        w.interrupt()
     for w in started:
         w.stop()
 

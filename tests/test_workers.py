@@ -116,11 +116,12 @@ def _start_worker(region: str, pool: str, env: dict[str, str], inventory: Path) 
     return proc, log
 
 
-def _stop(proc: subprocess.Popen) -> int:
+def _stop(proc: subprocess.Popen, sent: bool = False) -> int:
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)  # the worker's clean way out
+        if not sent:
+            os.killpg(proc.pid, signal.SIGINT)  # the worker's clean way out
         try:
-            return proc.wait(30)
+            return proc.wait(60)  # a loaded machine: its last API calls first
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
     return proc.wait(10)
@@ -165,7 +166,10 @@ def test_a_worker_per_region_registers_on_its_queue_with_heartbeats_on(regional_
         with get_client(sync_client=True) as client:
             assert client.read_work_pool(pool).type == "process"
     finally:
-        codes = [_stop(proc) for proc, _ in procs]
+        for proc, _ in procs:  # both told at once, then waited for
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+        codes = [_stop(proc, sent=True) for proc, _ in procs]
     assert codes == [0, 0], [log.read_text()[-2000:] for _, log in procs]
 
     # the zombie-run automation the workers' heartbeats serve: one, with Prefect's documented trigger
