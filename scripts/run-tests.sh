@@ -24,7 +24,7 @@ SHARD1=(tests/faults tests/test_upgrade_faults.py tests/test_control_api.py test
         tests/test_fleet.py tests/test_leases.py tests/test_audit.py tests/test_operators.py tests/test_plan.py
         tests/test_inventory.py tests/test_retention.py tests/test_playbook.py tests/test_cli.py tests/test_backup.py
         tests/test_two_person.py tests/test_counter_app.py tests/test_evaluate.py tests/test_followup.py tests/test_watch.py
-        tests/test_fault_report.py tests/test_crash_alert.py tests/test_jump_host.py tests/test_same_work_floor.py
+        tests/test_fault_report.py tests/test_jump_host.py tests/test_same_work_floor.py
         tests/test_shared_apps.py tests/test_distributed.py)
 SHARD2=()
 for f in tests/test_*.py; do
