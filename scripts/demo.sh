@@ -155,4 +155,5 @@ $BIN/counterops evaluate followup demo-smartcounter-1.2.0 --period 20s --as zhan
 # app started, functional and business tests passed there; then the standby gets its own data back.
 $BIN/counterops drill --standby SC-STANDBY-01 --rto-objective 600 --rpo-objective 93600 --as zhang.wei --key "$KEYS/zhang.wei"
 echo "Demo finished in $(( $(date +%s) - started )) s. Open the UI URL above → Runs → demo-smartcounter-1.2.0"
-echo "(artifacts: wave progress, every counter's final state, the evaluation). 'make stop' stops the server."
+echo "(artifacts: wave progress, every counter's final state, the evaluation; each branch's own child runs"
+echo "'demo-smartcounter-1.2.0 · <wave> · BR0x', tagged branch:BR0x, with its table). 'make stop' stops the server."
