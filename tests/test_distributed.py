@@ -15,6 +15,7 @@ deployment, one process worker per regional work queue (east: BR01, west: BR02),
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -83,6 +84,7 @@ def pg_stack(regional_fleet, pg_url):
         yield stack
     finally:
         subprocess.run([str(BIN / "counterops"), "server", "stop"], env=server_env, capture_output=True, timeout=120)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 class Worker:
