@@ -92,7 +92,8 @@ class Worker:
 
     def __init__(self, stack: Stack, queue: str):
         self.queue = queue
-        self.log = open(Path(tempfile.mkdtemp()) / f"worker-{queue}.log", "w+")
+        self.dir = Path(tempfile.mkdtemp(prefix="counterops-dist-worker-"))
+        self.log = open(self.dir / f"worker-{queue}.log", "w+")
         env = stack.env | {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
         self.proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--work-queue", queue],
                                      env=env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -123,6 +124,8 @@ class Worker:
                 self.proc.wait(10)
         self.log.seek(0)
         print(f"--- worker {self.queue} ---\n" + self.log.read()[-3000:])
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _descendants(pid: int) -> list[int]:
