@@ -476,7 +476,7 @@ def upgrade_wave(children: Children, planned: PlannedWave, index: int, store: St
                                       max_concurrent=embedded_children(plan.parallelism, planned, plan.max_unavailable_per_outlet))
     by_id = {o.device_id: o for o in ended()}
     for r in results.values():  # what a child returned but could not record (the store busy): still counted
-        for o in (r.value or {}).get("outcomes", []) if isinstance(r.value, dict) else []:
+        for o in r.value.get("outcomes", []) if isinstance(r.value, dict) else []:
             by_id.setdefault(o["device_id"], CounterOutcome.model_validate(o))
     done = sorted(by_id.values(), key=lambda o: (o.ended_at or o.started_at, o.device_id))
     not_started = [i for i in ids if i not in by_id]
