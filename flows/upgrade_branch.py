@@ -85,6 +85,8 @@ def upgrade_branch(plan: UpgradePlan, inventory: str, run_id: int, wave: int, br
             log.warning(f"{device_id}: left mid-install by an earlier run; put back from its backup first")
         with ConnectionPool(inv.ssh) as pool, Vault.open(inv.backups) as vault, ApiWatch.for_this_run() as api:
             done, not_started = roll_out_branch(plan, planned, wave, pending, store, run_id, pool, leftovers, api, vault)
+        # read while the store is open: why the rest was not started (window, threshold), for the run's state
+        why = (stopped_because(plan, planned, wave, store, run_id) or "its run ended first") if not_started else None
     ended = [CounterOutcome.model_validate(o) for o in before.values()] + done
     publish_branch_table(plan, planned, wave, branch, devices, ended)
     result = {"outcomes": [o.model_dump(mode="json") for o in done], "not_started": not_started, "skipped": sorted(before)}
@@ -93,7 +95,6 @@ def upgrade_branch(plan: UpgradePlan, inventory: str, run_id: int, wave: int, br
         return Failed(message="; ".join(outcome_line(o) for o in failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5 else ""),
                       data=result)
     if not_started:
-        why = stopped_because(plan, planned, wave, store, run_id) or "its run ended first"
         return Failed(message=f"{len(not_started)} of {len(devices)} counters not started: {why}", data=result)
     return Completed(message=f"{len(ended)} counters of {branch} ended", data=result)
 
